@@ -1,0 +1,352 @@
+//! Configuration, resolved once at start-up: flag > environment > config file > default.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Dev,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriftPolicy {
+    /// Report and count drift; apply only changes that come from git.
+    Warn,
+    /// Write git's version over tenants changed outside git.
+    Correct,
+}
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Flag,
+    Env(String),
+    File,
+    Default,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag => write!(f, "flag"),
+            Origin::Env(name) => write!(f, "env {name}"),
+            Origin::File => write!(f, "config file"),
+            Origin::Default => write!(f, "default"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Shown {
+    pub name: &'static str,
+    pub value: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mode: Mode,
+    pub database_url: Option<String>,
+    pub repo: String,
+    pub git_ref: Option<String>,
+    pub path: String,
+    pub age_key_file: Option<PathBuf>,
+    /// Identities given inline (SOPS_AGE_KEY). Secret.
+    pub age_key: Option<String>,
+    pub log_format: LogFormat,
+    pub data_dir: PathBuf,
+    pub allow_plaintext: bool,
+    pub require_tenant_recipient: bool,
+    pub drift_policy: DriftPolicy,
+    pub worktree: bool,
+    pub interval_secs: u64,
+    pub debounce_ms: u64,
+    pub listen: String,
+    /// Bearer token for `POST /sync`. Secret.
+    pub webhook_token: Option<String>,
+    /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
+    pub shown: Vec<Shown>,
+}
+
+/// Flags as given on the command line; None when absent.
+#[derive(Debug, Clone, Default)]
+pub struct Flags(pub BTreeMap<&'static str, String>);
+
+struct Def {
+    name: &'static str,
+    env: &'static [&'static str],
+    default: Option<&'static str>,
+    secret: bool,
+}
+
+const DEFS: &[Def] = &[
+    Def { name: "mode", env: &["FROSTBYTE_MODE"], default: Some("dev"), secret: false },
+    Def { name: "database_url", env: &["FROSTBYTE_CONTROL_DB_URL"], default: None, secret: true },
+    Def { name: "repo", env: &["FROSTBYTE_GITOPS_REPO"], default: Some("."), secret: false },
+    Def { name: "ref", env: &["FROSTBYTE_GITOPS_REF"], default: None, secret: false },
+    Def { name: "path", env: &["FROSTBYTE_GITOPS_PATH"], default: Some("tenants"), secret: false },
+    Def { name: "age_key_file", env: &["SOPS_AGE_KEY_FILE"], default: None, secret: false },
+    Def { name: "age_key", env: &["SOPS_AGE_KEY"], default: None, secret: true },
+    Def { name: "log_format", env: &["FROSTBYTE_LOG_FORMAT"], default: None, secret: false },
+    Def { name: "data_dir", env: &["FROSTBYTE_DATA_DIR"], default: Some(".frostbyte"), secret: false },
+    Def { name: "allow_plaintext", env: &["FROSTBYTE_ALLOW_PLAINTEXT"], default: Some("false"), secret: false },
+    Def { name: "require_tenant_recipient", env: &["FROSTBYTE_REQUIRE_TENANT_RECIPIENT"], default: Some("true"), secret: false },
+    Def { name: "drift_policy", env: &["FROSTBYTE_DRIFT_POLICY"], default: Some("correct"), secret: false },
+    Def { name: "worktree", env: &["FROSTBYTE_WORKTREE"], default: Some("false"), secret: false },
+    Def { name: "interval", env: &["FROSTBYTE_SYNC_INTERVAL"], default: Some("60"), secret: false },
+    Def { name: "debounce_ms", env: &["FROSTBYTE_DEBOUNCE_MS"], default: Some("500"), secret: false },
+    Def { name: "listen", env: &["FROSTBYTE_LISTEN"], default: Some("127.0.0.1:8686"), secret: false },
+    Def { name: "webhook_token", env: &["FROSTBYTE_WEBHOOK_TOKEN"], default: None, secret: true },
+];
+
+pub fn known_keys() -> Vec<&'static str> {
+    DEFS.iter().map(|d| d.name).collect()
+}
+
+/// Masks the password in a `postgres://user:pass@host/db` URL or a `password=...` conninfo.
+pub fn mask_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((creds, host)) = rest.split_once('@') {
+            if let Some((user, _)) = creds.split_once(':') {
+                return format!("{scheme}://{user}:****@{host}");
+            }
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| if kv.starts_with("password=") { "password=****".to_string() } else { kv.to_string() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!("{s:?} is not a boolean (true or false)")),
+    }
+}
+
+impl Config {
+    /// `env` looks up environment variables; `file` is the config file's path and text, if any;
+    /// `home` locates the SOPS CLI's default key file. Every invalid setting is reported at once.
+    pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, file: Option<(&str, &str)>, home: Option<PathBuf>) -> Result<Config, String> {
+        let mut errors = Vec::new();
+        let table: toml::Table = match file {
+            None => toml::Table::new(),
+            Some((path, text)) => match toml::from_str(text) {
+                Ok(t) => t,
+                Err(e) => return Err(format!("config file {path}: {}", e.message())),
+            },
+        };
+        if let Some((path, _)) = file {
+            for key in table.keys() {
+                if !DEFS.iter().any(|d| d.name == key) {
+                    errors.push(format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")));
+                }
+            }
+        }
+        let mut raw: BTreeMap<&'static str, (Option<String>, Origin)> = BTreeMap::new();
+        for d in DEFS {
+            let v = if let Some(v) = flags.0.get(d.name) {
+                (Some(v.clone()), Origin::Flag)
+            } else if let Some((name, v)) = d.env.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v))) {
+                (Some(v), Origin::Env(name.to_string()))
+            } else if let Some(v) = table.get(d.name) {
+                let text = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (Some(text), Origin::File)
+            } else {
+                (d.default.map(str::to_string), Origin::Default)
+            };
+            raw.insert(d.name, v);
+        }
+        let get = |name: &str| raw[name].0.clone();
+        let origin = |name: &str| raw[name].1.clone();
+        let mut check = |name: &str, r: Result<(), String>| {
+            if let Err(e) = r {
+                errors.push(format!("{name} (from {}): {e}", origin(name)));
+            }
+        };
+
+        let mode = match get("mode").as_deref() {
+            Some("dev") => Mode::Dev,
+            Some("production") => Mode::Production,
+            other => {
+                check("mode", Err(format!("{:?} is not dev or production", other.unwrap_or(""))));
+                Mode::Dev
+            }
+        };
+        let log_format = match get("log_format").as_deref() {
+            None if mode == Mode::Production => LogFormat::Json,
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                check("log_format", Err(format!("{other:?} is not text or json")));
+                LogFormat::Text
+            }
+        };
+        let drift_policy = match get("drift_policy").as_deref() {
+            Some("warn") => DriftPolicy::Warn,
+            Some("correct") | None => DriftPolicy::Correct,
+            Some(other) => {
+                check("drift_policy", Err(format!("{other:?} is not warn or correct")));
+                DriftPolicy::Correct
+            }
+        };
+        let mut bool_of = |name: &str| match parse_bool(&get(name).unwrap_or_default()) {
+            Ok(b) => b,
+            Err(e) => {
+                check(name, Err(e));
+                false
+            }
+        };
+        let allow_plaintext = bool_of("allow_plaintext");
+        let require_tenant_recipient = bool_of("require_tenant_recipient");
+        let worktree = bool_of("worktree");
+        let mut num_of = |name: &str, min: u64| match u64::from_str(get(name).unwrap_or_default().trim()) {
+            Ok(n) if n >= min => n,
+            _ => {
+                check(name, Err(format!("{:?} is not a whole number >= {min}", get(name).unwrap_or_default())));
+                min
+            }
+        };
+        let interval_secs = num_of("interval", 1);
+        let debounce_ms = num_of("debounce_ms", 0);
+        let database_url = get("database_url");
+        if mode == Mode::Production {
+            if database_url.is_none() {
+                errors.push("database_url: production mode needs a database (set FROSTBYTE_CONTROL_DB_URL); the local PostgreSQL is for dev mode only".into());
+            }
+            if allow_plaintext {
+                errors.push("allow_plaintext cannot be used in production mode".into());
+            }
+        }
+        let mut age_key_file = get("age_key_file").map(PathBuf::from);
+        let mut key_file_origin = origin("age_key_file");
+        if age_key_file.is_none() {
+            // The SOPS CLI's default location.
+            if let Some(default) = home.map(|h| h.join(".config/sops/age/keys.txt")).filter(|p| p.is_file()) {
+                age_key_file = Some(default);
+                key_file_origin = Origin::Default;
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors.join("\n"));
+        }
+
+        let shown = DEFS
+            .iter()
+            .map(|d| {
+                let (value, origin) = if d.name == "age_key_file" {
+                    (age_key_file.as_ref().map(|p| p.display().to_string()), key_file_origin.clone())
+                } else {
+                    raw[d.name].clone()
+                };
+                let value = match (value, d.secret) {
+                    (None, _) if d.name == "database_url" => "(unset: local PostgreSQL under data_dir)".to_string(),
+                    (None, _) if d.name == "log_format" => format!("{log_format:?}").to_lowercase(),
+                    (None, _) => "(unset)".to_string(),
+                    (Some(v), true) if d.name == "database_url" => mask_url(&v),
+                    (Some(_), true) => "(set, hidden)".to_string(),
+                    (Some(v), false) => v,
+                };
+                Shown { name: d.name, value, origin }
+            })
+            .collect();
+        Ok(Config {
+            mode,
+            database_url,
+            repo: get("repo").unwrap_or_else(|| ".".into()),
+            git_ref: get("ref"),
+            path: get("path").unwrap_or_else(|| "tenants".into()),
+            age_key_file,
+            age_key: get("age_key"),
+            log_format,
+            data_dir: PathBuf::from(get("data_dir").unwrap_or_else(|| ".frostbyte".into())),
+            allow_plaintext,
+            require_tenant_recipient,
+            drift_policy,
+            worktree,
+            interval_secs,
+            debounce_ms,
+            listen: get("listen").unwrap_or_default(),
+            webhook_token: get("webhook_token"),
+            shown,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let w = self.shown.iter().map(|s| s.name.len()).max().unwrap_or(0);
+        let vw = self.shown.iter().map(|s| s.value.len()).max().unwrap_or(0).min(60);
+        self.shown.iter().map(|s| format!("{:w$}  {:vw$}  ({})\n", s.name, s.value, s.origin)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: BTreeMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let mut flags = Flags::default();
+        flags.0.insert("path", "from-flag".into());
+        let env = env_of(&[("FROSTBYTE_GITOPS_PATH", "from-env"), ("FROSTBYTE_GITOPS_REF", "env-ref")]);
+        let file = "path = \"from-file\"\nref = \"file-ref\"\nrepo = \"file-repo\"\n";
+        let c = Config::resolve(&flags, &env, Some(("f.toml", file)), None).unwrap();
+        assert_eq!((c.path.as_str(), c.git_ref.as_deref(), c.repo.as_str()), ("from-flag", Some("env-ref"), "file-repo"));
+        let origin = |n: &str| c.shown.iter().find(|s| s.name == n).unwrap().origin.clone();
+        assert_eq!(origin("path"), Origin::Flag);
+        assert_eq!(origin("ref"), Origin::Env("FROSTBYTE_GITOPS_REF".into()));
+        assert_eq!(origin("repo"), Origin::File);
+        assert_eq!(origin("mode"), Origin::Default);
+    }
+
+    #[test]
+    fn every_invalid_setting_is_reported_together() {
+        let env = env_of(&[("FROSTBYTE_MODE", "prod"), ("FROSTBYTE_DRIFT_POLICY", "ignore"), ("FROSTBYTE_SYNC_INTERVAL", "soon")]);
+        let err = Config::resolve(&Flags::default(), &env, Some(("f.toml", "colour = 1\n")), None).unwrap_err();
+        for needle in ["mode (from env FROSTBYTE_MODE)", "drift_policy", "interval", "unknown setting \"colour\""] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+    }
+
+    #[test]
+    fn production_needs_a_database_and_no_plaintext() {
+        let env = env_of(&[("FROSTBYTE_MODE", "production"), ("FROSTBYTE_ALLOW_PLAINTEXT", "true")]);
+        let err = Config::resolve(&Flags::default(), &env, None, None).unwrap_err();
+        assert!(err.contains("production mode needs a database"), "{err}");
+        assert!(err.contains("allow_plaintext cannot be used"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let env = env_of(&[("FROSTBYTE_CONTROL_DB_URL", "postgres://app:hunter2@db/x"), ("SOPS_AGE_KEY", "AGE-SECRET-KEY-1XYZ")]);
+        let c = Config::resolve(&Flags::default(), &env, None, None).unwrap();
+        let text = c.render();
+        assert!(text.contains("postgres://app:****@db/x"), "{text}");
+        assert!(!text.contains("hunter2") && !text.contains("AGE-SECRET"), "{text}");
+        assert_eq!(mask_url("host=/tmp user=x password=pw dbname=y"), "host=/tmp user=x password=**** dbname=y");
+    }
+}

@@ -1,0 +1,209 @@
+//! Drift: how the database differs from git and from what the agent last wrote.
+
+use super::json::SecretPaths;
+use super::plan::{ActualTenant, PatchOp, diff, digest, modified_paths, seal};
+use super::tenant::DesiredTenant;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::str::FromStr;
+
+#[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftClass {
+    InSync,
+    /// Git has a change the database has not received.
+    Pending,
+    /// The row differs from what the agent last wrote.
+    Modified,
+    /// In git, not in the database.
+    Missing,
+    /// In the database, not in git.
+    Orphaned,
+}
+
+impl DriftClass {
+    pub const ALL: [DriftClass; 5] = [Self::InSync, Self::Pending, Self::Modified, Self::Missing, Self::Orphaned];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InSync => "in-sync",
+            Self::Pending => "pending",
+            Self::Modified => "modified",
+            Self::Missing => "missing",
+            Self::Orphaned => "orphaned",
+        }
+    }
+}
+
+impl FromStr for DriftClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == s)
+            .ok_or_else(|| format!("unknown drift class {s:?} (one of: pending, modified, missing, orphaned, in-sync)"))
+    }
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct TenantDrift {
+    pub tenant_id: String,
+    pub classes: Vec<DriftClass>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_version: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_applied_commit: Option<String>,
+    /// Paths changed in the database since the agent wrote them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modified_paths: Vec<String>,
+    /// Paths git would change.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_paths: Vec<String>,
+}
+
+impl TenantDrift {
+    pub fn in_sync(&self) -> bool {
+        self.classes == [DriftClass::InSync]
+    }
+}
+
+pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> Vec<TenantDrift> {
+    let want: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+    let have: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
+    let ids: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
+    ids.into_iter()
+        .map(|id| {
+            let d = want.get(id).copied();
+            let a = have.get(id).copied();
+            let mut t = TenantDrift {
+                tenant_id: id.to_string(),
+                classes: vec![],
+                file: d.map(|d| d.file.clone()),
+                config_version: a.map(|a| a.config_version),
+                last_applied_commit: a.and_then(|a| a.applied.as_ref()).map(|r| r.commit_id.clone()),
+                modified_paths: vec![],
+                pending_paths: vec![],
+            };
+            match (d, a) {
+                (Some(_), None) => t.classes.push(DriftClass::Missing),
+                (None, Some(_)) => t.classes.push(DriftClass::Orphaned),
+                (Some(d), Some(a)) => {
+                    t.pending_paths = pending_paths(d, a, key);
+                    if !t.pending_paths.is_empty() {
+                        t.classes.push(DriftClass::Pending);
+                    }
+                    t.modified_paths = modified_paths(a, key);
+                    if !t.modified_paths.is_empty() {
+                        t.classes.push(DriftClass::Modified);
+                    }
+                }
+                (None, None) => unreachable!(),
+            }
+            if t.classes.is_empty() {
+                t.classes.push(DriftClass::InSync);
+            }
+            t
+        })
+        .collect()
+}
+
+/// Paths where git differs from what was last applied (or, with no record, from the row).
+fn pending_paths(d: &DesiredTenant, a: &ActualTenant, key: &[u8]) -> Vec<String> {
+    let mut ops: Vec<PatchOp> = Vec::new();
+    let none = SecretPaths::new();
+    match &a.applied {
+        Some(rec) if rec.digest == digest(key, &d.document, &d.secrets) => {}
+        Some(rec) => diff(&rec.sealed, &seal(key, &d.document, &d.secrets), "", &none, &none, &mut ops),
+        None if d.document != a.document => diff(&seal(key, &a.document, &d.secrets), &seal(key, &d.document, &d.secrets), "", &none, &none, &mut ops),
+        None => {}
+    }
+    ops.into_iter().map(|o| o.path).collect()
+}
+
+/// Counts per class; a tenant in two classes counts in both.
+pub fn counts(report: &[TenantDrift]) -> BTreeMap<DriftClass, usize> {
+    let mut out: BTreeMap<DriftClass, usize> = DriftClass::ALL.into_iter().map(|c| (c, 0)).collect();
+    for t in report {
+        for c in &t.classes {
+            *out.entry(*c).or_default() += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::plan::AppliedRecord;
+    use serde_json::{Value, json};
+
+    const KEY: &[u8] = b"k";
+
+    fn d(id: &str, config: Value) -> DesiredTenant {
+        DesiredTenant {
+            tenant_id: id.into(),
+            file: format!("tenants/{id}.json"),
+            document: json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
+            secrets: ["/config/secrets/k".to_string()].into(),
+        }
+    }
+
+    fn applied(t: &DesiredTenant) -> ActualTenant {
+        ActualTenant {
+            tenant_id: t.tenant_id.clone(),
+            state: "pending".into(),
+            config_version: 1,
+            document: t.document.clone(),
+            applied: Some(AppliedRecord {
+                commit_id: "c1".into(),
+                config_version: 1,
+                digest: digest(KEY, &t.document, &t.secrets),
+                sealed: seal(KEY, &t.document, &t.secrets),
+                secret_paths: t.secrets.clone(),
+            }),
+            known_secrets: t.secrets.clone(),
+        }
+    }
+
+    #[test]
+    fn every_class() {
+        let same = d("same", json!({"plan": "pro"}));
+        let pend_old = d("pend", json!({"plan": "pro"}));
+        let pend_new = d("pend", json!({"plan": "enterprise"}));
+        let modi = d("modi", json!({"secrets": {"k": "v"}}));
+        let mut modi_row = applied(&modi);
+        modi_row.document["config"]["secrets"]["k"] = json!("hand-edited");
+        let both_old = d("both", json!({"plan": "pro", "region": "eu-west-1"}));
+        let both_new = d("both", json!({"plan": "free", "region": "eu-west-1"}));
+        let mut both_row = applied(&both_old);
+        both_row.document["config"]["region"] = json!("us-east-1");
+        let miss = d("miss", json!({}));
+        let orph = d("orph", json!({}));
+        let report = drift(
+            &[same.clone(), pend_new, modi, both_new, miss],
+            &[applied(&same), applied(&pend_old), modi_row, both_row, applied(&orph)],
+            KEY,
+        );
+        let got: Vec<(&str, Vec<DriftClass>)> = report.iter().map(|t| (t.tenant_id.as_str(), t.classes.clone())).collect();
+        use DriftClass::*;
+        assert_eq!(
+            got,
+            [
+                ("both", vec![Pending, Modified]),
+                ("miss", vec![Missing]),
+                ("modi", vec![Modified]),
+                ("orph", vec![Orphaned]),
+                ("pend", vec![Pending]),
+                ("same", vec![InSync]),
+            ]
+        );
+        let modi = report.iter().find(|t| t.tenant_id == "modi").unwrap();
+        assert_eq!(modi.modified_paths, ["/config/secrets/k"]);
+        assert!(!serde_json::to_string(&report).unwrap().contains("hand-edited"));
+        let both = report.iter().find(|t| t.tenant_id == "both").unwrap();
+        assert_eq!((both.pending_paths.as_slice(), both.modified_paths.as_slice()), (&["/config/plan".to_string()][..], &["/config/region".to_string()][..]));
+        assert_eq!(counts(&report)[&Pending], 2);
+    }
+}

@@ -1,0 +1,249 @@
+//! JSON helpers the rest of the domain builds on: pointers, canonical form, redaction.
+
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+
+/// What a secret value is replaced with wherever a document leaves the process.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// JSON pointers (RFC 6901) of the leaves that were encrypted in a tenant file.
+pub type SecretPaths = BTreeSet<String>;
+
+pub fn escape_token(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+pub fn unescape_token(token: &str) -> String {
+    token.replace("~1", "/").replace("~0", "~")
+}
+
+pub fn child(pointer: &str, token: &str) -> String {
+    format!("{pointer}/{}", escape_token(token))
+}
+
+/// Whether `pointer` names `prefix` itself or something below it.
+pub fn is_within(pointer: &str, prefix: &str) -> bool {
+    pointer == prefix || (pointer.starts_with(prefix) && pointer.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
+
+/// Whether the value at `pointer` is a secret or holds one.
+pub fn touches_secret(pointer: &str, secrets: &SecretPaths) -> bool {
+    secrets.iter().any(|s| is_within(s, pointer) || is_within(pointer, s))
+}
+
+/// A copy of `value` (found at `pointer`) with every secret leaf replaced by [`REDACTED`].
+pub fn redact(value: &Value, pointer: &str, secrets: &SecretPaths) -> Value {
+    if secrets.is_empty() {
+        return value.clone();
+    }
+    if secrets.contains(pointer) {
+        return Value::String(REDACTED.to_string());
+    }
+    match value {
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), redact(v, &child(pointer, k), secrets)))
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| redact(v, &child(pointer, &i.to_string()), secrets))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Serialises with object keys sorted, so that equal documents give equal bytes whatever order
+/// they were read in (PostgreSQL's jsonb reorders keys).
+pub fn canonical(value: &Value) -> String {
+    let mut out = String::new();
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&map[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// Every leaf pointer below `pointer` (objects and arrays are walked, empty ones are leaves).
+pub fn leaves(value: &Value, pointer: &str, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                leaves(v, &child(pointer, k), out);
+            }
+        }
+        Value::Array(items) if !items.is_empty() => {
+            for (i, v) in items.iter().enumerate() {
+                leaves(v, &child(pointer, &i.to_string()), out);
+            }
+        }
+        _ => out.push(pointer.to_string()),
+    }
+}
+
+pub fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// Applies an RFC 6902 patch made of `add`, `remove` and `replace` operations.
+pub fn apply_patch(doc: &mut Value, ops: &[Value]) -> Result<(), String> {
+    for op in ops {
+        let kind = op.get("op").and_then(Value::as_str).ok_or("operation without \"op\"")?;
+        let path = op.get("path").and_then(Value::as_str).ok_or("operation without \"path\"")?;
+        let value = op.get("value").cloned();
+        if path.is_empty() {
+            match kind {
+                "add" | "replace" => *doc = value.ok_or("add without value")?,
+                _ => return Err(format!("cannot {kind} the whole document")),
+            }
+            continue;
+        }
+        let (parent_ptr, last) = path.rsplit_once('/').ok_or_else(|| format!("bad pointer {path}"))?;
+        let last = unescape_token(last);
+        let parent = doc
+            .pointer_mut(parent_ptr)
+            .ok_or_else(|| format!("{kind} {path}: parent does not exist"))?;
+        match (kind, parent) {
+            ("add" | "replace", Value::Object(map)) => {
+                map.insert(last, value.ok_or("add without value")?);
+            }
+            ("remove", Value::Object(map)) => {
+                map.shift_remove(&last).ok_or_else(|| format!("remove {path}: nothing there"))?;
+            }
+            (_, Value::Array(items)) => {
+                let i: usize = if last == "-" { items.len() } else { last.parse().map_err(|_| format!("bad index in {path}"))? };
+                match kind {
+                    "add" if i <= items.len() => items.insert(i, value.ok_or("add without value")?),
+                    "replace" if i < items.len() => items[i] = value.ok_or("replace without value")?,
+                    "remove" if i < items.len() => {
+                        items.remove(i);
+                    }
+                    _ => return Err(format!("{kind} {path}: index out of range")),
+                }
+            }
+            _ => return Err(format!("{kind} {path}: parent is not a container")),
+        }
+    }
+    Ok(())
+}
+
+pub fn object(pairs: impl IntoIterator<Item = (&'static str, Value)>) -> Value {
+    Value::Object(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect::<Map<_, _>>())
+}
+
+/// The 1-based line that most likely holds the value at `pointer` in a TOML, JSON or YAML text:
+/// the key tokens of the pointer are looked for in order, each after the previous one.
+pub fn locate_line(text: &str, pointer: &str) -> Option<usize> {
+    if pointer.is_empty() {
+        return None;
+    }
+    let mut from = 0;
+    let mut found = None;
+    for token in pointer.split('/').skip(1).map(unescape_token) {
+        if token.parse::<usize>().is_ok() {
+            continue;
+        }
+        let at = find_key(&text[from..], &token)? + from;
+        found = Some(at);
+        from = at + token.len();
+    }
+    found.map(|at| text[..at].matches('\n').count() + 1)
+}
+
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    while let Some(rel) = text[start..].find(key) {
+        let at = start + rel;
+        let before = if at == 0 { b'\n' } else { bytes[at - 1] };
+        let after_idx = at + key.len();
+        let rest = text[after_idx..].trim_start_matches(['"', '\'']).trim_start_matches([' ', '\t']);
+        let boundary_before = matches!(before, b'\n' | b' ' | b'\t' | b'"' | b'\'' | b'[' | b'.' | b'{' | b',');
+        let boundary_after = rest.starts_with(':') || rest.starts_with('=') || rest.starts_with(']') || rest.starts_with('.');
+        if boundary_before && boundary_after {
+            return Some(at);
+        }
+        start = after_idx;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_sorts_keys_at_every_level() {
+        let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": null}});
+        assert_eq!(canonical(&a), r#"{"a":{"c":null,"d":[1,{"x":1,"y":2}]},"b":1}"#);
+    }
+
+    #[test]
+    fn redact_replaces_only_secret_leaves() {
+        let secrets: SecretPaths = ["/config/secrets/token".to_string(), "/list/1".to_string()].into();
+        let doc = json!({"config": {"secrets": {"token": "s3cret", "other": "x"}}, "list": ["a", "b"]});
+        let red = redact(&doc, "", &secrets);
+        assert_eq!(red, json!({"config": {"secrets": {"token": REDACTED, "other": "x"}}, "list": ["a", REDACTED]}));
+    }
+
+    #[test]
+    fn pointer_tokens_are_escaped() {
+        assert_eq!(child("/a", "x/y~z"), "/a/x~1y~0z");
+        assert_eq!(unescape_token("x~1y~0z"), "x/y~z");
+        assert!(is_within("/a/b", "/a"));
+        assert!(!is_within("/ab", "/a"));
+    }
+
+    #[test]
+    fn patch_add_remove_replace() {
+        let mut doc = json!({});
+        apply_patch(&mut doc, &[json!({"op": "add", "path": "/config", "value": {"a": 1, "b": [1]}})]).unwrap();
+        apply_patch(&mut doc, &[json!({"op": "replace", "path": "/config/a", "value": 2}), json!({"op": "remove", "path": "/config/b"})]).unwrap();
+        assert_eq!(doc, json!({"config": {"a": 2}}));
+    }
+
+    #[test]
+    fn locate_line_follows_key_order_in_each_format() {
+        let toml = "tenant_id = \"x\"\n[config]\nplan = \"pro\"\n[config.limits]\nmax_users = 5\n";
+        assert_eq!(locate_line(toml, "/config/limits/max_users"), Some(5));
+        let yaml = "config:\n  plan: pro\n  limits:\n    max_users: 5\n";
+        assert_eq!(locate_line(yaml, "/config/limits/max_users"), Some(4));
+        let json = "{\n \"config\": {\n  \"plan\": \"pro\"\n }\n}";
+        assert_eq!(locate_line(json, "/config/plan"), Some(3));
+    }
+}

@@ -1,0 +1,9 @@
+//! The pure core: tenant documents, validation, plans, drift and audit payloads. No I/O here.
+
+pub mod audit;
+pub mod drift;
+pub mod issue;
+pub mod json;
+pub mod plan;
+pub mod render;
+pub mod tenant;

@@ -1,0 +1,439 @@
+//! Desired state against actual state: what a sync would do, as data.
+
+use super::json::{self, SecretPaths, child, redact};
+use super::tenant::DesiredTenant;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// What the agent recorded when it last wrote a tenant.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedRecord {
+    pub commit_id: String,
+    pub config_version: i64,
+    /// [`digest`] of the document it wrote.
+    pub digest: String,
+    /// [`seal`] of the document it wrote: secrets replaced by keyed digests.
+    pub sealed: Value,
+    pub secret_paths: SecretPaths,
+}
+
+/// A tenant as the database (or, for `plan --against-ref`, another revision) has it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActualTenant {
+    pub tenant_id: String,
+    pub state: String,
+    pub config_version: i64,
+    pub document: Value,
+    pub applied: Option<AppliedRecord>,
+    /// Paths known to hold secrets: from the applied record, or from the base revision's file.
+    pub known_secrets: SecretPaths,
+}
+
+/// Secret leaves replaced by an HMAC of their value, so that documents can be compared and stored
+/// for drift detection without keeping or showing a secret. The key never leaves the database.
+pub fn seal(key: &[u8], doc: &Value, secrets: &SecretPaths) -> Value {
+    fn walk(key: &[u8], v: &Value, ptr: &str, secrets: &SecretPaths) -> Value {
+        if secrets.contains(ptr) {
+            let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
+            mac.update(ptr.as_bytes());
+            mac.update(&[0]);
+            mac.update(json::canonical(v).as_bytes());
+            return Value::String(format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes())));
+        }
+        match v {
+            Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), walk(key, v, &child(ptr, k), secrets))).collect()),
+            Value::Array(a) => Value::Array(a.iter().enumerate().map(|(i, v)| walk(key, v, &child(ptr, &i.to_string()), secrets)).collect()),
+            other => other.clone(),
+        }
+    }
+    walk(key, doc, "", secrets)
+}
+
+pub fn digest(key: &[u8], doc: &Value, secrets: &SecretPaths) -> String {
+    hex::encode(Sha256::digest(json::canonical(&seal(key, doc, secrets)).as_bytes()))
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Create,
+    Update,
+    Unchanged,
+    Orphaned,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretChange {
+    Added,
+    Changed,
+    Removed,
+}
+
+/// One RFC 6902 operation. Secret values are replaced by [`json::REDACTED`]; `secret` says what
+/// happened to a secret leaf (a member RFC 6902 tells appliers to ignore).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct PatchOp {
+    pub op: String,
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretChange>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TenantPlan {
+    pub tenant_id: String,
+    pub action: Action,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// The `config_version` the plan saw (none: no row).
+    #[serde(default)]
+    pub current_version: Option<i64>,
+    #[serde(default)]
+    pub next_version: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patch: Vec<PatchOp>,
+    /// Fields changed in the database since the agent last wrote them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub out_of_band: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual_digest: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub create: usize,
+    pub update: usize,
+    pub unchanged: usize,
+    pub orphaned: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub tenants: Vec<TenantPlan>,
+}
+
+impl Plan {
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for t in &self.tenants {
+            match t.action {
+                Action::Create => s.create += 1,
+                Action::Update => s.update += 1,
+                Action::Unchanged => s.unchanged += 1,
+                Action::Orphaned => s.orphaned += 1,
+            }
+        }
+        s
+    }
+
+    /// Whether applying would write anything. Orphans are only reported.
+    pub fn has_changes(&self) -> bool {
+        self.tenants.iter().any(|t| matches!(t.action, Action::Create | Action::Update))
+    }
+
+    pub fn changes(&self) -> impl Iterator<Item = &TenantPlan> {
+        self.tenants.iter().filter(|t| matches!(t.action, Action::Create | Action::Update))
+    }
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        format!("{} to create, {} to update, {} orphaned", self.create, self.update, self.orphaned)
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PlanOptions<'a> {
+    /// Key for [`seal`]/[`digest`].
+    pub key: &'a [u8],
+    /// Overwrite tenants changed out of band even when git has no new change for them.
+    pub correct_drift: bool,
+}
+
+pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOptions<'_>) -> Plan {
+    let want: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+    let have: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
+    let ids: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
+    let tenants = ids
+        .into_iter()
+        .map(|id| match (want.get(id), have.get(id)) {
+            (Some(d), None) => TenantPlan {
+                tenant_id: id.to_string(),
+                action: Action::Create,
+                file: Some(d.file.clone()),
+                current_version: None,
+                next_version: Some(1),
+                patch: create_patch(d),
+                out_of_band: vec![],
+                desired_digest: Some(digest(opts.key, &d.document, &d.secrets)),
+                actual_digest: None,
+            },
+            (None, Some(a)) => TenantPlan {
+                tenant_id: id.to_string(),
+                action: Action::Orphaned,
+                file: None,
+                current_version: Some(a.config_version),
+                next_version: None,
+                patch: vec![],
+                out_of_band: vec![],
+                desired_digest: None,
+                actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+            },
+            (Some(d), Some(a)) => plan_both(d, a, opts),
+            (None, None) => unreachable!("id came from one of the maps"),
+        })
+        .collect();
+    Plan { tenants }
+}
+
+fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {
+    let desired_digest = digest(opts.key, &d.document, &d.secrets);
+    let out_of_band = modified_paths(a, opts.key);
+    let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
+    let differs = d.document != a.document;
+    let action = if differs && (git_moved || opts.correct_drift) { Action::Update } else { Action::Unchanged };
+    let mut patch = Vec::new();
+    if action == Action::Update {
+        let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
+        diff(&a.document, &d.document, "", &from_secrets, &d.secrets, &mut patch);
+    }
+    TenantPlan {
+        tenant_id: d.tenant_id.clone(),
+        action,
+        file: Some(d.file.clone()),
+        current_version: Some(a.config_version),
+        next_version: (action == Action::Update).then_some(a.config_version + 1),
+        patch,
+        out_of_band,
+        desired_digest: Some(desired_digest),
+        actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+    }
+}
+
+/// Paths at which the row differs from what the agent last wrote (empty without a record).
+pub fn modified_paths(a: &ActualTenant, key: &[u8]) -> Vec<String> {
+    let Some(rec) = &a.applied else { return vec![] };
+    let mut paths = Vec::new();
+    if digest(key, &a.document, &rec.secret_paths) != rec.digest {
+        let now = seal(key, &a.document, &rec.secret_paths);
+        let mut ops = Vec::new();
+        diff(&rec.sealed, &now, "", &SecretPaths::new(), &SecretPaths::new(), &mut ops);
+        paths.extend(ops.into_iter().map(|op| op.path));
+    }
+    if a.config_version != rec.config_version {
+        paths.push("/config_version".to_string());
+    }
+    paths
+}
+
+/// The patch that builds a new tenant's document from nothing.
+pub fn create_patch(d: &DesiredTenant) -> Vec<PatchOp> {
+    let Value::Object(map) = &d.document else { return vec![] };
+    map.iter()
+        .map(|(k, v)| {
+            let path = child("", k);
+            PatchOp {
+                op: "add".into(),
+                secret: d.secrets.contains(&path).then_some(SecretChange::Added),
+                value: Some(redact(v, &path, &d.secrets)),
+                path,
+            }
+        })
+        .collect()
+}
+
+/// Appends to `ops` the operations that turn `from` into `to`, at `ptr`. Arrays are replaced whole.
+pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_secrets: &SecretPaths, ops: &mut Vec<PatchOp>) {
+    match (from, to) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, vb) in b {
+                let p = child(ptr, k);
+                match a.get(k) {
+                    None => ops.push(PatchOp {
+                        op: "add".into(),
+                        secret: to_secrets.contains(&p).then_some(SecretChange::Added),
+                        value: Some(redact(vb, &p, to_secrets)),
+                        path: p,
+                    }),
+                    Some(va) if va != vb => diff(va, vb, &p, from_secrets, to_secrets, ops),
+                    Some(_) => {}
+                }
+            }
+            for k in a.keys().filter(|k| !b.contains_key(*k)) {
+                let p = child(ptr, k);
+                ops.push(PatchOp {
+                    op: "remove".into(),
+                    secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
+                    value: None,
+                    path: p,
+                });
+            }
+        }
+        (a, b) if a == b => {}
+        (_, b) => {
+            let secret = if to_secrets.contains(ptr) {
+                Some(if from_secrets.contains(ptr) { SecretChange::Changed } else { SecretChange::Added })
+            } else if from_secrets.contains(ptr) {
+                Some(SecretChange::Removed)
+            } else {
+                None
+            };
+            ops.push(PatchOp { op: "replace".into(), path: ptr.to_string(), value: Some(redact(b, ptr, to_secrets)), secret });
+        }
+    }
+}
+
+/// Why a saved plan no longer holds, one line per tenant that moved.
+pub fn stale_reasons(saved: &Plan, fresh: &Plan) -> Vec<String> {
+    let saved_by: BTreeMap<&str, &TenantPlan> = saved.tenants.iter().map(|t| (t.tenant_id.as_str(), t)).collect();
+    let fresh_by: BTreeMap<&str, &TenantPlan> = fresh.tenants.iter().map(|t| (t.tenant_id.as_str(), t)).collect();
+    let ids: BTreeSet<&str> = saved_by.keys().chain(fresh_by.keys()).copied().collect();
+    let mut out = Vec::new();
+    for id in ids {
+        match (saved_by.get(id), fresh_by.get(id)) {
+            (Some(s), Some(f)) => {
+                if s.current_version != f.current_version {
+                    out.push(format!("{id}: config_version is {} in the database, the plan expected {}", show(f.current_version), show(s.current_version)));
+                } else if s.actual_digest != f.actual_digest {
+                    out.push(format!("{id}: the database row changed since the plan was made (same config_version)"));
+                } else if s.desired_digest != f.desired_digest || s.action != f.action {
+                    out.push(format!("{id}: the plan said {:?}, it would now be {:?}", s.action, f.action));
+                }
+            }
+            (Some(s), None) => out.push(format!("{id}: the plan said {:?}, the tenant is now neither in git nor in the database", s.action)),
+            (None, Some(f)) => out.push(format!("{id}: not in the plan, it would now be {:?}", f.action)),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+fn show(v: Option<i64>) -> String {
+    v.map_or_else(|| "absent (no row)".to_string(), |v| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KEY: &[u8] = b"test-key";
+
+    fn desired(id: &str, config: Value, secrets: &[&str]) -> DesiredTenant {
+        DesiredTenant {
+            tenant_id: id.into(),
+            file: format!("tenants/{id}.toml"),
+            document: json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
+            secrets: secrets.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn actual_from(d: &DesiredTenant, version: i64) -> ActualTenant {
+        ActualTenant {
+            tenant_id: d.tenant_id.clone(),
+            state: "pending".into(),
+            config_version: version,
+            document: d.document.clone(),
+            applied: Some(AppliedRecord {
+                commit_id: "c1".into(),
+                config_version: version,
+                digest: digest(KEY, &d.document, &d.secrets),
+                sealed: seal(KEY, &d.document, &d.secrets),
+                secret_paths: d.secrets.clone(),
+            }),
+            known_secrets: d.secrets.clone(),
+        }
+    }
+
+    fn opts() -> PlanOptions<'static> {
+        PlanOptions { key: KEY, correct_drift: true }
+    }
+
+    #[test]
+    fn classifies_create_update_unchanged_orphaned() {
+        let a = desired("aaa", json!({"plan": "pro"}), &[]);
+        let b_old = desired("bbb", json!({"plan": "pro"}), &[]);
+        let b_new = desired("bbb", json!({"plan": "enterprise"}), &[]);
+        let c = desired("ccc", json!({}), &[]);
+        let d = desired("ddd", json!({}), &[]);
+        let p = plan(&[a, b_new, c.clone()], &[actual_from(&b_old, 3), actual_from(&c, 1), actual_from(&d, 2)], opts());
+        let actions: Vec<_> = p.tenants.iter().map(|t| (t.tenant_id.as_str(), t.action)).collect();
+        assert_eq!(actions, [("aaa", Action::Create), ("bbb", Action::Update), ("ccc", Action::Unchanged), ("ddd", Action::Orphaned)]);
+        assert_eq!(p.summary().line(), "1 to create, 1 to update, 1 orphaned");
+        let b = &p.tenants[1];
+        assert_eq!((b.current_version, b.next_version), (Some(3), Some(4)));
+        assert_eq!(b.patch, [PatchOp { op: "replace".into(), path: "/config/plan".into(), value: Some(json!("enterprise")), secret: None }]);
+    }
+
+    #[test]
+    fn secret_changes_are_named_never_shown() {
+        let old = desired("aaa", json!({"secrets": {"a": "old-a", "b": "same", "gone": "bye"}}), &["/config/secrets/a", "/config/secrets/b", "/config/secrets/gone"]);
+        let new = desired("aaa", json!({"secrets": {"a": "new-a", "b": "same", "c": "new-c"}}), &["/config/secrets/a", "/config/secrets/b", "/config/secrets/c"]);
+        let p = plan(&[new], &[actual_from(&old, 1)], opts());
+        let patch = &p.tenants[0].patch;
+        let text = serde_json::to_string(patch).unwrap();
+        for secret in ["old-a", "new-a", "new-c", "bye", "same"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        let kinds: Vec<_> = patch.iter().map(|o| (o.path.as_str(), o.secret)).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("/config/secrets/a", Some(SecretChange::Changed)),
+                ("/config/secrets/c", Some(SecretChange::Added)),
+                ("/config/secrets/gone", Some(SecretChange::Removed)),
+            ]
+        );
+    }
+
+    #[test]
+    fn create_patch_replays_to_the_redacted_document() {
+        let d = desired("aaa", json!({"plan": "pro", "secrets": {"k": "v"}}), &["/config/secrets/k"]);
+        let p = plan(std::slice::from_ref(&d), &[], opts());
+        let ops: Vec<Value> = p.tenants[0].patch.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
+        let mut doc = json!({});
+        json::apply_patch(&mut doc, &ops).unwrap();
+        assert_eq!(doc, redact(&d.document, "", &d.secrets));
+    }
+
+    #[test]
+    fn drift_is_corrected_only_when_asked() {
+        let d = desired("aaa", json!({"plan": "pro"}), &[]);
+        let mut a = actual_from(&d, 2);
+        a.document["config"]["plan"] = json!("free");
+        let warn = plan(std::slice::from_ref(&d), std::slice::from_ref(&a), PlanOptions { key: KEY, correct_drift: false });
+        assert_eq!(warn.tenants[0].action, Action::Unchanged);
+        assert_eq!(warn.tenants[0].out_of_band, ["/config/plan"]);
+        let correct = plan(&[d], &[a], opts());
+        assert_eq!(correct.tenants[0].action, Action::Update);
+        assert_eq!(correct.tenants[0].out_of_band, ["/config/plan"]);
+    }
+
+    #[test]
+    fn a_hand_edited_secret_is_a_modified_path_without_its_value() {
+        let d = desired("aaa", json!({"secrets": {"k": "v1"}}), &["/config/secrets/k"]);
+        let mut a = actual_from(&d, 1);
+        a.document["config"]["secrets"]["k"] = json!("v2");
+        assert_eq!(modified_paths(&a, KEY), ["/config/secrets/k"]);
+    }
+
+    #[test]
+    fn stale_plan_names_the_tenant_that_moved() {
+        let d = desired("aaa", json!({"plan": "pro"}), &[]);
+        let old = desired("aaa", json!({"plan": "free"}), &[]);
+        let saved = plan(std::slice::from_ref(&d), &[actual_from(&old, 1)], opts());
+        let fresh = plan(std::slice::from_ref(&d), &[actual_from(&old, 2)], opts());
+        assert!(stale_reasons(&saved, &saved).is_empty());
+        let reasons = stale_reasons(&saved, &fresh);
+        assert_eq!(reasons.len(), 1);
+        assert!(reasons[0].starts_with("aaa: config_version is 2"), "{reasons:?}");
+    }
+}

@@ -1,0 +1,291 @@
+//! Text, Markdown and JSON views of validation results, plans and drift reports.
+
+use super::drift::{DriftClass, TenantDrift, counts};
+use super::issue::Issue;
+use super::plan::{Action, PatchOp, Plan, SecretChange, TenantPlan};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::fmt::Write;
+
+/// GitHub refuses comments over 65,536 characters; stay clear of it.
+pub const MARKDOWN_LIMIT: usize = 65_000;
+
+/// Version of the JSON layouts below; bumped on any incompatible change.
+pub const JSON_FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Header {
+    /// The commit the desired state was read at (none with `--worktree`).
+    pub commit: Option<String>,
+    /// What the desired state was compared with: "database" or "ref <rev> (<commit>)".
+    pub against: String,
+}
+
+fn short(commit: &Option<String>) -> String {
+    commit.as_deref().map_or_else(|| "the work tree".to_string(), |c| c.chars().take(12).collect())
+}
+
+// ---------- validation ----------
+
+pub fn issues_text(files: usize, issues: &[Issue]) -> String {
+    let mut out = String::new();
+    for i in issues {
+        let _ = writeln!(out, "error: {i}");
+    }
+    let bad: std::collections::BTreeSet<&str> = issues.iter().map(|i| i.file.as_str()).collect();
+    let _ = writeln!(out, "{} file(s) checked, {} invalid, {} problem(s)", files, bad.len(), issues.len());
+    out
+}
+
+pub fn issues_markdown(files: usize, issues: &[Issue]) -> String {
+    let mut out = String::from("### Tenant file validation\n\n");
+    if issues.is_empty() {
+        let _ = writeln!(out, "All {files} tenant file(s) are valid.");
+        return out;
+    }
+    let _ = writeln!(out, "{} problem(s) in {files} file(s):\n\n| File | Line | Field | Problem |\n|---|---|---|---|", issues.len());
+    for i in issues {
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            i.file,
+            i.line.map(|l| l.to_string()).unwrap_or_default(),
+            i.pointer.as_deref().map(|p| format!("`{p}`")).unwrap_or_default(),
+            i.message.replace('|', "\\|").replace('\n', " ")
+        );
+    }
+    out
+}
+
+pub fn issues_json(files: usize, issues: &[Issue]) -> String {
+    let v = json!({"format_version": JSON_FORMAT_VERSION, "files": files, "valid": issues.is_empty(), "issues": issues});
+    serde_json::to_string_pretty(&v).expect("serialisable") + "\n"
+}
+
+// ---------- plans ----------
+
+struct Paint(bool);
+
+impl Paint {
+    fn c(&self, code: &str, s: &str) -> String {
+        if self.0 { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+}
+
+fn op_line(op: &PatchOp) -> (char, String) {
+    let sign = match op.op.as_str() {
+        "add" => '+',
+        "remove" => '-',
+        _ => '~',
+    };
+    let text = match (op.secret, &op.value) {
+        (Some(SecretChange::Added), _) => format!("{} (secret added)", op.path),
+        (Some(SecretChange::Changed), _) => format!("{} (secret changed)", op.path),
+        (Some(SecretChange::Removed), Some(v)) => format!("{} = {} (was a secret)", op.path, v),
+        (Some(SecretChange::Removed), None) => format!("{} (secret removed)", op.path),
+        (None, Some(v)) => format!("{} = {}", op.path, v),
+        (None, None) => op.path.clone(),
+    };
+    (sign, text)
+}
+
+fn version_span(t: &TenantPlan) -> String {
+    match (t.current_version, t.next_version) {
+        (Some(a), Some(b)) => format!("version {a} -> {b}"),
+        (None, Some(b)) => format!("version {b}"),
+        (Some(a), None) => format!("version {a}"),
+        (None, None) => String::new(),
+    }
+}
+
+pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
+    let p = Paint(color);
+    let mut out = String::new();
+    let _ = writeln!(out, "Plan for {} against {}:\n", short(&header.commit), header.against);
+    for t in &plan.tenants {
+        let file = t.file.as_deref().unwrap_or("");
+        match t.action {
+            Action::Create => {
+                let _ = writeln!(out, "  {} {} will be created ({})  {}", p.c("32", "+"), p.c("1", &t.tenant_id), version_span(t), file);
+            }
+            Action::Update => {
+                let _ = writeln!(out, "  {} {} will be updated ({})  {}", p.c("33", "~"), p.c("1", &t.tenant_id), version_span(t), file);
+            }
+            Action::Orphaned => {
+                let _ = writeln!(out, "  {} {} is orphaned: in the database, not in git (left alone)", p.c("31", "!"), p.c("1", &t.tenant_id));
+            }
+            Action::Unchanged => {
+                if !t.out_of_band.is_empty() {
+                    let _ = writeln!(out, "  {} {} was changed outside git; drift policy leaves it ({})", p.c("35", "?"), p.c("1", &t.tenant_id), t.out_of_band.join(", "));
+                }
+                continue;
+            }
+        }
+        for op in &t.patch {
+            let (sign, text) = op_line(op);
+            let code = match sign {
+                '+' => "32",
+                '-' => "31",
+                _ => "33",
+            };
+            let _ = writeln!(out, "      {} {}", p.c(code, &sign.to_string()), text);
+        }
+        if t.action == Action::Update && !t.out_of_band.is_empty() {
+            let _ = writeln!(out, "      (overwrites changes made outside git: {})", t.out_of_band.join(", "));
+        }
+    }
+    let s = plan.summary();
+    if !plan.has_changes() && s.orphaned == 0 {
+        let _ = writeln!(out, "No changes. The database matches {} ({} tenant(s)).", short(&header.commit), s.unchanged);
+    } else {
+        let _ = writeln!(out, "\nPlan: {} ({} unchanged).", s.line(), s.unchanged);
+    }
+    out
+}
+
+pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
+    let s = plan.summary();
+    let mut head = String::new();
+    let _ = writeln!(head, "### Frostbyte plan for `{}`\n", short(&header.commit));
+    let _ = writeln!(head, "Compared with {}: **{}** ({} unchanged).\n", header.against, s.line(), s.unchanged);
+    let shown: Vec<&TenantPlan> = plan.tenants.iter().filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty()).collect();
+    if shown.is_empty() {
+        head.push_str("No changes.\n");
+        return head;
+    }
+    let mut table = String::from("| Tenant | Action | Version | File |\n|---|---|---|---|\n");
+    for t in &shown {
+        let action = match t.action {
+            Action::Unchanged => "drift left (warn)",
+            Action::Create => "create",
+            Action::Update => "update",
+            Action::Orphaned => "orphaned",
+        };
+        let _ = writeln!(table, "| `{}` | {} | {} | {} |", t.tenant_id, action, version_span(t), t.file.as_deref().map(|f| format!("`{f}`")).unwrap_or_default());
+    }
+    let mut blocks = Vec::new();
+    for t in shown.iter().filter(|t| !t.patch.is_empty() || !t.out_of_band.is_empty()) {
+        let mut b = String::new();
+        let _ = writeln!(b, "<details><summary><code>{}</code>: {:?} ({})</summary>\n\n```diff", t.tenant_id, t.action, t.patch.len());
+        for op in &t.patch {
+            let (sign, text) = op_line(op);
+            let _ = writeln!(b, "{sign} {}", text.replace("```", "'''"));
+        }
+        for path in &t.out_of_band {
+            let _ = writeln!(b, "! {path} (changed outside git)");
+        }
+        b.push_str("```\n\n</details>\n");
+        blocks.push(b);
+    }
+    let mut out = head + &table + "\n";
+    let total = blocks.len();
+    for (i, b) in blocks.iter().enumerate() {
+        let left_chars: usize = blocks[i..].iter().map(String::len).sum();
+        let note = format!("\n> **Plan cut short:** {} of {total} tenant blocks ({left_chars} characters) left out to stay under {MARKDOWN_LIMIT} characters. Run `frostbyte-gitops plan` for the whole plan.\n", total - i);
+        let tail_room = if i + 1 == total { 0 } else { note.len() };
+        if out.len() + b.len() + tail_room > MARKDOWN_LIMIT {
+            if out.len() + note.len() > MARKDOWN_LIMIT {
+                // Even the table is too long: cut it at a line boundary.
+                let cut = out[..MARKDOWN_LIMIT - note.len()].rfind('\n').unwrap_or(0);
+                out.truncate(cut + 1);
+            }
+            out.push_str(&note);
+            return out;
+        }
+        out.push_str(b);
+    }
+    out
+}
+
+pub fn plan_json(plan: &Plan, header: &Header) -> Value {
+    json!({
+        "format_version": JSON_FORMAT_VERSION,
+        "commit": header.commit,
+        "against": header.against,
+        "summary": plan.summary(),
+        "has_changes": plan.has_changes(),
+        "tenants": plan.tenants,
+    })
+}
+
+// ---------- drift ----------
+
+pub fn drift_text(report: &[TenantDrift], header: &Header) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "Drift of the database against {}:\n", short(&header.commit));
+    for t in report.iter().filter(|t| !t.in_sync()) {
+        let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
+        let _ = writeln!(out, "  {}: {}", t.tenant_id, classes.join(" + "));
+        for p in &t.pending_paths {
+            let _ = writeln!(out, "      pending  {p}");
+        }
+        for p in &t.modified_paths {
+            let _ = writeln!(out, "      modified {p}");
+        }
+    }
+    let _ = writeln!(out, "\n{}", drift_summary(report));
+    out
+}
+
+fn drift_summary(report: &[TenantDrift]) -> String {
+    let c = counts(report);
+    let parts: Vec<String> = DriftClass::ALL.iter().map(|k| format!("{} {}", c[k], k.as_str())).collect();
+    format!("{} tenant(s): {}", report.len(), parts.join(", "))
+}
+
+pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "### Frostbyte drift against `{}`\n\n{}\n", short(&header.commit), drift_summary(report));
+    let drifted: Vec<&TenantDrift> = report.iter().filter(|t| !t.in_sync()).collect();
+    if drifted.is_empty() {
+        out.push_str("Every tenant is in sync.\n");
+        return out;
+    }
+    out.push_str("| Tenant | Drift | Pending fields | Modified fields |\n|---|---|---|---|\n");
+    for t in drifted {
+        let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
+        let code = |v: &[String]| v.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(out, "| `{}` | {} | {} | {} |", t.tenant_id, classes.join(" + "), code(&t.pending_paths), code(&t.modified_paths));
+    }
+    out
+}
+
+pub fn drift_json(report: &[TenantDrift], header: &Header) -> Value {
+    let c: serde_json::Map<String, Value> = counts(report).into_iter().map(|(k, v)| (k.as_str().to_string(), json!(v))).collect();
+    json!({"format_version": JSON_FORMAT_VERSION, "commit": header.commit, "counts": c, "tenants": report})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn big_plan(n: usize) -> Plan {
+        Plan {
+            tenants: (0..n)
+                .map(|i| TenantPlan {
+                    tenant_id: format!("tenant-{i:05}"),
+                    action: Action::Update,
+                    file: Some(format!("tenants/tenant-{i:05}.toml")),
+                    current_version: Some(1),
+                    next_version: Some(2),
+                    patch: (0..20)
+                        .map(|j| PatchOp { op: "replace".into(), path: format!("/config/limits/field_{j}"), value: Some(json!(j)), secret: None })
+                        .collect(),
+                    out_of_band: vec![],
+                    desired_digest: None,
+                    actual_digest: None,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn markdown_is_cut_under_the_limit_with_a_note() {
+        let md = plan_markdown(&big_plan(2000), &Header { commit: Some("abc".into()), against: "database".into() });
+        assert!(md.len() <= MARKDOWN_LIMIT, "{}", md.len());
+        assert!(md.contains("Plan cut short"), "no note");
+        let small = plan_markdown(&big_plan(3), &Header::default());
+        assert!(!small.contains("cut short"));
+        assert_eq!(small.matches("<details>").count(), 3);
+    }
+}

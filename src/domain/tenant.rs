@@ -1,0 +1,215 @@
+//! The tenant document: what one file declares, and the checks that need no I/O.
+
+use super::issue::Issue;
+use super::json::{self, SecretPaths};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+/// The fields of a tenant file besides `tenant_id`; they form the document that is diffed and stored.
+pub const DOCUMENT_FIELDS: [&str; 3] = ["age_public_key", "endpoints", "config"];
+
+/// Deeper nesting than this is refused: nobody writes it by hand, and it bounds every recursive walk.
+pub const MAX_DEPTH: usize = 32;
+
+pub const STATES: [&str; 6] = ["pending", "provisioning", "active", "suspended", "decommissioning", "decommissioned"];
+
+/// A tenant as git declares it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DesiredTenant {
+    pub tenant_id: String,
+    /// Path of the file inside the repository, as shown to people.
+    pub file: String,
+    /// `{"age_public_key", "endpoints", "config"}`, decrypted.
+    pub document: Value,
+    /// Pointers into `document` of the values that were encrypted in the file.
+    pub secrets: SecretPaths,
+}
+
+pub fn is_valid_tenant_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+const BECH32_CHARSET: &str = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
+
+/// An age X25519 recipient: `age1` and 58 bech32 characters (the checksum is checked by the age
+/// crate when the key is used; this is the shape the database CHECK enforces too).
+pub fn is_age_recipient(key: &str) -> bool {
+    key.len() == 62 && key.starts_with("age1") && key[4..].chars().all(|c| BECH32_CHARSET.contains(c))
+}
+
+static SCHEMA_TEXT: &str = include_str!("../schema/tenant-config.schema.json");
+
+static VALIDATOR: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
+    let schema: Value = serde_json::from_str(SCHEMA_TEXT).expect("the shipped schema is valid JSON");
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .should_validate_formats(true)
+        .build(&schema)
+        .expect("the shipped schema compiles")
+});
+
+pub fn config_schema() -> &'static str {
+    SCHEMA_TEXT
+}
+
+/// Checks a decrypted file and turns it into a [`DesiredTenant`], or says everything wrong with it.
+/// `text` is the file as committed, used only to find line numbers. No message quotes a secret value.
+pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: SecretPaths) -> Result<DesiredTenant, Vec<Issue>> {
+    let mut issues = Vec::new();
+    let line = |pointer: &str| json::locate_line(text, pointer);
+    let issue = |pointer: &str, message: String| Issue::new(file, message).at(pointer).line(line(pointer));
+
+    let Value::Object(mut map) = doc else {
+        return Err(vec![Issue::new(file, "the document must be a mapping at the top level")]);
+    };
+    if json::depth(&Value::Object(map.clone())) > MAX_DEPTH {
+        return Err(vec![Issue::new(file, format!("nesting is deeper than {MAX_DEPTH} levels"))]);
+    }
+
+    let tenant_id = match map.shift_remove("tenant_id") {
+        Some(Value::String(id)) => {
+            if !is_valid_tenant_id(&id) {
+                issues.push(issue("/tenant_id", format!("tenant_id {id:?} is not a lowercase DNS label of 3 to 63 characters")));
+            } else if id != stem {
+                issues.push(issue("/tenant_id", format!("tenant_id {id:?} does not match the file name (expected {stem:?})")));
+            }
+            id
+        }
+        Some(_) => {
+            issues.push(issue("/tenant_id", "tenant_id must be a string".into()));
+            stem.to_string()
+        }
+        None => {
+            issues.push(Issue::new(file, "missing required field tenant_id"));
+            stem.to_string()
+        }
+    };
+
+    match map.get("age_public_key") {
+        Some(Value::String(key)) if is_age_recipient(key) => {}
+        Some(Value::String(_)) if secrets.contains("/age_public_key") => {
+            issues.push(issue("/age_public_key", "age_public_key is not an age X25519 recipient (age1...)".into()))
+        }
+        Some(Value::String(key)) => {
+            issues.push(issue("/age_public_key", format!("age_public_key {key:?} is not an age X25519 recipient (age1...)")))
+        }
+        Some(_) => issues.push(issue("/age_public_key", "age_public_key must be a string".into())),
+        None => issues.push(Issue::new(file, "missing required field age_public_key")),
+    }
+    for field in ["endpoints", "config"] {
+        match map.get(field) {
+            Some(Value::Object(_)) => {}
+            Some(_) => issues.push(issue(&format!("/{field}"), format!("{field} must be a mapping"))),
+            None => issues.push(Issue::new(file, format!("missing required field {field}"))),
+        }
+    }
+    for key in map.keys() {
+        if !DOCUMENT_FIELDS.contains(&key.as_str()) {
+            let pointer = json::child("", key);
+            issues.push(issue(&pointer, format!("unknown top-level field {key:?} (allowed: tenant_id, {})", DOCUMENT_FIELDS.join(", "))));
+        }
+    }
+    if let Some(config) = map.get("config").filter(|c| c.is_object()) {
+        issues.extend(schema_issues(config, &secrets).into_iter().map(|(pointer, message)| issue(&pointer, message)));
+    }
+
+    if !issues.is_empty() {
+        return Err(issues);
+    }
+    let document = Value::Object(DOCUMENT_FIELDS.iter().filter_map(|f| map.shift_remove(*f).map(|v| (f.to_string(), v))).collect::<Map<_, _>>());
+    Ok(DesiredTenant { tenant_id, file: file.to_string(), document, secrets })
+}
+
+/// Schema problems of `config` as (pointer into the document, message). Where the value at fault
+/// is or holds a secret, the message names only the rule, since the validator quotes values.
+pub fn schema_issues(config: &Value, secrets: &SecretPaths) -> Vec<(String, String)> {
+    let mut out: BTreeMap<(String, String), ()> = BTreeMap::new();
+    for error in VALIDATOR.iter_errors(config) {
+        let pointer = format!("/config{}", error.instance_path().as_str());
+        let message = if json::touches_secret(&pointer, secrets) {
+            format!("value does not satisfy the schema's {:?} rule (value not shown: it is a secret)", error.kind().keyword())
+        } else {
+            error.to_string()
+        };
+        out.insert((pointer, message), ());
+    }
+    out.into_keys().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const KEY: &str = "age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p";
+
+    fn good() -> Value {
+        json!({
+            "tenant_id": "acme",
+            "age_public_key": KEY,
+            "endpoints": {"api": "https://acme.example.com"},
+            "config": {"schema_version": 1, "display_name": "Acme", "plan": "pro", "region": "eu-west-1",
+                       "secrets": {"db_password": "hunter2hunter2"}}
+        })
+    }
+
+    #[test]
+    fn tenant_ids() {
+        for ok in ["abc", "acme-corp", "a1b", &"a".repeat(63)] {
+            assert!(is_valid_tenant_id(ok), "{ok}");
+        }
+        for bad in ["ab", "-abc", "abc-", "ABC", "a_b", &"a".repeat(64), "a.b"] {
+            assert!(!is_valid_tenant_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_good_document_passes() {
+        let t = check_document("tenants/acme.json", "acme", "", good(), SecretPaths::new()).unwrap();
+        assert_eq!(t.tenant_id, "acme");
+        assert_eq!(t.document.as_object().unwrap().keys().collect::<Vec<_>>(), ["age_public_key", "endpoints", "config"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let mut doc = good();
+        doc["tenant_id"] = json!("other");
+        doc["age_public_key"] = json!("not-a-key");
+        doc["config"]["plan"] = json!("platinum");
+        doc["extra"] = json!(1);
+        let issues = check_document("tenants/acme.json", "acme", "", doc, SecretPaths::new()).unwrap_err();
+        let text: Vec<String> = issues.iter().map(|i| i.to_string()).collect();
+        assert_eq!(issues.len(), 4, "{text:#?}");
+        assert!(issues.iter().all(|i| i.file == "tenants/acme.json"));
+        assert!(text.iter().any(|t| t.contains("/config/plan")));
+        assert!(text.iter().any(|t| t.contains("does not match the file name")));
+    }
+
+    #[test]
+    fn schema_errors_on_secrets_do_not_quote_them() {
+        let mut doc = good();
+        doc["config"]["secrets"]["db_password"] = json!(12345678);
+        let secrets: SecretPaths = ["/config/secrets/db_password".to_string()].into();
+        let issues = check_document("t/acme.json", "acme", "", doc, secrets).unwrap_err();
+        assert_eq!(issues.len(), 1);
+        assert!(!issues[0].message.contains("12345678"), "{}", issues[0].message);
+        assert_eq!(issues[0].pointer.as_deref(), Some("/config/secrets/db_password"));
+    }
+
+    #[test]
+    fn too_deep_is_refused() {
+        let mut deep = json!(1);
+        for _ in 0..40 {
+            deep = json!({"x": deep});
+        }
+        let mut doc = good();
+        doc["config"]["deep"] = deep;
+        let issues = check_document("t/acme.json", "acme", "", doc, SecretPaths::new()).unwrap_err();
+        assert!(issues[0].message.contains("nesting"));
+    }
+}

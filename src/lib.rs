@@ -1,0 +1,13 @@
+//! frostbyte-gitops: keeps the Frostbyte tenant registry in PostgreSQL equal to SOPS-encrypted
+//! tenant files in git.
+//!
+//! `domain` is the pure core; `source` (git), `sops` (decryption), `store` (PostgreSQL) and
+//! `localpg` (a local cluster) are adapters; `sync` wires them together for the CLI in `main.rs`.
+
+pub mod config;
+pub mod domain;
+pub mod localpg;
+pub mod sops;
+pub mod source;
+pub mod store;
+pub mod sync;

@@ -1,0 +1,174 @@
+//! A PostgreSQL cluster of the agent's own, for development and tests: started (or reused) under a
+//! data directory, reachable only through a unix socket inside it, so no TCP port can collide.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LocalPgError {
+    #[error(
+        "PostgreSQL server binaries (initdb, pg_ctl) were not found on PATH or under /usr/lib/postgresql/*/bin; install them (Debian: apt-get install postgresql) or set FROSTBYTE_CONTROL_DB_URL to an existing database"
+    )]
+    NoBinaries,
+    #[error("running as root, but there is no `postgres` user to run the server as (PostgreSQL refuses to run as root); create one or set FROSTBYTE_CONTROL_DB_URL")]
+    NoPostgresUser,
+    #[error("{what} ({path})")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{command} failed: {output}")]
+    Command { command: String, output: String },
+    #[error("the socket path {0} is longer than unix sockets allow (107 bytes); use a shorter --data-dir")]
+    SocketPathTooLong(PathBuf),
+}
+
+/// A running cluster.
+#[derive(Debug, Clone)]
+pub struct LocalCluster {
+    pub data_dir: PathBuf,
+    pub socket_dir: PathBuf,
+    pub user: String,
+}
+
+impl LocalCluster {
+    /// A libpq-style connection string for `dbname` on this cluster.
+    pub fn conninfo(&self, dbname: &str) -> String {
+        format!("host={} user={} dbname={}", self.socket_dir.display(), self.user, dbname)
+    }
+}
+
+fn io(what: &str, path: &Path) -> impl FnOnce(std::io::Error) -> LocalPgError {
+    let (what, path) = (what.to_string(), path.to_path_buf());
+    move |source| LocalPgError::Io { what, path, source }
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            if dir.join("pg_ctl").is_file() && dir.join("initdb").is_file() {
+                return Some(dir);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("pg_ctl").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+struct RunAs {
+    /// uid/gid to run the server as when we are root.
+    user: Option<(u32, u32)>,
+}
+
+impl RunAs {
+    fn detect() -> Result<Self, LocalPgError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(RunAs { user: None });
+        }
+        let name = std::ffi::CString::new("postgres").expect("no NUL");
+        // SAFETY: getpwnam returns NULL or a pointer to static storage, read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            return Err(LocalPgError::NoPostgresUser);
+        }
+        // SAFETY: checked non-null above.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        Ok(RunAs { user: Some((uid, gid)) })
+    }
+
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.current_dir("/");
+        if let Some((uid, gid)) = self.user {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid);
+            // The server must not inherit root's HOME or supplementary groups' view.
+            c.env("HOME", "/tmp");
+        }
+        c
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), LocalPgError> {
+        if let Some((uid, gid)) = self.user {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(io("giving the data directory to the postgres user", path))?;
+        }
+        Ok(())
+    }
+}
+
+fn run(mut cmd: Command) -> Result<(), LocalPgError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| LocalPgError::Command { command: shown.clone(), output: e.to_string() })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let mut text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if text.is_empty() {
+            text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        Err(LocalPgError::Command { command: shown, output: text })
+    }
+}
+
+/// Starts the cluster under `data_dir` (creating it on first use) unless it already runs.
+/// `extra` goes to the server as `-c` settings. Safe to call from several processes at once.
+pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgError> {
+    let bin = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+    let run_as = RunAs::detect()?;
+    let parent = data_dir.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io("creating the data directory's parent", parent))?;
+    let data_dir = fs::canonicalize(parent).map_err(io("resolving", parent))?.join(data_dir.file_name().unwrap_or("pgdata".as_ref()));
+    let socket = data_dir.join(".s.PGSQL.5432");
+    if socket.as_os_str().len() > 107 {
+        return Err(LocalPgError::SocketPathTooLong(socket));
+    }
+    let lock_path = data_dir.with_extension("lock");
+    let lock = File::create(&lock_path).map_err(io("creating the cluster lock file", &lock_path))?;
+    lock.lock().map_err(io("locking", &lock_path))?;
+
+    if !data_dir.join("PG_VERSION").exists() {
+        fs::create_dir_all(&data_dir).map_err(io("creating the data directory", &data_dir))?;
+        run_as.chown(&data_dir)?;
+        let mut c = run_as.command(&bin.join("initdb"));
+        c.arg("-D").arg(&data_dir).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"]);
+        run(c)?;
+    }
+    let mut status = run_as.command(&bin.join("pg_ctl"));
+    status.arg("status").arg("-D").arg(&data_dir);
+    let running = status.output().map(|o| o.status.success()).unwrap_or(false);
+    if !running {
+        let mut opts = format!("-c listen_addresses='' -c unix_socket_directories='{}'", data_dir.display());
+        for e in extra {
+            opts.push_str(" -c ");
+            opts.push_str(e);
+        }
+        let mut c = run_as.command(&bin.join("pg_ctl"));
+        c.arg("start").arg("-D").arg(&data_dir).args(["-w", "-t", "60", "-s"]).arg("-l").arg(data_dir.join("server.log")).arg("-o").arg(opts);
+        run(c)?;
+    }
+    drop(lock);
+    Ok(LocalCluster { socket_dir: data_dir.clone(), data_dir, user: "postgres".into() })
+}
+
+/// Stops the cluster under `data_dir` if it runs.
+pub fn stop(data_dir: &Path) -> Result<(), LocalPgError> {
+    let bin = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+    if !data_dir.join("PG_VERSION").exists() {
+        return Ok(());
+    }
+    let run_as = RunAs::detect()?;
+    let mut c = run_as.command(&bin.join("pg_ctl"));
+    c.arg("stop").arg("-D").arg(data_dir).args(["-m", "fast", "-s"]);
+    let _ = run(c);
+    Ok(())
+}

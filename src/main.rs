@@ -1,0 +1,364 @@
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use frostbyte_gitops::config::{Config, Flags, LogFormat};
+use frostbyte_gitops::domain::drift::DriftClass;
+use frostbyte_gitops::domain::render;
+use frostbyte_gitops::sops::AgeKeys;
+use frostbyte_gitops::sync::{self, Ctx, Run, SavedPlan};
+use frostbyte_gitops::{localpg, store};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit codes, as Terraform's -detailed-exitcode: scripts depend on them.
+const EXIT_OK: u8 = 0;
+const EXIT_ERROR: u8 = 1;
+const EXIT_CHANGES: u8 = 2;
+
+#[derive(Parser)]
+#[command(name = "frostbyte-gitops", version, about = "Sync SOPS-encrypted tenant definitions from git into the Frostbyte tenant registry")]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct Global {
+    /// TOML configuration file (env FROSTBYTE_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// dev or production (env FROSTBYTE_MODE).
+    #[arg(long, global = true)]
+    mode: Option<String>,
+    /// PostgreSQL URL or conninfo (env FROSTBYTE_CONTROL_DB_URL). Unset in dev mode: a local cluster.
+    #[arg(long, global = true)]
+    database_url: Option<String>,
+    /// Path inside a git work tree, or a git URL (env FROSTBYTE_GITOPS_REPO).
+    #[arg(long, global = true)]
+    repo: Option<String>,
+    /// Revision to read (env FROSTBYTE_GITOPS_REF; default HEAD / the remote's default branch).
+    #[arg(long = "ref", global = true)]
+    git_ref: Option<String>,
+    /// Tenant directory inside the repository (env FROSTBYTE_GITOPS_PATH; default tenants).
+    #[arg(long, global = true)]
+    path: Option<String>,
+    /// age identities file (env SOPS_AGE_KEY_FILE).
+    #[arg(long, global = true)]
+    age_key_file: Option<String>,
+    /// text or json (env FROSTBYTE_LOG_FORMAT).
+    #[arg(long, global = true)]
+    log_format: Option<String>,
+    /// Where the local cluster and clone cache live (env FROSTBYTE_DATA_DIR; default .frostbyte).
+    #[arg(long, global = true)]
+    data_dir: Option<String>,
+    /// warn or correct (env FROSTBYTE_DRIFT_POLICY).
+    #[arg(long, global = true)]
+    drift_policy: Option<String>,
+    /// Accept tenant files without sops metadata (dev mode only).
+    #[arg(long, global = true)]
+    allow_plaintext: bool,
+    /// Read the files on disk instead of a commit.
+    #[arg(long, global = true)]
+    worktree: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum OutFormat {
+    Text,
+    Json,
+    Markdown,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Apply pending database migrations.
+    Migrate,
+    /// Print the resolved configuration and where each value came from.
+    Config,
+    /// Decrypt and validate every tenant file. Exit 0 when all are valid, 1 otherwise.
+    Validate {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
+    /// Show what a sync would change. Exit 0 no changes, 2 changes, 1 error.
+    Plan {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+        /// Save the plan for `apply FILE`.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Compare with the tenant files at this revision instead of the database.
+        #[arg(long)]
+        against_ref: Option<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        color: Color,
+    },
+    /// Apply a saved plan, or plan and apply now.
+    Apply {
+        /// A plan saved with `plan --out`.
+        plan_file: Option<PathBuf>,
+        #[arg(long)]
+        allow_non_fast_forward: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
+    /// Fetch, plan and apply in one go (for cron).
+    Sync {
+        #[arg(long)]
+        allow_non_fast_forward: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
+    /// Report how the database differs from git. Exit 0 in sync, 2 drift, 1 error.
+    Drift {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+        /// Classes that make the exit code 2 (default: all): pending,modified,missing,orphaned.
+        #[arg(long, value_delimiter = ',')]
+        fail_on: Vec<String>,
+    },
+    /// The local PostgreSQL cluster used in dev mode.
+    Db {
+        #[command(subcommand)]
+        cmd: DbCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbCmd {
+    /// Start it (creating it on first use) and print its connection string.
+    Start,
+    /// Stop it.
+    Stop,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+fn flags(g: &Global) -> Flags {
+    let mut f = Flags::default();
+    let mut put = |k: &'static str, v: &Option<String>| {
+        if let Some(v) = v {
+            f.0.insert(k, v.clone());
+        }
+    };
+    put("mode", &g.mode);
+    put("database_url", &g.database_url);
+    put("repo", &g.repo);
+    put("ref", &g.git_ref);
+    put("path", &g.path);
+    put("age_key_file", &g.age_key_file);
+    put("log_format", &g.log_format);
+    put("data_dir", &g.data_dir);
+    put("drift_policy", &g.drift_policy);
+    if g.allow_plaintext {
+        f.0.insert("allow_plaintext", "true".into());
+    }
+    if g.worktree {
+        f.0.insert("worktree", "true".into());
+    }
+    f
+}
+
+fn resolve_config(g: &Global) -> Result<Config> {
+    let file_path = g.config.clone().or_else(|| std::env::var_os("FROSTBYTE_CONFIG").map(PathBuf::from));
+    let text = file_path.as_ref().map(|p| std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))).transpose()?;
+    let shown_path = file_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
+    let file = text.as_deref().map(|t| (shown_path.as_str(), t));
+    let env = |k: &str| std::env::var(k).ok();
+    Config::resolve(&flags(g), &env, file, std::env::var_os("HOME").map(PathBuf::from)).map_err(|e| anyhow!("invalid configuration:\n{e}"))
+}
+
+fn load_keys(cfg: &Config) -> Result<AgeKeys> {
+    let mut keys = AgeKeys::default();
+    if let Some(path) = &cfg.age_key_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading age key file {}", path.display()))?;
+        keys.add_text(&text, &path.display().to_string()).map_err(|e| anyhow!(e))?;
+    }
+    if let Some(text) = &cfg.age_key {
+        keys.add_text(text, "SOPS_AGE_KEY").map_err(|e| anyhow!(e))?;
+    }
+    Ok(keys)
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FROSTBYTE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,frostbyte_gitops=info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn real_main(cli: Cli) -> Result<u8> {
+    let cfg = resolve_config(&cli.global)?;
+    init_logging(&cfg);
+    if let Cmd::Config = cli.cmd {
+        print!("{}", cfg.render());
+        return Ok(EXIT_OK);
+    }
+    if let Cmd::Db { cmd } = &cli.cmd {
+        let dir = cfg.data_dir.join("pgdata");
+        return match cmd {
+            DbCmd::Start => {
+                let c = localpg::ensure(&dir, &[])?;
+                println!("{}", c.conninfo("frostbyte"));
+                Ok(EXIT_OK)
+            }
+            DbCmd::Stop => {
+                localpg::stop(&dir)?;
+                Ok(EXIT_OK)
+            }
+        };
+    }
+    let keys = load_keys(&cfg)?;
+    // Keys are in hand before any thread starts; nothing reads them from the environment later.
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let progress = matches!(&cli.cmd, Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. });
+    let ctx = Ctx { cfg, keys, progress };
+    rt.block_on(dispatch(&ctx, cli.cmd))
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
+    match cmd {
+        Cmd::Config | Cmd::Db { .. } => unreachable!("handled before the runtime"),
+        Cmd::Migrate => {
+            let pool = sync::connect(&ctx.cfg).await?;
+            let mut client = store::client(&pool).await?;
+            let applied = store::migrate(&mut client).await?;
+            if applied.is_empty() {
+                println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());
+            } else {
+                println!("Applied migrations: {}", applied.join(", "));
+            }
+            Ok(EXIT_OK)
+        }
+        Cmd::Validate { format } => {
+            let source = frostbyte_gitops::source::Source::open(&ctx.source_spec())?;
+            let d = sync::read_desired(ctx, &source, None, ctx.cfg.worktree)?;
+            match format {
+                OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
+                OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
+                OutFormat::Json => print!("{}", render::issues_json(d.files, &d.issues)),
+            }
+            Ok(if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR })
+        }
+        Cmd::Plan { format, out, against_ref, color } => {
+            let color = match color {
+                Color::Always => true,
+                Color::Never => false,
+                Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+            };
+            let (header, plan) = if let Some(base) = against_ref {
+                if out.is_some() {
+                    return Err(anyhow!("--out saves a plan against the database; it cannot be combined with --against-ref"));
+                }
+                sync::plan_against_ref(ctx, &base)?
+            } else {
+                let pool = sync::connect(&ctx.cfg).await?;
+                sync::prepare(&ctx.cfg, &pool).await?;
+                let outcome = sync::run(ctx, &pool, Run::Plan).await?;
+                if let Some(path) = &out {
+                    let commit = outcome.header.commit.clone().ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
+                    let saved = SavedPlan {
+                        format_version: render::JSON_FORMAT_VERSION,
+                        source: outcome.source.clone(),
+                        commit,
+                        created_at: chrono::Utc::now().to_rfc3339(),
+                        plan: outcome.plan.clone(),
+                    };
+                    std::fs::write(path, serde_json::to_string_pretty(&saved)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+                    eprintln!("Saved the plan to {}; apply it with: frostbyte-gitops apply {}", path.display(), path.display());
+                }
+                (outcome.header, outcome.plan)
+            };
+            match format {
+                OutFormat::Text => print!("{}", render::plan_text(&plan, &header, color)),
+                OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
+                OutFormat::Json => print_json(&render::plan_json(&plan, &header)),
+            }
+            Ok(if plan.has_changes() { EXIT_CHANGES } else { EXIT_OK })
+        }
+        Cmd::Apply { plan_file, allow_non_fast_forward, format } => {
+            let run = match plan_file {
+                None => Run::Apply { allow_non_fast_forward },
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
+                    let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
+                    if saved.format_version != render::JSON_FORMAT_VERSION {
+                        return Err(anyhow!("{}: saved plan format {} is not supported (expected {})", path.display(), saved.format_version, render::JSON_FORMAT_VERSION));
+                    }
+                    Run::ApplySaved { saved: Box::new(saved), allow_non_fast_forward }
+                }
+            };
+            apply_and_report(ctx, run, format).await
+        }
+        Cmd::Sync { allow_non_fast_forward, format } => {
+            if ctx.cfg.repo.contains("://") {
+                tracing::info!(repo = %ctx.cfg.repo, "fetching");
+            }
+            apply_and_report(ctx, Run::Apply { allow_non_fast_forward }, format).await
+        }
+        Cmd::Drift { format, fail_on } => {
+            let fail: Vec<DriftClass> = if fail_on.is_empty() {
+                vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
+            } else {
+                fail_on.iter().map(|s| s.trim().parse()).collect::<Result<_, String>>().map_err(|e| anyhow!("--fail-on: {e}"))?
+            };
+            let pool = sync::connect(&ctx.cfg).await?;
+            sync::prepare(&ctx.cfg, &pool).await?;
+            let (header, report) = sync::drift_report(ctx, &pool).await?;
+            match format {
+                OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
+                OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
+                OutFormat::Json => print_json(&render::drift_json(&report, &header)),
+            }
+            let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
+            Ok(if drifted { EXIT_CHANGES } else { EXIT_OK })
+        }
+    }
+}
+
+/// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done.
+async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> {
+    let pool = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &pool).await?;
+    let o = sync::run(ctx, &pool, run).await?;
+    match format {
+        OutFormat::Json => {
+            let mut v = render::plan_json(&o.plan, &o.header);
+            v["applied"] = serde_json::json!(o.applied);
+            print_json(&v);
+        }
+        _ => {
+            if o.applied == 0 {
+                let orphans = o.plan.summary().orphaned;
+                println!("No changes: the database matches {}.{}", o.header.commit.as_deref().unwrap_or("the work tree"), if orphans > 0 { format!(" ({orphans} orphaned tenant(s) left alone.)") } else { String::new() });
+            } else {
+                print!("{}", render::plan_text(&o.plan, &o.header, false).replace("Plan for", "Applied").replace("\nPlan: ", "\nApplied: "));
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}

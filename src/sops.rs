@@ -1,0 +1,762 @@
+//! The SOPS file format over age keys: parse TOML/JSON/YAML into one tree, decrypt it (checking the
+//! MAC) and encrypt it again, byte-compatible with the `sops` CLI for JSON and YAML and with `rops`
+//! for TOML. Written here rather than taken from `rops` because rops reads keys only from its own
+//! environment variables and rejects the empty strings that sops leaves unencrypted.
+
+use aes_gcm::aead::consts::U32;
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::aes::Aes256;
+use aes_gcm::{AesGcm, Nonce};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rand::RngCore;
+use regex::Regex;
+use serde_json::{Map, Number, Value};
+use sha2::{Digest, Sha512};
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::str::FromStr;
+
+use crate::domain::json::child;
+
+type Cipher = AesGcm<Aes256, U32>;
+
+/// sha256("sops"): the digest starts with it when `mac_only_encrypted` is set (sops.go).
+const MAC_ONLY_ENCRYPTED_INIT: [u8; 32] = [
+    0x8a, 0x3f, 0xd2, 0xad, 0x54, 0xce, 0x66, 0x52, 0x7b, 0x10, 0x34, 0xf3, 0xd1, 0x47, 0xbe, 0x0b, 0x0b, 0x97, 0x5b, 0x3b, 0xf4, 0x4f,
+    0x72, 0xc6, 0xfd, 0xad, 0xec, 0x81, 0x76, 0xf2, 0x7d, 0x69,
+];
+
+/// The sops version we say wrote a file.
+const SOPS_VERSION: &str = "3.9.4";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Toml,
+    Json,
+    Yaml,
+}
+
+impl Format {
+    pub fn from_path(path: &str) -> Option<Format> {
+        let ext = path.rsplit_once('.')?.1;
+        match ext {
+            "toml" => Some(Format::Toml),
+            "json" => Some(Format::Json),
+            "yaml" | "yml" => Some(Format::Yaml),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SopsError {
+    #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
+    Parse { line: Option<usize>, message: String },
+    #[error("the file has no sops metadata (it is not encrypted)")]
+    NotEncrypted,
+    #[error("invalid sops metadata: {0}")]
+    Metadata(String),
+    #[error("no age identity is configured (set SOPS_AGE_KEY_FILE, SOPS_AGE_KEY or --age-key-file)")]
+    NoIdentities,
+    #[error("none of the configured age identities can decrypt this file; it is encrypted to: {0}")]
+    NoMatchingKey(String),
+    #[error("cannot decrypt the data key: {0}")]
+    DataKey(String),
+    #[error("cannot decrypt the value at {pointer}: {reason}")]
+    Value { pointer: String, reason: String },
+    #[error("MAC mismatch: the file was changed after it was encrypted, or was not written by sops")]
+    MacMismatch,
+    #[error("cannot encrypt: {0}")]
+    Encrypt(String),
+}
+
+fn parse_err(line: Option<usize>, message: impl Into<String>) -> SopsError {
+    SopsError::Parse { line, message: message.into() }
+}
+
+/// Parses a file into a tree with keys in file order (the MAC depends on that order).
+/// Error messages carry the line, never the line's text (it may be a plaintext secret).
+pub fn parse(format: Format, text: &str) -> Result<Value, SopsError> {
+    match format {
+        Format::Json => serde_json::from_str(text).map_err(|e| parse_err(Some(e.line()), json_error_kind(&e))),
+        Format::Yaml => {
+            let v: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+                let msg = e.to_string();
+                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+                parse_err(e.location().map(|l| l.line()), msg)
+            })?;
+            yaml_to_json(v, "")
+        }
+        Format::Toml => {
+            let table: toml::Table = toml::from_str(text).map_err(|e| {
+                let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+                parse_err(line, e.message().trim().to_string())
+            })?;
+            Ok(toml_to_json(toml::Value::Table(table)))
+        }
+    }
+}
+
+fn json_error_kind(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    msg.split(" at line ").next().unwrap_or(&msg).to_string()
+}
+
+fn yaml_to_json(v: serde_yaml::Value, ptr: &str) -> Result<Value, SopsError> {
+    use serde_yaml::Value as Y;
+    Ok(match v {
+        Y::Null => Value::Null,
+        Y::Bool(b) => Value::Bool(b),
+        Y::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Number(i.into())
+            } else if let Some(u) = n.as_u64() {
+                Value::Number(u.into())
+            } else {
+                let f = n.as_f64().unwrap_or(f64::NAN);
+                Value::Number(Number::from_f64(f).ok_or_else(|| parse_err(None, format!("{ptr}: NaN and infinity are not supported")))?)
+            }
+        }
+        Y::String(s) => Value::String(s),
+        Y::Sequence(items) => {
+            Value::Array(items.into_iter().enumerate().map(|(i, v)| yaml_to_json(v, &child(ptr, &i.to_string()))).collect::<Result<_, _>>()?)
+        }
+        Y::Mapping(m) => {
+            let mut out = Map::new();
+            for (k, v) in m {
+                let Y::String(k) = k else {
+                    return Err(parse_err(None, format!("{ptr}: only string keys are supported")));
+                };
+                let value = yaml_to_json(v, &child(ptr, &k))?;
+                out.insert(k, value);
+            }
+            Value::Object(out)
+        }
+        Y::Tagged(t) => yaml_to_json(t.value, ptr)?,
+    })
+}
+
+fn toml_to_json(v: toml::Value) -> Value {
+    match v {
+        toml::Value::String(s) => Value::String(s),
+        toml::Value::Integer(i) => Value::Number(i.into()),
+        toml::Value::Float(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(d) => Value::String(d.to_string()),
+        toml::Value::Array(a) => Value::Array(a.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => Value::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect()),
+    }
+}
+
+/// The key order a document will have after a trip through `format`: TOML writes a table's plain
+/// values before its sub-tables, and the MAC covers values in file order, so encryption must see
+/// the document in the order it will be read back.
+pub fn normalize(format: Format, value: &Value) -> Result<Value, SopsError> {
+    match format {
+        Format::Toml => parse(Format::Toml, &serialize(Format::Toml, value)?),
+        _ => Ok(value.clone()),
+    }
+}
+
+/// Writes a tree in a format. TOML has no null: a null is refused.
+pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
+    match format {
+        Format::Json => Ok(serde_json::to_string_pretty(value).map_err(|e| SopsError::Encrypt(e.to_string()))? + "\n"),
+        Format::Yaml => serde_yaml::to_string(value).map_err(|e| SopsError::Encrypt(e.to_string())),
+        Format::Toml => toml::to_string_pretty(value).map_err(|e| SopsError::Encrypt(format!("as TOML: {e}"))),
+    }
+}
+
+/// The age identities the agent decrypts with.
+#[derive(Clone, Default)]
+pub struct AgeKeys {
+    identities: Vec<age::x25519::Identity>,
+}
+
+impl std::fmt::Debug for AgeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AgeKeys({:?})", self.recipients())
+    }
+}
+
+impl AgeKeys {
+    /// Reads `AGE-SECRET-KEY-1...` lines (comments and blank lines skipped), as in an age key file
+    /// or `SOPS_AGE_KEY`. `origin` names where the text came from, for errors.
+    pub fn add_text(&mut self, text: &str, origin: &str) -> Result<(), String> {
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let id = age::x25519::Identity::from_str(line).map_err(|e| format!("{origin}, line {}: not an age X25519 identity ({e})", n + 1))?;
+            self.identities.push(id);
+        }
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.identities.is_empty()
+    }
+
+    pub fn recipients(&self) -> Vec<String> {
+        self.identities.iter().map(|i| i.to_public().to_string()).collect()
+    }
+
+    /// A keyed fingerprint secret derived from the first identity (for tests and tools that need a
+    /// stable key without a database).
+    pub fn generate() -> (Self, String) {
+        let id = age::x25519::Identity::generate();
+        let public = id.to_public().to_string();
+        (AgeKeys { identities: vec![id] }, public)
+    }
+
+    pub fn secret_text(&self) -> String {
+        use age::secrecy::ExposeSecret;
+        self.identities.iter().map(|i| i.to_string().expose_secret().to_string() + "\n").collect()
+    }
+
+    fn unwrap_data_key(&self, stanzas: &[(String, String)]) -> Result<Vec<u8>, SopsError> {
+        if self.identities.is_empty() {
+            return Err(SopsError::NoIdentities);
+        }
+        let ours: Vec<(String, &age::x25519::Identity)> = self.identities.iter().map(|i| (i.to_public().to_string(), i)).collect();
+        let mut last_error = None;
+        // Match on the recipient first: one X25519 operation instead of one per identity and stanza.
+        for (recipient, enc) in stanzas {
+            for (public, id) in &ours {
+                if public == recipient.trim() {
+                    match decrypt_age(enc, id) {
+                        Ok(key) => return Ok(key),
+                        Err(e) => last_error = Some(e),
+                    }
+                }
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(SopsError::DataKey(e));
+        }
+        Err(SopsError::NoMatchingKey(stanzas.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(", ")))
+    }
+}
+
+fn decrypt_age(armored: &str, id: &age::x25519::Identity) -> Result<Vec<u8>, String> {
+    let reader = age::armor::ArmoredReader::new(armored.as_bytes());
+    let decryptor = age::Decryptor::new(reader).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(32);
+    decryptor
+        .decrypt(std::iter::once(id as &dyn age::Identity))
+        .map_err(|e| e.to_string())?
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if out.len() != 32 {
+        return Err(format!("the data key is {} bytes, expected 32", out.len()));
+    }
+    Ok(out)
+}
+
+fn encrypt_age(data_key: &[u8], recipient: &str) -> Result<String, SopsError> {
+    let r = age::x25519::Recipient::from_str(recipient).map_err(|e| SopsError::Encrypt(format!("recipient {recipient}: {e}")))?;
+    let encryptor = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient)).map_err(|e| SopsError::Encrypt(e.to_string()))?;
+    let mut buf = Vec::new();
+    let armor = age::armor::ArmoredWriter::wrap_output(&mut buf, age::armor::Format::AsciiArmor).map_err(|e| SopsError::Encrypt(e.to_string()))?;
+    let mut w = encryptor.wrap_output(armor).map_err(|e| SopsError::Encrypt(e.to_string()))?;
+    w.write_all(data_key).map_err(|e| SopsError::Encrypt(e.to_string()))?;
+    w.finish().and_then(|a| a.finish()).map_err(|e| SopsError::Encrypt(e.to_string()))?;
+    String::from_utf8(buf).map_err(|e| SopsError::Encrypt(e.to_string()))
+}
+
+/// Which leaves are encrypted: sops's rules, kept in the metadata.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rules {
+    pub unencrypted_suffix: Option<String>,
+    pub encrypted_suffix: Option<String>,
+    pub unencrypted_regex: Option<String>,
+    pub encrypted_regex: Option<String>,
+    pub mac_only_encrypted: bool,
+}
+
+struct CompiledRules {
+    rules: Rules,
+    unencrypted_regex: Option<Regex>,
+    encrypted_regex: Option<Regex>,
+}
+
+impl CompiledRules {
+    fn new(rules: Rules) -> Result<Self, SopsError> {
+        let compile = |r: &Option<String>, name: &str| {
+            r.as_deref().filter(|s| !s.is_empty()).map(|s| Regex::new(s).map_err(|e| SopsError::Metadata(format!("{name}: {e}")))).transpose()
+        };
+        Ok(CompiledRules {
+            unencrypted_regex: compile(&rules.unencrypted_regex, "unencrypted_regex")?,
+            encrypted_regex: compile(&rules.encrypted_regex, "encrypted_regex")?,
+            rules,
+        })
+    }
+
+    /// sops.go `shouldBeEncrypted`, less the comment rules (comments are not part of the tree here).
+    fn encrypts(&self, path: &[String]) -> bool {
+        let mut enc = true;
+        if let Some(s) = self.rules.unencrypted_suffix.as_deref().filter(|s| !s.is_empty()) {
+            if path.iter().any(|p| p.ends_with(s)) {
+                enc = false;
+            }
+        }
+        if let Some(s) = self.rules.encrypted_suffix.as_deref().filter(|s| !s.is_empty()) {
+            enc = path.iter().any(|p| p.ends_with(s));
+        }
+        if let Some(r) = &self.unencrypted_regex {
+            if path.iter().any(|p| r.is_match(p)) {
+                enc = false;
+            }
+        }
+        if let Some(r) = &self.encrypted_regex {
+            enc = path.iter().any(|p| r.is_match(p));
+        }
+        enc
+    }
+}
+
+struct Metadata {
+    age: Vec<(String, String)>,
+    last_modified: String,
+    mac: String,
+    rules: Rules,
+    other_keys: Vec<String>,
+}
+
+fn metadata(v: &Value) -> Result<Metadata, SopsError> {
+    let m = v.as_object().ok_or_else(|| SopsError::Metadata("`sops` must be a mapping".into()))?;
+    let text = |k: &str| -> Result<Option<String>, SopsError> {
+        match m.get(k) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(SopsError::Metadata(format!("`{k}` must be a string"))),
+        }
+    };
+    if m.get("key_groups").is_some_and(|g| !g.is_null()) {
+        return Err(SopsError::Metadata("key_groups (Shamir secret sharing) is not supported".into()));
+    }
+    let mut age = Vec::new();
+    if let Some(list) = m.get("age").filter(|v| !v.is_null()) {
+        for (i, item) in list.as_array().ok_or_else(|| SopsError::Metadata("`age` must be a list".into()))?.iter().enumerate() {
+            let r = item.get("recipient").and_then(Value::as_str);
+            let e = item.get("enc").and_then(Value::as_str);
+            match (r, e) {
+                (Some(r), Some(e)) => age.push((r.to_string(), e.to_string())),
+                _ => return Err(SopsError::Metadata(format!("age entry {i} needs `recipient` and `enc`"))),
+            }
+        }
+    }
+    let other_keys = ["kms", "gcp_kms", "azure_kv", "hc_vault", "pgp"]
+        .into_iter()
+        .filter(|k| m.get(*k).and_then(Value::as_array).is_some_and(|a| !a.is_empty()))
+        .map(str::to_string)
+        .collect();
+    let mac_only_encrypted = match m.get("mac_only_encrypted") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) => parse_go_bool(s).ok_or_else(|| SopsError::Metadata("`mac_only_encrypted` is not a boolean".into()))?,
+        Some(_) => return Err(SopsError::Metadata("`mac_only_encrypted` is not a boolean".into())),
+    };
+    Ok(Metadata {
+        age,
+        last_modified: text("lastmodified")?.ok_or_else(|| SopsError::Metadata("`lastmodified` is missing".into()))?,
+        mac: text("mac")?.ok_or_else(|| SopsError::Metadata("`mac` is missing".into()))?,
+        rules: Rules {
+            unencrypted_suffix: text("unencrypted_suffix")?,
+            encrypted_suffix: text("encrypted_suffix")?,
+            unencrypted_regex: text("unencrypted_regex")?,
+            encrypted_regex: text("encrypted_regex")?,
+            mac_only_encrypted,
+        },
+        other_keys,
+    })
+}
+
+fn parse_go_bool(s: &str) -> Option<bool> {
+    match s {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+/// A decrypted file.
+#[derive(Debug, Clone)]
+pub struct Decrypted {
+    /// The document without its `sops` section.
+    pub value: Value,
+    /// Pointers of the values that were encrypted.
+    pub encrypted: BTreeSet<String>,
+    /// The age recipients the data key is encrypted to.
+    pub recipients: Vec<String>,
+    pub rules: Rules,
+}
+
+/// Whether a parsed document carries sops metadata.
+pub fn is_encrypted(doc: &Value) -> bool {
+    doc.get("sops").is_some_and(Value::is_object)
+}
+
+pub fn decrypt(doc: Value, keys: &AgeKeys) -> Result<Decrypted, SopsError> {
+    let Value::Object(mut map) = doc else {
+        return Err(parse_err(None, "the document must be a mapping at the top level"));
+    };
+    let meta = metadata(&map.shift_remove("sops").ok_or(SopsError::NotEncrypted)?)?;
+    if meta.age.is_empty() {
+        let others = if meta.other_keys.is_empty() { "none".to_string() } else { meta.other_keys.join(", ") };
+        return Err(SopsError::Metadata(format!("the file has no age recipients (key types present: {others}); only age is supported")));
+    }
+    let data_key = keys.unwrap_data_key(&meta.age)?;
+    let rules = CompiledRules::new(meta.rules.clone())?;
+    let mut w = Walker { key: &data_key, rules: &rules, hash: Sha512::new(), encrypted: BTreeSet::new() };
+    if meta.rules.mac_only_encrypted {
+        w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
+    }
+    let mut value = Value::Object(map);
+    w.decrypt(&mut value, &mut Vec::new(), "")?;
+    let computed = hex::encode_upper(w.hash.finalize());
+    let stored = match decrypt_value(&meta.mac, &data_key, &meta.last_modified) {
+        Ok(Value::String(s)) => s,
+        _ => return Err(SopsError::MacMismatch),
+    };
+    if !stored.eq_ignore_ascii_case(&computed) {
+        return Err(SopsError::MacMismatch);
+    }
+    Ok(Decrypted { value, encrypted: w.encrypted, recipients: meta.age.into_iter().map(|(r, _)| r).collect(), rules: meta.rules })
+}
+
+struct Walker<'a> {
+    key: &'a [u8],
+    rules: &'a CompiledRules,
+    hash: Sha512,
+    encrypted: BTreeSet<String>,
+}
+
+impl Walker<'_> {
+    fn decrypt(&mut self, v: &mut Value, path: &mut Vec<String>, ptr: &str) -> Result<(), SopsError> {
+        match v {
+            Value::Object(m) => {
+                for (k, child_v) in m.iter_mut() {
+                    path.push(k.clone());
+                    self.decrypt(child_v, path, &child(ptr, k))?;
+                    path.pop();
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    self.decrypt(item, path, &child(ptr, &i.to_string()))?;
+                }
+            }
+            Value::Null => {}
+            leaf => {
+                let enc = self.rules.encrypts(path);
+                if enc {
+                    let Value::String(s) = leaf else {
+                        return Err(SopsError::Value { pointer: ptr.to_string(), reason: "the rules say it is encrypted, but it is not an ENC[...] string".into() });
+                    };
+                    if !s.is_empty() {
+                        let aad = path.join(":") + ":";
+                        *leaf = decrypt_value(s, self.key, &aad).map_err(|reason| SopsError::Value { pointer: ptr.to_string(), reason })?;
+                    }
+                    self.encrypted.insert(ptr.to_string());
+                }
+                if !self.rules.rules.mac_only_encrypted || enc {
+                    self.hash.update(mac_bytes(leaf));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn encrypt(&mut self, v: &mut Value, path: &mut Vec<String>) -> Result<(), SopsError> {
+        match v {
+            Value::Object(m) => {
+                for (k, child_v) in m.iter_mut() {
+                    path.push(k.clone());
+                    self.encrypt(child_v, path)?;
+                    path.pop();
+                }
+            }
+            Value::Array(items) => {
+                for item in items.iter_mut() {
+                    self.encrypt(item, path)?;
+                }
+            }
+            Value::Null => {}
+            leaf => {
+                let enc = self.rules.encrypts(path);
+                if !self.rules.rules.mac_only_encrypted || enc {
+                    self.hash.update(mac_bytes(leaf));
+                }
+                if enc && leaf.as_str() != Some("") {
+                    *leaf = Value::String(encrypt_value(leaf, self.key, &(path.join(":") + ":"))?);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// sops `ToBytes`: what a leaf contributes to the MAC.
+fn mac_bytes(v: &Value) -> Vec<u8> {
+    match v {
+        Value::String(s) => s.as_bytes().to_vec(),
+        Value::Bool(true) => b"True".to_vec(),
+        Value::Bool(false) => b"False".to_vec(),
+        Value::Number(n) => number_text(n).into_bytes(),
+        _ => Vec::new(),
+    }
+}
+
+/// Go's `strconv.Itoa` for integers and `FormatFloat(f, 'f', -1, 64)` for floats; Rust's `Display`
+/// for f64 is the same shortest, exponent-free form.
+fn number_text(n: &Number) -> String {
+    if let Some(i) = n.as_i64() {
+        i.to_string()
+    } else if let Some(u) = n.as_u64() {
+        u.to_string()
+    } else {
+        format!("{}", n.as_f64().unwrap_or(0.0))
+    }
+}
+
+fn decrypt_value(enc: &str, key: &[u8], aad: &str) -> Result<Value, String> {
+    let inner = enc
+        .strip_prefix("ENC[AES256_GCM,")
+        .and_then(|s| s.strip_suffix(']'))
+        .ok_or("not an ENC[AES256_GCM,...] value")?;
+    let (mut data, mut iv, mut tag, mut ty) = (None, None, None, None);
+    for part in inner.split(',') {
+        match part.split_once(':') {
+            Some(("data", v)) => data = Some(v),
+            Some(("iv", v)) => iv = Some(v),
+            Some(("tag", v)) => tag = Some(v),
+            Some(("type", v)) => ty = Some(v),
+            _ => return Err("malformed ENC[...] value".into()),
+        }
+    }
+    let (Some(data), Some(iv), Some(tag), Some(ty)) = (data, iv, tag, ty) else {
+        return Err("ENC[...] value lacks data, iv, tag or type".into());
+    };
+    let b64 = |s: &str, what: &str| B64.decode(s).map_err(|_| format!("{what} is not base64"));
+    let iv = b64(iv, "iv")?;
+    if iv.len() != 32 {
+        return Err(format!("iv is {} bytes, expected 32", iv.len()));
+    }
+    let mut msg = b64(data, "data")?;
+    msg.extend(b64(tag, "tag")?);
+    let cipher = Cipher::new_from_slice(key).map_err(|_| "bad data key length")?;
+    let plain = cipher
+        .decrypt(Nonce::<U32>::from_slice(&iv), Payload { msg: &msg, aad: aad.as_bytes() })
+        .map_err(|_| "authentication failed (wrong key, or the value was moved or altered)")?;
+    let text = String::from_utf8(plain).map_err(|_| "decrypted bytes are not UTF-8")?;
+    match ty {
+        "str" | "bytes" => Ok(Value::String(text)),
+        "int" => text.parse::<i64>().map(|i| Value::Number(i.into())).map_err(|_| "type int, but not an integer".into()),
+        "float" => text
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .ok_or_else(|| "type float, but not a number".into()),
+        "bool" => parse_go_bool(&text).map(Value::Bool).ok_or_else(|| "type bool, but not a boolean".into()),
+        other => Err(format!("unsupported value type {other:?}")),
+    }
+}
+
+fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> {
+    let (ty, text) = match v {
+        Value::String(s) => ("str", s.clone()),
+        Value::Bool(b) => ("bool", b.to_string()),
+        Value::Number(n) if n.is_f64() => ("float", number_text(n)),
+        Value::Number(n) => ("int", number_text(n)),
+        _ => return Err(SopsError::Encrypt("only scalars can be encrypted".into())),
+    };
+    let mut iv = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut iv);
+    let cipher = Cipher::new_from_slice(key).map_err(|_| SopsError::Encrypt("bad data key length".into()))?;
+    let out = cipher
+        .encrypt(Nonce::<U32>::from_slice(&iv), Payload { msg: text.as_bytes(), aad: aad.as_bytes() })
+        .map_err(|_| SopsError::Encrypt("AES-GCM failed".into()))?;
+    let (data, tag) = out.split_at(out.len() - 16);
+    Ok(format!("ENC[AES256_GCM,data:{},iv:{},tag:{},type:{ty}]", B64.encode(data), B64.encode(iv), B64.encode(tag)))
+}
+
+/// Encrypts a plaintext document to the given age recipients under `rules`, as `sops encrypt`
+/// would. `data_key` reuses a file's existing key (sops keeps it on edit); `None` makes a new one.
+pub fn encrypt(plain: &Value, recipients: &[String], rules: &Rules, data_key: Option<&[u8]>) -> Result<Value, SopsError> {
+    let Value::Object(map) = plain else {
+        return Err(SopsError::Encrypt("the document must be a mapping at the top level".into()));
+    };
+    if map.contains_key("sops") {
+        return Err(SopsError::Encrypt("the document already has a `sops` section".into()));
+    }
+    if recipients.is_empty() {
+        return Err(SopsError::Encrypt("no age recipients".into()));
+    }
+    let key = match data_key {
+        Some(k) => k.to_vec(),
+        None => {
+            let mut k = vec![0u8; 32];
+            rand::thread_rng().fill_bytes(&mut k);
+            k
+        }
+    };
+    let compiled = CompiledRules::new(rules.clone())?;
+    let mut w = Walker { key: &key, rules: &compiled, hash: Sha512::new(), encrypted: BTreeSet::new() };
+    if rules.mac_only_encrypted {
+        w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
+    }
+    let mut value = plain.clone();
+    w.encrypt(&mut value, &mut Vec::new())?;
+    let last_modified = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let mac = encrypt_value(&Value::String(hex::encode_upper(w.hash.finalize())), &key, &last_modified)?;
+    let mut sops = Map::new();
+    let age: Vec<Value> = recipients
+        .iter()
+        .map(|r| Ok(serde_json::json!({"recipient": r, "enc": encrypt_age(&key, r)?})))
+        .collect::<Result<_, SopsError>>()?;
+    sops.insert("age".into(), Value::Array(age));
+    sops.insert("lastmodified".into(), Value::String(last_modified));
+    sops.insert("mac".into(), Value::String(mac));
+    for (name, v) in [
+        ("unencrypted_suffix", &rules.unencrypted_suffix),
+        ("encrypted_suffix", &rules.encrypted_suffix),
+        ("unencrypted_regex", &rules.unencrypted_regex),
+        ("encrypted_regex", &rules.encrypted_regex),
+    ] {
+        if let Some(v) = v {
+            sops.insert(name.into(), Value::String(v.clone()));
+        }
+    }
+    if rules.mac_only_encrypted {
+        sops.insert("mac_only_encrypted".into(), Value::Bool(true));
+    }
+    sops.insert("version".into(), Value::String(SOPS_VERSION.into()));
+    let Value::Object(mut out) = value else { unreachable!("encrypted a mapping") };
+    out.insert("sops".into(), Value::Object(sops));
+    Ok(Value::Object(out))
+}
+
+/// The data key of an encrypted document (for re-encrypting an edited file under the same key).
+pub fn data_key(doc: &Value, keys: &AgeKeys) -> Result<Vec<u8>, SopsError> {
+    let meta = metadata(doc.get("sops").ok_or(SopsError::NotEncrypted)?)?;
+    keys.unwrap_data_key(&meta.age)
+}
+
+/// Re-wraps the data key of an encrypted document for a new set of recipients, leaving every value
+/// (and the MAC) as it is: what `sops updatekeys` does.
+pub fn rewrap(doc: &mut Value, keys: &AgeKeys, recipients: &[String]) -> Result<(), SopsError> {
+    let key = data_key(doc, keys)?;
+    let age: Vec<Value> = recipients
+        .iter()
+        .map(|r| Ok(serde_json::json!({"recipient": r, "enc": encrypt_age(&key, r)?})))
+        .collect::<Result<_, SopsError>>()?;
+    doc["sops"]["age"] = Value::Array(age);
+    Ok(())
+}
+
+/// The recipients and rules recorded in an encrypted document, without decrypting it.
+pub fn recipients_and_rules(doc: &Value) -> Result<(Vec<String>, Rules), SopsError> {
+    let meta = metadata(doc.get("sops").ok_or(SopsError::NotEncrypted)?)?;
+    Ok((meta.age.into_iter().map(|(r, _)| r).collect(), meta.rules))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn keys() -> (AgeKeys, String) {
+        AgeKeys::generate()
+    }
+
+    fn sample() -> Value {
+        json!({
+            "name": "acme", "empty": "", "count": 42, "ratio": 0.5, "whole": 1.0, "on": true, "off": false,
+            "nothing": null, "nested": {"list": [1, "two", {"deep": "x"}], "unicode": "žluťoučký 🐴"},
+            "token_unencrypted": "plain"
+        })
+    }
+
+    #[test]
+    fn round_trip_in_every_format() {
+        let (k, r) = keys();
+        let rules = Rules { unencrypted_suffix: Some("_unencrypted".into()), ..Rules::default() };
+        for format in [Format::Json, Format::Yaml, Format::Toml] {
+            let mut plain = sample();
+            if format == Format::Toml {
+                plain.as_object_mut().unwrap().shift_remove("nothing");
+            }
+            let plain = normalize(format, &plain).unwrap();
+            let enc = encrypt(&plain, std::slice::from_ref(&r), &rules, None).unwrap();
+            let text = serialize(format, &enc).unwrap();
+            assert!(!text.contains("acme") && !text.contains("žluť"), "{format:?}: plaintext in {text}");
+            assert!(text.contains("plain"), "unencrypted suffix not honoured");
+            let back = decrypt(parse(format, &text).unwrap(), &k).unwrap();
+            assert_eq!(back.value, plain, "{format:?}");
+            assert!(back.encrypted.contains("/nested/list/2/deep"));
+            assert!(back.encrypted.contains("/empty"));
+            assert!(!back.encrypted.contains("/token_unencrypted"));
+        }
+    }
+
+    #[test]
+    fn a_changed_plaintext_value_fails_the_mac() {
+        let (k, r) = keys();
+        let rules = Rules { encrypted_regex: Some("^secret".into()), ..Rules::default() };
+        let mut enc = encrypt(&json!({"plan": "pro", "secret_token": "t"}), &[r], &rules, None).unwrap();
+        assert_eq!(enc["plan"], "pro");
+        enc["plan"] = json!("enterprise");
+        assert_eq!(decrypt(enc, &k).unwrap_err(), SopsError::MacMismatch);
+    }
+
+    #[test]
+    fn a_moved_value_fails_authentication() {
+        let (k, r) = keys();
+        let mut enc = encrypt(&json!({"a": "one", "b": "two"}), &[r], &Rules::default(), None).unwrap();
+        enc["a"] = enc["b"].clone();
+        let err = decrypt(enc, &k).unwrap_err();
+        assert!(matches!(err, SopsError::Value { ref pointer, .. } if pointer == "/a"), "{err}");
+    }
+
+    #[test]
+    fn mac_only_encrypted_lets_plain_values_change() {
+        let (k, r) = keys();
+        let rules = Rules { encrypted_suffix: Some("_secret".into()), mac_only_encrypted: true, ..Rules::default() };
+        let mut enc = encrypt(&json!({"plan": "pro", "db_secret": "pw"}), &[r], &rules, None).unwrap();
+        enc["plan"] = json!("free");
+        let out = decrypt(enc, &k).unwrap();
+        assert_eq!(out.value, json!({"plan": "free", "db_secret": "pw"}));
+    }
+
+    #[test]
+    fn ours_need_not_be_the_first_recipient() {
+        let (k, r) = keys();
+        let (_, other) = keys();
+        let enc = encrypt(&json!({"a": "b"}), &[other.clone(), r], &Rules::default(), None).unwrap();
+        assert_eq!(decrypt(enc.clone(), &k).unwrap().value, json!({"a": "b"}));
+        let (stranger, _) = keys();
+        assert!(matches!(decrypt(enc, &stranger).unwrap_err(), SopsError::NoMatchingKey(list) if list.contains(&other)));
+    }
+
+    #[test]
+    fn key_text_errors_name_the_line_not_the_key() {
+        let mut k = AgeKeys::default();
+        let err = k.add_text("# comment\n\nAGE-SECRET-KEY-1NOTAKEY\n", "SOPS_AGE_KEY").unwrap_err();
+        assert!(err.starts_with("SOPS_AGE_KEY, line 3"), "{err}");
+        assert!(!err.contains("NOTAKEY"), "{err}");
+    }
+
+    #[test]
+    fn parse_errors_carry_the_line_and_not_the_text() {
+        let err = parse(Format::Toml, "a = 1\nb = \"hunter2\n").unwrap_err();
+        assert!(matches!(err, SopsError::Parse { line: Some(2), .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"));
+        let err = parse(Format::Json, "{\n\"a\": hunter2}").unwrap_err();
+        assert!(matches!(err, SopsError::Parse { line: Some(2), .. }), "{err:?}");
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

@@ -1,0 +1,309 @@
+//! Git: the tenant files at a commit (or in the work tree), from a local repository or a remote
+//! that is cloned into a cache and fetched on every run.
+
+use crate::domain::audit::CommitInfo;
+use git2::{Oid, Repository};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Files larger than this are refused before they are read.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+pub const TENANT_EXTENSIONS: [&str; 4] = ["toml", "json", "yaml", "yml"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{path} is not inside a git repository")]
+    NotARepo {
+        path: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("{what} ({repo})")]
+    Git {
+        what: String,
+        repo: String,
+        #[source]
+        source: git2::Error,
+    },
+    #[error("reading {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} does not exist at {at}")]
+    NoTenantDir { path: String, at: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    /// A path inside a work tree, or a URL.
+    pub repo: String,
+    /// The tenant directory, relative to the repository root (or to the subdirectory `repo` names).
+    pub path: String,
+    /// Where remotes are cloned.
+    pub cache_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    Bytes(Vec<u8>),
+    Symlink,
+    TooLarge(u64),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Relative to the source root, e.g. `tenants/acme.toml`.
+    pub path: String,
+    pub stem: String,
+    pub body: Body,
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// None when read from the work tree.
+    pub commit: Option<CommitInfo>,
+    pub files: Vec<SourceFile>,
+}
+
+pub struct Source {
+    repo: Repository,
+    /// Subdirectory of the repository that `--repo` named ("" for the root), with a trailing '/'.
+    root: String,
+    path: String,
+    remote: bool,
+    label: String,
+    /// Stable name of this source in the database: repository identity and tenant path.
+    pub id: String,
+}
+
+pub fn is_url(repo: &str) -> bool {
+    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !Path::new(repo).exists())
+}
+
+impl Source {
+    pub fn open(spec: &SourceSpec) -> Result<Source, SourceError> {
+        let path = spec.path.trim_matches('/').to_string();
+        if is_url(&spec.repo) {
+            let repo = clone_or_fetch(&spec.repo, &spec.cache_dir)?;
+            return Ok(Source { repo, root: String::new(), id: format!("{}#{}", spec.repo, path), path, remote: true, label: spec.repo.clone() });
+        }
+        let repo = Repository::discover(&spec.repo).map_err(|source| SourceError::NotARepo { path: spec.repo.clone(), source })?;
+        let workdir = repo.workdir().unwrap_or_else(|| repo.path()).to_path_buf();
+        let workdir = workdir.canonicalize().unwrap_or(workdir);
+        let given = Path::new(&spec.repo).canonicalize().map_err(|source| SourceError::Io { path: spec.repo.clone(), source })?;
+        let mut root = given.strip_prefix(&workdir).unwrap_or(Path::new("")).to_string_lossy().replace('\\', "/");
+        if !root.is_empty() {
+            root.push('/');
+        }
+        let identity = repo
+            .find_remote("origin")
+            .ok()
+            .and_then(|r| r.url().ok().map(str::to_string))
+            .unwrap_or_else(|| workdir.display().to_string());
+        Ok(Source { id: format!("{identity}#{root}{path}"), repo, root, path, remote: false, label: spec.repo.clone() })
+    }
+
+    fn git_err(&self, what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError + '_ {
+        let what = what.into();
+        move |source| SourceError::Git { what, repo: self.label.clone(), source }
+    }
+
+    /// The commit a revision names; for a remote, branch and tag names are looked up among the
+    /// fetched refs first, and no revision means the remote's default branch.
+    pub fn resolve(&self, rev: Option<&str>) -> Result<Oid, SourceError> {
+        let candidates: Vec<String> = match (rev, self.remote) {
+            (None, false) => vec!["HEAD".into()],
+            (None, true) => vec!["refs/remotes/origin/HEAD".into(), "HEAD".into()],
+            (Some(r), false) => vec![r.into()],
+            (Some(r), true) => vec![format!("refs/remotes/origin/{r}"), format!("refs/tags/{r}"), r.into()],
+        };
+        let mut last = None;
+        for c in &candidates {
+            match self.repo.revparse_single(c).and_then(|o| o.peel_to_commit()) {
+                Ok(commit) => return Ok(commit.id()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(SourceError::Git { what: format!("cannot resolve revision {:?}", rev.unwrap_or("HEAD")), repo: self.label.clone(), source: last.expect("at least one candidate") })
+    }
+
+    pub fn commit_info(&self, oid: Oid) -> Result<CommitInfo, SourceError> {
+        let c = self.repo.find_commit(oid).map_err(self.git_err(format!("reading commit {oid}")))?;
+        let t = c.time();
+        let offset = chrono::FixedOffset::east_opt(t.offset_minutes() * 60).unwrap_or(chrono::FixedOffset::east_opt(0).expect("zero offset"));
+        let time = chrono::DateTime::from_timestamp(t.seconds(), 0).map(|d| d.with_timezone(&offset).to_rfc3339()).unwrap_or_default();
+        let a = c.author();
+        Ok(CommitInfo { id: oid.to_string(), time, author: format!("{} <{}>", a.name().unwrap_or("?"), a.email().unwrap_or("?")) })
+    }
+
+    fn tenant_dir(&self) -> String {
+        format!("{}{}", self.root, self.path)
+    }
+
+    /// The tenant files at `commit`.
+    pub fn snapshot(&self, commit: Oid) -> Result<Snapshot, SourceError> {
+        let info = self.commit_info(commit)?;
+        let c = self.repo.find_commit(commit).map_err(self.git_err("reading commit"))?;
+        let tree = c.tree().map_err(self.git_err("reading the commit's tree"))?;
+        let dir = self.tenant_dir();
+        let at = format!("commit {}", &info.id[..12]);
+        let entry = tree.get_path(Path::new(&dir)).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at: at.clone() })?;
+        let sub = self.repo.find_tree(entry.id()).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
+        let odb = self.repo.odb().map_err(self.git_err("opening the object database"))?;
+        let mut files = Vec::new();
+        for e in sub.iter() {
+            let Ok(name) = e.name() else { continue };
+            let Some(stem) = tenant_stem(name) else { continue };
+            if e.kind() != Some(git2::ObjectType::Blob) {
+                continue;
+            }
+            let body = if e.filemode() == 0o120000 {
+                Body::Symlink
+            } else {
+                let (size, _) = odb.read_header(e.id()).map_err(self.git_err(format!("reading {name}")))?;
+                if size as u64 > MAX_FILE_BYTES {
+                    Body::TooLarge(size as u64)
+                } else {
+                    Body::Bytes(self.repo.find_blob(e.id()).map_err(self.git_err(format!("reading {name}")))?.content().to_vec())
+                }
+            };
+            files.push(SourceFile { path: format!("{}/{name}", self.path), stem, body });
+        }
+        Ok(Snapshot { commit: Some(info), files })
+    }
+
+    /// The tenant files as they are on disk (`--worktree`).
+    pub fn worktree_snapshot(&self) -> Result<Snapshot, SourceError> {
+        let workdir = self.repo.workdir().ok_or_else(|| SourceError::NoTenantDir { path: self.tenant_dir(), at: "a bare repository".into() })?;
+        let dir = workdir.join(self.tenant_dir());
+        let rd = std::fs::read_dir(&dir).map_err(|_| SourceError::NoTenantDir { path: self.tenant_dir(), at: "the work tree".into() })?;
+        let mut files = Vec::new();
+        for e in rd {
+            let e = e.map_err(|source| SourceError::Io { path: dir.display().to_string(), source })?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(stem) = tenant_stem(&name) else { continue };
+            let meta = std::fs::symlink_metadata(e.path()).map_err(|source| SourceError::Io { path: e.path().display().to_string(), source })?;
+            let body = if meta.file_type().is_symlink() {
+                Body::Symlink
+            } else if !meta.is_file() {
+                continue;
+            } else if meta.len() > MAX_FILE_BYTES {
+                Body::TooLarge(meta.len())
+            } else {
+                Body::Bytes(std::fs::read(e.path()).map_err(|source| SourceError::Io { path: e.path().display().to_string(), source })?)
+            };
+            files.push(SourceFile { path: format!("{}/{name}", self.path), stem, body });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(Snapshot { commit: None, files })
+    }
+
+    /// Whether `new` is `old` or descends from it. An `old` this repository does not have counts
+    /// as not an ancestor: history was rewritten, or the source changed.
+    pub fn descends_from(&self, new: Oid, old: &str) -> Result<bool, SourceError> {
+        let Ok(old) = Oid::from_str(old) else { return Ok(false) };
+        if new == old {
+            return Ok(true);
+        }
+        if self.repo.find_commit(old).is_err() {
+            return Ok(false);
+        }
+        self.repo.graph_descendant_of(new, old).map_err(self.git_err("comparing commits"))
+    }
+
+    /// Tenant files changed between two commits, or None when `old` is unknown here.
+    pub fn changed_files(&self, old: &str, new: Oid) -> Result<Option<BTreeSet<String>>, SourceError> {
+        let Ok(old) = Oid::from_str(old) else { return Ok(None) };
+        let Ok(old_commit) = self.repo.find_commit(old) else { return Ok(None) };
+        let new_commit = self.repo.find_commit(new).map_err(self.git_err("reading commit"))?;
+        let (a, b) = (old_commit.tree().map_err(self.git_err("reading tree"))?, new_commit.tree().map_err(self.git_err("reading tree"))?);
+        let mut opts = git2::DiffOptions::new();
+        opts.pathspec(self.tenant_dir());
+        let diff = self.repo.diff_tree_to_tree(Some(&a), Some(&b), Some(&mut opts)).map_err(self.git_err("diffing trees"))?;
+        let strip = self.root.len();
+        let mut out = BTreeSet::new();
+        for d in diff.deltas() {
+            for f in [d.old_file().path(), d.new_file().path()].into_iter().flatten() {
+                out.insert(f.to_string_lossy()[strip..].to_string());
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// The directory notify should watch for new commits (the git dir) and tenant edits.
+    pub fn watch_paths(&self) -> (PathBuf, Option<PathBuf>) {
+        (self.repo.path().to_path_buf(), self.repo.workdir().map(|w| w.join(self.tenant_dir())))
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.remote
+    }
+
+    /// Fetches again (remote sources only).
+    pub fn refresh(&self) -> Result<(), SourceError> {
+        if self.remote { fetch(&self.repo, &self.label) } else { Ok(()) }
+    }
+}
+
+fn tenant_stem(name: &str) -> Option<String> {
+    if name.starts_with('.') {
+        return None;
+    }
+    let (stem, ext) = name.rsplit_once('.')?;
+    TENANT_EXTENSIONS.contains(&ext).then(|| stem.to_string())
+}
+
+fn clone_or_fetch(url: &str, cache: &Path) -> Result<Repository, SourceError> {
+    let dir = cache.join(hex::encode(&Sha256::digest(url.as_bytes())[..8]));
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |source| SourceError::Git { what, repo: url.to_string(), source }
+    };
+    let repo = match Repository::open_bare(&dir) {
+        Ok(r) => r,
+        Err(_) => {
+            std::fs::create_dir_all(&dir).map_err(|source| SourceError::Io { path: dir.display().to_string(), source })?;
+            let r = Repository::init_bare(&dir).map_err(err("creating the clone cache"))?;
+            r.remote("origin", url).map_err(err("adding the remote"))?;
+            r
+        }
+    };
+    fetch(&repo, url)?;
+    Ok(repo)
+}
+
+fn fetch(repo: &Repository, url: &str) -> Result<(), SourceError> {
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |source| SourceError::Git { what, repo: url.to_string(), source }
+    };
+    let mut remote = repo.find_remote("origin").map_err(err("finding the remote"))?;
+    let mut cb = git2::RemoteCallbacks::new();
+    cb.credentials(|_url, user, allowed| {
+        if allowed.contains(git2::CredentialType::SSH_KEY) {
+            git2::Cred::ssh_key_from_agent(user.unwrap_or("git"))
+        } else {
+            git2::Cred::default()
+        }
+    });
+    let mut fo = git2::FetchOptions::new();
+    fo.remote_callbacks(cb);
+    fo.prune(git2::FetchPrune::On);
+    remote
+        .fetch(&["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"], Some(&mut fo), None)
+        .map_err(err("fetching"))?;
+    // Learn the remote's default branch, so that no --ref means what `git clone` would check out.
+    if let Ok(head) = remote.default_branch() {
+        if let Some(branch) = head.as_str().ok().and_then(|h| h.strip_prefix("refs/heads/")) {
+            let target = format!("refs/remotes/origin/{branch}");
+            if repo.find_reference(&target).is_ok() {
+                let _ = repo.reference_symbolic("refs/remotes/origin/HEAD", &target, true, "default branch");
+            }
+        }
+    }
+    Ok(())
+}

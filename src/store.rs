@@ -1,0 +1,321 @@
+//! PostgreSQL: migrations, the tenants table, audit events and the agent's own records.
+
+use crate::domain::audit::{AuditEvent, CommitInfo, events_for};
+use crate::domain::json::SecretPaths;
+use crate::domain::plan::{Action, ActualTenant, AppliedRecord, Plan, seal};
+use crate::domain::tenant::DesiredTenant;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use rand::RngCore;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use tokio_postgres::{GenericClient, NoTls, Transaction};
+
+/// Migrations in the order they apply. Their text is part of the binary so that a deployed agent
+/// cannot drift from the files it was built with.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "001_tenant_registry.sql", include_str!("../migrations/001_tenant_registry.sql")),
+    (2, "002_audit_events.sql", include_str!("../migrations/002_audit_events.sql")),
+    (3, "003_gitops_state.sql", include_str!("../migrations/003_gitops_state.sql")),
+];
+
+/// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
+const MIGRATE_LOCK: i64 = 0x66726f7374627974;
+const APPLY_LOCK: i64 = 0x66726f737461706c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid database URL: {0}")]
+    Url(String),
+    #[error("cannot connect to PostgreSQL")]
+    Pool(#[source] deadpool_postgres::PoolError),
+    #[error("{context}")]
+    Query {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(
+        "migration {name} was changed after it was applied (checksum {applied} in the database, {now} in this build); restore it and add a new migration instead"
+    )]
+    ChecksumMismatch { name: String, applied: String, now: String },
+    #[error("the database has migration {version} ({name}), which this build does not know; upgrade frostbyte-gitops")]
+    UnknownMigration { version: i32, name: String },
+    #[error("the database is not migrated (run `frostbyte-gitops migrate`): {0}")]
+    NotMigrated(String),
+    #[error("tenant {tenant}: {message}")]
+    BadRow { tenant: String, message: String },
+    #[error("tenant {tenant} changed while applying: {message}; nothing was applied")]
+    Conflict { tenant: String, message: String },
+}
+
+fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Query { context, source }
+}
+
+pub fn pool(url: &str) -> Result<Pool, StoreError> {
+    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(mgr).max_size(4).build().map_err(|e| StoreError::Url(e.to_string()))
+}
+
+pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
+    pool.get().await.map_err(StoreError::Pool)
+}
+
+pub fn checksum(sql: &str) -> String {
+    hex::encode(Sha256::digest(sql.as_bytes()))
+}
+
+/// Applies pending migrations, each in its own transaction, under an advisory lock so that two
+/// processes migrating at once apply each migration once. Returns the names applied.
+pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK]).await.map_err(q("taking the migration lock"))?;
+    let result = migrate_locked(client).await;
+    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]).await.map_err(q("releasing the migration lock"));
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version    integer     PRIMARY KEY,
+                name       text        NOT NULL,
+                checksum   text        NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(q("creating schema_migrations"))?;
+    let rows = client.query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[]).await.map_err(q("reading schema_migrations"))?;
+    let mut done = BTreeMap::new();
+    for row in rows {
+        let (version, name, sum): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
+        match MIGRATIONS.iter().find(|m| m.0 == version) {
+            None => return Err(StoreError::UnknownMigration { version, name }),
+            Some((_, file, sql)) if checksum(sql) != sum => {
+                return Err(StoreError::ChecksumMismatch { name: file.to_string(), applied: sum, now: checksum(sql) });
+            }
+            Some(_) => {
+                done.insert(version, ());
+            }
+        }
+    }
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS.iter().filter(|m| !done.contains_key(&m.0)) {
+        let tx = client.transaction().await.map_err(q("starting a migration"))?;
+        tx.batch_execute(sql).await.map_err(q(format!("applying migration {name}")))?;
+        tx.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)", &[version, name, &checksum(sql)])
+            .await
+            .map_err(q(format!("recording migration {name}")))?;
+        tx.commit().await.map_err(q(format!("committing migration {name}")))?;
+        applied.push(name.to_string());
+    }
+    Ok(applied)
+}
+
+/// Fails unless every migration this build knows is applied.
+pub async fn check_migrated(client: &impl GenericClient) -> Result<(), StoreError> {
+    let rows = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await
+        .map_err(|e| StoreError::NotMigrated(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())))?;
+    let have: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    let missing: Vec<&str> = MIGRATIONS.iter().filter(|m| !have.contains(&m.0)).map(|m| m.1).collect();
+    if missing.is_empty() { Ok(()) } else { Err(StoreError::NotMigrated(format!("pending: {}", missing.join(", ")))) }
+}
+
+/// Serialises appliers until the transaction ends.
+pub async fn lock_apply(tx: &Transaction<'_>) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPLY_LOCK]).await.map_err(q("taking the apply lock")).map(|_| ())
+}
+
+/// Tries to become the applier without waiting; the lock is held until the transaction ends.
+pub async fn try_lock_apply(tx: &Transaction<'_>) -> Result<bool, StoreError> {
+    let row = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&APPLY_LOCK]).await.map_err(q("taking the apply lock"))?;
+    Ok(row.get(0))
+}
+
+/// The per-database key for sealing secrets; made on first use.
+pub async fn digest_key(client: &impl GenericClient) -> Result<Vec<u8>, StoreError> {
+    if let Some(row) = client.query_opt("SELECT digest_key FROM gitops_settings", &[]).await.map_err(q("reading gitops_settings"))? {
+        return Ok(row.get(0));
+    }
+    let mut key = vec![0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    client
+        .execute("INSERT INTO gitops_settings (digest_key) VALUES ($1) ON CONFLICT DO NOTHING", &[&key])
+        .await
+        .map_err(q("creating the digest key"))?;
+    let row = client.query_one("SELECT digest_key FROM gitops_settings", &[]).await.map_err(q("reading gitops_settings"))?;
+    Ok(row.get(0))
+}
+
+pub async fn last_applied_commit(client: &impl GenericClient, source: &str) -> Result<Option<String>, StoreError> {
+    let row = client
+        .query_opt("SELECT last_applied_commit FROM gitops_sources WHERE source = $1", &[&source])
+        .await
+        .map_err(q("reading gitops_sources"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+pub async fn load_actual(client: &impl GenericClient) -> Result<Vec<ActualTenant>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT t.tenant_id, t.state, t.config_version, t.age_public_key, t.endpoints, t.config,
+                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths
+               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
+              ORDER BY t.tenant_id",
+            &[],
+        )
+        .await
+        .map_err(q("loading tenants"))?;
+    rows.iter().map(actual_from_row).collect()
+}
+
+fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError> {
+    let tenant: String = row.try_get(0).map_err(|e| StoreError::BadRow { tenant: "?".into(), message: e.to_string() })?;
+    let bad = |e: tokio_postgres::Error| StoreError::BadRow { tenant: tenant.clone(), message: e.to_string() };
+    let document = json!({
+        "age_public_key": row.try_get::<_, String>(3).map_err(bad)?,
+        "endpoints": row.try_get::<_, Value>(4).map_err(bad)?,
+        "config": row.try_get::<_, Value>(5).map_err(bad)?,
+    });
+    let applied = match row.try_get::<_, Option<String>>(6).map_err(bad)? {
+        None => None,
+        Some(commit_id) => {
+            let secret_paths: SecretPaths = row.try_get::<_, Vec<String>>(10).map_err(bad)?.into_iter().collect();
+            Some(AppliedRecord {
+                commit_id,
+                config_version: row.try_get(7).map_err(bad)?,
+                digest: row.try_get(8).map_err(bad)?,
+                sealed: row.try_get(9).map_err(bad)?,
+                secret_paths,
+            })
+        }
+    };
+    Ok(ActualTenant {
+        known_secrets: applied.as_ref().map(|a| a.secret_paths.clone()).unwrap_or_default(),
+        state: row.try_get(1).map_err(bad)?,
+        config_version: row.try_get(2).map_err(bad)?,
+        tenant_id: tenant.clone(),
+        document,
+        applied,
+    })
+}
+
+/// The one code path that writes audit events, inside the caller's transaction.
+pub async fn emit_audit_event(tx: &Transaction<'_>, event: &AuditEvent) -> Result<uuid::Uuid, StoreError> {
+    let row = tx
+        .query_one("SELECT emit_audit_event($1, $2, $3, $4)", &[&event.tenant_id, &event.event_type, &event.actor, &event.details])
+        .await
+        .map_err(q(format!("writing {} event for tenant {}", event.event_type, event.tenant_id)))?;
+    Ok(row.get(0))
+}
+
+pub struct ApplyContext<'a> {
+    pub source: &'a str,
+    pub commit: &'a CommitInfo,
+    pub actor: &'a str,
+    pub key: &'a [u8],
+    /// Record the commit as the source's last applied one (not for work-tree runs).
+    pub record_commit: bool,
+}
+
+/// Writes every change of `plan` with its audit events. The caller holds the apply lock and
+/// commits; an error leaves the transaction to roll back, so a run applies all or nothing.
+pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant], ctx: &ApplyContext<'_>) -> Result<usize, StoreError> {
+    let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+    let mut applied = 0;
+    for change in plan.changes() {
+        let d = by_id.get(change.tenant_id.as_str()).ok_or_else(|| StoreError::Conflict {
+            tenant: change.tenant_id.clone(),
+            message: "the plan changes a tenant that has no file".into(),
+        })?;
+        let doc = &d.document;
+        let version = change.next_version.unwrap_or(1);
+        let n = match change.action {
+            Action::Create => tx
+                .execute(
+                    "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
+                     VALUES ($1, 'pending', $2, 1, $3, $4) ON CONFLICT (tenant_id) DO NOTHING",
+                    &[&d.tenant_id, &doc["config"], &doc["age_public_key"].as_str(), &doc["endpoints"]],
+                )
+                .await
+                .map_err(q(format!("creating tenant {}", d.tenant_id)))?,
+            _ => tx
+                .execute(
+                    "UPDATE tenants SET config = $2, age_public_key = $3, endpoints = $4, config_version = config_version + 1
+                      WHERE tenant_id = $1 AND config_version = $5",
+                    &[&d.tenant_id, &doc["config"], &doc["age_public_key"].as_str(), &doc["endpoints"], &change.current_version.unwrap_or(0)],
+                )
+                .await
+                .map_err(q(format!("updating tenant {}", d.tenant_id)))?,
+        };
+        if n != 1 {
+            let message = match change.action {
+                Action::Create => "it was created by someone else".to_string(),
+                _ => format!("its config_version is no longer {}", change.current_version.unwrap_or(0)),
+            };
+            return Err(StoreError::Conflict { tenant: d.tenant_id.clone(), message });
+        }
+        for event in events_for(change, ctx.commit, ctx.source, ctx.actor) {
+            emit_audit_event(tx, &event).await?;
+        }
+        let secret_paths: Vec<&String> = d.secrets.iter().collect();
+        tx.execute(
+            "INSERT INTO gitops_applied (tenant_id, source, commit_id, file_path, config_version, document_digest, sealed_document, secret_paths)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (tenant_id) DO UPDATE SET source = EXCLUDED.source, commit_id = EXCLUDED.commit_id,
+                 file_path = EXCLUDED.file_path, config_version = EXCLUDED.config_version,
+                 document_digest = EXCLUDED.document_digest, sealed_document = EXCLUDED.sealed_document,
+                 secret_paths = EXCLUDED.secret_paths, applied_at = now()",
+            &[
+                &d.tenant_id,
+                &ctx.source,
+                &ctx.commit.id,
+                &d.file,
+                &version,
+                &change.desired_digest.clone().unwrap_or_default(),
+                &seal(ctx.key, doc, &d.secrets),
+                &secret_paths,
+            ],
+        )
+        .await
+        .map_err(q(format!("recording what was applied to {}", d.tenant_id)))?;
+        applied += 1;
+    }
+    if ctx.record_commit {
+        let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time).ok().map(|t| t.with_timezone(&chrono::Utc));
+        // Only when it moves: a sync of the applied commit writes nothing.
+        tx.execute(
+            "INSERT INTO gitops_sources (source, last_applied_commit, commit_time) VALUES ($1, $2, $3)
+             ON CONFLICT (source) DO UPDATE SET last_applied_commit = EXCLUDED.last_applied_commit,
+                 commit_time = EXCLUDED.commit_time, applied_at = now()
+             WHERE gitops_sources.last_applied_commit IS DISTINCT FROM EXCLUDED.last_applied_commit",
+            &[&ctx.source, &ctx.commit.id, &commit_time],
+        )
+        .await
+        .map_err(q("recording the applied commit"))?;
+    }
+    Ok(applied)
+}
+
+/// Creates `name` on the server `admin_url` points to, if it does not exist.
+pub async fn create_database(admin: &impl GenericClient, name: &str) -> Result<(), StoreError> {
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.map_err(q("looking up the database"))?;
+    if exists.is_none() {
+        // Identifiers cannot be bound as parameters; quote it.
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        if let Err(e) = admin.batch_execute(&sql).await {
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                return Err(StoreError::Query { context: format!("creating database {name}"), source: e });
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,363 @@
+//! Orchestration: snapshot -> decrypt -> validate -> load actual -> plan -> apply.
+
+use crate::config::{Config, DriftPolicy, Mode};
+use crate::domain::audit::CommitInfo;
+use crate::domain::drift::{TenantDrift, drift};
+use crate::domain::issue::Issue;
+use crate::domain::json::SecretPaths;
+use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, plan, stale_reasons};
+use crate::domain::render::Header;
+use crate::domain::tenant::{DesiredTenant, check_document};
+use crate::localpg::{self, LocalPgError};
+use crate::sops::{self, AgeKeys, Format};
+use crate::source::{Body, Snapshot, Source, SourceError, SourceFile, SourceSpec};
+use crate::store::{self, ApplyContext, StoreError};
+use deadpool_postgres::Pool;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+
+pub const ACTOR: &str = concat!("frostbyte-gitops/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    LocalPg(#[from] LocalPgError),
+    #[error("{} problem(s) in {} file(s) at {at}; nothing was applied:\n{}", issues.len(), files_with_issues(issues), issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { at: String, issues: Vec<Issue> },
+    #[error(
+        "commit {new} does not descend from the last applied commit {old} (history was rewritten, or the branch was reset); nothing was applied. Pass --allow-non-fast-forward to apply it anyway"
+    )]
+    NonFastForward { new: String, old: String },
+    #[error("the saved plan is stale; nothing was applied:\n  {}", .0.join("\n  "))]
+    Stale(Vec<String>),
+    #[error("saved plan {path}: {message}")]
+    PlanFile { path: String, message: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+fn files_with_issues(issues: &[Issue]) -> usize {
+    issues.iter().map(|i| &i.file).collect::<std::collections::BTreeSet<_>>().len()
+}
+
+/// What every command gets: the resolved configuration and the age identities.
+pub struct Ctx {
+    pub cfg: Config,
+    pub keys: AgeKeys,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl Ctx {
+    pub fn source_spec(&self) -> SourceSpec {
+        SourceSpec { repo: self.cfg.repo.clone(), path: self.cfg.path.clone(), cache_dir: self.cfg.data_dir.join("git-cache") }
+    }
+}
+
+/// The tenant files at one revision, decrypted and checked.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub commit: Option<CommitInfo>,
+    pub tenants: Vec<DesiredTenant>,
+    pub issues: Vec<Issue>,
+    pub files: usize,
+}
+
+impl Desired {
+    pub fn at(&self) -> String {
+        self.commit.as_ref().map_or_else(|| "the work tree".to_string(), |c| format!("commit {}", &c.id[..12.min(c.id.len())]))
+    }
+}
+
+pub struct ReadOptions<'a> {
+    pub keys: &'a AgeKeys,
+    pub allow_plaintext: bool,
+    pub require_tenant_recipient: bool,
+    pub progress: bool,
+}
+
+impl<'a> ReadOptions<'a> {
+    pub fn from_ctx(ctx: &'a Ctx) -> Self {
+        ReadOptions {
+            keys: &ctx.keys,
+            allow_plaintext: ctx.cfg.allow_plaintext && ctx.cfg.mode == Mode::Dev,
+            require_tenant_recipient: ctx.cfg.require_tenant_recipient,
+            progress: ctx.progress,
+        }
+    }
+}
+
+/// Decrypts and checks every file (on all cores), then the checks across files.
+pub fn read_snapshot(snapshot: Snapshot, opts: &ReadOptions<'_>) -> Desired {
+    let bar = (opts.progress && snapshot.files.len() > 20 && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(snapshot.files.len() as u64);
+        pb.set_style(indicatif::ProgressStyle::with_template("{spinner} decrypting {pos}/{len} tenant files {bar:40} {eta}").expect("valid template"));
+        pb
+    });
+    let results: Vec<Result<DesiredTenant, Vec<Issue>>> = snapshot
+        .files
+        .par_iter()
+        .map(|f| {
+            let r = decode_file(f, opts);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            r
+        })
+        .collect();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut tenants = Vec::new();
+    let mut issues = Vec::new();
+    for r in results {
+        match r {
+            Ok(t) => tenants.push(t),
+            Err(mut i) => issues.append(&mut i),
+        }
+    }
+    // One tenant, one file: `acme.toml` and `acme.json` would both claim `acme`.
+    let mut by_stem: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for f in &snapshot.files {
+        by_stem.entry(f.stem.as_str()).or_default().push(f.path.as_str());
+    }
+    for (stem, paths) in by_stem.iter().filter(|(_, p)| p.len() > 1) {
+        for p in paths {
+            let others: Vec<&str> = paths.iter().filter(|o| *o != p).copied().collect();
+            issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
+        }
+    }
+    let dup: std::collections::BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
+    tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
+    tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    issues.sort();
+    Desired { commit: snapshot.commit, tenants, issues, files: snapshot.files.len() }
+}
+
+/// One file to one tenant, or every problem found in it. No message carries a decrypted value.
+pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTenant, Vec<Issue>> {
+    let err = |m: String| vec![Issue::new(&f.path, m)];
+    let bytes = match &f.body {
+        Body::Symlink => return Err(err("is a symbolic link; tenant files must be regular files".into())),
+        Body::TooLarge(n) => return Err(err(format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
+        Body::Bytes(b) => b,
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        vec![Issue::new(&f.path, format!("is not valid UTF-8 (first bad byte at offset {at})")).line(Some(line))]
+    })?;
+    let format = Format::from_path(&f.path).ok_or_else(|| err("has an unknown extension".into()))?;
+    let doc = sops::parse(format, text).map_err(|e| match e {
+        sops::SopsError::Parse { line, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
+        other => err(other.to_string()),
+    })?;
+    let (value, secrets, recipients) = if sops::is_encrypted(&doc) {
+        let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
+            sops::SopsError::Value { ref pointer, .. } => {
+                vec![Issue::new(&f.path, e.to_string()).at(pointer.clone()).line(crate::domain::json::locate_line(text, pointer))]
+            }
+            other => err(other.to_string()),
+        })?;
+        // tenant_id is the file's name: never a secret, whatever the encryption rules said.
+        let secrets: SecretPaths = d.encrypted.into_iter().filter(|p| p != "/tenant_id").collect();
+        (d.value, secrets, Some(d.recipients))
+    } else if opts.allow_plaintext {
+        (doc, SecretPaths::new(), None)
+    } else {
+        return Err(err(
+            "is not encrypted (no sops metadata); encrypt it with `frostbyte-gitops secrets encrypt`, or set allow_plaintext in dev mode".into(),
+        ));
+    };
+    let mut issues = Vec::new();
+    if let (true, Some(recipients), Some(own)) = (opts.require_tenant_recipient, &recipients, value.get("age_public_key").and_then(|v| v.as_str())) {
+        if crate::domain::tenant::is_age_recipient(own) && !recipients.iter().any(|r| r.trim() == own) {
+            issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
+        }
+    }
+    match check_document(&f.path, &f.stem, text, value, secrets) {
+        Ok(t) if issues.is_empty() => Ok(t),
+        Ok(_) => Err(issues),
+        Err(mut more) => {
+            issues.append(&mut more);
+            Err(issues)
+        }
+    }
+}
+
+/// Opens the source and reads the desired state at the configured revision (or `rev`).
+pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Desired, SyncError> {
+    let snapshot = if worktree { source.worktree_snapshot()? } else { source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)? };
+    Ok(read_snapshot(snapshot, &ReadOptions::from_ctx(ctx)))
+}
+
+/// A pool for the configured database; in dev mode with none configured, the agent's own cluster.
+pub async fn connect(cfg: &Config) -> Result<Pool, SyncError> {
+    let url = match &cfg.database_url {
+        Some(url) => url.clone(),
+        None => {
+            let dir = cfg.data_dir.join("pgdata");
+            let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[])).await.expect("local PostgreSQL start panicked")?;
+            let admin = store::pool(&cluster.conninfo("postgres"))?;
+            store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
+            cluster.conninfo("frostbyte")
+        }
+    };
+    Ok(store::pool(&url)?)
+}
+
+/// Dev mode migrates on the way in; production expects `migrate` to have run.
+pub async fn prepare(cfg: &Config, pool: &Pool) -> Result<(), SyncError> {
+    let mut client = store::client(pool).await?;
+    if cfg.mode == Mode::Dev {
+        store::migrate(&mut client).await?;
+    } else {
+        store::check_migrated(&**client).await?;
+    }
+    Ok(())
+}
+
+/// A plan saved by `plan --out`, applied later by `apply FILE`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedPlan {
+    pub format_version: u32,
+    pub source: String,
+    pub commit: String,
+    pub created_at: String,
+    pub plan: Plan,
+}
+
+pub enum Run {
+    Plan,
+    Apply { allow_non_fast_forward: bool },
+    ApplySaved { saved: Box<SavedPlan>, allow_non_fast_forward: bool },
+}
+
+pub struct Outcome {
+    pub header: Header,
+    pub plan: Plan,
+    pub applied: usize,
+    pub source: String,
+}
+
+/// Plans against the database and, unless `run` is `Plan`, applies in one transaction under the
+/// apply lock: the plan is made from what the database holds once the lock is ours, so two
+/// concurrent runs never apply a change twice.
+pub async fn run(ctx: &Ctx, pool: &Pool, run: Run) -> Result<Outcome, SyncError> {
+    let source = Source::open(&ctx.source_spec())?;
+    let worktree = ctx.cfg.worktree;
+    let rev = match &run {
+        Run::ApplySaved { saved, .. } => {
+            if saved.source != source.id {
+                return Err(SyncError::PlanFile { path: String::new(), message: format!("was made for source {}, not {}", saved.source, source.id) });
+            }
+            Some(saved.commit.clone())
+        }
+        _ => None,
+    };
+    if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
+        return Err(SyncError::Usage("--worktree cannot apply in production mode: apply commits, not uncommitted files".into()));
+    }
+    let desired = read_desired(ctx, &source, rev.as_deref(), worktree && rev.is_none())?;
+    if !desired.issues.is_empty() {
+        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
+    }
+    let commit = desired.commit.clone().unwrap_or_else(|| CommitInfo { id: "worktree".into(), time: chrono::Utc::now().to_rfc3339(), author: "work tree".into() });
+
+    let mut client = store::client(pool).await?;
+    let tx = client.transaction().await.map_err(|e| StoreError::Query { context: "starting a transaction".into(), source: e })?;
+    let applying = !matches!(run, Run::Plan);
+    if applying {
+        store::lock_apply(&tx).await?;
+    }
+    let key = store::digest_key(&*tx).await?;
+    if applying && desired.commit.is_some() {
+        let allow = match &run {
+            Run::Apply { allow_non_fast_forward } | Run::ApplySaved { allow_non_fast_forward, .. } => *allow_non_fast_forward,
+            Run::Plan => true,
+        };
+        if let Some(last) = store::last_applied_commit(&*tx, &source.id).await? {
+            let new = git2::Oid::from_str(&commit.id).expect("a commit id from git");
+            if !allow && !source.descends_from(new, &last)? {
+                return Err(SyncError::NonFastForward { new: commit.id.clone(), old: last });
+            }
+        }
+    }
+    let actual = store::load_actual(&*tx).await?;
+    let opts = PlanOptions { key: &key, correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct };
+    let fresh = plan(&desired.tenants, &actual, opts);
+    if let Run::ApplySaved { saved, .. } = &run {
+        let reasons = stale_reasons(&saved.plan, &fresh);
+        if !reasons.is_empty() {
+            return Err(SyncError::Stale(reasons));
+        }
+    }
+    let mut applied = 0;
+    if applying {
+        let actx = ApplyContext { source: &source.id, commit: &commit, actor: ACTOR, key: &key, record_commit: desired.commit.is_some() };
+        applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
+    }
+    tx.commit().await.map_err(|e| StoreError::Query { context: "committing".into(), source: e })?;
+    if applied > 0 {
+        tracing::info!(commit = %commit.id, applied, "applied");
+    }
+    Ok(Outcome { header: Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, plan: fresh, applied, source: source.id })
+}
+
+/// `plan --against-ref`: the change between two revisions, without a database.
+pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), SyncError> {
+    let source = Source::open(&ctx.source_spec())?;
+    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree)?;
+    if !desired.issues.is_empty() {
+        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
+    }
+    let base_commit = source.resolve(Some(base_rev))?;
+    let base = match source.snapshot(base_commit) {
+        Ok(s) => read_snapshot(s, &ReadOptions::from_ctx(ctx)),
+        // A base without the tenant directory (the PR adds it) has no tenants.
+        Err(SourceError::NoTenantDir { .. }) => Desired { commit: None, tenants: vec![], issues: vec![], files: 0 },
+        Err(e) => return Err(e.into()),
+    };
+    if !base.issues.is_empty() {
+        tracing::warn!(problems = base.issues.len(), "some tenant files at the base revision are invalid; they are compared as absent");
+    }
+    let actual: Vec<ActualTenant> = base
+        .tenants
+        .into_iter()
+        .map(|t| ActualTenant { tenant_id: t.tenant_id, state: String::new(), config_version: 0, document: t.document, applied: None, known_secrets: t.secrets })
+        .collect();
+    // Digests never leave this process here, so any key will do.
+    let mut p = plan(&desired.tenants, &actual, PlanOptions { key: &[0; 32], correct_drift: true });
+    for t in &mut p.tenants {
+        t.current_version = None;
+        t.next_version = None;
+        t.desired_digest = None;
+        t.actual_digest = None;
+        if t.action == Action::Orphaned {
+            // Deleted in this revision: reported, never deleted from the database.
+            t.file = None;
+        }
+    }
+    let header = Header { commit: desired.commit.map(|c| c.id), against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]) };
+    Ok((header, p))
+}
+
+/// The drift report for the configured revision.
+pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+    let source = Source::open(&ctx.source_spec())?;
+    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree)?;
+    if !desired.issues.is_empty() {
+        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
+    }
+    let client = store::client(pool).await?;
+    let key = store::digest_key(&**client).await?;
+    let actual = store::load_actual(&**client).await?;
+    let report = drift(&desired.tenants, &actual, &key);
+    Ok((Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, report))
+}
