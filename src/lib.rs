@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod domain;
+pub mod files;
 pub mod localpg;
 pub mod sops;
 pub mod source;

@@ -5,7 +5,7 @@ use frostbyte_gitops::domain::drift::DriftClass;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::sops::AgeKeys;
 use frostbyte_gitops::sync::{self, Ctx, Run, SavedPlan};
-use frostbyte_gitops::{localpg, store};
+use frostbyte_gitops::{files, localpg, store};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -126,10 +126,55 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         fail_on: Vec<String>,
     },
+    /// Keep tenant files encrypted (the sops CLI cannot edit TOML).
+    Secrets {
+        #[command(subcommand)]
+        cmd: SecretsCmd,
+    },
+    /// Tenant file helpers.
+    Tenant {
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
     /// The local PostgreSQL cluster used in dev mode.
     Db {
         #[command(subcommand)]
         cmd: DbCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum SecretsCmd {
+    /// Encrypt a plaintext file in place, to the recipients of its .sops.yaml creation rule and
+    /// the tenant's own age_public_key.
+    Encrypt { file: PathBuf },
+    /// Print the decrypted file.
+    Decrypt { file: PathBuf },
+    /// Edit the plaintext in $EDITOR; re-encrypt if it changed and is still a valid tenant file.
+    Edit { file: PathBuf },
+    /// Re-encrypt the data key of tenant files to the recipients the creation rules name now.
+    Updatekeys {
+        /// Files to update (default: every tenant file under the configured path).
+        files: Vec<PathBuf>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Write a valid, encrypted skeleton for a new tenant.
+    New {
+        tenant_id: String,
+        /// The tenant's own age recipient.
+        #[arg(long)]
+        age_public_key: String,
+        /// toml, json or yaml.
+        #[arg(long, default_value = "toml")]
+        format: String,
+        /// Directory for the file (default: <repo>/<path>).
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
 }
 
@@ -229,6 +274,17 @@ fn real_main(cli: Cli) -> Result<u8> {
         };
     }
     let keys = load_keys(&cfg)?;
+    match &cli.cmd {
+        Cmd::Secrets { cmd } => return secrets(&cfg, &keys, cmd),
+        Cmd::Tenant { cmd: TenantCmd::New { tenant_id, age_public_key, format, dir } } => {
+            let dir = dir.clone().unwrap_or_else(|| PathBuf::from(&cfg.repo).join(&cfg.path));
+            let path = dir.join(format!("{tenant_id}.{format}"));
+            files::new_tenant(&path, tenant_id, age_public_key)?;
+            println!("Wrote {}", path.display());
+            return Ok(EXIT_OK);
+        }
+        _ => {}
+    }
     // Keys are in hand before any thread starts; nothing reads them from the environment later.
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let progress = matches!(&cli.cmd, Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. });
@@ -242,7 +298,7 @@ fn print_json(v: &serde_json::Value) {
 
 async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
     match cmd {
-        Cmd::Config | Cmd::Db { .. } => unreachable!("handled before the runtime"),
+        Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } => unreachable!("handled before the runtime"),
         Cmd::Migrate => {
             let pool = sync::connect(&ctx.cfg).await?;
             let mut client = store::client(&pool).await?;
@@ -357,6 +413,55 @@ async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> 
                 println!("No changes: the database matches {}.{}", o.header.commit.as_deref().unwrap_or("the work tree"), if orphans > 0 { format!(" ({orphans} orphaned tenant(s) left alone.)") } else { String::new() });
             } else {
                 print!("{}", render::plan_text(&o.plan, &o.header, false).replace("Plan for", "Applied").replace("\nPlan: ", "\nApplied: "));
+            }
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn secrets(cfg: &Config, keys: &AgeKeys, cmd: &SecretsCmd) -> Result<u8> {
+    match cmd {
+        SecretsCmd::Encrypt { file } => {
+            files::encrypt_file(file)?;
+            eprintln!("Encrypted {}", file.display());
+        }
+        SecretsCmd::Decrypt { file } => print!("{}", files::decrypt_file(file, keys)?),
+        SecretsCmd::Edit { file } => {
+            let editor = std::env::var("EDITOR").or_else(|_| std::env::var("VISUAL")).unwrap_or_else(|_| "vi".into());
+            match files::edit_file(file, keys, &editor)? {
+                files::Edited::Unchanged => eprintln!("{}: no changes", file.display()),
+                files::Edited::Saved => eprintln!("{}: saved", file.display()),
+            }
+        }
+        SecretsCmd::Updatekeys { files: list, dry_run } => {
+            let list = if list.is_empty() {
+                let dir = PathBuf::from(&cfg.repo).join(&cfg.path);
+                let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+                    .with_context(|| format!("reading {}", dir.display()))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| frostbyte_gitops::sops::Format::from_path(&p.to_string_lossy()).is_some())
+                    .collect();
+                v.sort();
+                v
+            } else {
+                list.clone()
+            };
+            let mut failed = 0;
+            for path in &list {
+                match files::update_keys(path, keys, *dry_run) {
+                    Ok(None) => println!("{}: recipients up to date", path.display()),
+                    Ok(Some(u)) => {
+                        let verb = if *dry_run { "would update" } else { "updated" };
+                        println!("{}: {verb}: +[{}] -[{}]", path.display(), u.added.join(", "), u.removed.join(", "));
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("error: {e:#}");
+                    }
+                }
+            }
+            if failed > 0 {
+                return Err(anyhow!("{failed} of {} file(s) could not be updated", list.len()));
             }
         }
     }
