@@ -555,6 +555,9 @@ fn decrypt_value(enc: &str, key: &[u8], aad: &str) -> Result<Value, String> {
     match ty {
         "str" | "bytes" => Ok(Value::String(text)),
         "int" => text.parse::<i64>().map(|i| Value::Number(i.into())).map_err(|_| "type int, but not an integer".into()),
+        // sops's JSON store reads every number as a float and writes whole ones without a point
+        // ("42"); `sops decrypt` prints them back as integers, and so do we.
+        "float" if !text.contains(['.', 'e', 'E']) && text.parse::<i64>().is_ok() => Ok(Value::Number(text.parse::<i64>().expect("checked").into())),
         "float" => text
             .parse::<f64>()
             .ok()
@@ -569,7 +572,8 @@ fn decrypt_value(enc: &str, key: &[u8], aad: &str) -> Result<Value, String> {
 fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> {
     let (ty, text) = match v {
         Value::String(s) => ("str", s.clone()),
-        Value::Bool(b) => ("bool", b.to_string()),
+        // "True"/"False": rops accepts only these, and sops's ParseBool accepts them too.
+        Value::Bool(b) => ("bool", if *b { "True".to_string() } else { "False".to_string() }),
         Value::Number(n) if n.is_f64() => ("float", number_text(n)),
         Value::Number(n) => ("int", number_text(n)),
         _ => return Err(SopsError::Encrypt("only scalars can be encrypted".into())),
