@@ -1,0 +1,145 @@
+//! `migrate` against a real PostgreSQL: the schema, idempotence, concurrency, append-only audit.
+
+mod common;
+use common::*;
+use serde_json::json;
+
+fn migrate(repo: &TestRepo, db: &TestDb) -> Out {
+    let out = run(repo, Some(db), &["migrate"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    out
+}
+
+#[test]
+fn creates_both_tables_with_their_columns_constraints_and_indexes() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    let out = migrate(&repo, &db);
+    assert!(out.stdout.contains("001_tenant_registry.sql"), "{}", out.stdout);
+
+    let columns = |table: &str| -> Vec<(String, String)> {
+        db.rows(&format!("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = '{table}' ORDER BY ordinal_position"))
+            .iter()
+            .map(|r| (r["column_name"].as_str().unwrap().to_string(), r["data_type"].as_str().unwrap().to_string()))
+            .collect()
+    };
+    let tenants: Vec<(&str, &str)> = vec![
+        ("tenant_id", "text"),
+        ("state", "text"),
+        ("config", "jsonb"),
+        ("config_version", "bigint"),
+        ("created_at", "timestamp with time zone"),
+        ("updated_at", "timestamp with time zone"),
+        ("provisioning_started_at", "timestamp with time zone"),
+        ("provisioned_at", "timestamp with time zone"),
+        ("age_public_key", "text"),
+        ("endpoints", "jsonb"),
+    ];
+    let got = columns("tenants");
+    assert_eq!(got.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect::<Vec<_>>(), tenants);
+    let audit: Vec<String> = columns("audit_events").into_iter().map(|c| c.0).collect();
+    for c in ["event_id", "tenant_id", "event_type", "occurred_at", "actor", "details", "previous_event_id"] {
+        assert!(audit.contains(&c.to_string()), "audit_events lacks {c}: {audit:?}");
+    }
+    assert_eq!(db.scalar("SELECT data_type FROM information_schema.columns WHERE table_name='audit_events' AND column_name='event_id'"), json!("uuid"));
+
+    let indexes: Vec<String> = db.rows("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'").iter().map(|r| r["indexname"].as_str().unwrap().to_string()).collect();
+    for i in ["tenants_pkey", "tenants_state_idx", "tenants_created_at_idx", "audit_events_pkey", "audit_events_tenant_time_idx", "audit_events_type_time_idx"] {
+        assert!(indexes.contains(&i.to_string()), "missing index {i}: {indexes:?}");
+    }
+
+    // The CHECKs do their job.
+    let key = tenant_recipient();
+    let insert = |id: &str, state: &str, key: &str| db.try_exec(&format!("INSERT INTO tenants (tenant_id, state, age_public_key) VALUES ('{id}', '{state}', '{key}')"));
+    assert!(insert("Bad_Id", "pending", &key).unwrap_err().contains("tenants_tenant_id_dns_label"));
+    assert!(insert("ab", "pending", &key).is_err());
+    assert!(insert("good-id", "archived", &key).unwrap_err().contains("tenants_state_lifecycle"));
+    assert!(insert("good-id", "pending", "age1notakey").unwrap_err().contains("tenants_age_public_key_x25519"));
+    db.exec(&format!("INSERT INTO tenants (tenant_id, age_public_key) VALUES ('good-id', '{key}')"));
+    assert_eq!(db.scalar("SELECT state FROM tenants"), json!("pending"));
+    assert_eq!(db.scalar("SELECT config_version FROM tenants"), json!(0));
+
+    // updated_at moves on a real change only.
+    db.exec(
+        "ALTER TABLE tenants DISABLE TRIGGER tenants_touch_updated_at;
+         UPDATE tenants SET updated_at = '2000-01-01' WHERE tenant_id = 'good-id';
+         ALTER TABLE tenants ENABLE TRIGGER tenants_touch_updated_at;",
+    );
+    db.exec("UPDATE tenants SET state = state WHERE tenant_id = 'good-id'");
+    assert_eq!(db.count("SELECT 1 FROM tenants WHERE updated_at = '2000-01-01'"), 1, "a no-op update must not touch updated_at");
+    db.exec("UPDATE tenants SET state = 'active' WHERE tenant_id = 'good-id'");
+    assert_eq!(db.count("SELECT 1 FROM tenants WHERE updated_at > now() - interval '1 minute'"), 1);
+}
+
+#[test]
+fn a_second_run_changes_nothing() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    migrate(&repo, &db);
+    let before = db.rows("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version");
+    assert_eq!(before.len(), 3);
+    let out = migrate(&repo, &db);
+    assert!(out.stdout.contains("nothing to apply"), "{}", out.stdout);
+    assert_eq!(db.rows("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version"), before);
+}
+
+#[test]
+fn two_concurrent_runs_both_succeed_and_apply_each_migration_once() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            let mut c = command(repo.path(), Some(&db));
+            c.arg("migrate").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    for o in &outs {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(db.count("SELECT * FROM schema_migrations"), 3);
+    let applied: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).collect();
+    assert_eq!(applied.iter().filter(|s| s.contains("Applied migrations")).count(), 1, "{applied:?}");
+}
+
+#[test]
+fn audit_events_refuse_update_delete_and_truncate() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    migrate(&repo, &db);
+    db.exec("SELECT emit_audit_event('acme', 'TENANT_CREATED', 'test', '{\"k\": 1}')");
+    db.exec("SELECT emit_audit_event('acme', 'TENANT_CONFIG_UPDATED', 'test', '{}')");
+    db.exec("SELECT emit_audit_event('acme', 'TENANT_CONFIG_UPDATED', 'test', '{}')");
+    for sql in ["UPDATE audit_events SET actor = 'mallory'", "DELETE FROM audit_events", "TRUNCATE audit_events"] {
+        let err = db.try_exec(sql).unwrap_err();
+        assert!(err.contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(db.count("SELECT * FROM audit_events WHERE actor = 'test'"), 3);
+    // Config events chain; lifecycle events do not.
+    assert_eq!(db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CREATED' AND previous_event_id IS NULL"), 1);
+    assert_eq!(db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED' AND previous_event_id IS NULL"), 1);
+    assert_eq!(
+        db.count("SELECT * FROM audit_events a JOIN audit_events b ON a.previous_event_id = b.event_id WHERE b.event_type = 'TENANT_CONFIG_UPDATED'"),
+        1
+    );
+    assert!(db.try_exec("SELECT emit_audit_event('acme', 'TENANT_EXPLODED', 'test', '{}')").is_err());
+}
+
+#[test]
+fn a_changed_migration_is_refused() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    migrate(&repo, &db);
+    db.exec("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 2");
+    let out = run(&repo, Some(&db), &["migrate"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("migration 002_audit_events.sql was changed after it was applied"), "{}", out.stderr);
+}
+
+#[test]
+fn production_mode_refuses_an_unmigrated_database() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    repo.put_tenant(&tenant_doc("acme"), frostbyte_gitops::sops::Format::Toml);
+    repo.commit("one tenant");
+    let mut c = command(repo.path(), Some(&db));
+    c.env("FROSTBYTE_MODE", "production").arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("not migrated"), "{}", out.stderr);
+}
