@@ -245,6 +245,9 @@ fn load_keys(cfg: &Config) -> Result<AgeKeys> {
 
 fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FROSTBYTE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,frostbyte_gitops=info"));
+    // tokio-postgres logs every query's parameters at debug level, and parameters carry decrypted
+    // config: its debug output never reaches a log, whatever FROSTBYTE_LOG says.
+    let filter = filter.add_directive("tokio_postgres=info".parse().expect("valid directive"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cfg.log_format {
         LogFormat::Json => builder.json().init(),

@@ -25,6 +25,13 @@ fn short(commit: &Option<String>) -> String {
     commit.as_deref().map_or_else(|| "the work tree".to_string(), |c| c.chars().take(12).collect())
 }
 
+fn code_or_worktree(commit: &Option<String>) -> String {
+    match commit {
+        Some(_) => format!("`{}`", short(commit)),
+        None => short(commit),
+    }
+}
+
 // ---------- validation ----------
 
 pub fn issues_text(files: usize, issues: &[Issue]) -> String {
@@ -69,6 +76,25 @@ struct Paint(bool);
 impl Paint {
     fn c(&self, code: &str, s: &str) -> String {
         if self.0 { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    }
+}
+
+/// The lines one operation shows as: an added object is shown leaf by leaf, as Terraform shows
+/// a new resource's attributes.
+fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
+    match (&op.op[..], &op.value, op.secret) {
+        ("add", Some(v @ Value::Object(m)), None) if !m.is_empty() => {
+            let mut leaves = Vec::new();
+            crate::domain::json::leaves(v, &op.path, &mut leaves);
+            leaves
+                .into_iter()
+                .map(|p| {
+                    let leaf = v.pointer(&p[op.path.len()..]).cloned().unwrap_or(Value::Null);
+                    if leaf.as_str() == Some(crate::domain::json::REDACTED) { ('+', format!("{p} (secret)")) } else { ('+', format!("{p} = {leaf}")) }
+                })
+                .collect()
+        }
+        _ => vec![op_line(op)],
     }
 }
 
@@ -121,8 +147,7 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
                 continue;
             }
         }
-        for op in &t.patch {
-            let (sign, text) = op_line(op);
+        for (sign, text) in t.patch.iter().flat_map(op_lines) {
             let code = match sign {
                 '+' => "32",
                 '-' => "31",
@@ -146,7 +171,7 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
 pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     let s = plan.summary();
     let mut head = String::new();
-    let _ = writeln!(head, "### Frostbyte plan for `{}`\n", short(&header.commit));
+    let _ = writeln!(head, "### Frostbyte plan for {}\n", code_or_worktree(&header.commit));
     let _ = writeln!(head, "Compared with {}: **{}** ({} unchanged).\n", header.against, s.line(), s.unchanged);
     let shown: Vec<&TenantPlan> = plan.tenants.iter().filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty()).collect();
     if shown.is_empty() {
@@ -166,9 +191,13 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     let mut blocks = Vec::new();
     for t in shown.iter().filter(|t| !t.patch.is_empty() || !t.out_of_band.is_empty()) {
         let mut b = String::new();
-        let _ = writeln!(b, "<details><summary><code>{}</code>: {:?} ({})</summary>\n\n```diff", t.tenant_id, t.action, t.patch.len());
-        for op in &t.patch {
-            let (sign, text) = op_line(op);
+        let what = match t.action {
+            Action::Create => "create",
+            Action::Update => "update",
+            _ => "changed outside git",
+        };
+        let _ = writeln!(b, "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n\n```diff", t.tenant_id, t.patch.len() + t.out_of_band.len());
+        for (sign, text) in t.patch.iter().flat_map(op_lines) {
             let _ = writeln!(b, "{sign} {}", text.replace("```", "'''"));
         }
         for path in &t.out_of_band {
@@ -235,7 +264,7 @@ fn drift_summary(report: &[TenantDrift]) -> String {
 
 pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "### Frostbyte drift against `{}`\n\n{}\n", short(&header.commit), drift_summary(report));
+    let _ = writeln!(out, "### Frostbyte drift against {}\n\n{}\n", code_or_worktree(&header.commit), drift_summary(report));
     let drifted: Vec<&TenantDrift> = report.iter().filter(|t| !t.in_sync()).collect();
     if drifted.is_empty() {
         out.push_str("Every tenant is in sync.\n");
