@@ -574,7 +574,8 @@ fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> 
         Value::String(s) => ("str", s.clone()),
         // "True"/"False": rops accepts only these, and sops's ParseBool accepts them too.
         Value::Bool(b) => ("bool", if *b { "True".to_string() } else { "False".to_string() }),
-        Value::Number(n) if n.is_f64() => ("float", number_text(n)),
+        // A whole float keeps its point ("1.0"), so that it decrypts as a float again.
+        Value::Number(n) if n.is_f64() => ("float", n.as_f64().filter(|f| f.fract() == 0.0).map_or_else(|| number_text(n), |f| format!("{f:.1}"))),
         Value::Number(n) => ("int", number_text(n)),
         _ => return Err(SopsError::Encrypt("only scalars can be encrypted".into())),
     };
