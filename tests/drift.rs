@@ -1,0 +1,134 @@
+//! `drift` against a real PostgreSQL: each class, exit codes, redaction, correction by `sync`.
+
+mod common;
+use common::*;
+use frostbyte_gitops::sops::Format;
+use serde_json::{Value, json};
+
+fn psql(db: &TestDb, sql: &str) {
+    let out = std::process::Command::new("psql").args(["-v", "ON_ERROR_STOP=1", "-q", "-d", &db.url, "-c", sql]).output().expect("psql on PATH");
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn drift_json(repo: &TestRepo, db: &TestDb, extra: &[&str]) -> (i32, Value) {
+    let mut args = vec!["drift", "--format", "json"];
+    args.extend_from_slice(extra);
+    let out = run(repo, Some(db), &args);
+    assert!(out.code == 0 || out.code == 2, "{}", out.all());
+    (out.code, serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout)))
+}
+
+fn classes(report: &Value, id: &str) -> Vec<String> {
+    let t = report["tenants"].as_array().unwrap().iter().find(|t| t["tenant_id"] == json!(id)).unwrap_or_else(|| panic!("no {id}"));
+    t["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
+}
+
+fn tenant<'a>(report: &'a Value, id: &str) -> &'a Value {
+    report["tenants"].as_array().unwrap().iter().find(|t| t["tenant_id"] == json!(id)).unwrap()
+}
+
+fn synced() -> (TestRepo, TestDb) {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    for (id, f) in [("alpha", Format::Toml), ("bravo", Format::Json), ("charlie", Format::Yaml), ("delta", Format::Toml), ("echo", Format::Json)] {
+        repo.put_tenant(&tenant_doc(id), f);
+    }
+    repo.commit("five tenants");
+    assert_eq!(run(&repo, Some(&db), &["sync"]).code, 0);
+    (repo, db)
+}
+
+#[test]
+fn in_sync_exits_zero() {
+    let (repo, db) = synced();
+    let (code, report) = drift_json(&repo, &db, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(report["counts"]["in-sync"], json!(5));
+    let text = run(&repo, Some(&db), &["drift"]);
+    assert_eq!(text.code, 0);
+    assert!(text.stdout.contains("5 tenant(s): 5 in-sync, 0 pending, 0 modified, 0 missing, 0 orphaned"), "{}", text.stdout);
+}
+
+#[test]
+fn every_class_is_told_apart() {
+    let (repo, db) = synced();
+    // modified: a hand edit with psql, including a secret.
+    psql(&db, "UPDATE tenants SET config = jsonb_set(jsonb_set(config, '{limits,max_users}', '999'), '{secrets,db_password}', '\"typed-by-hand-pw\"') WHERE tenant_id = 'alpha'");
+    // pending: a commit not yet synced.
+    let mut bravo = tenant_doc("bravo");
+    bravo["config"]["plan"] = json!("enterprise");
+    repo.put_tenant(&bravo, Format::Json);
+    // pending and modified at once.
+    let mut charlie = tenant_doc("charlie");
+    charlie["config"]["region"] = json!("us-east-1");
+    repo.put_tenant(&charlie, Format::Yaml);
+    psql(&db, "UPDATE tenants SET endpoints = '{\"api\": \"https://moved.example.com\"}' WHERE tenant_id = 'charlie'");
+    // orphaned: the file is deleted.
+    repo.remove("tenants/delta.toml");
+    // missing: the row is deleted.
+    psql(&db, "DELETE FROM tenants WHERE tenant_id = 'echo'");
+    repo.commit("changes not yet synced");
+
+    let (code, report) = drift_json(&repo, &db, &[]);
+    assert_eq!(code, 2);
+    assert_eq!(classes(&report, "alpha"), ["modified"]);
+    assert_eq!(tenant(&report, "alpha")["modified_paths"], json!(["/config/limits/max_users", "/config/secrets/db_password"]));
+    assert_eq!(classes(&report, "bravo"), ["pending"]);
+    assert_eq!(tenant(&report, "bravo")["pending_paths"], json!(["/config/plan"]));
+    assert_eq!(classes(&report, "charlie"), ["pending", "modified"]);
+    assert_eq!(tenant(&report, "charlie")["modified_paths"], json!(["/endpoints/api"]));
+    assert_eq!(classes(&report, "delta"), ["orphaned"]);
+    assert_eq!(classes(&report, "echo"), ["missing"]);
+    assert_eq!(report["counts"], json!({"in-sync": 0, "pending": 2, "modified": 2, "missing": 1, "orphaned": 1}));
+
+    let text = run(&repo, Some(&db), &["drift"]);
+    assert_eq!(text.code, 2);
+    assert!(text.stdout.contains("charlie: pending + modified"), "{}", text.stdout);
+    assert!(text.stdout.contains("modified /config/secrets/db_password"), "{}", text.stdout);
+    let md = run(&repo, Some(&db), &["drift", "--format", "markdown"]);
+    assert_eq!(md.code, 2);
+    assert!(md.stdout.contains("| `charlie` | pending + modified | `/config/region` | `/endpoints/api` |"), "{}", md.stdout);
+    for out in [text.all(), md.all(), report.to_string()] {
+        assert!(!out.contains("typed-by-hand-pw") && !out.contains("pw-alpha-s3cret"), "a secret leaked:\n{out}");
+    }
+
+    // --fail-on narrows what counts for the exit code.
+    assert_eq!(run(&repo, Some(&db), &["drift", "--fail-on", "orphaned"]).code, 2);
+    psql(&db, "DELETE FROM tenants WHERE tenant_id = 'delta'");
+    assert_eq!(run(&repo, Some(&db), &["drift", "--fail-on", "orphaned"]).code, 0);
+    assert_eq!(run(&repo, Some(&db), &["drift", "--fail-on", "missing"]).code, 2);
+    let bad = run(&repo, Some(&db), &["drift", "--fail-on", "sideways"]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("unknown drift class \"sideways\""), "{}", bad.stderr);
+}
+
+#[test]
+fn sync_corrects_a_hand_edit_and_says_so() {
+    let (repo, db) = synced();
+    psql(&db, "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    let plan = run(&repo, Some(&db), &["plan"]);
+    assert_eq!(plan.code, 2);
+    assert!(plan.stdout.contains("overwrites changes made outside git: /config/plan"), "{}", plan.stdout);
+    assert_eq!(run(&repo, Some(&db), &["sync"]).code, 0);
+    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("pro"));
+    let event = db.scalar("SELECT details FROM audit_events WHERE tenant_id = 'alpha' ORDER BY event_seq DESC LIMIT 1");
+    assert_eq!(event["corrected_out_of_band_changes"], json!(["/config/plan"]));
+    assert_eq!(event["from_version"], json!(1));
+    let (code, _) = drift_json(&repo, &db, &[]);
+    assert_eq!(code, 0, "in sync after the correction");
+}
+
+#[test]
+fn the_warn_policy_leaves_a_hand_edit_but_applies_git_changes() {
+    let (repo, db) = synced();
+    psql(&db, "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    let mut bravo = tenant_doc("bravo");
+    bravo["config"]["plan"] = json!("starter");
+    repo.put_tenant(&bravo, Format::Json);
+    repo.commit("bravo changes");
+    let out = run(&repo, Some(&db), &["sync", "--drift-policy", "warn"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("free"), "left alone");
+    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'bravo'"), json!("starter"), "applied");
+    let (_, report) = drift_json(&repo, &db, &[]);
+    assert_eq!(classes(&report, "alpha"), ["modified"]);
+}
