@@ -4,6 +4,7 @@
 //! `domain` is the pure core; `source` (git), `sops` (decryption), `store` (PostgreSQL) and
 //! `localpg` (a local cluster) are adapters; `sync` wires them together for the CLI in `main.rs`.
 
+pub mod agent;
 pub mod config;
 pub mod domain;
 pub mod files;

@@ -62,6 +62,15 @@ struct Global {
     /// Read the files on disk instead of a commit.
     #[arg(long, global = true)]
     worktree: bool,
+    /// `run`: seconds between syncs (env FROSTBYTE_SYNC_INTERVAL; default 60).
+    #[arg(long, global = true)]
+    interval: Option<String>,
+    /// `run`: quiet time after a file event before syncing (env FROSTBYTE_DEBOUNCE_MS; default 500).
+    #[arg(long, global = true)]
+    debounce_ms: Option<String>,
+    /// `run`: HTTP listener address (env FROSTBYTE_LISTEN; default 127.0.0.1:8686).
+    #[arg(long, global = true)]
+    listen: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -126,6 +135,9 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         fail_on: Vec<String>,
     },
+    /// Run the agent: sync on an interval, on new commits and on webhooks; serve health and
+    /// metrics. Exits 0 on SIGTERM or SIGINT after the sync in progress.
+    Run,
     /// Keep tenant files encrypted (the sops CLI cannot edit TOML).
     Secrets {
         #[command(subcommand)]
@@ -213,6 +225,9 @@ fn flags(g: &Global) -> Flags {
     put("log_format", &g.log_format);
     put("data_dir", &g.data_dir);
     put("drift_policy", &g.drift_policy);
+    put("interval", &g.interval);
+    put("debounce_ms", &g.debounce_ms);
+    put("listen", &g.listen);
     if g.allow_plaintext {
         f.0.insert("allow_plaintext", "true".into());
     }
@@ -292,6 +307,13 @@ fn real_main(cli: Cli) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     let progress = matches!(&cli.cmd, Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. });
     let ctx = Ctx { cfg, keys, progress };
+    if let Cmd::Run = cli.cmd {
+        return rt.block_on(async {
+            let db = sync::connect(&ctx.cfg).await?;
+            frostbyte_gitops::agent::run(std::sync::Arc::new(ctx), db).await?;
+            Ok(EXIT_OK)
+        });
+    }
     rt.block_on(dispatch(&ctx, cli.cmd))
 }
 
@@ -301,10 +323,10 @@ fn print_json(v: &serde_json::Value) {
 
 async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
     match cmd {
-        Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } => unreachable!("handled before the runtime"),
+        Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
         Cmd::Migrate => {
-            let pool = sync::connect(&ctx.cfg).await?;
-            let mut client = store::client(&pool).await?;
+            let db = sync::connect(&ctx.cfg).await?;
+            let mut client = store::client(&db.pool).await?;
             let applied = store::migrate(&mut client).await?;
             if applied.is_empty() {
                 println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());
@@ -335,9 +357,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                 }
                 sync::plan_against_ref(ctx, &base)?
             } else {
-                let pool = sync::connect(&ctx.cfg).await?;
-                sync::prepare(&ctx.cfg, &pool).await?;
-                let outcome = sync::run(ctx, &pool, Run::Plan).await?;
+                let db = sync::connect(&ctx.cfg).await?;
+                sync::prepare(&ctx.cfg, &db.pool).await?;
+                let outcome = sync::run(ctx, &db.pool, Run::Plan, false).await?;
                 if let Some(path) = &out {
                     let commit = outcome.header.commit.clone().ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
                     let saved = SavedPlan {
@@ -385,9 +407,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             } else {
                 fail_on.iter().map(|s| s.trim().parse()).collect::<Result<_, String>>().map_err(|e| anyhow!("--fail-on: {e}"))?
             };
-            let pool = sync::connect(&ctx.cfg).await?;
-            sync::prepare(&ctx.cfg, &pool).await?;
-            let (header, report) = sync::drift_report(ctx, &pool).await?;
+            let db = sync::connect(&ctx.cfg).await?;
+            sync::prepare(&ctx.cfg, &db.pool).await?;
+            let (header, report) = sync::drift_report(ctx, &db.pool).await?;
             match format {
                 OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
                 OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
@@ -401,9 +423,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
 
 /// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done.
 async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> {
-    let pool = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &pool).await?;
-    let o = sync::run(ctx, &pool, run).await?;
+    let db = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &db.pool).await?;
+    let o = sync::run(ctx, &db.pool, run, false).await?;
     match format {
         OutFormat::Json => {
             let mut v = render::plan_json(&o.plan, &o.header);

@@ -197,8 +197,15 @@ pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: boo
     Ok(read_snapshot(snapshot, &ReadOptions::from_ctx(ctx)))
 }
 
-/// A pool for the configured database; in dev mode with none configured, the agent's own cluster.
-pub async fn connect(cfg: &Config) -> Result<Pool, SyncError> {
+/// The configured database: a pool, and the connection string for the agent's leader lease.
+#[derive(Clone)]
+pub struct Database {
+    pub pool: Pool,
+    pub url: String,
+}
+
+/// The configured database; in dev mode with none configured, the agent's own cluster.
+pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
     let url = match &cfg.database_url {
         Some(url) => url.clone(),
         None => {
@@ -209,7 +216,7 @@ pub async fn connect(cfg: &Config) -> Result<Pool, SyncError> {
             cluster.conninfo("frostbyte")
         }
     };
-    Ok(store::pool(&url)?)
+    Ok(Database { pool: store::pool(&url)?, url })
 }
 
 /// Dev mode migrates on the way in; production expects `migrate` to have run.
@@ -244,13 +251,17 @@ pub struct Outcome {
     pub plan: Plan,
     pub applied: usize,
     pub source: String,
+    /// Drift after the run, when asked for.
+    pub drift: Option<Vec<TenantDrift>>,
+    pub commit_time: Option<String>,
 }
 
 /// Plans against the database and, unless `run` is `Plan`, applies in one transaction under the
 /// apply lock: the plan is made from what the database holds once the lock is ours, so two
 /// concurrent runs never apply a change twice.
-pub async fn run(ctx: &Ctx, pool: &Pool, run: Run) -> Result<Outcome, SyncError> {
-    let source = Source::open(&ctx.source_spec())?;
+pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<Outcome, SyncError> {
+    // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
+    let source = blocking(|| Source::open(&ctx.source_spec()))?;
     let worktree = ctx.cfg.worktree;
     let rev = match &run {
         Run::ApplySaved { saved, .. } => {
@@ -264,7 +275,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run) -> Result<Outcome, SyncError>
     if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
         return Err(SyncError::Usage("--worktree cannot apply in production mode: apply commits, not uncommitted files".into()));
     }
-    let desired = read_desired(ctx, &source, rev.as_deref(), worktree && rev.is_none())?;
+    let desired = blocking(|| read_desired(ctx, &source, rev.as_deref(), worktree && rev.is_none()))?;
     if !desired.issues.is_empty() {
         return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
     }
@@ -303,11 +314,31 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run) -> Result<Outcome, SyncError>
         let actx = ApplyContext { source: &source.id, commit: &commit, actor: ACTOR, key: &key, record_commit: desired.commit.is_some() };
         applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
     }
+    let drift_report = if want_drift {
+        let after = if applied > 0 { store::load_actual(&*tx).await? } else { actual };
+        Some(drift(&desired.tenants, &after, &key))
+    } else {
+        None
+    };
     tx.commit().await.map_err(|e| StoreError::Query { context: "committing".into(), source: e })?;
     if applied > 0 {
         tracing::info!(commit = %commit.id, applied, "applied");
     }
-    Ok(Outcome { header: Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, plan: fresh, applied, source: source.id })
+    Ok(Outcome {
+        header: Header { commit: desired.commit.as_ref().map(|c| c.id.clone()), against: "the database".into() },
+        plan: fresh,
+        applied,
+        source: source.id,
+        drift: drift_report,
+        commit_time: desired.commit.map(|c| c.time),
+    })
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// `plan --against-ref`: the change between two revisions, without a database.

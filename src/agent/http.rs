@@ -1,0 +1,74 @@
+//! The agent's HTTP listener: /healthz, /readyz, /metrics and the webhook `POST /sync`.
+
+use super::metrics::Metrics;
+use super::schedule::Trigger;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use deadpool_postgres::Pool;
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub metrics: Arc<Mutex<Metrics>>,
+    pub pool: Pool,
+    pub triggers: mpsc::Sender<Trigger>,
+    pub token: Option<String>,
+}
+
+pub fn router(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/sync", post(webhook))
+        .with_state(state)
+}
+
+async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let db = tokio::time::timeout(Duration::from_secs(2), async {
+        let c = s.pool.get().await.map_err(|e| e.to_string())?;
+        c.simple_query("SELECT 1").await.map_err(|e| e.to_string()).map(|_| ())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    let (leader, last_ok, last_err) = {
+        let m = s.metrics.lock().expect("metrics lock");
+        (m.leader, m.last_sync_ok, m.last_sync_error.clone())
+    };
+    match (db, leader, last_ok) {
+        (Err(e), _, _) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {e}\n")),
+        // A standby is ready when it can reach the database; it takes over when the leader goes.
+        (Ok(()), false, _) => (StatusCode::OK, "ready (standby)\n".to_string()),
+        (Ok(()), true, Some(true)) => (StatusCode::OK, "ready\n".to_string()),
+        (Ok(()), true, None) => (StatusCode::SERVICE_UNAVAILABLE, "no sync has completed yet\n".to_string()),
+        (Ok(()), true, Some(false)) => (StatusCode::SERVICE_UNAVAILABLE, format!("last sync failed: {}\n", last_err.unwrap_or_default())),
+    }
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    let body = s.metrics.lock().expect("metrics lock").render();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+}
+
+/// Compares digests, so the time taken says nothing about how much of the token matched.
+fn token_matches(given: &str, want: &str) -> bool {
+    Sha256::digest(given.as_bytes()) == Sha256::digest(want.as_bytes())
+}
+
+async fn webhook(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let Some(want) = &s.token else {
+        return (StatusCode::NOT_FOUND, "the webhook is off: set webhook_token to turn it on\n");
+    };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if !token_matches(given, want) {
+        return (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n");
+    }
+    // A full channel already holds a pending trigger: this one collapses into it.
+    let _ = s.triggers.try_send(Trigger::Webhook);
+    (StatusCode::ACCEPTED, "sync queued\n")
+}
