@@ -83,11 +83,13 @@ pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>,
 async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET client_min_messages TO warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                 version    integer     PRIMARY KEY,
                 name       text        NOT NULL,
                 checksum   text        NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now())",
+                applied_at timestamptz NOT NULL DEFAULT now());
+             RESET client_min_messages",
         )
         .await
         .map_err(q("creating schema_migrations"))?;

@@ -46,26 +46,26 @@ struct Lease {
 }
 
 impl Lease {
-    async fn held(&mut self) -> bool {
+    /// Whether this replica holds the lease; an error when the database cannot be asked.
+    async fn held(&mut self) -> Result<bool, String> {
         if let Some(c) = &self.client {
             if c.simple_query("SELECT 1").await.is_ok() {
-                return true;
+                return Ok(true);
             }
             tracing::warn!("lost the connection that held the apply lease");
             self.client = None;
         }
-        let Ok((client, conn)) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await else { return false };
+        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        match client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await {
-            Ok(row) if row.get::<_, bool>(0) => {
-                tracing::info!("holding the apply lease: this replica applies");
-                self.client = Some(client);
-                true
-            }
-            _ => false,
+        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await.map_err(|e| format!("taking the apply lease: {e}"))?;
+        if row.get::<_, bool>(0) {
+            tracing::info!("holding the apply lease: this replica applies");
+            self.client = Some(client);
+            return Ok(true);
         }
+        Ok(false)
     }
 }
 
@@ -106,7 +106,17 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
 
 async fn reconcile_once(ctx: &Ctx, db: &Database, metrics: &Mutex<Metrics>, lease: &tokio::sync::Mutex<Lease>, prepared: &std::sync::atomic::AtomicBool) -> Result<(), String> {
     let started = Instant::now();
-    let leader = lease.lock().await.held().await;
+    let leader = match lease.lock().await.held().await {
+        Ok(l) => l,
+        Err(e) => {
+            let mut m = metrics.lock().expect("metrics lock");
+            m.leader = false;
+            m.record_run("failure", started.elapsed().as_secs_f64());
+            m.last_sync_ok = Some(false);
+            m.last_sync_error = Some(e.clone());
+            return Err(e);
+        }
+    };
     metrics.lock().expect("metrics lock").leader = leader;
     if !leader {
         tracing::debug!("standby: another replica holds the apply lease");

@@ -1,0 +1,224 @@
+//! `run`, the long-running agent, as a process: a temporary repository, real PostgreSQL.
+
+mod common;
+use common::*;
+use frostbyte_gitops::sops::Format;
+use serde_json::json;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Agent {
+    child: Child,
+    log: Arc<Mutex<String>>,
+    port: u16,
+}
+
+impl Agent {
+    fn start(repo: &TestRepo, db_url: &str, extra_env: &[(&str, &str)]) -> Agent {
+        let mut c = command(repo.path(), None);
+        c.env("FROSTBYTE_CONTROL_DB_URL", db_url)
+            .env("FROSTBYTE_LOG", "info")
+            .args(["run", "--listen", "127.0.0.1:0", "--interval", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in extra_env {
+            c.env(k, v);
+        }
+        let mut child = c.spawn().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (sink, stderr) = (log.clone(), child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push_str(&(line + "\n"));
+            }
+        });
+        let port = wait_for(Duration::from_secs(20), || {
+            let text = log.lock().unwrap().clone();
+            text.split("listening addr=127.0.0.1:").nth(1).and_then(|rest| rest.split_whitespace().next()).and_then(|p| p.parse().ok())
+        })
+        .unwrap_or_else(|| panic!("the agent did not start:\n{}", log.lock().unwrap()));
+        Agent { child, log, port }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        http(self.port, "GET", path, None)
+    }
+
+    fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = self.get("/metrics");
+        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn signal(&self, sig: &str) {
+        assert!(std::process::Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success());
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, text.split("\r\n\r\n").nth(1).unwrap_or_default().to_string())
+}
+
+fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn one_tenant() -> (TestRepo, TestDb) {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.commit("alpha");
+    (repo, db)
+}
+
+#[test]
+fn a_commit_reaches_the_database_and_the_agent_reports_it() {
+    let (repo, db) = one_tenant();
+    let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WEBHOOK_TOKEN", "hook-token-123")]);
+    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    assert_eq!(db.count("SELECT 1 FROM tenants"), 1);
+
+    repo.put_tenant(&tenant_doc("bravo"), Format::Json);
+    let committed = Instant::now();
+    repo.commit("bravo");
+    let arrived = wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants WHERE tenant_id = 'bravo'") == 1).then(Instant::now));
+    let latency = arrived.expect("the commit never reached the database") - committed;
+    println!("commit to database: {} ms (debounce 500 ms, interval 1 s)", latency.as_millis());
+
+    let (_, metrics) = agent.get("/metrics");
+    assert!(metrics.contains("frostbyte_tenants{drift=\"in-sync\"} 2") || agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0) || {
+        std::thread::sleep(Duration::from_millis(1500));
+        agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0)
+    }, "{metrics}");
+    assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"success\"}").unwrap() >= 2.0);
+    assert_eq!(agent.metric("frostbyte_tenants_applied_total"), Some(2.0));
+    assert_eq!(agent.metric("frostbyte_leader"), Some(1.0));
+    assert!(agent.metric("frostbyte_last_applied_commit_timestamp_seconds").unwrap() > 1.7e9);
+
+    // The webhook wants its token.
+    assert_eq!(http(agent.port, "POST", "/sync", None).0, 401);
+    assert_eq!(http(agent.port, "POST", "/sync", Some("wrong")).0, 401);
+    assert_eq!(http(agent.port, "POST", "/sync", Some("hook-token-123")).0, 202);
+
+    // An invalid commit is counted, logged, and applies nothing; the agent stays up.
+    repo.write("tenants/broken.toml", "tenant_id = \"broken\"\n");
+    repo.commit("broken file");
+    let errors = wait_for(Duration::from_secs(20), || agent.metric("frostbyte_validation_errors").filter(|n| *n > 0.0));
+    assert!(errors.is_some(), "{}", agent.log());
+    assert_eq!(agent.get("/readyz").0, 503);
+    assert!(agent.log().contains("tenants/broken.toml"), "{}", agent.log());
+    assert_eq!(db.count("SELECT 1 FROM tenants"), 2);
+}
+
+#[test]
+fn the_agent_survives_a_database_restart_and_converges() {
+    let (repo, _unused) = one_tenant();
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("pgr-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let pgdata = dir.join("pgdata");
+    let cluster = frostbyte_gitops::localpg::ensure(&pgdata, &["fsync=off"]).unwrap();
+    let url = cluster.conninfo("postgres");
+    let agent = Agent::start(&repo, &url, &[]);
+    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+
+    frostbyte_gitops::localpg::stop(&pgdata).unwrap();
+    assert!(wait_for(Duration::from_secs(10), || (agent.get("/readyz").0 == 503).then_some(())).is_some(), "readyz stayed 200");
+    repo.put_tenant(&tenant_doc("bravo"), Format::Yaml);
+    repo.commit("bravo while the database is down");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agent.get("/healthz").0, 200, "the agent stays up");
+    assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"failure\"}").unwrap() >= 1.0, "{}", agent.log());
+
+    frostbyte_gitops::localpg::ensure(&pgdata, &["fsync=off"]).unwrap();
+    assert!(wait_for(Duration::from_secs(30), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    let db_rows = || {
+        block_on(async {
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+            tokio::spawn(conn);
+            c.query_one("SELECT count(*) FROM tenants", &[]).await.unwrap().get::<_, i64>(0)
+        })
+    };
+    assert!(wait_for(Duration::from_secs(20), || (db_rows() == 2).then_some(())).is_some(), "{}", agent.log());
+    drop(agent);
+    frostbyte_gitops::localpg::stop(&pgdata).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
+    let (repo, db) = one_tenant();
+    let mut first = Agent::start(&repo, &db.url, &[]);
+    assert!(wait_for(Duration::from_secs(20), || (first.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(), "{}", first.log());
+    let second = Agent::start(&repo, &db.url, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(second.metric("frostbyte_leader"), Some(0.0), "{}", second.log());
+    assert_eq!(second.get("/readyz").0, 200, "a standby is ready");
+
+    repo.put_tenant(&tenant_doc("bravo"), Format::Json);
+    repo.commit("bravo");
+    assert!(wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 2).then_some(())).is_some());
+
+    // The leader dies without a word; the standby takes the lease within an interval or so.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let took_over = Instant::now();
+    assert!(wait_for(Duration::from_secs(20), || (second.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(), "{}", second.log());
+    println!("standby took over after {} ms", took_over.elapsed().as_millis());
+    repo.put_tenant(&tenant_doc("charlie"), Format::Yaml);
+    repo.commit("charlie");
+    assert!(wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 3).then_some(())).is_some(), "{}", second.log());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CREATED'"), 3, "each change applied once");
+    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED'"), 3);
+}
+
+#[test]
+fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
+    let (repo, db) = one_tenant();
+    let mut agent = Agent::start(&repo, &db.url, &[]);
+    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    for id in ["bravo", "charlie", "delta"] {
+        repo.put_tenant(&tenant_doc(id), Format::Toml);
+    }
+    repo.commit("three more");
+    std::thread::sleep(Duration::from_millis(450));
+    let sent = Instant::now();
+    agent.signal("TERM");
+    let status = wait_for(Duration::from_secs(5), || agent.child.try_wait().unwrap()).expect("still running 5 s after SIGTERM");
+    println!("exited {} ms after SIGTERM", sent.elapsed().as_millis());
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    // Whatever was applied, was applied whole.
+    let versions = db.rows("SELECT t.tenant_id, t.config_version, (SELECT count(*) FROM audit_events e WHERE e.tenant_id = t.tenant_id AND e.event_type = 'TENANT_CONFIG_UPDATED') AS events FROM tenants t");
+    for v in &versions {
+        assert_eq!(v["config_version"], v["events"], "{v}");
+    }
+    assert!(versions.len() == 1 || versions.len() == 4, "{versions:?}");
+    assert_eq!(db.count("SELECT 1 FROM gitops_applied"), versions.len() as i64);
+    let _ = json!(null);
+}
