@@ -168,10 +168,14 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, Fi
     let d = sops::decrypt(doc, keys).map_err(|e| ferr(path, e.to_string()))?;
     let before = sops::serialize(format, &d.value).map_err(|e| ferr(path, e.to_string()))?;
 
-    // tempfile creates the directory 0700 and the file 0600: only we can read the plaintext.
+    // A 0700 directory and a 0600 file: only we can read the plaintext.
     let dir = tempfile::tempdir().map_err(io(path))?;
     let tmp = dir.path().join(path.file_name().unwrap_or("tenant".as_ref()));
-    std::fs::write(&tmp, &before).map_err(io(&tmp))?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        std::io::Write::write_all(&mut f, before.as_bytes()).map_err(io(&tmp))?;
+    }
     let status = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!("{editor} \"$1\""))

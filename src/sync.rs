@@ -208,6 +208,11 @@ pub struct Database {
 pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
     let url = match &cfg.database_url {
         Some(url) => url.clone(),
+        None if cfg.mode == Mode::Production => {
+            return Err(SyncError::Usage(
+                "production mode needs a database: set FROSTBYTE_CONTROL_DB_URL (the local PostgreSQL is for dev mode only)".into(),
+            ));
+        }
         None => {
             let dir = cfg.data_dir.join("pgdata");
             let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[])).await.expect("local PostgreSQL start panicked")?;

@@ -310,8 +310,8 @@ fn plan_against_a_ref_needs_no_database() {
     repo.remove("tenants/bravo.json");
     repo.commit("change");
     let mut c = command(repo.path(), None);
-    // Production mode with an unreachable database: proves nothing connects.
-    c.env("FROSTBYTE_MODE", "production").env("FROSTBYTE_CONTROL_DB_URL", "host=/nonexistent dbname=none").args(["plan", "--against-ref", &base, "--format", "markdown"]);
+    // Production mode with no database configured: proves nothing connects.
+    c.env("FROSTBYTE_MODE", "production").args(["plan", "--against-ref", &base, "--format", "markdown"]);
     let out = output(c);
     assert_eq!(out.code, 2, "{}", out.all());
     let md = &out.stdout;
@@ -351,4 +351,15 @@ fn the_markdown_plan_matches_the_reviewed_snapshot() {
     }
     let want = std::fs::read_to_string(&path).expect("snapshot missing: run with FROSTBYTE_UPDATE_SNAPSHOTS=1 and review it");
     assert_eq!(got, want, "the markdown plan changed; review it and update the snapshot with FROSTBYTE_UPDATE_SNAPSHOTS=1");
+}
+
+#[test]
+fn production_mode_needs_a_database_url_to_sync() {
+    let (repo, _db) = three_tenants();
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_MODE", "production").arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("production mode needs a database: set FROSTBYTE_CONTROL_DB_URL"), "{}", out.stderr);
+    assert!(!repo.path().join(".frostbyte/pgdata").exists(), "no local cluster in production");
 }
