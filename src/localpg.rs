@@ -127,7 +127,14 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
     let run_as = RunAs::detect()?;
     let parent = data_dir.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io("creating the data directory's parent", parent))?;
-    let data_dir = fs::canonicalize(parent).map_err(io("resolving", parent))?.join(data_dir.file_name().unwrap_or("pgdata".as_ref()));
+    let mut data_dir = fs::canonicalize(parent).map_err(io("resolving", parent))?.join(data_dir.file_name().unwrap_or("pgdata".as_ref()));
+    if run_as.user.is_some() && !others_can_enter(&data_dir) {
+        // The server runs as `postgres`, which cannot reach a directory under, say, /root.
+        let moved = relocated(&data_dir);
+        tracing::warn!(wanted = %data_dir.display(), using = %moved.display(), "the postgres user cannot reach the data directory; using another one");
+        fs::create_dir_all(moved.parent().expect("has a parent")).map_err(io("creating", &moved))?;
+        data_dir = moved;
+    }
     let socket = data_dir.join(".s.PGSQL.5432");
     if socket.as_os_str().len() > 107 {
         return Err(LocalPgError::SocketPathTooLong(socket));
@@ -160,9 +167,31 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
     Ok(LocalCluster { socket_dir: data_dir.clone(), data_dir, user: "postgres".into() })
 }
 
+/// Whether every existing ancestor of `path` lets other users through (o+x).
+fn others_can_enter(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().skip(1).filter_map(|p| fs::metadata(p).ok()).all(|m| m.permissions().mode() & 0o001 != 0)
+}
+
+/// A place under /var/tmp, named after the wanted path so that the same path finds it again.
+fn relocated(wanted: &Path) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let tag = hex::encode(&Sha256::digest(wanted.as_os_str().as_encoded_bytes())[..6]);
+    PathBuf::from(format!("/var/tmp/frostbyte-{tag}")).join(wanted.file_name().unwrap_or("pgdata".as_ref()))
+}
+
+/// Where `ensure` keeps (or would keep) the cluster wanted at `data_dir`.
+pub fn effective_dir(data_dir: &Path) -> PathBuf {
+    let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let abs = abs.parent().and_then(|p| fs::canonicalize(p).ok()).map(|p| p.join(abs.file_name().unwrap_or_default())).unwrap_or(abs);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 && !others_can_enter(&abs) { relocated(&abs) } else { abs }
+}
+
 /// Stops the cluster under `data_dir` if it runs.
 pub fn stop(data_dir: &Path) -> Result<(), LocalPgError> {
     let bin = find_bin_dir().ok_or(LocalPgError::NoBinaries)?;
+    let data_dir = &effective_dir(data_dir);
     if !data_dir.join("PG_VERSION").exists() {
         return Ok(());
     }

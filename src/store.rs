@@ -169,7 +169,7 @@ pub async fn load_actual(client: &impl GenericClient) -> Result<Vec<ActualTenant
     let rows = client
         .query(
             "SELECT t.tenant_id, t.state, t.config_version, t.age_public_key, t.endpoints, t.config,
-                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths
+                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path
                FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
               ORDER BY t.tenant_id",
             &[],
@@ -193,6 +193,7 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
             let secret_paths: SecretPaths = row.try_get::<_, Vec<String>>(10).map_err(bad)?.into_iter().collect();
             Some(AppliedRecord {
                 commit_id,
+                file: row.try_get(11).map_err(bad)?,
                 config_version: row.try_get(7).map_err(bad)?,
                 digest: row.try_get(8).map_err(bad)?,
                 sealed: row.try_get(9).map_err(bad)?,

@@ -15,7 +15,7 @@ use crate::store::{self, ApplyContext, StoreError};
 use deadpool_postgres::Pool;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
 
 pub const ACTOR: &str = concat!("frostbyte-gitops/", env!("CARGO_PKG_VERSION"));
@@ -43,7 +43,7 @@ pub enum SyncError {
 }
 
 fn files_with_issues(issues: &[Issue]) -> usize {
-    issues.iter().map(|i| &i.file).collect::<std::collections::BTreeSet<_>>().len()
+    issues.iter().map(|i| &i.file).collect::<BTreeSet<_>>().len()
 }
 
 /// What every command gets: the resolved configuration and the age identities.
@@ -95,13 +95,19 @@ impl<'a> ReadOptions<'a> {
 
 /// Decrypts and checks every file (on all cores), then the checks across files.
 pub fn read_snapshot(snapshot: Snapshot, opts: &ReadOptions<'_>) -> Desired {
-    let bar = (opts.progress && snapshot.files.len() > 20 && std::io::stderr().is_terminal()).then(|| {
-        let pb = indicatif::ProgressBar::new(snapshot.files.len() as u64);
+    read_snapshot_subset(snapshot, opts, None)
+}
+
+/// As [`read_snapshot`], decrypting only the files in `only` (all when None); the checks across
+/// files still see every file.
+pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Desired {
+    let to_read: Vec<&SourceFile> = snapshot.files.iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
+    let bar = (opts.progress && to_read.len() > 20 && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(to_read.len() as u64);
         pb.set_style(indicatif::ProgressStyle::with_template("{spinner} decrypting {pos}/{len} tenant files {bar:40} {eta}").expect("valid template"));
         pb
     });
-    let results: Vec<Result<DesiredTenant, Vec<Issue>>> = snapshot
-        .files
+    let results: Vec<Result<DesiredTenant, Vec<Issue>>> = to_read
         .par_iter()
         .map(|f| {
             let r = decode_file(f, opts);
@@ -133,7 +139,7 @@ pub fn read_snapshot(snapshot: Snapshot, opts: &ReadOptions<'_>) -> Desired {
             issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
         }
     }
-    let dup: std::collections::BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
+    let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
     tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
     tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     issues.sort();
@@ -280,11 +286,8 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
         return Err(SyncError::Usage("--worktree cannot apply in production mode: apply commits, not uncommitted files".into()));
     }
-    let desired = blocking(|| read_desired(ctx, &source, rev.as_deref(), worktree && rev.is_none()))?;
-    if !desired.issues.is_empty() {
-        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
-    }
-    let commit = desired.commit.clone().unwrap_or_else(|| CommitInfo { id: "worktree".into(), time: chrono::Utc::now().to_rfc3339(), author: "work tree".into() });
+    let snapshot = blocking(|| snapshot_of(ctx, &source, rev.as_deref(), worktree && rev.is_none()))?;
+    let commit = snapshot.commit.clone().unwrap_or_else(|| CommitInfo { id: "worktree".into(), time: chrono::Utc::now().to_rfc3339(), author: "work tree".into() });
 
     let mut client = store::client(pool).await?;
     let tx = client.transaction().await.map_err(|e| StoreError::Query { context: "starting a transaction".into(), source: e })?;
@@ -293,19 +296,22 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         store::lock_apply(&tx).await?;
     }
     let key = store::digest_key(&*tx).await?;
-    if applying && desired.commit.is_some() {
+    let last = store::last_applied_commit(&*tx, &source.id).await?;
+    if applying && snapshot.commit.is_some() {
         let allow = match &run {
             Run::Apply { allow_non_fast_forward } | Run::ApplySaved { allow_non_fast_forward, .. } => *allow_non_fast_forward,
             Run::Plan => true,
         };
-        if let Some(last) = store::last_applied_commit(&*tx, &source.id).await? {
+        if let Some(last) = &last {
             let new = git2::Oid::from_str(&commit.id).expect("a commit id from git");
-            if !allow && !source.descends_from(new, &last)? {
-                return Err(SyncError::NonFastForward { new: commit.id.clone(), old: last });
+            if !allow && !source.descends_from(new, last)? {
+                return Err(SyncError::NonFastForward { new: commit.id.clone(), old: last.clone() });
             }
         }
     }
     let actual = store::load_actual(&*tx).await?;
+    // Invalid files end the run here, before anything is written; the transaction rolls back.
+    let desired = blocking(|| read_incrementally(ctx, &source, snapshot, last.as_deref(), &actual, &key))?;
     let opts = PlanOptions { key: &key, correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct };
     let fresh = plan(&desired.tenants, &actual, opts);
     if let Run::ApplySaved { saved, .. } = &run {
@@ -344,6 +350,60 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+fn snapshot_of(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
+    Ok(if worktree { source.worktree_snapshot()? } else { source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)? })
+}
+
+/// The desired state, decrypting only the files that can differ from what was last applied: those
+/// git changed since the last applied commit, and those of tenants without a record, or whose row
+/// changed since. The others stand in with the row itself, which their record proves equal to
+/// what their (unchanged) file said. So a sync costs what changed, not how many tenants there are.
+fn read_incrementally(ctx: &Ctx, source: &Source, snapshot: Snapshot, last: Option<&str>, actual: &[ActualTenant], key: &[u8]) -> Result<Desired, SyncError> {
+    let changed = match (&snapshot.commit, last) {
+        (Some(c), Some(last)) => {
+            let new = git2::Oid::from_str(&c.id).expect("a commit id from git");
+            if source.descends_from(new, last)? { source.changed_files(last, new)? } else { None }
+        }
+        _ => None,
+    };
+    let Some(changed) = changed else {
+        let d = read_snapshot(snapshot, &ReadOptions::from_ctx(ctx));
+        return if d.issues.is_empty() { Ok(d) } else { Err(SyncError::Invalid { at: d.at(), issues: d.issues }) };
+    };
+    let by_id: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
+    let standing_in = |f: &SourceFile| -> Option<DesiredTenant> {
+        if changed.contains(&f.path) {
+            return None;
+        }
+        let a = by_id.get(f.stem.as_str())?;
+        let rec = a.applied.as_ref()?;
+        (rec.file == f.path && crate::domain::plan::modified_paths(a, key).is_empty()).then(|| DesiredTenant {
+            tenant_id: a.tenant_id.clone(),
+            file: f.path.clone(),
+            document: a.document.clone(),
+            secrets: rec.secret_paths.clone(),
+        })
+    };
+    let mut stand_ins = Vec::new();
+    let mut to_read = BTreeSet::new();
+    for f in &snapshot.files {
+        match standing_in(f) {
+            Some(t) => stand_ins.push(t),
+            None => {
+                to_read.insert(f.path.clone());
+            }
+        }
+    }
+    tracing::debug!(decrypting = to_read.len(), unchanged = stand_ins.len(), "incremental read");
+    let mut d = read_snapshot_subset(snapshot, &ReadOptions::from_ctx(ctx), Some(&to_read));
+    if !d.issues.is_empty() {
+        return Err(SyncError::Invalid { at: d.at(), issues: d.issues });
+    }
+    d.tenants.extend(stand_ins);
+    d.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    Ok(d)
 }
 
 /// `plan --against-ref`: the change between two revisions, without a database.
@@ -386,14 +446,13 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
 
 /// The drift report for the configured revision.
 pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
-    let source = Source::open(&ctx.source_spec())?;
-    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree)?;
-    if !desired.issues.is_empty() {
-        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
-    }
+    let source = blocking(|| Source::open(&ctx.source_spec()))?;
+    let snapshot = blocking(|| snapshot_of(ctx, &source, None, ctx.cfg.worktree))?;
     let client = store::client(pool).await?;
     let key = store::digest_key(&**client).await?;
+    let last = store::last_applied_commit(&**client, &source.id).await?;
     let actual = store::load_actual(&**client).await?;
+    let desired = blocking(|| read_incrementally(ctx, &source, snapshot, last.as_deref(), &actual, &key))?;
     let report = drift(&desired.tenants, &actual, &key);
     Ok((Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, report))
 }

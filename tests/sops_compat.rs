@@ -146,7 +146,7 @@ fn files_we_write_decrypt_with_the_sops_cli() {
 #[test]
 fn toml_written_by_rops_decrypts() {
     use rops::cryptography::{cipher::AES256GCM, hasher::SHA512};
-    use rops::file::{RopsFile, builder::RopsFileBuilder, format::TomlFileFormat, state::EncryptedFile};
+    use rops::file::{builder::RopsFileBuilder, format::TomlFileFormat};
     use rops::integration::AgeIntegration;
     let recipient: age::x25519::Recipient = key("test.agekey").recipients()[0].parse().unwrap();
     let toml_plain = "name = \"acme\"\ncount = 42\nratio = 0.25\non = true\nempty_is_skipped = \"x\"\n\n[nested]\nlist = [1, \"two\", { deep = \"value\" }]\n";
@@ -185,8 +185,7 @@ fn toml_we_write_decrypts_with_rops() {
 #[ignore = "run by toml_we_write_decrypts_with_rops in a child process"]
 fn rops_decrypts_the_file_named_in_its_environment() {
     use rops::cryptography::{cipher::AES256GCM, hasher::SHA512};
-    use rops::file::{RopsFile, builder::RopsFileBuilder, format::TomlFileFormat, state::EncryptedFile};
-    use rops::integration::AgeIntegration;
+    use rops::file::{RopsFile, format::TomlFileFormat, state::EncryptedFile};
     let path = std::env::var("FROSTBYTE_ROPS_FILE").expect("set by the parent test");
     let text = std::fs::read_to_string(path).unwrap();
     let file: RopsFile<EncryptedFile<AES256GCM, SHA512>, TomlFileFormat> = text.parse().unwrap();

@@ -363,3 +363,25 @@ fn production_mode_needs_a_database_url_to_sync() {
     assert!(out.stderr.contains("production mode needs a database: set FROSTBYTE_CONTROL_DB_URL"), "{}", out.stderr);
     assert!(!repo.path().join(".frostbyte/pgdata").exists(), "no local cluster in production");
 }
+
+#[test]
+fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
+    let (repo, db) = three_tenants();
+    sync(&repo, &db);
+    let mut doc = tenant_doc("bravo");
+    doc["config"]["plan"] = json!("starter");
+    repo.put_tenant(&doc, Format::Json);
+    repo.commit("bravo");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=1 unchanged=2"), "{}", out.stderr);
+    assert!(out.stdout.contains("0 to create, 1 to update"), "{}", out.stdout);
+    // A row changed by hand is read again even though its file did not change.
+    db.exec("UPDATE tenants SET endpoints = '{}' WHERE tenant_id = 'alpha'");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=1 unchanged=2"), "{}", out.stderr);
+    assert_eq!(db.scalar("SELECT endpoints->>'api' AS a FROM tenants WHERE tenant_id = 'alpha'"), json!("https://alpha.api.example.com"));
+    // A deleted row too.
+    db.exec("DELETE FROM tenants WHERE tenant_id = 'charlie'");
+    let out = sync(&repo, &db);
+    assert!(out.stdout.contains("1 to create"), "{}", out.stdout);
+}

@@ -158,6 +158,7 @@ mod tests {
             document: t.document.clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
+                file: t.file.clone(),
                 config_version: 1,
                 digest: digest(KEY, &t.document, &t.secrets),
                 sealed: seal(KEY, &t.document, &t.secrets),

@@ -12,6 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Clone, Debug, PartialEq)]
 pub struct AppliedRecord {
     pub commit_id: String,
+    /// The file it was read from.
+    pub file: String,
     pub config_version: i64,
     /// [`digest`] of the document it wrote.
     pub digest: String,
@@ -344,6 +346,7 @@ mod tests {
             document: d.document.clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
+                file: d.file.clone(),
                 config_version: version,
                 digest: digest(KEY, &d.document, &d.secrets),
                 sealed: seal(KEY, &d.document, &d.secrets),
