@@ -26,11 +26,13 @@ CREATE TABLE tenants (
 CREATE INDEX tenants_state_idx ON tenants (state);
 CREATE INDEX tenants_created_at_idx ON tenants (created_at);
 
--- updated_at moves only when the row really changes, so a no-op UPDATE leaves no trace.
+-- updated_at moves only when the row really changes, so a no-op UPDATE leaves no trace. It is the
+-- time of the change itself (clock_timestamp), not of its transaction's start: the agent compares
+-- it with when it last wrote the row to find rows changed since.
 CREATE FUNCTION tenants_touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF NEW IS DISTINCT FROM OLD THEN
-        NEW.updated_at := now();
+        NEW.updated_at := clock_timestamp();
     END IF;
     RETURN NEW;
 END;

@@ -52,6 +52,8 @@ pub enum Body {
     Bytes(Vec<u8>),
     Symlink,
     TooLarge(u64),
+    /// Listed but not read yet: see [`Source::read_bodies`].
+    Unread(Oid),
 }
 
 #[derive(Debug, Clone)]
@@ -153,7 +155,6 @@ impl Source {
         let at = format!("commit {}", &info.id[..12]);
         let entry = tree.get_path(Path::new(&dir)).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at: at.clone() })?;
         let sub = self.repo.find_tree(entry.id()).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
-        let odb = self.repo.odb().map_err(self.git_err("opening the object database"))?;
         let mut files = Vec::new();
         for e in sub.iter() {
             let Ok(name) = e.name() else { continue };
@@ -161,19 +162,27 @@ impl Source {
             if e.kind() != Some(git2::ObjectType::Blob) {
                 continue;
             }
-            let body = if e.filemode() == 0o120000 {
-                Body::Symlink
-            } else {
-                let (size, _) = odb.read_header(e.id()).map_err(self.git_err(format!("reading {name}")))?;
-                if size as u64 > MAX_FILE_BYTES {
-                    Body::TooLarge(size as u64)
-                } else {
-                    Body::Bytes(self.repo.find_blob(e.id()).map_err(self.git_err(format!("reading {name}")))?.content().to_vec())
-                }
-            };
+            let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
             files.push(SourceFile { path: format!("{}/{name}", self.path), stem, body });
         }
         Ok(Snapshot { commit: Some(info), files })
+    }
+
+    /// Reads the blobs of the listed files (those in `only`, or all), refusing any over the size
+    /// limit before reading it. A sync reads only what it will decrypt.
+    pub fn read_bodies(&self, snapshot: &mut Snapshot, only: Option<&BTreeSet<String>>) -> Result<(), SourceError> {
+        let odb = self.repo.odb().map_err(self.git_err("opening the object database"))?;
+        for f in snapshot.files.iter_mut().filter(|f| only.is_none_or(|o| o.contains(&f.path))) {
+            if let Body::Unread(oid) = f.body {
+                let (size, _) = odb.read_header(oid).map_err(self.git_err(format!("reading {}", f.path)))?;
+                f.body = if size as u64 > MAX_FILE_BYTES {
+                    Body::TooLarge(size as u64)
+                } else {
+                    Body::Bytes(self.repo.find_blob(oid).map_err(self.git_err(format!("reading {}", f.path)))?.content().to_vec())
+                };
+            }
+        }
+        Ok(())
     }
 
     /// The tenant files as they are on disk (`--worktree`).

@@ -2,7 +2,7 @@
 
 use crate::domain::audit::{AuditEvent, CommitInfo, events_for};
 use crate::domain::json::SecretPaths;
-use crate::domain::plan::{Action, ActualTenant, AppliedRecord, Plan, seal};
+use crate::domain::plan::{Action, ActualTenant, AppliedRecord, Plan, TenantPlan, seal};
 use crate::domain::tenant::DesiredTenant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
@@ -179,6 +179,57 @@ pub async fn load_actual(client: &impl GenericClient) -> Result<Vec<ActualTenant
     rows.iter().map(actual_from_row).collect()
 }
 
+/// The rows of `ids` in full.
+pub async fn load_actual_for(client: &impl GenericClient, ids: &[String]) -> Result<Vec<ActualTenant>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT t.tenant_id, t.state, t.config_version, t.age_public_key, t.endpoints, t.config,
+                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path
+               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
+              WHERE t.tenant_id = ANY($1)
+              ORDER BY t.tenant_id",
+            &[&ids],
+        )
+        .await
+        .map_err(q("loading tenants"))?;
+    rows.iter().map(actual_from_row).collect()
+}
+
+/// A row's bookkeeping, without its documents: enough to tell that it is as the agent left it.
+#[derive(Debug, Clone)]
+pub struct RowIndex {
+    pub tenant_id: String,
+    pub config_version: i64,
+    /// From the applied record: file, config_version and document digest.
+    pub applied: Option<(String, i64, String)>,
+    /// Changed since the agent wrote it (its trigger-kept updated_at is newer).
+    pub touched: bool,
+}
+
+pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
+                    (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched
+               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)",
+            &[],
+        )
+        .await
+        .map_err(q("indexing tenants"))?;
+    rows.iter()
+        .map(|r| {
+            let tenant_id: String = r.get(0);
+            let bad = |e: tokio_postgres::Error| StoreError::BadRow { tenant: tenant_id.clone(), message: e.to_string() };
+            let file: Option<String> = r.try_get(2).map_err(bad)?;
+            let applied = match file {
+                Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
+                None => None,
+            };
+            Ok(RowIndex { config_version: r.try_get(1).map_err(bad)?, touched: r.try_get(5).map_err(bad)?, applied, tenant_id: tenant_id.clone() })
+        })
+        .collect()
+}
+
 fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError> {
     let tenant: String = row.try_get(0).map_err(|e| StoreError::BadRow { tenant: "?".into(), message: e.to_string() })?;
     let bad = |e: tokio_postgres::Error| StoreError::BadRow { tenant: tenant.clone(), message: e.to_string() };
@@ -211,13 +262,30 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
     })
 }
 
-/// The one code path that writes audit events, inside the caller's transaction.
-pub async fn emit_audit_event(tx: &Transaction<'_>, event: &AuditEvent) -> Result<uuid::Uuid, StoreError> {
-    let row = tx
-        .query_one("SELECT emit_audit_event($1, $2, $3, $4)", &[&event.tenant_id, &event.event_type, &event.actor, &event.details])
+/// The one code path that writes audit events, inside the caller's transaction: each event goes
+/// through the `emit_audit_event` SQL function, in order, in one statement.
+pub async fn emit_audit_events(tx: &Transaction<'_>, events: &[AuditEvent]) -> Result<Vec<uuid::Uuid>, StoreError> {
+    if events.is_empty() {
+        return Ok(vec![]);
+    }
+    let tenants: Vec<&str> = events.iter().map(|e| e.tenant_id.as_str()).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let actors: Vec<&str> = events.iter().map(|e| e.actor.as_str()).collect();
+    let details: Vec<&serde_json::Value> = events.iter().map(|e| &e.details).collect();
+    let rows = tx
+        .query(
+            "SELECT emit_audit_event(e.tenant_id, e.event_type, e.actor, e.details)
+               FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) WITH ORDINALITY
+                       AS u(tenant_id, event_type, actor, details, n) ORDER BY n) e",
+            &[&tenants, &types, &actors, &details],
+        )
         .await
-        .map_err(q(format!("writing {} event for tenant {}", event.event_type, event.tenant_id)))?;
-    Ok(row.get(0))
+        .map_err(q(format!("writing {} audit event(s)", events.len())))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+pub async fn emit_audit_event(tx: &Transaction<'_>, event: &AuditEvent) -> Result<uuid::Uuid, StoreError> {
+    Ok(emit_audit_events(tx, std::slice::from_ref(event)).await?.remove(0))
 }
 
 pub struct ApplyContext<'a> {
@@ -229,68 +297,95 @@ pub struct ApplyContext<'a> {
     pub record_commit: bool,
 }
 
-/// Writes every change of `plan` with its audit events. The caller holds the apply lock and
-/// commits; an error leaves the transaction to roll back, so a run applies all or nothing.
+/// Writes every change of `plan` with its audit events, a statement per kind of write whatever
+/// the number of tenants. The caller holds the apply lock and commits; an error leaves the
+/// transaction to roll back, so a run applies all or nothing.
 pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant], ctx: &ApplyContext<'_>) -> Result<usize, StoreError> {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
-    let mut applied = 0;
+    let mut changes = Vec::new();
     for change in plan.changes() {
         let d = by_id.get(change.tenant_id.as_str()).ok_or_else(|| StoreError::Conflict {
             tenant: change.tenant_id.clone(),
             message: "the plan changes a tenant that has no file".into(),
         })?;
-        let doc = &d.document;
-        let version = change.next_version.unwrap_or(1);
-        let n = match change.action {
-            Action::Create => tx
-                .execute(
-                    "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
-                     VALUES ($1, 'pending', $2, 1, $3, $4) ON CONFLICT (tenant_id) DO NOTHING",
-                    &[&d.tenant_id, &doc["config"], &doc["age_public_key"].as_str(), &doc["endpoints"]],
-                )
-                .await
-                .map_err(q(format!("creating tenant {}", d.tenant_id)))?,
-            _ => tx
-                .execute(
-                    "UPDATE tenants SET config = $2, age_public_key = $3, endpoints = $4, config_version = config_version + 1
-                      WHERE tenant_id = $1 AND config_version = $5",
-                    &[&d.tenant_id, &doc["config"], &doc["age_public_key"].as_str(), &doc["endpoints"], &change.current_version.unwrap_or(0)],
-                )
-                .await
-                .map_err(q(format!("updating tenant {}", d.tenant_id)))?,
-        };
-        if n != 1 {
-            let message = match change.action {
-                Action::Create => "it was created by someone else".to_string(),
-                _ => format!("its config_version is no longer {}", change.current_version.unwrap_or(0)),
-            };
-            return Err(StoreError::Conflict { tenant: d.tenant_id.clone(), message });
+        changes.push((change, *d));
+    }
+    let (creates, updates): (Vec<_>, Vec<_>) = changes.iter().partition(|(c, _)| c.action == Action::Create);
+    let cols = |list: &[&(&TenantPlan, &DesiredTenant)]| {
+        let ids: Vec<String> = list.iter().map(|(_, d)| d.tenant_id.clone()).collect();
+        let configs: Vec<Value> = list.iter().map(|(_, d)| d.document["config"].clone()).collect();
+        let keys: Vec<String> = list.iter().map(|(_, d)| d.document["age_public_key"].as_str().unwrap_or_default().to_string()).collect();
+        let endpoints: Vec<Value> = list.iter().map(|(_, d)| d.document["endpoints"].clone()).collect();
+        (ids, configs, keys, endpoints)
+    };
+
+    if !creates.is_empty() {
+        let (ids, configs, keys, endpoints) = cols(&creates);
+        let created: Vec<String> = tx
+            .query(
+                "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
+                 SELECT u.id, 'pending', u.config, 1, u.key, u.endpoints
+                   FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[]) AS u(id, config, key, endpoints)
+                 ON CONFLICT (tenant_id) DO NOTHING
+                 RETURNING tenant_id",
+                &[&ids, &configs, &keys, &endpoints],
+            )
+            .await
+            .map_err(q(format!("creating {} tenant(s)", ids.len())))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some(taken) = ids.iter().find(|id| !created.contains(id)) {
+            return Err(StoreError::Conflict { tenant: taken.clone(), message: "it was created by someone else".into() });
         }
-        for event in events_for(change, ctx.commit, ctx.source, ctx.actor) {
-            emit_audit_event(tx, &event).await?;
+    }
+    if !updates.is_empty() {
+        let (ids, configs, keys, endpoints) = cols(&updates);
+        let versions: Vec<i64> = updates.iter().map(|(c, _)| c.current_version.unwrap_or(0)).collect();
+        let updated: Vec<String> = tx
+            .query(
+                "UPDATE tenants t SET config = u.config, age_public_key = u.key, endpoints = u.endpoints,
+                        config_version = t.config_version + 1
+                   FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[], $5::bigint[]) AS u(id, config, key, endpoints, version)
+                  WHERE t.tenant_id = u.id AND t.config_version = u.version
+                 RETURNING t.tenant_id",
+                &[&ids, &configs, &keys, &endpoints, &versions],
+            )
+            .await
+            .map_err(q(format!("updating {} tenant(s)", ids.len())))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if let Some((c, _)) = updates.iter().find(|(c, _)| !updated.contains(&c.tenant_id)) {
+            return Err(StoreError::Conflict { tenant: c.tenant_id.clone(), message: format!("its config_version is no longer {}", c.current_version.unwrap_or(0)) });
         }
-        let secret_paths: Vec<&String> = d.secrets.iter().collect();
+    }
+
+    let events: Vec<AuditEvent> = changes.iter().flat_map(|(c, _)| events_for(c, ctx.commit, ctx.source, ctx.actor)).collect();
+    emit_audit_events(tx, &events).await?;
+
+    if !changes.is_empty() {
+        let ids: Vec<&str> = changes.iter().map(|(_, d)| d.tenant_id.as_str()).collect();
+        let files: Vec<&str> = changes.iter().map(|(_, d)| d.file.as_str()).collect();
+        let versions: Vec<i64> = changes.iter().map(|(c, _)| c.next_version.unwrap_or(1)).collect();
+        let digests: Vec<String> = changes.iter().map(|(c, _)| c.desired_digest.clone().unwrap_or_default()).collect();
+        let sealed: Vec<Value> = changes.iter().map(|(_, d)| seal(ctx.key, &d.document, &d.secrets)).collect();
+        // text[][] must be rectangular; the paths travel as one JSON array per tenant instead.
+        let secret_paths: Vec<Value> = changes.iter().map(|(_, d)| json!(d.secrets)).collect();
+        // clock_timestamp(), not now(): taken after the rows were written, so a later hand edit
+        // (whose trigger stamps updated_at) is always newer than applied_at.
         tx.execute(
-            "INSERT INTO gitops_applied (tenant_id, source, commit_id, file_path, config_version, document_digest, sealed_document, secret_paths)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO gitops_applied (tenant_id, source, commit_id, file_path, config_version, document_digest, sealed_document, secret_paths, applied_at)
+             SELECT u.id, $6, $7, u.file, u.version, u.digest, u.sealed, ARRAY(SELECT jsonb_array_elements_text(u.paths)), clock_timestamp()
+               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $8::jsonb[]) AS u(id, file, version, digest, sealed, paths)
              ON CONFLICT (tenant_id) DO UPDATE SET source = EXCLUDED.source, commit_id = EXCLUDED.commit_id,
                  file_path = EXCLUDED.file_path, config_version = EXCLUDED.config_version,
                  document_digest = EXCLUDED.document_digest, sealed_document = EXCLUDED.sealed_document,
-                 secret_paths = EXCLUDED.secret_paths, applied_at = now()",
-            &[
-                &d.tenant_id,
-                &ctx.source,
-                &ctx.commit.id,
-                &d.file,
-                &version,
-                &change.desired_digest.clone().unwrap_or_default(),
-                &seal(ctx.key, doc, &d.secrets),
-                &secret_paths,
-            ],
+                 secret_paths = EXCLUDED.secret_paths, applied_at = EXCLUDED.applied_at",
+            &[&ids, &files, &versions, &digests, &sealed, &ctx.source, &ctx.commit.id, &secret_paths],
         )
         .await
-        .map_err(q(format!("recording what was applied to {}", d.tenant_id)))?;
-        applied += 1;
+        .map_err(q("recording what was applied"))?;
     }
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time).ok().map(|t| t.with_timezone(&chrono::Utc));
@@ -305,7 +400,7 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .await
         .map_err(q("recording the applied commit"))?;
     }
-    Ok(applied)
+    Ok(changes.len())
 }
 
 /// Creates `name` on the server `admin_url` points to, if it does not exist.

@@ -5,7 +5,7 @@ use crate::domain::audit::CommitInfo;
 use crate::domain::drift::{TenantDrift, drift};
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
-use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, plan, stale_reasons};
+use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::{DesiredTenant, check_document};
 use crate::localpg::{self, LocalPgError};
@@ -153,6 +153,7 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
         Body::Symlink => return Err(err("is a symbolic link; tenant files must be regular files".into())),
         Body::TooLarge(n) => return Err(err(format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
         Body::Bytes(b) => b,
+        Body::Unread(_) => return Err(err("was listed but not read (internal error)".into())),
     };
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
@@ -199,7 +200,8 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
 
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
 pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Desired, SyncError> {
-    let snapshot = if worktree { source.worktree_snapshot()? } else { source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)? };
+    let mut snapshot = snapshot_of(ctx, source, rev, worktree)?;
+    source.read_bodies(&mut snapshot, None)?;
     Ok(read_snapshot(snapshot, &ReadOptions::from_ctx(ctx)))
 }
 
@@ -309,11 +311,12 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
             }
         }
     }
-    let actual = store::load_actual(&*tx).await?;
     // Invalid files end the run here, before anything is written; the transaction rolls back.
-    let desired = blocking(|| read_incrementally(ctx, &source, snapshot, last.as_deref(), &actual, &key))?;
+    let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &*tx).await?;
     let opts = PlanOptions { key: &key, correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct };
-    let fresh = plan(&desired.tenants, &actual, opts);
+    let mut fresh = plan(&desired.tenants, &actual, opts);
+    fresh.tenants.extend(unchanged.iter().map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())));
+    fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     if let Run::ApplySaved { saved, .. } = &run {
         let reasons = stale_reasons(&saved.plan, &fresh);
         if !reasons.is_empty() {
@@ -326,8 +329,13 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
     }
     let drift_report = if want_drift {
-        let after = if applied > 0 { store::load_actual(&*tx).await? } else { actual };
-        Some(drift(&desired.tenants, &after, &key))
+        let after = if applied > 0 {
+            let ids: BTreeSet<String> = actual.iter().map(|a| a.tenant_id.clone()).chain(desired.tenants.iter().map(|d| d.tenant_id.clone())).collect();
+            store::load_actual_for(&*tx, &ids.into_iter().collect::<Vec<_>>()).await?
+        } else {
+            actual
+        };
+        Some(with_unchanged(drift(&desired.tenants, &after, &key), &unchanged))
     } else {
         None
     };
@@ -356,54 +364,75 @@ fn snapshot_of(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) ->
     Ok(if worktree { source.worktree_snapshot()? } else { source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)? })
 }
 
-/// The desired state, decrypting only the files that can differ from what was last applied: those
-/// git changed since the last applied commit, and those of tenants without a record, or whose row
-/// changed since. The others stand in with the row itself, which their record proves equal to
-/// what their (unchanged) file said. So a sync costs what changed, not how many tenants there are.
-fn read_incrementally(ctx: &Ctx, source: &Source, snapshot: Snapshot, last: Option<&str>, actual: &[ActualTenant], key: &[u8]) -> Result<Desired, SyncError> {
+/// A tenant whose file git did not change since the last applied commit and whose row did not
+/// change since the agent wrote it: it is as git says, without being read.
+pub struct Unchanged {
+    pub tenant_id: String,
+    pub file: String,
+    pub config_version: i64,
+    pub digest: String,
+}
+
+/// What a run works from.
+struct State {
+    /// The files that may differ from what was applied, decrypted and checked.
+    desired: Desired,
+    /// The rows of every tenant that is not `unchanged` (orphans included), in full.
+    actual: Vec<ActualTenant>,
+    unchanged: Vec<Unchanged>,
+}
+
+/// Reads only what can differ from what the agent last applied: the files git changed since the
+/// last applied commit, and those of tenants without a record or whose row moved since. So a
+/// sync's cost follows what changed, not the number of tenants. Without a usable last commit (the
+/// first run, a rewritten history, the work tree) everything is read.
+async fn load_state(ctx: &Ctx, source: &Source, mut snapshot: Snapshot, last: Option<&str>, client: &impl tokio_postgres::GenericClient) -> Result<State, SyncError> {
     let changed = match (&snapshot.commit, last) {
         (Some(c), Some(last)) => {
             let new = git2::Oid::from_str(&c.id).expect("a commit id from git");
-            if source.descends_from(new, last)? { source.changed_files(last, new)? } else { None }
+            blocking(|| -> Result<_, SourceError> { if source.descends_from(new, last)? { source.changed_files(last, new) } else { Ok(None) } })?
         }
         _ => None,
     };
-    let Some(changed) = changed else {
-        let d = read_snapshot(snapshot, &ReadOptions::from_ctx(ctx));
-        return if d.issues.is_empty() { Ok(d) } else { Err(SyncError::Invalid { at: d.at(), issues: d.issues }) };
-    };
-    let by_id: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
-    let standing_in = |f: &SourceFile| -> Option<DesiredTenant> {
-        if changed.contains(&f.path) {
-            return None;
-        }
-        let a = by_id.get(f.stem.as_str())?;
-        let rec = a.applied.as_ref()?;
-        (rec.file == f.path && crate::domain::plan::modified_paths(a, key).is_empty()).then(|| DesiredTenant {
-            tenant_id: a.tenant_id.clone(),
-            file: f.path.clone(),
-            document: a.document.clone(),
-            secrets: rec.secret_paths.clone(),
-        })
-    };
-    let mut stand_ins = Vec::new();
-    let mut to_read = BTreeSet::new();
-    for f in &snapshot.files {
-        match standing_in(f) {
-            Some(t) => stand_ins.push(t),
-            None => {
-                to_read.insert(f.path.clone());
+    let (read, actual, unchanged) = match changed {
+        None => (None, store::load_actual(client).await?, vec![]),
+        Some(changed) => {
+            let index = store::load_index(client).await?;
+            let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
+            let mut read = BTreeSet::new();
+            let mut unchanged = Vec::new();
+            for f in &snapshot.files {
+                let same = by_id.get(f.stem.as_str()).and_then(|r| {
+                    let (file, version, digest) = r.applied.as_ref()?;
+                    (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
+                        .then(|| Unchanged { tenant_id: r.tenant_id.clone(), file: file.clone(), config_version: r.config_version, digest: digest.clone() })
+                });
+                match same {
+                    Some(u) => unchanged.push(u),
+                    None => {
+                        read.insert(f.path.clone());
+                    }
+                }
             }
+            let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
+            let rows: Vec<String> = index.iter().filter(|r| !skip.contains(r.tenant_id.as_str())).map(|r| r.tenant_id.clone()).collect();
+            tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
+            (Some(read), store::load_actual_for(client, &rows).await?, unchanged)
         }
+    };
+    blocking(|| source.read_bodies(&mut snapshot, read.as_ref()))?;
+    let desired = blocking(|| read_snapshot_subset(snapshot, &ReadOptions::from_ctx(ctx), read.as_ref()));
+    if !desired.issues.is_empty() {
+        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
     }
-    tracing::debug!(decrypting = to_read.len(), unchanged = stand_ins.len(), "incremental read");
-    let mut d = read_snapshot_subset(snapshot, &ReadOptions::from_ctx(ctx), Some(&to_read));
-    if !d.issues.is_empty() {
-        return Err(SyncError::Invalid { at: d.at(), issues: d.issues });
-    }
-    d.tenants.extend(stand_ins);
-    d.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    Ok(d)
+    // A duplicate file for an unchanged tenant is an issue above; nothing stands in twice.
+    Ok(State { desired, actual, unchanged })
+}
+
+fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<TenantDrift> {
+    report.extend(unchanged.iter().map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version)));
+    report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    report
 }
 
 /// `plan --against-ref`: the change between two revisions, without a database.
@@ -415,7 +444,10 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
     }
     let base_commit = source.resolve(Some(base_rev))?;
     let base = match source.snapshot(base_commit) {
-        Ok(s) => read_snapshot(s, &ReadOptions::from_ctx(ctx)),
+        Ok(mut s) => {
+            source.read_bodies(&mut s, None)?;
+            read_snapshot(s, &ReadOptions::from_ctx(ctx))
+        }
         // A base without the tenant directory (the PR adds it) has no tenants.
         Err(SourceError::NoTenantDir { .. }) => Desired { commit: None, tenants: vec![], issues: vec![], files: 0 },
         Err(e) => return Err(e.into()),
@@ -451,8 +483,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantD
     let client = store::client(pool).await?;
     let key = store::digest_key(&**client).await?;
     let last = store::last_applied_commit(&**client, &source.id).await?;
-    let actual = store::load_actual(&**client).await?;
-    let desired = blocking(|| read_incrementally(ctx, &source, snapshot, last.as_deref(), &actual, &key))?;
-    let report = drift(&desired.tenants, &actual, &key);
+    let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &**client).await?;
+    let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
     Ok((Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, report))
 }

@@ -67,6 +67,19 @@ impl TenantDrift {
     pub fn in_sync(&self) -> bool {
         self.classes == [DriftClass::InSync]
     }
+
+    /// A tenant known to be in sync without reading it (see `TenantPlan::unchanged`).
+    pub fn known_in_sync(tenant_id: String, file: String, config_version: i64) -> Self {
+        TenantDrift {
+            tenant_id,
+            classes: vec![DriftClass::InSync],
+            file: Some(file),
+            config_version: Some(config_version),
+            last_applied_commit: None,
+            modified_paths: vec![],
+            pending_paths: vec![],
+        }
+    }
 }
 
 pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> Vec<TenantDrift> {

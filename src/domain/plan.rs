@@ -109,6 +109,24 @@ pub struct TenantPlan {
     pub actual_digest: Option<String>,
 }
 
+impl TenantPlan {
+    /// A tenant known to be as git says without reading it: its file did not change since the
+    /// agent wrote the row, and the row did not change since.
+    pub fn unchanged(tenant_id: String, file: String, config_version: i64, digest: String) -> Self {
+        TenantPlan {
+            tenant_id,
+            action: Action::Unchanged,
+            file: Some(file),
+            current_version: Some(config_version),
+            next_version: None,
+            patch: vec![],
+            out_of_band: vec![],
+            desired_digest: Some(digest.clone()),
+            actual_digest: Some(digest),
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     pub create: usize,

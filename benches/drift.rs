@@ -1,0 +1,37 @@
+//! Drift reports over N synced tenants (default 10,000): nothing drifted, then 1% of the rows
+//! edited by hand. `cargo bench --bench drift`.
+
+mod support;
+use frostbyte_gitops::domain::drift::{DriftClass, counts};
+use frostbyte_gitops::sync::{self, Run};
+use support::*;
+
+fn main() {
+    let n = tenants();
+    let drifted = (n / 100).max(1);
+    println!("drift: {n} tenants, {drifted} edited by hand in the second step");
+    let repo = Repo::generate(n);
+    let url = database();
+    let ctx = repo.ctx(Some(&url));
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
+    rt.block_on(sync::prepare(&ctx.cfg, &db.pool)).unwrap();
+    rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, false)).unwrap();
+    let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool)).unwrap().1;
+
+    for round in 1..=3 {
+        let (r, d) = time(report_once);
+        assert_eq!(counts(&r)[&DriftClass::InSync], n);
+        report(&format!("drift report, nothing drifted (round {round})"), d, n);
+    }
+    rt.block_on(async {
+        let c = db.pool.get().await.unwrap();
+        let ids: Vec<String> = (0..drifted).map(|k| id(k * 89 % n)).collect();
+        c.execute("UPDATE tenants SET config = jsonb_set(config, '{limits,max_users}', '1') WHERE tenant_id = ANY($1)", &[&ids]).await.unwrap();
+    });
+    for round in 1..=3 {
+        let (r, d) = time(report_once);
+        assert_eq!(counts(&r)[&DriftClass::Modified], drifted);
+        report(&format!("drift report, 1% modified (round {round})"), d, n);
+    }
+}

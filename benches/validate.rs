@@ -1,0 +1,44 @@
+//! Validating N generated tenant files (default 10,000): files per second, against the time of
+//! decryption alone. `cargo bench --bench validate`.
+
+mod support;
+use frostbyte_gitops::sops;
+use frostbyte_gitops::source::{Body, Source};
+use frostbyte_gitops::sync::{ReadOptions, read_snapshot};
+use rayon::prelude::*;
+use support::*;
+
+fn main() {
+    let n = tenants();
+    println!("validate: {n} tenant files (TOML, JSON, YAML in turn), {} threads", rayon::current_num_threads());
+    let (repo, setup) = time(|| Repo::generate(n));
+    println!("{:<48} {:>9.1} ms", "setup: generate, encrypt and commit", setup.as_secs_f64() * 1e3);
+    let ctx = repo.ctx(None);
+    let source = Source::open(&ctx.source_spec()).unwrap();
+    let commit = source.resolve(None).unwrap();
+
+    for round in 1..=3 {
+        let (snapshot, read) = time(|| {
+            let mut s = source.snapshot(commit).unwrap();
+            source.read_bodies(&mut s, None).unwrap();
+            s
+        });
+        let texts: Vec<(sops::Format, String)> = snapshot
+            .files
+            .iter()
+            .map(|f| match &f.body {
+                Body::Bytes(b) => (sops::Format::from_path(&f.path).unwrap(), String::from_utf8(b.clone()).unwrap()),
+                _ => unreachable!(),
+            })
+            .collect();
+        let (parsed, parse) = time(|| texts.par_iter().map(|(f, t)| sops::parse(*f, t).unwrap()).collect::<Vec<_>>());
+        let (_, decrypt) = time(|| parsed.into_par_iter().for_each(|d| drop(sops::decrypt(d, &ctx.keys).unwrap())));
+        let (desired, total) = time(|| read_snapshot(snapshot, &ReadOptions::from_ctx(&ctx)));
+        assert!(desired.issues.is_empty() && desired.tenants.len() == n, "{:?}", desired.issues.first());
+        println!("round {round}:");
+        report("  read the tree at the commit (git)", read, n);
+        report("  parse alone", parse, n);
+        report("  decryption alone (data key + values + MAC)", decrypt, n);
+        report("  validate: parse + decrypt + schema + checks", total, n);
+    }
+}
