@@ -19,6 +19,8 @@ CREATE TABLE audit_events (
 
 CREATE INDEX audit_events_tenant_time_idx ON audit_events (tenant_id, occurred_at, event_seq);
 CREATE INDEX audit_events_type_time_idx ON audit_events (event_type, occurred_at, event_seq);
+-- emit_audit_event's lookup of a tenant's previous config event.
+CREATE INDEX audit_events_chain_idx ON audit_events (tenant_id, event_type, event_seq);
 
 CREATE FUNCTION audit_events_refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
