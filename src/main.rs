@@ -281,8 +281,13 @@ fn real_main(cli: Cli) -> Result<u8> {
         let dir = cfg.data_dir.join("pgdata");
         return match cmd {
             DbCmd::Start => {
-                let c = localpg::ensure(&dir, &[])?;
-                println!("{}", c.conninfo("frostbyte"));
+                // The same path `sync` takes: the cluster, then the database in it.
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+                let mut local = cfg.clone();
+                local.database_url = None;
+                local.mode = frostbyte_gitops::config::Mode::Dev;
+                let db = rt.block_on(sync::connect(&local))?;
+                println!("{}", db.url);
                 Ok(EXIT_OK)
             }
             DbCmd::Stop => {
