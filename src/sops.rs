@@ -203,14 +203,14 @@ impl AgeKeys {
         self.identities.iter().map(|i| i.to_public().to_string()).collect()
     }
 
-    /// A keyed fingerprint secret derived from the first identity (for tests and tools that need a
-    /// stable key without a database).
+    /// A new identity and its recipient (for tests and tools).
     pub fn generate() -> (Self, String) {
         let id = age::x25519::Identity::generate();
         let public = id.to_public().to_string();
         (AgeKeys { identities: vec![id] }, public)
     }
 
+    /// The identities as an age key file holds them. Secret: for writing a key file, never a log.
     pub fn secret_text(&self) -> String {
         use age::secrecy::ExposeSecret;
         self.identities.iter().map(|i| i.to_string().expose_secret().to_string() + "\n").collect()

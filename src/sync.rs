@@ -36,8 +36,6 @@ pub enum SyncError {
     NonFastForward { new: String, old: String },
     #[error("the saved plan is stale; nothing was applied:\n  {}", .0.join("\n  "))]
     Stale(Vec<String>),
-    #[error("saved plan {path}: {message}")]
-    PlanFile { path: String, message: String },
     #[error("{0}")]
     Usage(String),
 }
@@ -279,7 +277,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     let rev = match &run {
         Run::ApplySaved { saved, .. } => {
             if saved.source != source.id {
-                return Err(SyncError::PlanFile { path: String::new(), message: format!("was made for source {}, not {}", saved.source, source.id) });
+                return Err(SyncError::Usage(format!("the saved plan was made for source {}, not {}; nothing was applied", saved.source, source.id)));
             }
             Some(saved.commit.clone())
         }

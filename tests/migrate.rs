@@ -84,19 +84,12 @@ fn a_second_run_changes_nothing() {
 #[test]
 fn two_concurrent_runs_both_succeed_and_apply_each_migration_once() {
     let (repo, db) = (TestRepo::new(), TestDb::new());
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            let mut c = command(repo.path(), Some(&db));
-            c.arg("migrate").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
-    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let outs = run_concurrently(&repo, &db, &["migrate"], 2);
     for o in &outs {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.code, 0, "{}", o.stderr);
     }
     assert_eq!(db.count("SELECT * FROM schema_migrations"), 3);
-    let applied: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).collect();
+    let applied: Vec<String> = outs.iter().map(|o| o.stdout.clone()).collect();
     assert_eq!(applied.iter().filter(|s| s.contains("Applied migrations")).count(), 1, "{applied:?}");
 }
 

@@ -187,18 +187,11 @@ fn a_saved_plan_applies_exactly_and_a_stale_one_is_refused() {
 #[test]
 fn two_concurrent_syncs_apply_each_change_once() {
     let (repo, db) = three_tenants();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            let mut c = command(repo.path(), Some(&db));
-            c.arg("sync").stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-            c.spawn().unwrap()
-        })
-        .collect();
-    let outs: Vec<_> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let outs = run_concurrently(&repo, &db, &["sync"], 2);
     for o in &outs {
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.code, 0, "{}", o.stderr);
     }
-    let stdout: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).collect();
+    let stdout: Vec<String> = outs.iter().map(|o| o.stdout.clone()).collect();
     assert_eq!(stdout.iter().filter(|s| s.contains("No changes")).count(), 1, "{stdout:?}");
     assert_eq!(events(&db, "TENANT_CREATED"), 3);
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 3);
@@ -384,4 +377,34 @@ fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     db.exec("DELETE FROM tenants WHERE tenant_id = 'charlie'");
     let out = sync(&repo, &db);
     assert!(out.stdout.contains("1 to create"), "{}", out.stdout);
+}
+
+#[test]
+fn a_remote_url_is_cloned_and_fetched_on_every_run() {
+    let (origin, db) = three_tenants();
+    let url = format!("file://{}", origin.path().display());
+    let elsewhere = tempfile::tempdir().unwrap();
+    let remote_run = |args: &[&str]| {
+        let mut c = command(elsewhere.path(), Some(&db));
+        c.env("FROSTBYTE_GITOPS_REPO", &url).args(args);
+        output(c)
+    };
+    let out = remote_run(&["sync"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("3 to create"), "{}", out.stdout);
+    assert!(elsewhere.path().join(".frostbyte/git-cache").is_dir(), "cloned into the cache");
+
+    let mut doc = tenant_doc("alpha");
+    doc["config"]["plan"] = json!("enterprise");
+    origin.put_tenant(&doc, Format::Toml);
+    let commit = origin.commit("upstream change");
+    let out = remote_run(&["sync"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("0 to create, 1 to update"), "fetched: {}", out.stdout);
+    assert_eq!(db.scalar("SELECT details->>'commit' AS c FROM audit_events ORDER BY event_seq DESC LIMIT 1"), json!(commit));
+
+    // --ref names a branch of the remote.
+    let out = remote_run(&["plan", "--ref", "does-not-exist"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("cannot resolve revision \"does-not-exist\""), "{}", out.stderr);
 }

@@ -190,3 +190,26 @@ fn keys_come_from_sops_age_key_and_several_are_tried() {
     assert_eq!(out.code, 1);
     assert!(out.stdout.contains("tenants/alpha.toml: no age identity is configured"), "{}", out.stdout);
 }
+
+#[test]
+fn a_terminal_gets_a_progress_bar_and_a_pipe_does_not() {
+    let repo = TestRepo::new();
+    for i in 0..40 {
+        repo.put_tenant(&tenant_doc(&format!("t{i:03}")), Format::Toml);
+    }
+    repo.commit("forty tenants");
+    // `script` gives the command a terminal; FROSTBYTE_LOG keeps the log quiet so only the bar draws.
+    let bin = env!("CARGO_BIN_EXE_frostbyte-gitops");
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_LOG", "error").args(["-qec", &format!("{bin} validate"), "/dev/null"]);
+    let mut script = std::process::Command::new("script");
+    script.args(c.get_args()).envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v)))).stdin(std::process::Stdio::null());
+    let o = script.output().expect("script(1) from util-linux");
+    let tty = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{tty}");
+    assert!(tty.contains("decrypting") && tty.contains("/40 tenant files"), "no progress bar on a terminal:\n{tty}");
+    let piped = validate(&repo, &[]);
+    assert!(!piped.all().contains("decrypting"), "{}", piped.all());
+    let json = run(&repo, None, &["validate", "--format", "json"]);
+    assert!(!json.all().contains("decrypting"));
+}

@@ -169,10 +169,11 @@ async fn reconcile_once(ctx: &Ctx, db: &Database, metrics: &Mutex<Metrics>, leas
 /// Watches the repository's refs (a commit, a pull, a checkout) and, with --worktree, the tenant
 /// files. Remote sources have nothing local to watch: the interval fetches them.
 fn watch_source(ctx: &Ctx, triggers: mpsc::Sender<Trigger>) -> Result<Option<notify::RecommendedWatcher>, AgentError> {
-    let source = Source::open(&ctx.source_spec()).map_err(SyncError::from)?;
-    if source.is_remote() {
+    // Not even opened: a remote that cannot be fetched now is a failed sync to retry, not a reason to exit.
+    if crate::source::is_url(&ctx.cfg.repo) {
         return Ok(None);
     }
+    let source = Source::open(&ctx.source_spec()).map_err(SyncError::from)?;
     let (git_dir, tenant_dir) = source.watch_paths();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(e) = event {

@@ -242,6 +242,9 @@ pub fn plan_json(plan: &Plan, header: &Header) -> Value {
 pub fn drift_text(report: &[TenantDrift], header: &Header) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "Drift of the database against {}:\n", short(&header.commit));
+    if report.iter().all(|t| t.in_sync()) {
+        let _ = writeln!(out, "  Every tenant is in sync.");
+    }
     for t in report.iter().filter(|t| !t.in_sync()) {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
         let _ = writeln!(out, "  {}: {}", t.tenant_id, classes.join(" + "));

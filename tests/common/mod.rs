@@ -277,6 +277,24 @@ pub fn output(mut c: Command) -> Out {
     Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
 }
 
+/// Starts `n` processes with the same arguments at once and waits for all of them.
+pub fn run_concurrently(repo: &TestRepo, db: &TestDb, args: &[&str], n: usize) -> Vec<Out> {
+    let children: Vec<_> = (0..n)
+        .map(|_| {
+            let mut c = command(repo.path(), Some(db));
+            c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| {
+            let o = c.wait_with_output().unwrap();
+            Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+        })
+        .collect()
+}
+
 pub fn run(repo: &TestRepo, db: Option<&TestDb>, args: &[&str]) -> Out {
     let mut c = command(repo.path(), db);
     c.args(args);
