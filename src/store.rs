@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::str::FromStr;
-use tokio_postgres::{GenericClient, NoTls, Transaction};
+use tokio_postgres::{GenericClient, Transaction};
 
 /// Migrations in the order they apply. Their text is part of the binary so that a deployed agent
 /// cannot drift from the files it was built with.
@@ -55,9 +55,23 @@ fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreE
     move |source| StoreError::Query { context, source }
 }
 
+/// TLS for TCP connections (`sslmode=prefer` by default, `require` to insist; unix sockets never
+/// use it). Certificates are verified against the system's roots plus, if set, the CA file in
+/// PGSSLROOTCERT (libpq's variable).
+pub fn tls() -> Result<postgres_native_tls::MakeTlsConnector, StoreError> {
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(path) = std::env::var_os("PGSSLROOTCERT") {
+        let pem = std::fs::read(&path).map_err(|e| StoreError::Url(format!("reading PGSSLROOTCERT {}: {e}", path.to_string_lossy())))?;
+        let cert = native_tls::Certificate::from_pem(&pem).map_err(|e| StoreError::Url(format!("PGSSLROOTCERT {}: {e}", path.to_string_lossy())))?;
+        builder.add_root_certificate(cert);
+    }
+    let connector = builder.build().map_err(|e| StoreError::Url(format!("setting up TLS: {e}")))?;
+    Ok(postgres_native_tls::MakeTlsConnector::new(connector))
+}
+
 pub fn pool(url: &str) -> Result<Pool, StoreError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
-    let mgr = Manager::from_config(cfg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let mgr = Manager::from_config(cfg, tls()?, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(mgr).max_size(4).build().map_err(|e| StoreError::Url(e.to_string()))
 }
 

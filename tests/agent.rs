@@ -222,3 +222,15 @@ fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
     assert_eq!(db.count("SELECT 1 FROM gitops_applied"), versions.len() as i64);
     let _ = json!(null);
 }
+
+#[test]
+fn with_worktree_an_edit_on_disk_is_synced_without_a_commit() {
+    let (repo, db) = one_tenant();
+    let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WORKTREE", "true")]);
+    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    let mut doc = tenant_doc("alpha");
+    doc["config"]["plan"] = json!("enterprise");
+    repo.put_tenant(&doc, Format::Toml);
+    let plan = || db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'");
+    assert!(wait_for(Duration::from_secs(20), || (plan() == json!("enterprise")).then_some(())).is_some(), "{}", agent.log());
+}

@@ -36,12 +36,13 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     })
     .await
     .unwrap_or_else(|_| Err("timed out".into()));
-    let (leader, last_ok, last_err) = {
+    let (checked, leader, last_ok, last_err) = {
         let m = s.metrics.lock().expect("metrics lock");
-        (m.leader, m.last_sync_ok, m.last_sync_error.clone())
+        (m.lease_checked, m.leader, m.last_sync_ok, m.last_sync_error.clone())
     };
     match (db, leader, last_ok) {
         (Err(e), _, _) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {e}\n")),
+        _ if !checked => (StatusCode::SERVICE_UNAVAILABLE, "starting: no sync has run yet\n".to_string()),
         // A standby is ready when it can reach the database; it takes over when the leader goes.
         (Ok(()), false, _) => (StatusCode::OK, "ready (standby)\n".to_string()),
         (Ok(()), true, Some(true)) => (StatusCode::OK, "ready\n".to_string()),

@@ -19,6 +19,9 @@ pub struct Metrics {
     pub drift: BTreeMap<&'static str, usize>,
     pub validation_errors: usize,
     pub leader: bool,
+    /// Whether a first attempt to take the apply lease was made: before it, the replica is
+    /// neither leader nor standby, and not ready.
+    pub lease_checked: bool,
 }
 
 impl Metrics {

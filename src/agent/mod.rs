@@ -55,7 +55,8 @@ impl Lease {
             tracing::warn!("lost the connection that held the apply lease");
             self.client = None;
         }
-        let (client, conn) = tokio_postgres::connect(&self.url, tokio_postgres::NoTls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let tls = crate::store::tls().map_err(|e| e.to_string())?;
+        let (client, conn) = tokio_postgres::connect(&self.url, tls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -117,7 +118,11 @@ async fn reconcile_once(ctx: &Ctx, db: &Database, metrics: &Mutex<Metrics>, leas
             return Err(e);
         }
     };
-    metrics.lock().expect("metrics lock").leader = leader;
+    {
+        let mut m = metrics.lock().expect("metrics lock");
+        m.leader = leader;
+        m.lease_checked = true;
+    }
     if !leader {
         tracing::debug!("standby: another replica holds the apply lease");
         return Ok(());
