@@ -16,7 +16,8 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
     rt.block_on(sync::prepare(&ctx.cfg, &db.pool)).unwrap();
-    rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, false)).unwrap();
+    rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, false))
+        .unwrap();
     let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool)).unwrap().1;
 
     for round in 1..=3 {
@@ -27,7 +28,12 @@ fn main() {
     rt.block_on(async {
         let c = db.pool.get().await.unwrap();
         let ids: Vec<String> = (0..drifted).map(|k| id(k * 89 % n)).collect();
-        c.execute("UPDATE tenants SET config = jsonb_set(config, '{limits,max_users}', '1') WHERE tenant_id = ANY($1)", &[&ids]).await.unwrap();
+        c.execute(
+            "UPDATE tenants SET config = jsonb_set(config, '{limits,max_users}', '1') WHERE tenant_id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap();
     });
     for round in 1..=3 {
         let (r, d) = time(report_once);

@@ -16,7 +16,10 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
     rt.block_on(sync::prepare(&ctx.cfg, &db.pool)).unwrap();
-    let apply = || rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, false)).unwrap();
+    let apply = || {
+        rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, false))
+            .unwrap()
+    };
 
     let (o, first) = time(apply);
     assert_eq!(o.applied, n);

@@ -10,7 +10,10 @@ use support::*;
 
 fn main() {
     let n = tenants();
-    println!("validate: {n} tenant files (TOML, JSON, YAML in turn), {} threads", rayon::current_num_threads());
+    println!(
+        "validate: {n} tenant files (TOML, JSON, YAML in turn), {} threads",
+        rayon::current_num_threads()
+    );
     let (repo, setup) = time(|| Repo::generate(n));
     println!("{:<48} {:>9.1} ms", "setup: generate, encrypt and commit", setup.as_secs_f64() * 1e3);
     let ctx = repo.ctx(None);

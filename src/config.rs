@@ -94,23 +94,108 @@ struct Def {
 }
 
 const DEFS: &[Def] = &[
-    Def { name: "mode", env: &["FROSTBYTE_MODE"], default: Some("dev"), secret: false },
-    Def { name: "database_url", env: &["FROSTBYTE_CONTROL_DB_URL"], default: None, secret: true },
-    Def { name: "repo", env: &["FROSTBYTE_GITOPS_REPO"], default: Some("."), secret: false },
-    Def { name: "ref", env: &["FROSTBYTE_GITOPS_REF"], default: None, secret: false },
-    Def { name: "path", env: &["FROSTBYTE_GITOPS_PATH"], default: Some("tenants"), secret: false },
-    Def { name: "age_key_file", env: &["SOPS_AGE_KEY_FILE"], default: None, secret: false },
-    Def { name: "age_key", env: &["SOPS_AGE_KEY"], default: None, secret: true },
-    Def { name: "log_format", env: &["FROSTBYTE_LOG_FORMAT"], default: None, secret: false },
-    Def { name: "data_dir", env: &["FROSTBYTE_DATA_DIR"], default: Some(".frostbyte"), secret: false },
-    Def { name: "allow_plaintext", env: &["FROSTBYTE_ALLOW_PLAINTEXT"], default: Some("false"), secret: false },
-    Def { name: "require_tenant_recipient", env: &["FROSTBYTE_REQUIRE_TENANT_RECIPIENT"], default: Some("true"), secret: false },
-    Def { name: "drift_policy", env: &["FROSTBYTE_DRIFT_POLICY"], default: Some("correct"), secret: false },
-    Def { name: "worktree", env: &["FROSTBYTE_WORKTREE"], default: Some("false"), secret: false },
-    Def { name: "interval", env: &["FROSTBYTE_SYNC_INTERVAL"], default: Some("60"), secret: false },
-    Def { name: "debounce_ms", env: &["FROSTBYTE_DEBOUNCE_MS"], default: Some("500"), secret: false },
-    Def { name: "listen", env: &["FROSTBYTE_LISTEN"], default: Some("127.0.0.1:8686"), secret: false },
-    Def { name: "webhook_token", env: &["FROSTBYTE_WEBHOOK_TOKEN"], default: None, secret: true },
+    Def {
+        name: "mode",
+        env: &["FROSTBYTE_MODE"],
+        default: Some("dev"),
+        secret: false,
+    },
+    Def {
+        name: "database_url",
+        env: &["FROSTBYTE_CONTROL_DB_URL"],
+        default: None,
+        secret: true,
+    },
+    Def {
+        name: "repo",
+        env: &["FROSTBYTE_GITOPS_REPO"],
+        default: Some("."),
+        secret: false,
+    },
+    Def {
+        name: "ref",
+        env: &["FROSTBYTE_GITOPS_REF"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "path",
+        env: &["FROSTBYTE_GITOPS_PATH"],
+        default: Some("tenants"),
+        secret: false,
+    },
+    Def {
+        name: "age_key_file",
+        env: &["SOPS_AGE_KEY_FILE"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "age_key",
+        env: &["SOPS_AGE_KEY"],
+        default: None,
+        secret: true,
+    },
+    Def {
+        name: "log_format",
+        env: &["FROSTBYTE_LOG_FORMAT"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "data_dir",
+        env: &["FROSTBYTE_DATA_DIR"],
+        default: Some(".frostbyte"),
+        secret: false,
+    },
+    Def {
+        name: "allow_plaintext",
+        env: &["FROSTBYTE_ALLOW_PLAINTEXT"],
+        default: Some("false"),
+        secret: false,
+    },
+    Def {
+        name: "require_tenant_recipient",
+        env: &["FROSTBYTE_REQUIRE_TENANT_RECIPIENT"],
+        default: Some("true"),
+        secret: false,
+    },
+    Def {
+        name: "drift_policy",
+        env: &["FROSTBYTE_DRIFT_POLICY"],
+        default: Some("correct"),
+        secret: false,
+    },
+    Def {
+        name: "worktree",
+        env: &["FROSTBYTE_WORKTREE"],
+        default: Some("false"),
+        secret: false,
+    },
+    Def {
+        name: "interval",
+        env: &["FROSTBYTE_SYNC_INTERVAL"],
+        default: Some("60"),
+        secret: false,
+    },
+    Def {
+        name: "debounce_ms",
+        env: &["FROSTBYTE_DEBOUNCE_MS"],
+        default: Some("500"),
+        secret: false,
+    },
+    Def {
+        name: "listen",
+        env: &["FROSTBYTE_LISTEN"],
+        default: Some("127.0.0.1:8686"),
+        secret: false,
+    },
+    Def {
+        name: "webhook_token",
+        env: &["FROSTBYTE_WEBHOOK_TOKEN"],
+        default: None,
+        secret: true,
+    },
 ];
 
 pub fn known_keys() -> Vec<&'static str> {
@@ -120,15 +205,21 @@ pub fn known_keys() -> Vec<&'static str> {
 /// Masks the password in a `postgres://user:pass@host/db` URL or a `password=...` conninfo.
 pub fn mask_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((creds, host)) = rest.split_once('@') {
-            if let Some((user, _)) = creds.split_once(':') {
-                return format!("{scheme}://{user}:****@{host}");
-            }
+        if let Some((creds, host)) = rest.split_once('@')
+            && let Some((user, _)) = creds.split_once(':')
+        {
+            return format!("{scheme}://{user}:****@{host}");
         }
         return url.to_string();
     }
     url.split_whitespace()
-        .map(|kv| if kv.starts_with("password=") { "password=****".to_string() } else { kv.to_string() })
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=****".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -312,7 +403,10 @@ mod tests {
         let env = env_of(&[("FROSTBYTE_GITOPS_PATH", "from-env"), ("FROSTBYTE_GITOPS_REF", "env-ref")]);
         let file = "path = \"from-file\"\nref = \"file-ref\"\nrepo = \"file-repo\"\n";
         let c = Config::resolve(&flags, &env, Some(("f.toml", file)), None).unwrap();
-        assert_eq!((c.path.as_str(), c.git_ref.as_deref(), c.repo.as_str()), ("from-flag", Some("env-ref"), "file-repo"));
+        assert_eq!(
+            (c.path.as_str(), c.git_ref.as_deref(), c.repo.as_str()),
+            ("from-flag", Some("env-ref"), "file-repo")
+        );
         let origin = |n: &str| c.shown.iter().find(|s| s.name == n).unwrap().origin.clone();
         assert_eq!(origin("path"), Origin::Flag);
         assert_eq!(origin("ref"), Origin::Env("FROSTBYTE_GITOPS_REF".into()));
@@ -322,7 +416,11 @@ mod tests {
 
     #[test]
     fn every_invalid_setting_is_reported_together() {
-        let env = env_of(&[("FROSTBYTE_MODE", "prod"), ("FROSTBYTE_DRIFT_POLICY", "ignore"), ("FROSTBYTE_SYNC_INTERVAL", "soon")]);
+        let env = env_of(&[
+            ("FROSTBYTE_MODE", "prod"),
+            ("FROSTBYTE_DRIFT_POLICY", "ignore"),
+            ("FROSTBYTE_SYNC_INTERVAL", "soon"),
+        ]);
         let err = Config::resolve(&Flags::default(), &env, Some(("f.toml", "colour = 1\n")), None).unwrap_err();
         for needle in ["mode (from env FROSTBYTE_MODE)", "drift_policy", "interval", "unknown setting \"colour\""] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
@@ -338,7 +436,10 @@ mod tests {
 
     #[test]
     fn secrets_are_masked() {
-        let env = env_of(&[("FROSTBYTE_CONTROL_DB_URL", "postgres://app:hunter2@db/x"), ("SOPS_AGE_KEY", "AGE-SECRET-KEY-1XYZ")]);
+        let env = env_of(&[
+            ("FROSTBYTE_CONTROL_DB_URL", "postgres://app:hunter2@db/x"),
+            ("SOPS_AGE_KEY", "AGE-SECRET-KEY-1XYZ"),
+        ]);
         let c = Config::resolve(&Flags::default(), &env, None, None).unwrap();
         let text = c.render();
         assert!(text.contains("postgres://app:****@db/x"), "{text}");

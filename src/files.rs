@@ -21,11 +21,17 @@ pub enum FileError {
 }
 
 fn ferr(path: &Path, message: impl Into<String>) -> FileError {
-    FileError::File { path: path.display().to_string(), message: message.into() }
+    FileError::File {
+        path: path.display().to_string(),
+        message: message.into(),
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FileError + '_ {
-    move |source| FileError::Io { path: path.display().to_string(), source }
+    move |source| FileError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,10 +108,10 @@ fn format_of(path: &Path) -> Result<Format, FileError> {
 /// The recipients a tenant file must be encrypted to: the creation rule's, then the tenant's own.
 fn wanted_recipients(rule: &CreationRule, plain: &Value) -> Vec<String> {
     let mut r = rule.recipients();
-    if let Some(own) = plain.get("age_public_key").and_then(Value::as_str).filter(|k| is_age_recipient(k)) {
-        if !r.iter().any(|x| x == own) {
-            r.push(own.to_string());
-        }
+    if let Some(own) = plain.get("age_public_key").and_then(Value::as_str).filter(|k| is_age_recipient(k))
+        && !r.iter().any(|x| x == own)
+    {
+        r.push(own.to_string());
     }
     r
 }
@@ -125,7 +131,10 @@ fn write_atomic(path: &Path, text: &str) -> Result<(), FileError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io(path))?;
     std::fs::write(tmp.path(), text).map_err(io(path))?;
-    tmp.persist(path).map_err(|e| FileError::Io { path: path.display().to_string(), source: e.error })?;
+    tmp.persist(path).map_err(|e| FileError::Io {
+        path: path.display().to_string(),
+        source: e.error,
+    })?;
     Ok(())
 }
 
@@ -173,7 +182,12 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, Fi
     let tmp = dir.path().join(path.file_name().unwrap_or("tenant".as_ref()));
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io(&tmp))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
         std::io::Write::write_all(&mut f, before.as_bytes()).map_err(io(&tmp))?;
     }
     let status = std::process::Command::new("sh")
@@ -194,7 +208,10 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, Fi
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     if let Err(issues) = check_document(&path.display().to_string(), &stem, &after, edited.clone(), d.encrypted.clone()) {
         let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
-        return Err(ferr(path, format!("the edit is not a valid tenant file; the file is unchanged:\n{}", list.join("\n"))));
+        return Err(ferr(
+            path,
+            format!("the edit is not a valid tenant file; the file is unchanged:\n{}", list.join("\n")),
+        ));
     }
     let rule = creation_rule(path).unwrap_or_else(|_| CreationRule {
         age: Some(serde_yaml::Value::String(d.recipients.join(","))),
@@ -235,7 +252,11 @@ pub fn update_keys(path: &Path, keys: &AgeKeys, dry_run: bool) -> Result<Option<
         sops::rewrap(&mut doc, keys, &wanted).map_err(|e| ferr(path, e.to_string()))?;
         write_atomic(path, &sops::serialize(format, &doc).map_err(|e| ferr(path, e.to_string()))?)?;
     }
-    Ok(Some(KeyUpdate { path: path.to_path_buf(), added, removed }))
+    Ok(Some(KeyUpdate {
+        path: path.to_path_buf(),
+        added,
+        removed,
+    }))
 }
 
 /// A valid, encrypted skeleton for a new tenant.
@@ -245,7 +266,10 @@ pub fn new_tenant(path: &Path, tenant_id: &str, age_public_key: &str) -> Result<
     }
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     if stem != tenant_id {
-        return Err(ferr(path, format!("the file must be named after the tenant ({tenant_id}.toml, .json or .yaml)")));
+        return Err(ferr(
+            path,
+            format!("the file must be named after the tenant ({tenant_id}.toml, .json or .yaml)"),
+        ));
     }
     let plain = json!({
         "tenant_id": tenant_id,

@@ -11,7 +11,9 @@ pub enum LocalPgError {
         "PostgreSQL server binaries (initdb, pg_ctl) were not found on PATH or under /usr/lib/postgresql/*/bin; install them (Debian: apt-get install postgresql) or set FROSTBYTE_CONTROL_DB_URL to an existing database"
     )]
     NoBinaries,
-    #[error("running as root, but there is no `postgres` user to run the server as (PostgreSQL refuses to run as root); create one or set FROSTBYTE_CONTROL_DB_URL")]
+    #[error(
+        "running as root, but there is no `postgres` user to run the server as (PostgreSQL refuses to run as root); create one or set FROSTBYTE_CONTROL_DB_URL"
+    )]
     NoPostgresUser,
     #[error("{what} ({path})")]
     Io {
@@ -108,7 +110,10 @@ impl RunAs {
 
 fn run(mut cmd: Command) -> Result<(), LocalPgError> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| LocalPgError::Command { command: shown.clone(), output: e.to_string() })?;
+    let out = cmd.output().map_err(|e| LocalPgError::Command {
+        command: shown.clone(),
+        output: e.to_string(),
+    })?;
     if out.status.success() {
         Ok(())
     } else {
@@ -127,7 +132,9 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
     let run_as = RunAs::detect()?;
     let parent = data_dir.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io("creating the data directory's parent", parent))?;
-    let mut data_dir = fs::canonicalize(parent).map_err(io("resolving", parent))?.join(data_dir.file_name().unwrap_or("pgdata".as_ref()));
+    let mut data_dir = fs::canonicalize(parent)
+        .map_err(io("resolving", parent))?
+        .join(data_dir.file_name().unwrap_or("pgdata".as_ref()));
     if run_as.user.is_some() && !others_can_enter(&data_dir) {
         // The server runs as `postgres`, which cannot reach a directory under, say, /root.
         let moved = relocated(&data_dir);
@@ -147,7 +154,9 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
         fs::create_dir_all(&data_dir).map_err(io("creating the data directory", &data_dir))?;
         run_as.chown(&data_dir)?;
         let mut c = run_as.command(&bin.join("initdb"));
-        c.arg("-D").arg(&data_dir).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"]);
+        c.arg("-D")
+            .arg(&data_dir)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale", "--no-instructions"]);
         run(c)?;
     }
     let mut status = run_as.command(&bin.join("pg_ctl"));
@@ -160,17 +169,31 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
             opts.push_str(e);
         }
         let mut c = run_as.command(&bin.join("pg_ctl"));
-        c.arg("start").arg("-D").arg(&data_dir).args(["-w", "-t", "60", "-s"]).arg("-l").arg(data_dir.join("server.log")).arg("-o").arg(opts);
+        c.arg("start")
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-w", "-t", "60", "-s"])
+            .arg("-l")
+            .arg(data_dir.join("server.log"))
+            .arg("-o")
+            .arg(opts);
         run(c)?;
     }
     drop(lock);
-    Ok(LocalCluster { socket_dir: data_dir.clone(), data_dir, user: "postgres".into() })
+    Ok(LocalCluster {
+        socket_dir: data_dir.clone(),
+        data_dir,
+        user: "postgres".into(),
+    })
 }
 
 /// Whether every existing ancestor of `path` lets other users through (o+x).
 fn others_can_enter(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    path.ancestors().skip(1).filter_map(|p| fs::metadata(p).ok()).all(|m| m.permissions().mode() & 0o001 != 0)
+    path.ancestors()
+        .skip(1)
+        .filter_map(|p| fs::metadata(p).ok())
+        .all(|m| m.permissions().mode() & 0o001 != 0)
 }
 
 /// A place under /var/tmp, named after the wanted path so that the same path finds it again.
@@ -183,9 +206,17 @@ fn relocated(wanted: &Path) -> PathBuf {
 /// Where `ensure` keeps (or would keep) the cluster wanted at `data_dir`.
 pub fn effective_dir(data_dir: &Path) -> PathBuf {
     let abs = std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let abs = abs.parent().and_then(|p| fs::canonicalize(p).ok()).map(|p| p.join(abs.file_name().unwrap_or_default())).unwrap_or(abs);
+    let abs = abs
+        .parent()
+        .and_then(|p| fs::canonicalize(p).ok())
+        .map(|p| p.join(abs.file_name().unwrap_or_default()))
+        .unwrap_or(abs);
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && !others_can_enter(&abs) { relocated(&abs) } else { abs }
+    if unsafe { libc::geteuid() } == 0 && !others_can_enter(&abs) {
+        relocated(&abs)
+    } else {
+        abs
+    }
 }
 
 /// Stops the cluster under `data_dir` if it runs.

@@ -16,7 +16,11 @@ const EXIT_ERROR: u8 = 1;
 const EXIT_CHANGES: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "frostbyte-gitops", version, about = "Sync SOPS-encrypted tenant definitions from git into the Frostbyte tenant registry")]
+#[command(
+    name = "frostbyte-gitops",
+    version,
+    about = "Sync SOPS-encrypted tenant definitions from git into the Frostbyte tenant registry"
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,
@@ -239,7 +243,10 @@ fn flags(g: &Global) -> Flags {
 
 fn resolve_config(g: &Global) -> Result<Config> {
     let file_path = g.config.clone().or_else(|| std::env::var_os("FROSTBYTE_CONFIG").map(PathBuf::from));
-    let text = file_path.as_ref().map(|p| std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))).transpose()?;
+    let text = file_path
+        .as_ref()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display())))
+        .transpose()?;
     let shown_path = file_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default();
     let file = text.as_deref().map(|t| (shown_path.as_str(), t));
     let env = |k: &str| std::env::var(k).ok();
@@ -259,7 +266,8 @@ fn load_keys(cfg: &Config) -> Result<AgeKeys> {
 }
 
 fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FROSTBYTE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,frostbyte_gitops=info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FROSTBYTE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,frostbyte_gitops=info"));
     // tokio-postgres logs every query's parameters at debug level, and parameters carry decrypted
     // config: its debug output never reaches a log, whatever FROSTBYTE_LOG says.
     let filter = filter.add_directive("tokio_postgres=info".parse().expect("valid directive"));
@@ -282,7 +290,10 @@ fn real_main(cli: Cli) -> Result<u8> {
         return match cmd {
             DbCmd::Start => {
                 // The same path `sync` takes: the cluster, then the database in it.
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the async runtime")?;
                 let mut local = cfg.clone();
                 local.database_url = None;
                 local.mode = frostbyte_gitops::config::Mode::Dev;
@@ -299,7 +310,14 @@ fn real_main(cli: Cli) -> Result<u8> {
     let keys = load_keys(&cfg)?;
     match &cli.cmd {
         Cmd::Secrets { cmd } => return secrets(&cfg, &keys, cmd),
-        Cmd::Tenant { cmd: TenantCmd::New { tenant_id, age_public_key, format, dir } } => {
+        Cmd::Tenant {
+            cmd: TenantCmd::New {
+                tenant_id,
+                age_public_key,
+                format,
+                dir,
+            },
+        } => {
             let dir = dir.clone().unwrap_or_else(|| PathBuf::from(&cfg.repo).join(&cfg.path));
             let path = dir.join(format!("{tenant_id}.{format}"));
             files::new_tenant(&path, tenant_id, age_public_key)?;
@@ -309,8 +327,14 @@ fn real_main(cli: Cli) -> Result<u8> {
         _ => {}
     }
     // Keys are in hand before any thread starts; nothing reads them from the environment later.
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
-    let progress = matches!(&cli.cmd, Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let progress = matches!(
+        &cli.cmd,
+        Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
+    );
     let ctx = Ctx { cfg, keys, progress };
     if let Cmd::Run = cli.cmd {
         return rt.block_on(async {
@@ -350,7 +374,12 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             }
             Ok(if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR })
         }
-        Cmd::Plan { format, out, against_ref, color } => {
+        Cmd::Plan {
+            format,
+            out,
+            against_ref,
+            color,
+        } => {
             let color = match color {
                 Color::Always => true,
                 Color::Never => false,
@@ -366,7 +395,11 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                 sync::prepare(&ctx.cfg, &db.pool).await?;
                 let outcome = sync::run(ctx, &db.pool, Run::Plan, false).await?;
                 if let Some(path) = &out {
-                    let commit = outcome.header.commit.clone().ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
+                    let commit = outcome
+                        .header
+                        .commit
+                        .clone()
+                        .ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
                     let saved = SavedPlan {
                         format_version: render::JSON_FORMAT_VERSION,
                         source: outcome.source.clone(),
@@ -386,21 +419,36 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             }
             Ok(if plan.has_changes() { EXIT_CHANGES } else { EXIT_OK })
         }
-        Cmd::Apply { plan_file, allow_non_fast_forward, format } => {
+        Cmd::Apply {
+            plan_file,
+            allow_non_fast_forward,
+            format,
+        } => {
             let run = match plan_file {
                 None => Run::Apply { allow_non_fast_forward },
                 Some(path) => {
                     let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
                     let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
                     if saved.format_version != render::JSON_FORMAT_VERSION {
-                        return Err(anyhow!("{}: saved plan format {} is not supported (expected {})", path.display(), saved.format_version, render::JSON_FORMAT_VERSION));
+                        return Err(anyhow!(
+                            "{}: saved plan format {} is not supported (expected {})",
+                            path.display(),
+                            saved.format_version,
+                            render::JSON_FORMAT_VERSION
+                        ));
                     }
-                    Run::ApplySaved { saved: Box::new(saved), allow_non_fast_forward }
+                    Run::ApplySaved {
+                        saved: Box::new(saved),
+                        allow_non_fast_forward,
+                    }
                 }
             };
             apply_and_report(ctx, run, format).await
         }
-        Cmd::Sync { allow_non_fast_forward, format } => {
+        Cmd::Sync {
+            allow_non_fast_forward,
+            format,
+        } => {
             if ctx.cfg.repo.contains("://") {
                 tracing::info!(repo = %ctx.cfg.repo, "fetching");
             }
@@ -410,7 +458,11 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             let fail: Vec<DriftClass> = if fail_on.is_empty() {
                 vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
             } else {
-                fail_on.iter().map(|s| s.trim().parse()).collect::<Result<_, String>>().map_err(|e| anyhow!("--fail-on: {e}"))?
+                fail_on
+                    .iter()
+                    .map(|s| s.trim().parse())
+                    .collect::<Result<_, String>>()
+                    .map_err(|e| anyhow!("--fail-on: {e}"))?
             };
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db.pool).await?;
@@ -440,9 +492,22 @@ async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> 
         _ => {
             if o.applied == 0 {
                 let orphans = o.plan.summary().orphaned;
-                println!("No changes: the database matches {}.{}", o.header.commit.as_deref().unwrap_or("the work tree"), if orphans > 0 { format!(" ({orphans} orphaned tenant(s) left alone.)") } else { String::new() });
+                println!(
+                    "No changes: the database matches {}.{}",
+                    o.header.commit.as_deref().unwrap_or("the work tree"),
+                    if orphans > 0 {
+                        format!(" ({orphans} orphaned tenant(s) left alone.)")
+                    } else {
+                        String::new()
+                    }
+                );
             } else {
-                print!("{}", render::plan_text(&o.plan, &o.header, false).replace("Plan for", "Applied").replace("\nPlan: ", "\nApplied: "));
+                print!(
+                    "{}",
+                    render::plan_text(&o.plan, &o.header, false)
+                        .replace("Plan for", "Applied")
+                        .replace("\nPlan: ", "\nApplied: ")
+                );
             }
         }
     }

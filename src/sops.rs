@@ -23,8 +23,8 @@ type Cipher = AesGcm<Aes256, U32>;
 
 /// sha256("sops"): the digest starts with it when `mac_only_encrypted` is set (sops.go).
 const MAC_ONLY_ENCRYPTED_INIT: [u8; 32] = [
-    0x8a, 0x3f, 0xd2, 0xad, 0x54, 0xce, 0x66, 0x52, 0x7b, 0x10, 0x34, 0xf3, 0xd1, 0x47, 0xbe, 0x0b, 0x0b, 0x97, 0x5b, 0x3b, 0xf4, 0x4f,
-    0x72, 0xc6, 0xfd, 0xad, 0xec, 0x81, 0x76, 0xf2, 0x7d, 0x69,
+    0x8a, 0x3f, 0xd2, 0xad, 0x54, 0xce, 0x66, 0x52, 0x7b, 0x10, 0x34, 0xf3, 0xd1, 0x47, 0xbe, 0x0b, 0x0b, 0x97, 0x5b, 0x3b, 0xf4, 0x4f, 0x72, 0xc6, 0xfd, 0xad,
+    0xec, 0x81, 0x76, 0xf2, 0x7d, 0x69,
 ];
 
 /// The sops version we say wrote a file.
@@ -119,9 +119,13 @@ fn yaml_to_json(v: serde_yaml::Value, ptr: &str) -> Result<Value, SopsError> {
             }
         }
         Y::String(s) => Value::String(s),
-        Y::Sequence(items) => {
-            Value::Array(items.into_iter().enumerate().map(|(i, v)| yaml_to_json(v, &child(ptr, &i.to_string()))).collect::<Result<_, _>>()?)
-        }
+        Y::Sequence(items) => Value::Array(
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| yaml_to_json(v, &child(ptr, &i.to_string())))
+                .collect::<Result<_, _>>()?,
+        ),
         Y::Mapping(m) => {
             let mut out = Map::new();
             for (k, v) in m {
@@ -285,7 +289,10 @@ struct CompiledRules {
 impl CompiledRules {
     fn new(rules: Rules) -> Result<Self, SopsError> {
         let compile = |r: &Option<String>, name: &str| {
-            r.as_deref().filter(|s| !s.is_empty()).map(|s| Regex::new(s).map_err(|e| SopsError::Metadata(format!("{name}: {e}")))).transpose()
+            r.as_deref()
+                .filter(|s| !s.is_empty())
+                .map(|s| Regex::new(s).map_err(|e| SopsError::Metadata(format!("{name}: {e}"))))
+                .transpose()
         };
         Ok(CompiledRules {
             unencrypted_regex: compile(&rules.unencrypted_regex, "unencrypted_regex")?,
@@ -297,18 +304,18 @@ impl CompiledRules {
     /// sops.go `shouldBeEncrypted`, less the comment rules (comments are not part of the tree here).
     fn encrypts(&self, path: &[String]) -> bool {
         let mut enc = true;
-        if let Some(s) = self.rules.unencrypted_suffix.as_deref().filter(|s| !s.is_empty()) {
-            if path.iter().any(|p| p.ends_with(s)) {
-                enc = false;
-            }
+        if let Some(s) = self.rules.unencrypted_suffix.as_deref().filter(|s| !s.is_empty())
+            && path.iter().any(|p| p.ends_with(s))
+        {
+            enc = false;
         }
         if let Some(s) = self.rules.encrypted_suffix.as_deref().filter(|s| !s.is_empty()) {
             enc = path.iter().any(|p| p.ends_with(s));
         }
-        if let Some(r) = &self.unencrypted_regex {
-            if path.iter().any(|p| r.is_match(p)) {
-                enc = false;
-            }
+        if let Some(r) = &self.unencrypted_regex
+            && path.iter().any(|p| r.is_match(p))
+        {
+            enc = false;
         }
         if let Some(r) = &self.encrypted_regex {
             enc = path.iter().any(|p| r.is_match(p));
@@ -339,7 +346,12 @@ fn metadata(v: &Value) -> Result<Metadata, SopsError> {
     }
     let mut age = Vec::new();
     if let Some(list) = m.get("age").filter(|v| !v.is_null()) {
-        for (i, item) in list.as_array().ok_or_else(|| SopsError::Metadata("`age` must be a list".into()))?.iter().enumerate() {
+        for (i, item) in list
+            .as_array()
+            .ok_or_else(|| SopsError::Metadata("`age` must be a list".into()))?
+            .iter()
+            .enumerate()
+        {
             let r = item.get("recipient").and_then(Value::as_str);
             let e = item.get("enc").and_then(Value::as_str);
             match (r, e) {
@@ -405,12 +417,23 @@ pub fn decrypt(doc: Value, keys: &AgeKeys) -> Result<Decrypted, SopsError> {
     };
     let meta = metadata(&map.shift_remove("sops").ok_or(SopsError::NotEncrypted)?)?;
     if meta.age.is_empty() {
-        let others = if meta.other_keys.is_empty() { "none".to_string() } else { meta.other_keys.join(", ") };
-        return Err(SopsError::Metadata(format!("the file has no age recipients (key types present: {others}); only age is supported")));
+        let others = if meta.other_keys.is_empty() {
+            "none".to_string()
+        } else {
+            meta.other_keys.join(", ")
+        };
+        return Err(SopsError::Metadata(format!(
+            "the file has no age recipients (key types present: {others}); only age is supported"
+        )));
     }
     let data_key = keys.unwrap_data_key(&meta.age)?;
     let rules = CompiledRules::new(meta.rules.clone())?;
-    let mut w = Walker { key: &data_key, rules: &rules, hash: Sha512::new(), encrypted: BTreeSet::new() };
+    let mut w = Walker {
+        key: &data_key,
+        rules: &rules,
+        hash: Sha512::new(),
+        encrypted: BTreeSet::new(),
+    };
     if meta.rules.mac_only_encrypted {
         w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
     }
@@ -424,7 +447,12 @@ pub fn decrypt(doc: Value, keys: &AgeKeys) -> Result<Decrypted, SopsError> {
     if !stored.eq_ignore_ascii_case(&computed) {
         return Err(SopsError::MacMismatch);
     }
-    Ok(Decrypted { value, encrypted: w.encrypted, recipients: meta.age.into_iter().map(|(r, _)| r).collect(), rules: meta.rules })
+    Ok(Decrypted {
+        value,
+        encrypted: w.encrypted,
+        recipients: meta.age.into_iter().map(|(r, _)| r).collect(),
+        rules: meta.rules,
+    })
 }
 
 struct Walker<'a> {
@@ -454,11 +482,17 @@ impl Walker<'_> {
                 let enc = self.rules.encrypts(path);
                 if enc {
                     let Value::String(s) = leaf else {
-                        return Err(SopsError::Value { pointer: ptr.to_string(), reason: "the rules say it is encrypted, but it is not an ENC[...] string".into() });
+                        return Err(SopsError::Value {
+                            pointer: ptr.to_string(),
+                            reason: "the rules say it is encrypted, but it is not an ENC[...] string".into(),
+                        });
                     };
                     if !s.is_empty() {
                         let aad = path.join(":") + ":";
-                        *leaf = decrypt_value(s, self.key, &aad).map_err(|reason| SopsError::Value { pointer: ptr.to_string(), reason })?;
+                        *leaf = decrypt_value(s, self.key, &aad).map_err(|reason| SopsError::Value {
+                            pointer: ptr.to_string(),
+                            reason,
+                        })?;
                     }
                     self.encrypted.insert(ptr.to_string());
                 }
@@ -549,12 +583,21 @@ fn decrypt_value(enc: &str, key: &[u8], aad: &str) -> Result<Value, String> {
     msg.extend(b64(tag, "tag")?);
     let cipher = Cipher::new_from_slice(key).map_err(|_| "bad data key length")?;
     let plain = cipher
-        .decrypt(Nonce::<U32>::from_slice(&iv), Payload { msg: &msg, aad: aad.as_bytes() })
+        .decrypt(
+            Nonce::<U32>::from_slice(&iv),
+            Payload {
+                msg: &msg,
+                aad: aad.as_bytes(),
+            },
+        )
         .map_err(|_| "authentication failed (wrong key, or the value was moved or altered)")?;
     let text = String::from_utf8(plain).map_err(|_| "decrypted bytes are not UTF-8")?;
     match ty {
         "str" | "bytes" => Ok(Value::String(text)),
-        "int" => text.parse::<i64>().map(|i| Value::Number(i.into())).map_err(|_| "type int, but not an integer".into()),
+        "int" => text
+            .parse::<i64>()
+            .map(|i| Value::Number(i.into()))
+            .map_err(|_| "type int, but not an integer".into()),
         // sops's JSON store reads every number as a float and writes whole ones without a point
         // ("42"); `sops decrypt` prints them back as integers, and so do we.
         "float" if !text.contains(['.', 'e', 'E']) && text.parse::<i64>().is_ok() => Ok(Value::Number(text.parse::<i64>().expect("checked").into())),
@@ -575,7 +618,10 @@ fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> 
         // "True"/"False": rops accepts only these, and sops's ParseBool accepts them too.
         Value::Bool(b) => ("bool", if *b { "True".to_string() } else { "False".to_string() }),
         // A whole float keeps its point ("1.0"), so that it decrypts as a float again.
-        Value::Number(n) if n.is_f64() => ("float", n.as_f64().filter(|f| f.fract() == 0.0).map_or_else(|| number_text(n), |f| format!("{f:.1}"))),
+        Value::Number(n) if n.is_f64() => (
+            "float",
+            n.as_f64().filter(|f| f.fract() == 0.0).map_or_else(|| number_text(n), |f| format!("{f:.1}")),
+        ),
         Value::Number(n) => ("int", number_text(n)),
         _ => return Err(SopsError::Encrypt("only scalars can be encrypted".into())),
     };
@@ -583,10 +629,21 @@ fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> 
     rand::thread_rng().fill_bytes(&mut iv);
     let cipher = Cipher::new_from_slice(key).map_err(|_| SopsError::Encrypt("bad data key length".into()))?;
     let out = cipher
-        .encrypt(Nonce::<U32>::from_slice(&iv), Payload { msg: text.as_bytes(), aad: aad.as_bytes() })
+        .encrypt(
+            Nonce::<U32>::from_slice(&iv),
+            Payload {
+                msg: text.as_bytes(),
+                aad: aad.as_bytes(),
+            },
+        )
         .map_err(|_| SopsError::Encrypt("AES-GCM failed".into()))?;
     let (data, tag) = out.split_at(out.len() - 16);
-    Ok(format!("ENC[AES256_GCM,data:{},iv:{},tag:{},type:{ty}]", B64.encode(data), B64.encode(iv), B64.encode(tag)))
+    Ok(format!(
+        "ENC[AES256_GCM,data:{},iv:{},tag:{},type:{ty}]",
+        B64.encode(data),
+        B64.encode(iv),
+        B64.encode(tag)
+    ))
 }
 
 /// Encrypts a plaintext document to the given age recipients under `rules`, as `sops encrypt`
@@ -610,7 +667,12 @@ pub fn encrypt(plain: &Value, recipients: &[String], rules: &Rules, data_key: Op
         }
     };
     let compiled = CompiledRules::new(rules.clone())?;
-    let mut w = Walker { key: &key, rules: &compiled, hash: Sha512::new(), encrypted: BTreeSet::new() };
+    let mut w = Walker {
+        key: &key,
+        rules: &compiled,
+        hash: Sha512::new(),
+        encrypted: BTreeSet::new(),
+    };
     if rules.mac_only_encrypted {
         w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
     }
@@ -689,7 +751,10 @@ mod tests {
     #[test]
     fn round_trip_in_every_format() {
         let (k, r) = keys();
-        let rules = Rules { unencrypted_suffix: Some("_unencrypted".into()), ..Rules::default() };
+        let rules = Rules {
+            unencrypted_suffix: Some("_unencrypted".into()),
+            ..Rules::default()
+        };
         for format in [Format::Json, Format::Yaml, Format::Toml] {
             let mut plain = sample();
             if format == Format::Toml {
@@ -711,7 +776,10 @@ mod tests {
     #[test]
     fn a_changed_plaintext_value_fails_the_mac() {
         let (k, r) = keys();
-        let rules = Rules { encrypted_regex: Some("^secret".into()), ..Rules::default() };
+        let rules = Rules {
+            encrypted_regex: Some("^secret".into()),
+            ..Rules::default()
+        };
         let mut enc = encrypt(&json!({"plan": "pro", "secret_token": "t"}), &[r], &rules, None).unwrap();
         assert_eq!(enc["plan"], "pro");
         enc["plan"] = json!("enterprise");
@@ -730,7 +798,11 @@ mod tests {
     #[test]
     fn mac_only_encrypted_lets_plain_values_change() {
         let (k, r) = keys();
-        let rules = Rules { encrypted_suffix: Some("_secret".into()), mac_only_encrypted: true, ..Rules::default() };
+        let rules = Rules {
+            encrypted_suffix: Some("_secret".into()),
+            mac_only_encrypted: true,
+            ..Rules::default()
+        };
         let mut enc = encrypt(&json!({"plan": "pro", "db_secret": "pw"}), &[r], &rules, None).unwrap();
         enc["plan"] = json!("free");
         let out = decrypt(enc, &k).unwrap();

@@ -91,12 +91,25 @@ impl Source {
         let path = spec.path.trim_matches('/').to_string();
         if is_url(&spec.repo) {
             let repo = clone_or_fetch(&spec.repo, &spec.cache_dir)?;
-            return Ok(Source { repo, root: String::new(), id: format!("{}#{}", spec.repo, path), path, remote: true, label: spec.repo.clone() });
+            return Ok(Source {
+                repo,
+                root: String::new(),
+                id: format!("{}#{}", spec.repo, path),
+                path,
+                remote: true,
+                label: spec.repo.clone(),
+            });
         }
-        let repo = Repository::discover(&spec.repo).map_err(|source| SourceError::NotARepo { path: spec.repo.clone(), source })?;
+        let repo = Repository::discover(&spec.repo).map_err(|source| SourceError::NotARepo {
+            path: spec.repo.clone(),
+            source,
+        })?;
         let workdir = repo.workdir().unwrap_or_else(|| repo.path()).to_path_buf();
         let workdir = workdir.canonicalize().unwrap_or(workdir);
-        let given = Path::new(&spec.repo).canonicalize().map_err(|source| SourceError::Io { path: spec.repo.clone(), source })?;
+        let given = Path::new(&spec.repo).canonicalize().map_err(|source| SourceError::Io {
+            path: spec.repo.clone(),
+            source,
+        })?;
         let mut root = given.strip_prefix(&workdir).unwrap_or(Path::new("")).to_string_lossy().replace('\\', "/");
         if !root.is_empty() {
             root.push('/');
@@ -106,12 +119,23 @@ impl Source {
             .ok()
             .and_then(|r| r.url().ok().map(str::to_string))
             .unwrap_or_else(|| workdir.display().to_string());
-        Ok(Source { id: format!("{identity}#{root}{path}"), repo, root, path, remote: false, label: spec.repo.clone() })
+        Ok(Source {
+            id: format!("{identity}#{root}{path}"),
+            repo,
+            root,
+            path,
+            remote: false,
+            label: spec.repo.clone(),
+        })
     }
 
     fn git_err(&self, what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError + '_ {
         let what = what.into();
-        move |source| SourceError::Git { what, repo: self.label.clone(), source }
+        move |source| SourceError::Git {
+            what,
+            repo: self.label.clone(),
+            source,
+        }
     }
 
     /// The commit a revision names; for a remote, branch and tag names are looked up among the
@@ -130,16 +154,26 @@ impl Source {
                 Err(e) => last = Some(e),
             }
         }
-        Err(SourceError::Git { what: format!("cannot resolve revision {:?}", rev.unwrap_or("HEAD")), repo: self.label.clone(), source: last.expect("at least one candidate") })
+        Err(SourceError::Git {
+            what: format!("cannot resolve revision {:?}", rev.unwrap_or("HEAD")),
+            repo: self.label.clone(),
+            source: last.expect("at least one candidate"),
+        })
     }
 
     pub fn commit_info(&self, oid: Oid) -> Result<CommitInfo, SourceError> {
         let c = self.repo.find_commit(oid).map_err(self.git_err(format!("reading commit {oid}")))?;
         let t = c.time();
         let offset = chrono::FixedOffset::east_opt(t.offset_minutes() * 60).unwrap_or(chrono::FixedOffset::east_opt(0).expect("zero offset"));
-        let time = chrono::DateTime::from_timestamp(t.seconds(), 0).map(|d| d.with_timezone(&offset).to_rfc3339()).unwrap_or_default();
+        let time = chrono::DateTime::from_timestamp(t.seconds(), 0)
+            .map(|d| d.with_timezone(&offset).to_rfc3339())
+            .unwrap_or_default();
         let a = c.author();
-        Ok(CommitInfo { id: oid.to_string(), time, author: format!("{} <{}>", a.name().unwrap_or("?"), a.email().unwrap_or("?")) })
+        Ok(CommitInfo {
+            id: oid.to_string(),
+            time,
+            author: format!("{} <{}>", a.name().unwrap_or("?"), a.email().unwrap_or("?")),
+        })
     }
 
     fn tenant_dir(&self) -> String {
@@ -153,8 +187,14 @@ impl Source {
         let tree = c.tree().map_err(self.git_err("reading the commit's tree"))?;
         let dir = self.tenant_dir();
         let at = format!("commit {}", &info.id[..12]);
-        let entry = tree.get_path(Path::new(&dir)).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at: at.clone() })?;
-        let sub = self.repo.find_tree(entry.id()).map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
+        let entry = tree.get_path(Path::new(&dir)).map_err(|_| SourceError::NoTenantDir {
+            path: dir.clone(),
+            at: at.clone(),
+        })?;
+        let sub = self
+            .repo
+            .find_tree(entry.id())
+            .map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
         let mut files = Vec::new();
         for e in sub.iter() {
             let Ok(name) = e.name() else { continue };
@@ -163,7 +203,11 @@ impl Source {
                 continue;
             }
             let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
-            files.push(SourceFile { path: format!("{}/{name}", self.path), stem, body });
+            files.push(SourceFile {
+                path: format!("{}/{name}", self.path),
+                stem,
+                body,
+            });
         }
         Ok(Snapshot { commit: Some(info), files })
     }
@@ -178,7 +222,13 @@ impl Source {
                 f.body = if size as u64 > MAX_FILE_BYTES {
                     Body::TooLarge(size as u64)
                 } else {
-                    Body::Bytes(self.repo.find_blob(oid).map_err(self.git_err(format!("reading {}", f.path)))?.content().to_vec())
+                    Body::Bytes(
+                        self.repo
+                            .find_blob(oid)
+                            .map_err(self.git_err(format!("reading {}", f.path)))?
+                            .content()
+                            .to_vec(),
+                    )
                 };
             }
         }
@@ -187,15 +237,27 @@ impl Source {
 
     /// The tenant files as they are on disk (`--worktree`).
     pub fn worktree_snapshot(&self) -> Result<Snapshot, SourceError> {
-        let workdir = self.repo.workdir().ok_or_else(|| SourceError::NoTenantDir { path: self.tenant_dir(), at: "a bare repository".into() })?;
+        let workdir = self.repo.workdir().ok_or_else(|| SourceError::NoTenantDir {
+            path: self.tenant_dir(),
+            at: "a bare repository".into(),
+        })?;
         let dir = workdir.join(self.tenant_dir());
-        let rd = std::fs::read_dir(&dir).map_err(|_| SourceError::NoTenantDir { path: self.tenant_dir(), at: "the work tree".into() })?;
+        let rd = std::fs::read_dir(&dir).map_err(|_| SourceError::NoTenantDir {
+            path: self.tenant_dir(),
+            at: "the work tree".into(),
+        })?;
         let mut files = Vec::new();
         for e in rd {
-            let e = e.map_err(|source| SourceError::Io { path: dir.display().to_string(), source })?;
+            let e = e.map_err(|source| SourceError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
             let name = e.file_name().to_string_lossy().to_string();
             let Some(stem) = tenant_stem(&name) else { continue };
-            let meta = std::fs::symlink_metadata(e.path()).map_err(|source| SourceError::Io { path: e.path().display().to_string(), source })?;
+            let meta = std::fs::symlink_metadata(e.path()).map_err(|source| SourceError::Io {
+                path: e.path().display().to_string(),
+                source,
+            })?;
             let body = if meta.file_type().is_symlink() {
                 Body::Symlink
             } else if !meta.is_file() {
@@ -203,9 +265,16 @@ impl Source {
             } else if meta.len() > MAX_FILE_BYTES {
                 Body::TooLarge(meta.len())
             } else {
-                Body::Bytes(std::fs::read(e.path()).map_err(|source| SourceError::Io { path: e.path().display().to_string(), source })?)
+                Body::Bytes(std::fs::read(e.path()).map_err(|source| SourceError::Io {
+                    path: e.path().display().to_string(),
+                    source,
+                })?)
             };
-            files.push(SourceFile { path: format!("{}/{name}", self.path), stem, body });
+            files.push(SourceFile {
+                path: format!("{}/{name}", self.path),
+                stem,
+                body,
+            });
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Snapshot { commit: None, files })
@@ -229,10 +298,16 @@ impl Source {
         let Ok(old) = Oid::from_str(old) else { return Ok(None) };
         let Ok(old_commit) = self.repo.find_commit(old) else { return Ok(None) };
         let new_commit = self.repo.find_commit(new).map_err(self.git_err("reading commit"))?;
-        let (a, b) = (old_commit.tree().map_err(self.git_err("reading tree"))?, new_commit.tree().map_err(self.git_err("reading tree"))?);
+        let (a, b) = (
+            old_commit.tree().map_err(self.git_err("reading tree"))?,
+            new_commit.tree().map_err(self.git_err("reading tree"))?,
+        );
         let mut opts = git2::DiffOptions::new();
         opts.pathspec(self.tenant_dir());
-        let diff = self.repo.diff_tree_to_tree(Some(&a), Some(&b), Some(&mut opts)).map_err(self.git_err("diffing trees"))?;
+        let diff = self
+            .repo
+            .diff_tree_to_tree(Some(&a), Some(&b), Some(&mut opts))
+            .map_err(self.git_err("diffing trees"))?;
         let strip = self.root.len();
         let mut out = BTreeSet::new();
         for d in diff.deltas() {
@@ -270,12 +345,19 @@ fn clone_or_fetch(url: &str, cache: &Path) -> Result<Repository, SourceError> {
     let dir = cache.join(hex::encode(&Sha256::digest(url.as_bytes())[..8]));
     let err = |what: &str| {
         let what = what.to_string();
-        move |source| SourceError::Git { what, repo: url.to_string(), source }
+        move |source| SourceError::Git {
+            what,
+            repo: url.to_string(),
+            source,
+        }
     };
     let repo = match Repository::open_bare(&dir) {
         Ok(r) => r,
         Err(_) => {
-            std::fs::create_dir_all(&dir).map_err(|source| SourceError::Io { path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| SourceError::Io {
+                path: dir.display().to_string(),
+                source,
+            })?;
             let r = Repository::init_bare(&dir).map_err(err("creating the clone cache"))?;
             r.remote("origin", url).map_err(err("adding the remote"))?;
             r
@@ -288,7 +370,11 @@ fn clone_or_fetch(url: &str, cache: &Path) -> Result<Repository, SourceError> {
 fn fetch(repo: &Repository, url: &str) -> Result<(), SourceError> {
     let err = |what: &str| {
         let what = what.to_string();
-        move |source| SourceError::Git { what, repo: url.to_string(), source }
+        move |source| SourceError::Git {
+            what,
+            repo: url.to_string(),
+            source,
+        }
     };
     let mut remote = repo.find_remote("origin").map_err(err("finding the remote"))?;
     let mut cb = git2::RemoteCallbacks::new();
@@ -306,12 +392,12 @@ fn fetch(repo: &Repository, url: &str) -> Result<(), SourceError> {
         .fetch(&["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"], Some(&mut fo), None)
         .map_err(err("fetching"))?;
     // Learn the remote's default branch, so that no --ref means what `git clone` would check out.
-    if let Ok(head) = remote.default_branch() {
-        if let Some(branch) = head.as_str().ok().and_then(|h| h.strip_prefix("refs/heads/")) {
-            let target = format!("refs/remotes/origin/{branch}");
-            if repo.find_reference(&target).is_ok() {
-                let _ = repo.reference_symbolic("refs/remotes/origin/HEAD", &target, true, "default branch");
-            }
+    if let Ok(head) = remote.default_branch()
+        && let Some(branch) = head.as_str().ok().and_then(|h| h.strip_prefix("refs/heads/"))
+    {
+        let target = format!("refs/remotes/origin/{branch}");
+        if repo.find_reference(&target).is_ok() {
+            let _ = repo.reference_symbolic("refs/remotes/origin/HEAD", &target, true, "default branch");
         }
     }
     Ok(())

@@ -71,7 +71,13 @@ pub fn tls() -> Result<postgres_native_tls::MakeTlsConnector, StoreError> {
 
 pub fn pool(url: &str) -> Result<Pool, StoreError> {
     let cfg = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
-    let mgr = Manager::from_config(cfg, tls()?, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let mgr = Manager::from_config(
+        cfg,
+        tls()?,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Pool::builder(mgr).max_size(4).build().map_err(|e| StoreError::Url(e.to_string()))
 }
 
@@ -86,9 +92,15 @@ pub fn checksum(sql: &str) -> String {
 /// Applies pending migrations, each in its own transaction, under an advisory lock so that two
 /// processes migrating at once apply each migration once. Returns the names applied.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK]).await.map_err(q("taking the migration lock"))?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(q("taking the migration lock"))?;
     let result = migrate_locked(client).await;
-    let unlock = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK]).await.map_err(q("releasing the migration lock"));
+    let unlock = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .await
+        .map_err(q("releasing the migration lock"));
     let applied = result?;
     unlock?;
     Ok(applied)
@@ -107,14 +119,21 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<Strin
         )
         .await
         .map_err(q("creating schema_migrations"))?;
-    let rows = client.query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[]).await.map_err(q("reading schema_migrations"))?;
+    let rows = client
+        .query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[])
+        .await
+        .map_err(q("reading schema_migrations"))?;
     let mut done = BTreeMap::new();
     for row in rows {
         let (version, name, sum): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
         match MIGRATIONS.iter().find(|m| m.0 == version) {
             None => return Err(StoreError::UnknownMigration { version, name }),
             Some((_, file, sql)) if checksum(sql) != sum => {
-                return Err(StoreError::ChecksumMismatch { name: file.to_string(), applied: sum, now: checksum(sql) });
+                return Err(StoreError::ChecksumMismatch {
+                    name: file.to_string(),
+                    applied: sum,
+                    now: checksum(sql),
+                });
             }
             Some(_) => {
                 done.insert(version, ());
@@ -125,9 +144,12 @@ async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<Strin
     for (version, name, sql) in MIGRATIONS.iter().filter(|m| !done.contains_key(&m.0)) {
         let tx = client.transaction().await.map_err(q("starting a migration"))?;
         tx.batch_execute(sql).await.map_err(q(format!("applying migration {name}")))?;
-        tx.execute("INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)", &[version, name, &checksum(sql)])
-            .await
-            .map_err(q(format!("recording migration {name}")))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[version, name, &checksum(sql)],
+        )
+        .await
+        .map_err(q(format!("recording migration {name}")))?;
         tx.commit().await.map_err(q(format!("committing migration {name}")))?;
         applied.push(name.to_string());
     }
@@ -142,23 +164,37 @@ pub async fn check_migrated(client: &impl GenericClient) -> Result<(), StoreErro
         .map_err(|e| StoreError::NotMigrated(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())))?;
     let have: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     let missing: Vec<&str> = MIGRATIONS.iter().filter(|m| !have.contains(&m.0)).map(|m| m.1).collect();
-    if missing.is_empty() { Ok(()) } else { Err(StoreError::NotMigrated(format!("pending: {}", missing.join(", ")))) }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(StoreError::NotMigrated(format!("pending: {}", missing.join(", "))))
+    }
 }
 
 /// Serialises appliers until the transaction ends.
 pub async fn lock_apply(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPLY_LOCK]).await.map_err(q("taking the apply lock")).map(|_| ())
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPLY_LOCK])
+        .await
+        .map_err(q("taking the apply lock"))
+        .map(|_| ())
 }
 
 /// Tries to become the applier without waiting; the lock is held until the transaction ends.
 pub async fn try_lock_apply(tx: &Transaction<'_>) -> Result<bool, StoreError> {
-    let row = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&APPLY_LOCK]).await.map_err(q("taking the apply lock"))?;
+    let row = tx
+        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&APPLY_LOCK])
+        .await
+        .map_err(q("taking the apply lock"))?;
     Ok(row.get(0))
 }
 
 /// The per-database key for sealing secrets; made on first use.
 pub async fn digest_key(client: &impl GenericClient) -> Result<Vec<u8>, StoreError> {
-    if let Some(row) = client.query_opt("SELECT digest_key FROM gitops_settings", &[]).await.map_err(q("reading gitops_settings"))? {
+    if let Some(row) = client
+        .query_opt("SELECT digest_key FROM gitops_settings", &[])
+        .await
+        .map_err(q("reading gitops_settings"))?
+    {
         return Ok(row.get(0));
     }
     let mut key = vec![0u8; 32];
@@ -167,7 +203,10 @@ pub async fn digest_key(client: &impl GenericClient) -> Result<Vec<u8>, StoreErr
         .execute("INSERT INTO gitops_settings (digest_key) VALUES ($1) ON CONFLICT DO NOTHING", &[&key])
         .await
         .map_err(q("creating the digest key"))?;
-    let row = client.query_one("SELECT digest_key FROM gitops_settings", &[]).await.map_err(q("reading gitops_settings"))?;
+    let row = client
+        .query_one("SELECT digest_key FROM gitops_settings", &[])
+        .await
+        .map_err(q("reading gitops_settings"))?;
     Ok(row.get(0))
 }
 
@@ -233,20 +272,34 @@ pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, St
     rows.iter()
         .map(|r| {
             let tenant_id: String = r.get(0);
-            let bad = |e: tokio_postgres::Error| StoreError::BadRow { tenant: tenant_id.clone(), message: e.to_string() };
+            let bad = |e: tokio_postgres::Error| StoreError::BadRow {
+                tenant: tenant_id.clone(),
+                message: e.to_string(),
+            };
             let file: Option<String> = r.try_get(2).map_err(bad)?;
             let applied = match file {
                 Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
                 None => None,
             };
-            Ok(RowIndex { config_version: r.try_get(1).map_err(bad)?, touched: r.try_get(5).map_err(bad)?, applied, tenant_id: tenant_id.clone() })
+            Ok(RowIndex {
+                config_version: r.try_get(1).map_err(bad)?,
+                touched: r.try_get(5).map_err(bad)?,
+                applied,
+                tenant_id: tenant_id.clone(),
+            })
         })
         .collect()
 }
 
 fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError> {
-    let tenant: String = row.try_get(0).map_err(|e| StoreError::BadRow { tenant: "?".into(), message: e.to_string() })?;
-    let bad = |e: tokio_postgres::Error| StoreError::BadRow { tenant: tenant.clone(), message: e.to_string() };
+    let tenant: String = row.try_get(0).map_err(|e| StoreError::BadRow {
+        tenant: "?".into(),
+        message: e.to_string(),
+    })?;
+    let bad = |e: tokio_postgres::Error| StoreError::BadRow {
+        tenant: tenant.clone(),
+        message: e.to_string(),
+    };
     let document = json!({
         "age_public_key": row.try_get::<_, String>(3).map_err(bad)?,
         "endpoints": row.try_get::<_, Value>(4).map_err(bad)?,
@@ -328,7 +381,10 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
     let cols = |list: &[&(&TenantPlan, &DesiredTenant)]| {
         let ids: Vec<String> = list.iter().map(|(_, d)| d.tenant_id.clone()).collect();
         let configs: Vec<Value> = list.iter().map(|(_, d)| d.document["config"].clone()).collect();
-        let keys: Vec<String> = list.iter().map(|(_, d)| d.document["age_public_key"].as_str().unwrap_or_default().to_string()).collect();
+        let keys: Vec<String> = list
+            .iter()
+            .map(|(_, d)| d.document["age_public_key"].as_str().unwrap_or_default().to_string())
+            .collect();
         let endpoints: Vec<Value> = list.iter().map(|(_, d)| d.document["endpoints"].clone()).collect();
         (ids, configs, keys, endpoints)
     };
@@ -350,7 +406,10 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
             .map(|r| r.get(0))
             .collect();
         if let Some(taken) = ids.iter().find(|id| !created.contains(id)) {
-            return Err(StoreError::Conflict { tenant: taken.clone(), message: "it was created by someone else".into() });
+            return Err(StoreError::Conflict {
+                tenant: taken.clone(),
+                message: "it was created by someone else".into(),
+            });
         }
     }
     if !updates.is_empty() {
@@ -371,7 +430,10 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
             .map(|r| r.get(0))
             .collect();
         if let Some((c, _)) = updates.iter().find(|(c, _)| !updated.contains(&c.tenant_id)) {
-            return Err(StoreError::Conflict { tenant: c.tenant_id.clone(), message: format!("its config_version is no longer {}", c.current_version.unwrap_or(0)) });
+            return Err(StoreError::Conflict {
+                tenant: c.tenant_id.clone(),
+                message: format!("its config_version is no longer {}", c.current_version.unwrap_or(0)),
+            });
         }
     }
 
@@ -402,7 +464,9 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .map_err(q("recording what was applied"))?;
     }
     if ctx.record_commit {
-        let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time).ok().map(|t| t.with_timezone(&chrono::Utc));
+        let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc));
         // Only when it moves: a sync of the applied commit writes nothing.
         tx.execute(
             "INSERT INTO gitops_sources (source, last_applied_commit, commit_time) VALUES ($1, $2, $3)
@@ -419,14 +483,20 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
 
 /// Creates `name` on the server `admin_url` points to, if it does not exist.
 pub async fn create_database(admin: &impl GenericClient, name: &str) -> Result<(), StoreError> {
-    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await.map_err(q("looking up the database"))?;
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .map_err(q("looking up the database"))?;
     if exists.is_none() {
         // Identifiers cannot be bound as parameters; quote it.
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        if let Err(e) = admin.batch_execute(&sql).await {
-            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
-                return Err(StoreError::Query { context: format!("creating database {name}"), source: e });
-            }
+        if let Err(e) = admin.batch_execute(&sql).await
+            && e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+        {
+            return Err(StoreError::Query {
+                context: format!("creating database {name}"),
+                source: e,
+            });
         }
     }
     Ok(())

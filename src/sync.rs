@@ -54,7 +54,11 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn source_spec(&self) -> SourceSpec {
-        SourceSpec { repo: self.cfg.repo.clone(), path: self.cfg.path.clone(), cache_dir: self.cfg.data_dir.join("git-cache") }
+        SourceSpec {
+            repo: self.cfg.repo.clone(),
+            path: self.cfg.path.clone(),
+            cache_dir: self.cfg.data_dir.join("git-cache"),
+        }
     }
 }
 
@@ -69,7 +73,9 @@ pub struct Desired {
 
 impl Desired {
     pub fn at(&self) -> String {
-        self.commit.as_ref().map_or_else(|| "the work tree".to_string(), |c| format!("commit {}", &c.id[..12.min(c.id.len())]))
+        self.commit
+            .as_ref()
+            .map_or_else(|| "the work tree".to_string(), |c| format!("commit {}", &c.id[..12.min(c.id.len())]))
     }
 }
 
@@ -141,7 +147,12 @@ pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Op
     tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
     tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     issues.sort();
-    Desired { commit: snapshot.commit, tenants, issues, files: snapshot.files.len() }
+    Desired {
+        commit: snapshot.commit,
+        tenants,
+        issues,
+        files: snapshot.files.len(),
+    }
 }
 
 /// One file to one tenant, or every problem found in it. No message carries a decrypted value.
@@ -166,7 +177,11 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
     let (value, secrets, recipients) = if sops::is_encrypted(&doc) {
         let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
             sops::SopsError::Value { ref pointer, .. } => {
-                vec![Issue::new(&f.path, e.to_string()).at(pointer.clone()).line(crate::domain::json::locate_line(text, pointer))]
+                vec![
+                    Issue::new(&f.path, e.to_string())
+                        .at(pointer.clone())
+                        .line(crate::domain::json::locate_line(text, pointer)),
+                ]
             }
             other => err(other.to_string()),
         })?;
@@ -181,10 +196,11 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
         ));
     };
     let mut issues = Vec::new();
-    if let (true, Some(recipients), Some(own)) = (opts.require_tenant_recipient, &recipients, value.get("age_public_key").and_then(|v| v.as_str())) {
-        if crate::domain::tenant::is_age_recipient(own) && !recipients.iter().any(|r| r.trim() == own) {
-            issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
-        }
+    if let (true, Some(recipients), Some(own)) = (opts.require_tenant_recipient, &recipients, value.get("age_public_key").and_then(|v| v.as_str()))
+        && crate::domain::tenant::is_age_recipient(own)
+        && !recipients.iter().any(|r| r.trim() == own)
+    {
+        issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
     }
     match check_document(&f.path, &f.stem, text, value, secrets) {
         Ok(t) if issues.is_empty() => Ok(t),
@@ -221,7 +237,9 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
         }
         None => {
             let dir = cfg.data_dir.join("pgdata");
-            let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[])).await.expect("local PostgreSQL start panicked")?;
+            let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[]))
+                .await
+                .expect("local PostgreSQL start panicked")?;
             let admin = store::pool(&cluster.conninfo("postgres"))?;
             store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
             cluster.conninfo("frostbyte")
@@ -277,20 +295,32 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     let rev = match &run {
         Run::ApplySaved { saved, .. } => {
             if saved.source != source.id {
-                return Err(SyncError::Usage(format!("the saved plan was made for source {}, not {}; nothing was applied", saved.source, source.id)));
+                return Err(SyncError::Usage(format!(
+                    "the saved plan was made for source {}, not {}; nothing was applied",
+                    saved.source, source.id
+                )));
             }
             Some(saved.commit.clone())
         }
         _ => None,
     };
     if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
-        return Err(SyncError::Usage("--worktree cannot apply in production mode: apply commits, not uncommitted files".into()));
+        return Err(SyncError::Usage(
+            "--worktree cannot apply in production mode: apply commits, not uncommitted files".into(),
+        ));
     }
     let snapshot = blocking(|| snapshot_of(ctx, &source, rev.as_deref(), worktree && rev.is_none()))?;
-    let commit = snapshot.commit.clone().unwrap_or_else(|| CommitInfo { id: "worktree".into(), time: chrono::Utc::now().to_rfc3339(), author: "work tree".into() });
+    let commit = snapshot.commit.clone().unwrap_or_else(|| CommitInfo {
+        id: "worktree".into(),
+        time: chrono::Utc::now().to_rfc3339(),
+        author: "work tree".into(),
+    });
 
     let mut client = store::client(pool).await?;
-    let tx = client.transaction().await.map_err(|e| StoreError::Query { context: "starting a transaction".into(), source: e })?;
+    let tx = client.transaction().await.map_err(|e| StoreError::Query {
+        context: "starting a transaction".into(),
+        source: e,
+    })?;
     let applying = !matches!(run, Run::Plan);
     if applying {
         store::lock_apply(&tx).await?;
@@ -305,15 +335,25 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         if let Some(last) = &last {
             let new = git2::Oid::from_str(&commit.id).expect("a commit id from git");
             if !allow && !source.descends_from(new, last)? {
-                return Err(SyncError::NonFastForward { new: commit.id.clone(), old: last.clone() });
+                return Err(SyncError::NonFastForward {
+                    new: commit.id.clone(),
+                    old: last.clone(),
+                });
             }
         }
     }
     // Invalid files end the run here, before anything is written; the transaction rolls back.
     let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &*tx).await?;
-    let opts = PlanOptions { key: &key, correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct };
+    let opts = PlanOptions {
+        key: &key,
+        correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
+    };
     let mut fresh = plan(&desired.tenants, &actual, opts);
-    fresh.tenants.extend(unchanged.iter().map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())));
+    fresh.tenants.extend(
+        unchanged
+            .iter()
+            .map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())),
+    );
     fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     if let Run::ApplySaved { saved, .. } = &run {
         let reasons = stale_reasons(&saved.plan, &fresh);
@@ -323,12 +363,22 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     }
     let mut applied = 0;
     if applying {
-        let actx = ApplyContext { source: &source.id, commit: &commit, actor: ACTOR, key: &key, record_commit: desired.commit.is_some() };
+        let actx = ApplyContext {
+            source: &source.id,
+            commit: &commit,
+            actor: ACTOR,
+            key: &key,
+            record_commit: desired.commit.is_some(),
+        };
         applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
     }
     let drift_report = if want_drift {
         let after = if applied > 0 {
-            let ids: BTreeSet<String> = actual.iter().map(|a| a.tenant_id.clone()).chain(desired.tenants.iter().map(|d| d.tenant_id.clone())).collect();
+            let ids: BTreeSet<String> = actual
+                .iter()
+                .map(|a| a.tenant_id.clone())
+                .chain(desired.tenants.iter().map(|d| d.tenant_id.clone()))
+                .collect();
             store::load_actual_for(&*tx, &ids.into_iter().collect::<Vec<_>>()).await?
         } else {
             actual
@@ -337,12 +387,18 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     } else {
         None
     };
-    tx.commit().await.map_err(|e| StoreError::Query { context: "committing".into(), source: e })?;
+    tx.commit().await.map_err(|e| StoreError::Query {
+        context: "committing".into(),
+        source: e,
+    })?;
     if applied > 0 {
         tracing::info!(commit = %commit.id, applied, "applied");
     }
     Ok(Outcome {
-        header: Header { commit: desired.commit.as_ref().map(|c| c.id.clone()), against: "the database".into() },
+        header: Header {
+            commit: desired.commit.as_ref().map(|c| c.id.clone()),
+            against: "the database".into(),
+        },
         plan: fresh,
         applied,
         source: source.id,
@@ -359,7 +415,11 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 fn snapshot_of(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
-    Ok(if worktree { source.worktree_snapshot()? } else { source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)? })
+    Ok(if worktree {
+        source.worktree_snapshot()?
+    } else {
+        source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)?
+    })
 }
 
 /// A tenant whose file git did not change since the last applied commit and whose row did not
@@ -384,11 +444,23 @@ struct State {
 /// last applied commit, and those of tenants without a record or whose row moved since. So a
 /// sync's cost follows what changed, not the number of tenants. Without a usable last commit (the
 /// first run, a rewritten history, the work tree) everything is read.
-async fn load_state(ctx: &Ctx, source: &Source, mut snapshot: Snapshot, last: Option<&str>, client: &impl tokio_postgres::GenericClient) -> Result<State, SyncError> {
+async fn load_state(
+    ctx: &Ctx,
+    source: &Source,
+    mut snapshot: Snapshot,
+    last: Option<&str>,
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<State, SyncError> {
     let changed = match (&snapshot.commit, last) {
         (Some(c), Some(last)) => {
             let new = git2::Oid::from_str(&c.id).expect("a commit id from git");
-            blocking(|| -> Result<_, SourceError> { if source.descends_from(new, last)? { source.changed_files(last, new) } else { Ok(None) } })?
+            blocking(|| -> Result<_, SourceError> {
+                if source.descends_from(new, last)? {
+                    source.changed_files(last, new)
+                } else {
+                    Ok(None)
+                }
+            })?
         }
         _ => None,
     };
@@ -402,8 +474,12 @@ async fn load_state(ctx: &Ctx, source: &Source, mut snapshot: Snapshot, last: Op
             for f in &snapshot.files {
                 let same = by_id.get(f.stem.as_str()).and_then(|r| {
                     let (file, version, digest) = r.applied.as_ref()?;
-                    (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
-                        .then(|| Unchanged { tenant_id: r.tenant_id.clone(), file: file.clone(), config_version: r.config_version, digest: digest.clone() })
+                    (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
+                        tenant_id: r.tenant_id.clone(),
+                        file: file.clone(),
+                        config_version: r.config_version,
+                        digest: digest.clone(),
+                    })
                 });
                 match same {
                     Some(u) => unchanged.push(u),
@@ -413,7 +489,11 @@ async fn load_state(ctx: &Ctx, source: &Source, mut snapshot: Snapshot, last: Op
                 }
             }
             let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
-            let rows: Vec<String> = index.iter().filter(|r| !skip.contains(r.tenant_id.as_str())).map(|r| r.tenant_id.clone()).collect();
+            let rows: Vec<String> = index
+                .iter()
+                .filter(|r| !skip.contains(r.tenant_id.as_str()))
+                .map(|r| r.tenant_id.clone())
+                .collect();
             tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
             (Some(read), store::load_actual_for(client, &rows).await?, unchanged)
         }
@@ -421,14 +501,21 @@ async fn load_state(ctx: &Ctx, source: &Source, mut snapshot: Snapshot, last: Op
     blocking(|| source.read_bodies(&mut snapshot, read.as_ref()))?;
     let desired = blocking(|| read_snapshot_subset(snapshot, &ReadOptions::from_ctx(ctx), read.as_ref()));
     if !desired.issues.is_empty() {
-        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
+        return Err(SyncError::Invalid {
+            at: desired.at(),
+            issues: desired.issues,
+        });
     }
     // A duplicate file for an unchanged tenant is an issue above; nothing stands in twice.
     Ok(State { desired, actual, unchanged })
 }
 
 fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<TenantDrift> {
-    report.extend(unchanged.iter().map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version)));
+    report.extend(
+        unchanged
+            .iter()
+            .map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version)),
+    );
     report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     report
 }
@@ -438,7 +525,10 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
     let source = Source::open(&ctx.source_spec())?;
     let desired = read_desired(ctx, &source, None, ctx.cfg.worktree)?;
     if !desired.issues.is_empty() {
-        return Err(SyncError::Invalid { at: desired.at(), issues: desired.issues });
+        return Err(SyncError::Invalid {
+            at: desired.at(),
+            issues: desired.issues,
+        });
     }
     let base_commit = source.resolve(Some(base_rev))?;
     let base = match source.snapshot(base_commit) {
@@ -447,19 +537,41 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
             read_snapshot(s, &ReadOptions::from_ctx(ctx))
         }
         // A base without the tenant directory (the PR adds it) has no tenants.
-        Err(SourceError::NoTenantDir { .. }) => Desired { commit: None, tenants: vec![], issues: vec![], files: 0 },
+        Err(SourceError::NoTenantDir { .. }) => Desired {
+            commit: None,
+            tenants: vec![],
+            issues: vec![],
+            files: 0,
+        },
         Err(e) => return Err(e.into()),
     };
     if !base.issues.is_empty() {
-        tracing::warn!(problems = base.issues.len(), "some tenant files at the base revision are invalid; they are compared as absent");
+        tracing::warn!(
+            problems = base.issues.len(),
+            "some tenant files at the base revision are invalid; they are compared as absent"
+        );
     }
     let actual: Vec<ActualTenant> = base
         .tenants
         .into_iter()
-        .map(|t| ActualTenant { tenant_id: t.tenant_id, state: String::new(), config_version: 0, document: t.document, applied: None, known_secrets: t.secrets })
+        .map(|t| ActualTenant {
+            tenant_id: t.tenant_id,
+            state: String::new(),
+            config_version: 0,
+            document: t.document,
+            applied: None,
+            known_secrets: t.secrets,
+        })
         .collect();
     // Digests never leave this process here, so any key will do.
-    let mut p = plan(&desired.tenants, &actual, PlanOptions { key: &[0; 32], correct_drift: true });
+    let mut p = plan(
+        &desired.tenants,
+        &actual,
+        PlanOptions {
+            key: &[0; 32],
+            correct_drift: true,
+        },
+    );
     for t in &mut p.tenants {
         t.current_version = None;
         t.next_version = None;
@@ -470,7 +582,10 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
             t.file = None;
         }
     }
-    let header = Header { commit: desired.commit.map(|c| c.id), against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]) };
+    let header = Header {
+        commit: desired.commit.map(|c| c.id),
+        against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]),
+    };
     Ok((header, p))
 }
 
@@ -483,5 +598,11 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantD
     let last = store::last_applied_commit(&**client, &source.id).await?;
     let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &**client).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
-    Ok((Header { commit: desired.commit.map(|c| c.id), against: "the database".into() }, report))
+    Ok((
+        Header {
+            commit: desired.commit.map(|c| c.id),
+            against: "the database".into(),
+        },
+        report,
+    ))
 }

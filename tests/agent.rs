@@ -37,7 +37,10 @@ impl Agent {
         });
         let port = wait_for(Duration::from_secs(20), || {
             let text = log.lock().unwrap().clone();
-            text.split("listening addr=127.0.0.1:").nth(1).and_then(|rest| rest.split_whitespace().next()).and_then(|p| p.parse().ok())
+            text.split("listening addr=127.0.0.1:")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
         })
         .unwrap_or_else(|| panic!("the agent did not start:\n{}", log.lock().unwrap()));
         Agent { child, log, port }
@@ -49,7 +52,10 @@ impl Agent {
 
     fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics");
-        body.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
     }
 
     fn log(&self) -> String {
@@ -57,7 +63,13 @@ impl Agent {
     }
 
     fn signal(&self, sig: &str) {
-        assert!(std::process::Command::new("kill").args(["-s", sig, &self.child.id().to_string()]).status().unwrap().success());
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-s", sig, &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 }
 
@@ -69,10 +81,16 @@ impl Drop for Agent {
 }
 
 fn http(port: u16, method: &str, path: &str, token: Option<&str>) -> (u16, String) {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return (0, String::new()) };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     let _ = s.read_to_string(&mut text);
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -101,22 +119,31 @@ fn one_tenant() -> (TestRepo, TestDb) {
 fn a_commit_reaches_the_database_and_the_agent_reports_it() {
     let (repo, db) = one_tenant();
     let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WEBHOOK_TOKEN", "hook-token-123")]);
-    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
     assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
     assert_eq!(db.count("SELECT 1 FROM tenants"), 1);
 
     repo.put_tenant(&tenant_doc("bravo"), Format::Json);
     let committed = Instant::now();
     repo.commit("bravo");
-    let arrived = wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants WHERE tenant_id = 'bravo'") == 1).then(Instant::now));
+    let arrived = wait_for(Duration::from_secs(20), || {
+        (db.count("SELECT 1 FROM tenants WHERE tenant_id = 'bravo'") == 1).then(Instant::now)
+    });
     let latency = arrived.expect("the commit never reached the database") - committed;
     println!("commit to database: {} ms (debounce 500 ms, interval 1 s)", latency.as_millis());
 
     let (_, metrics) = agent.get("/metrics");
-    assert!(metrics.contains("frostbyte_tenants{drift=\"in-sync\"} 2") || agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0) || {
-        std::thread::sleep(Duration::from_millis(1500));
-        agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0)
-    }, "{metrics}");
+    assert!(
+        metrics.contains("frostbyte_tenants{drift=\"in-sync\"} 2") || agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0) || {
+            std::thread::sleep(Duration::from_millis(1500));
+            agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0)
+        },
+        "{metrics}"
+    );
     assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"success\"}").unwrap() >= 2.0);
     assert_eq!(agent.metric("frostbyte_tenants_applied_total"), Some(2.0));
     assert_eq!(agent.metric("frostbyte_leader"), Some(1.0));
@@ -145,18 +172,33 @@ fn the_agent_survives_a_database_restart_and_converges() {
     let cluster = frostbyte_gitops::localpg::ensure(&pgdata, &["fsync=off"]).unwrap();
     let url = cluster.conninfo("postgres");
     let agent = Agent::start(&repo, &url, &[]);
-    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
 
     frostbyte_gitops::localpg::stop(&pgdata).unwrap();
-    assert!(wait_for(Duration::from_secs(10), || (agent.get("/readyz").0 == 503).then_some(())).is_some(), "readyz stayed 200");
+    assert!(
+        wait_for(Duration::from_secs(10), || (agent.get("/readyz").0 == 503).then_some(())).is_some(),
+        "readyz stayed 200"
+    );
     repo.put_tenant(&tenant_doc("bravo"), Format::Yaml);
     repo.commit("bravo while the database is down");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(agent.get("/healthz").0, 200, "the agent stays up");
-    assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"failure\"}").unwrap() >= 1.0, "{}", agent.log());
+    assert!(
+        agent.metric("frostbyte_sync_runs_total{outcome=\"failure\"}").unwrap() >= 1.0,
+        "{}",
+        agent.log()
+    );
 
     frostbyte_gitops::localpg::ensure(&pgdata, &["fsync=off"]).unwrap();
-    assert!(wait_for(Duration::from_secs(30), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(30), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
     let db_rows = || {
         block_on(async {
             let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
@@ -164,7 +206,11 @@ fn the_agent_survives_a_database_restart_and_converges() {
             c.query_one("SELECT count(*) FROM tenants", &[]).await.unwrap().get::<_, i64>(0)
         })
     };
-    assert!(wait_for(Duration::from_secs(20), || (db_rows() == 2).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (db_rows() == 2).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
     drop(agent);
     frostbyte_gitops::localpg::stop(&pgdata).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
@@ -174,7 +220,11 @@ fn the_agent_survives_a_database_restart_and_converges() {
 fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
     let (repo, db) = one_tenant();
     let mut first = Agent::start(&repo, &db.url, &[]);
-    assert!(wait_for(Duration::from_secs(20), || (first.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(), "{}", first.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (first.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(),
+        "{}",
+        first.log()
+    );
     let second = Agent::start(&repo, &db.url, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(second.metric("frostbyte_leader"), Some(0.0), "{}", second.log());
@@ -188,13 +238,25 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
     first.child.kill().unwrap();
     first.child.wait().unwrap();
     let took_over = Instant::now();
-    assert!(wait_for(Duration::from_secs(20), || (second.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(), "{}", second.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (second.metric("frostbyte_leader") == Some(1.0)).then_some(())).is_some(),
+        "{}",
+        second.log()
+    );
     println!("standby took over after {} ms", took_over.elapsed().as_millis());
     repo.put_tenant(&tenant_doc("charlie"), Format::Yaml);
     repo.commit("charlie");
-    assert!(wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 3).then_some(())).is_some(), "{}", second.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 3).then_some(())).is_some(),
+        "{}",
+        second.log()
+    );
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CREATED'"), 3, "each change applied once");
+    assert_eq!(
+        db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CREATED'"),
+        3,
+        "each change applied once"
+    );
     assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED'"), 3);
 }
 
@@ -202,7 +264,11 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
 fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
     let (repo, db) = one_tenant();
     let mut agent = Agent::start(&repo, &db.url, &[]);
-    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
     for id in ["bravo", "charlie", "delta"] {
         repo.put_tenant(&tenant_doc(id), Format::Toml);
     }
@@ -227,10 +293,18 @@ fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
 fn with_worktree_an_edit_on_disk_is_synced_without_a_commit() {
     let (repo, db) = one_tenant();
     let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WORKTREE", "true")]);
-    assert!(wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
     let mut doc = tenant_doc("alpha");
     doc["config"]["plan"] = json!("enterprise");
     repo.put_tenant(&doc, Format::Toml);
     let plan = || db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'");
-    assert!(wait_for(Duration::from_secs(20), || (plan() == json!("enterprise")).then_some(())).is_some(), "{}", agent.log());
+    assert!(
+        wait_for(Duration::from_secs(20), || (plan() == json!("enterprise")).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
 }

@@ -15,7 +15,13 @@ fn config_shows_each_value_and_where_it_came_from() {
         .args(["--config", file.to_str().unwrap(), "--path", "from-flag", "config"]);
     let out = output(c);
     assert_eq!(out.code, 0, "{}", out.all());
-    let line = |key: &str| out.stdout.lines().find(|l| l.starts_with(&format!("{key} "))).unwrap_or_else(|| panic!("no {key} in {}", out.stdout)).to_string();
+    let line = |key: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{key} ")))
+            .unwrap_or_else(|| panic!("no {key} in {}", out.stdout))
+            .to_string()
+    };
     assert!(line("path").contains("from-flag") && line("path").ends_with("(flag)"));
     assert!(line("ref").contains("main") && line("ref").ends_with("(env FROSTBYTE_GITOPS_REF)"));
     assert!(line("drift_policy").contains("warn") && line("drift_policy").ends_with("(config file)"));
@@ -30,10 +36,16 @@ fn config_shows_each_value_and_where_it_came_from() {
 fn every_invalid_setting_is_named_in_one_error() {
     let repo = TestRepo::new();
     let mut c = command(repo.path(), None);
-    c.env("FROSTBYTE_MODE", "staging").env("FROSTBYTE_LOG_FORMAT", "xml").args(["--drift-policy", "ignore", "config"]);
+    c.env("FROSTBYTE_MODE", "staging")
+        .env("FROSTBYTE_LOG_FORMAT", "xml")
+        .args(["--drift-policy", "ignore", "config"]);
     let out = output(c);
     assert_eq!(out.code, 1);
-    for needle in ["mode (from env FROSTBYTE_MODE)", "log_format (from env FROSTBYTE_LOG_FORMAT)", "drift_policy (from flag)"] {
+    for needle in [
+        "mode (from env FROSTBYTE_MODE)",
+        "log_format (from env FROSTBYTE_LOG_FORMAT)",
+        "drift_policy (from flag)",
+    ] {
         assert!(out.stderr.contains(needle), "missing {needle:?}: {}", out.stderr);
     }
 }

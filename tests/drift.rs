@@ -6,7 +6,10 @@ use frostbyte_gitops::sops::Format;
 use serde_json::{Value, json};
 
 fn psql(db: &TestDb, sql: &str) {
-    let out = std::process::Command::new("psql").args(["-v", "ON_ERROR_STOP=1", "-q", "-d", &db.url, "-c", sql]).output().expect("psql on PATH");
+    let out = std::process::Command::new("psql")
+        .args(["-v", "ON_ERROR_STOP=1", "-q", "-d", &db.url, "-c", sql])
+        .output()
+        .expect("psql on PATH");
     assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -19,7 +22,12 @@ fn drift_json(repo: &TestRepo, db: &TestDb, extra: &[&str]) -> (i32, Value) {
 }
 
 fn classes(report: &Value, id: &str) -> Vec<String> {
-    let t = report["tenants"].as_array().unwrap().iter().find(|t| t["tenant_id"] == json!(id)).unwrap_or_else(|| panic!("no {id}"));
+    let t = report["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tenant_id"] == json!(id))
+        .unwrap_or_else(|| panic!("no {id}"));
     t["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect()
 }
 
@@ -29,7 +37,13 @@ fn tenant<'a>(report: &'a Value, id: &str) -> &'a Value {
 
 fn synced() -> (TestRepo, TestDb) {
     let (repo, db) = (TestRepo::new(), TestDb::new());
-    for (id, f) in [("alpha", Format::Toml), ("bravo", Format::Json), ("charlie", Format::Yaml), ("delta", Format::Toml), ("echo", Format::Json)] {
+    for (id, f) in [
+        ("alpha", Format::Toml),
+        ("bravo", Format::Json),
+        ("charlie", Format::Yaml),
+        ("delta", Format::Toml),
+        ("echo", Format::Json),
+    ] {
         repo.put_tenant(&tenant_doc(id), f);
     }
     repo.commit("five tenants");
@@ -45,14 +59,21 @@ fn in_sync_exits_zero() {
     assert_eq!(report["counts"]["in-sync"], json!(5));
     let text = run(&repo, Some(&db), &["drift"]);
     assert_eq!(text.code, 0);
-    assert!(text.stdout.contains("5 tenant(s): 5 in-sync, 0 pending, 0 modified, 0 missing, 0 orphaned"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("5 tenant(s): 5 in-sync, 0 pending, 0 modified, 0 missing, 0 orphaned"),
+        "{}",
+        text.stdout
+    );
 }
 
 #[test]
 fn every_class_is_told_apart() {
     let (repo, db) = synced();
     // modified: a hand edit with psql, including a secret.
-    psql(&db, "UPDATE tenants SET config = jsonb_set(jsonb_set(config, '{limits,max_users}', '999'), '{secrets,db_password}', '\"typed-by-hand-pw\"') WHERE tenant_id = 'alpha'");
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(jsonb_set(config, '{limits,max_users}', '999'), '{secrets,db_password}', '\"typed-by-hand-pw\"') WHERE tenant_id = 'alpha'",
+    );
     // pending: a commit not yet synced.
     let mut bravo = tenant_doc("bravo");
     bravo["config"]["plan"] = json!("enterprise");
@@ -61,7 +82,10 @@ fn every_class_is_told_apart() {
     let mut charlie = tenant_doc("charlie");
     charlie["config"]["region"] = json!("us-east-1");
     repo.put_tenant(&charlie, Format::Yaml);
-    psql(&db, "UPDATE tenants SET endpoints = '{\"api\": \"https://moved.example.com\"}' WHERE tenant_id = 'charlie'");
+    psql(
+        &db,
+        "UPDATE tenants SET endpoints = '{\"api\": \"https://moved.example.com\"}' WHERE tenant_id = 'charlie'",
+    );
     // orphaned: the file is deleted.
     repo.remove("tenants/delta.toml");
     // missing: the row is deleted.
@@ -71,14 +95,20 @@ fn every_class_is_told_apart() {
     let (code, report) = drift_json(&repo, &db, &[]);
     assert_eq!(code, 2);
     assert_eq!(classes(&report, "alpha"), ["modified"]);
-    assert_eq!(tenant(&report, "alpha")["modified_paths"], json!(["/config/limits/max_users", "/config/secrets/db_password"]));
+    assert_eq!(
+        tenant(&report, "alpha")["modified_paths"],
+        json!(["/config/limits/max_users", "/config/secrets/db_password"])
+    );
     assert_eq!(classes(&report, "bravo"), ["pending"]);
     assert_eq!(tenant(&report, "bravo")["pending_paths"], json!(["/config/plan"]));
     assert_eq!(classes(&report, "charlie"), ["pending", "modified"]);
     assert_eq!(tenant(&report, "charlie")["modified_paths"], json!(["/endpoints/api"]));
     assert_eq!(classes(&report, "delta"), ["orphaned"]);
     assert_eq!(classes(&report, "echo"), ["missing"]);
-    assert_eq!(report["counts"], json!({"in-sync": 0, "pending": 2, "modified": 2, "missing": 1, "orphaned": 1}));
+    assert_eq!(
+        report["counts"],
+        json!({"in-sync": 0, "pending": 2, "modified": 2, "missing": 1, "orphaned": 1})
+    );
 
     let text = run(&repo, Some(&db), &["drift"]);
     assert_eq!(text.code, 2);
@@ -86,7 +116,11 @@ fn every_class_is_told_apart() {
     assert!(text.stdout.contains("modified /config/secrets/db_password"), "{}", text.stdout);
     let md = run(&repo, Some(&db), &["drift", "--format", "markdown"]);
     assert_eq!(md.code, 2);
-    assert!(md.stdout.contains("| `charlie` | pending + modified | `/config/region` | `/endpoints/api` |"), "{}", md.stdout);
+    assert!(
+        md.stdout.contains("| `charlie` | pending + modified | `/config/region` | `/endpoints/api` |"),
+        "{}",
+        md.stdout
+    );
     for out in [text.all(), md.all(), report.to_string()] {
         assert!(!out.contains("typed-by-hand-pw") && !out.contains("pw-alpha-s3cret"), "a secret leaked:\n{out}");
     }
@@ -104,7 +138,10 @@ fn every_class_is_told_apart() {
 #[test]
 fn sync_corrects_a_hand_edit_and_says_so() {
     let (repo, db) = synced();
-    psql(&db, "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'",
+    );
     let plan = run(&repo, Some(&db), &["plan"]);
     assert_eq!(plan.code, 2);
     assert!(plan.stdout.contains("overwrites changes made outside git: /config/plan"), "{}", plan.stdout);
@@ -120,15 +157,26 @@ fn sync_corrects_a_hand_edit_and_says_so() {
 #[test]
 fn the_warn_policy_leaves_a_hand_edit_but_applies_git_changes() {
     let (repo, db) = synced();
-    psql(&db, "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'",
+    );
     let mut bravo = tenant_doc("bravo");
     bravo["config"]["plan"] = json!("starter");
     repo.put_tenant(&bravo, Format::Json);
     repo.commit("bravo changes");
     let out = run(&repo, Some(&db), &["sync", "--drift-policy", "warn"]);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("free"), "left alone");
-    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'bravo'"), json!("starter"), "applied");
+    assert_eq!(
+        db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"),
+        json!("free"),
+        "left alone"
+    );
+    assert_eq!(
+        db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'bravo'"),
+        json!("starter"),
+        "applied"
+    );
     let (_, report) = drift_json(&repo, &db, &[]);
     assert_eq!(classes(&report, "alpha"), ["modified"]);
 }

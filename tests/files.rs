@@ -10,7 +10,10 @@ fn repo_with_rules() -> TestRepo {
     let repo = TestRepo::new();
     repo.write(
         ".sops.yaml",
-        format!("creation_rules:\n  - path_regex: ^tenants/[^/]+\\.(toml|json|ya?ml)$\n    encrypted_regex: ^secrets$\n    age: {}\n", agent_recipient()),
+        format!(
+            "creation_rules:\n  - path_regex: ^tenants/[^/]+\\.(toml|json|ya?ml)$\n    encrypted_regex: ^secrets$\n    age: {}\n",
+            agent_recipient()
+        ),
     );
     repo
 }
@@ -91,7 +94,11 @@ fn edit_reencrypts_changes_and_leaves_the_file_alone_otherwise() {
     let before = std::fs::read_to_string(&path).unwrap();
     let out = secrets(&repo, &["edit", rel], Some("sed -i -e 's/plan = \"enterprise\"/plan = \"platinum\"/'"));
     assert_eq!(out.code, 1, "{}", out.all());
-    assert!(out.stderr.contains("not a valid tenant file") && out.stderr.contains("/config/plan"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not a valid tenant file") && out.stderr.contains("/config/plan"),
+        "{}",
+        out.stderr
+    );
     assert!(!out.stderr.contains("rotated-by-editor"), "{}", out.stderr);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
 }
@@ -107,7 +114,10 @@ fn updatekeys_rewraps_to_the_recipients_the_rules_name_now() {
     let (_, extra) = sops::AgeKeys::generate();
     repo.write(
         ".sops.yaml",
-        format!("creation_rules:\n  - path_regex: ^tenants/\n    encrypted_regex: ^secrets$\n    age: >-\n      {},\n      {extra}\n", agent_recipient()),
+        format!(
+            "creation_rules:\n  - path_regex: ^tenants/\n    encrypted_regex: ^secrets$\n    age: >-\n      {},\n      {extra}\n",
+            agent_recipient()
+        ),
     );
     let path = repo.path().join("tenants/alpha.json");
     let before = std::fs::read_to_string(&path).unwrap();
@@ -133,7 +143,8 @@ fn updatekeys_rewraps_to_the_recipients_the_rules_name_now() {
 fn tenant_new_writes_a_valid_encrypted_skeleton() {
     let repo = repo_with_rules();
     let mut c = command(repo.path(), None);
-    c.current_dir(repo.path()).args(["tenant", "new", "newco", "--age-public-key", &tenant_recipient(), "--format", "yaml"]);
+    c.current_dir(repo.path())
+        .args(["tenant", "new", "newco", "--age-public-key", &tenant_recipient(), "--format", "yaml"]);
     let out = output(c);
     assert_eq!(out.code, 0, "{}", out.all());
     let text = std::fs::read_to_string(repo.path().join("tenants/newco.yaml")).unwrap();

@@ -17,10 +17,12 @@ fn creates_both_tables_with_their_columns_constraints_and_indexes() {
     assert!(out.stdout.contains("001_tenant_registry.sql"), "{}", out.stdout);
 
     let columns = |table: &str| -> Vec<(String, String)> {
-        db.rows(&format!("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = '{table}' ORDER BY ordinal_position"))
-            .iter()
-            .map(|r| (r["column_name"].as_str().unwrap().to_string(), r["data_type"].as_str().unwrap().to_string()))
-            .collect()
+        db.rows(&format!(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = '{table}' ORDER BY ordinal_position"
+        ))
+        .iter()
+        .map(|r| (r["column_name"].as_str().unwrap().to_string(), r["data_type"].as_str().unwrap().to_string()))
+        .collect()
     };
     let tenants: Vec<(&str, &str)> = vec![
         ("tenant_id", "text"),
@@ -40,20 +42,42 @@ fn creates_both_tables_with_their_columns_constraints_and_indexes() {
     for c in ["event_id", "tenant_id", "event_type", "occurred_at", "actor", "details", "previous_event_id"] {
         assert!(audit.contains(&c.to_string()), "audit_events lacks {c}: {audit:?}");
     }
-    assert_eq!(db.scalar("SELECT data_type FROM information_schema.columns WHERE table_name='audit_events' AND column_name='event_id'"), json!("uuid"));
+    assert_eq!(
+        db.scalar("SELECT data_type FROM information_schema.columns WHERE table_name='audit_events' AND column_name='event_id'"),
+        json!("uuid")
+    );
 
-    let indexes: Vec<String> = db.rows("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'").iter().map(|r| r["indexname"].as_str().unwrap().to_string()).collect();
-    for i in ["tenants_pkey", "tenants_state_idx", "tenants_created_at_idx", "audit_events_pkey", "audit_events_tenant_time_idx", "audit_events_type_time_idx"] {
+    let indexes: Vec<String> = db
+        .rows("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")
+        .iter()
+        .map(|r| r["indexname"].as_str().unwrap().to_string())
+        .collect();
+    for i in [
+        "tenants_pkey",
+        "tenants_state_idx",
+        "tenants_created_at_idx",
+        "audit_events_pkey",
+        "audit_events_tenant_time_idx",
+        "audit_events_type_time_idx",
+    ] {
         assert!(indexes.contains(&i.to_string()), "missing index {i}: {indexes:?}");
     }
 
     // The CHECKs do their job.
     let key = tenant_recipient();
-    let insert = |id: &str, state: &str, key: &str| db.try_exec(&format!("INSERT INTO tenants (tenant_id, state, age_public_key) VALUES ('{id}', '{state}', '{key}')"));
+    let insert = |id: &str, state: &str, key: &str| {
+        db.try_exec(&format!(
+            "INSERT INTO tenants (tenant_id, state, age_public_key) VALUES ('{id}', '{state}', '{key}')"
+        ))
+    };
     assert!(insert("Bad_Id", "pending", &key).unwrap_err().contains("tenants_tenant_id_dns_label"));
     assert!(insert("ab", "pending", &key).is_err());
     assert!(insert("good-id", "archived", &key).unwrap_err().contains("tenants_state_lifecycle"));
-    assert!(insert("good-id", "pending", "age1notakey").unwrap_err().contains("tenants_age_public_key_x25519"));
+    assert!(
+        insert("good-id", "pending", "age1notakey")
+            .unwrap_err()
+            .contains("tenants_age_public_key_x25519")
+    );
     db.exec(&format!("INSERT INTO tenants (tenant_id, age_public_key) VALUES ('good-id', '{key}')"));
     assert_eq!(db.scalar("SELECT state FROM tenants"), json!("pending"));
     assert_eq!(db.scalar("SELECT config_version FROM tenants"), json!(0));
@@ -65,7 +89,11 @@ fn creates_both_tables_with_their_columns_constraints_and_indexes() {
          ALTER TABLE tenants ENABLE TRIGGER tenants_touch_updated_at;",
     );
     db.exec("UPDATE tenants SET state = state WHERE tenant_id = 'good-id'");
-    assert_eq!(db.count("SELECT 1 FROM tenants WHERE updated_at = '2000-01-01'"), 1, "a no-op update must not touch updated_at");
+    assert_eq!(
+        db.count("SELECT 1 FROM tenants WHERE updated_at = '2000-01-01'"),
+        1,
+        "a no-op update must not touch updated_at"
+    );
     db.exec("UPDATE tenants SET state = 'active' WHERE tenant_id = 'good-id'");
     assert_eq!(db.count("SELECT 1 FROM tenants WHERE updated_at > now() - interval '1 minute'"), 1);
 }
@@ -106,8 +134,14 @@ fn audit_events_refuse_update_delete_and_truncate() {
     }
     assert_eq!(db.count("SELECT * FROM audit_events WHERE actor = 'test'"), 3);
     // Config events chain; lifecycle events do not.
-    assert_eq!(db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CREATED' AND previous_event_id IS NULL"), 1);
-    assert_eq!(db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED' AND previous_event_id IS NULL"), 1);
+    assert_eq!(
+        db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CREATED' AND previous_event_id IS NULL"),
+        1
+    );
+    assert_eq!(
+        db.count("SELECT * FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED' AND previous_event_id IS NULL"),
+        1
+    );
     assert_eq!(
         db.count("SELECT * FROM audit_events a JOIN audit_events b ON a.previous_event_id = b.event_id WHERE b.event_type = 'TENANT_CONFIG_UPDATED'"),
         1
@@ -122,7 +156,11 @@ fn a_changed_migration_is_refused() {
     db.exec("UPDATE schema_migrations SET checksum = 'edited' WHERE version = 2");
     let out = run(&repo, Some(&db), &["migrate"]);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("migration 002_audit_events.sql was changed after it was applied"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("migration 002_audit_events.sql was changed after it was applied"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -57,7 +57,10 @@ fn encrypted_set(name: &str) -> Vec<String> {
 fn partial_encryption_options_mark_the_right_values_secret() {
     for ext in ["json", "yaml"] {
         let regex = encrypted_set(&format!("encrypted_regex.sops.{ext}"));
-        assert!(regex.contains(&"/name".to_string()) && regex.contains(&"/nested/api_secret".to_string()), "{regex:?}");
+        assert!(
+            regex.contains(&"/name".to_string()) && regex.contains(&"/nested/api_secret".to_string()),
+            "{regex:?}"
+        );
         assert!(regex.contains(&"/nested/list/4/deeper/0".to_string()), "{regex:?}");
         assert!(!regex.iter().any(|p| p == "/count" || p.starts_with("/nested/matrix")), "{regex:?}");
 
@@ -72,7 +75,10 @@ fn partial_encryption_options_mark_the_right_values_secret() {
         assert!(!unsuffix.contains(&"/nested/db_plain".to_string()) && unsuffix.contains(&"/nested/token_unencrypted".to_string()));
 
         let default = encrypted_set(&format!("default.sops.{ext}"));
-        assert!(!default.contains(&"/nested/token_unencrypted".to_string()), "sops's default _unencrypted suffix");
+        assert!(
+            !default.contains(&"/nested/token_unencrypted".to_string()),
+            "sops's default _unencrypted suffix"
+        );
         assert!(default.contains(&"/empty".to_string()) && default.contains(&"/unicode".to_string()));
     }
 }
@@ -123,8 +129,21 @@ fn files_we_write_decrypt_with_the_sops_cli() {
     let recipients = key("test.agekey").recipients();
     let dir = tempfile::tempdir().unwrap();
     for (ext, rules) in [
-        ("json", Rules { unencrypted_suffix: Some("_unencrypted".into()), ..Rules::default() }),
-        ("yaml", Rules { encrypted_regex: Some("^(api_secret|list|name)$".into()), mac_only_encrypted: true, ..Rules::default() }),
+        (
+            "json",
+            Rules {
+                unencrypted_suffix: Some("_unencrypted".into()),
+                ..Rules::default()
+            },
+        ),
+        (
+            "yaml",
+            Rules {
+                encrypted_regex: Some("^(api_secret|list|name)$".into()),
+                mac_only_encrypted: true,
+                ..Rules::default()
+            },
+        ),
     ] {
         let format = Format::from_path(ext).unwrap_or(if ext == "json" { Format::Json } else { Format::Yaml });
         let enc = sops::encrypt(&plain(), &recipients, &rules, None).unwrap();
@@ -165,8 +184,18 @@ fn toml_written_by_rops_decrypts() {
 fn toml_we_write_decrypts_with_rops() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ours.toml");
-    let plain = sops::parse(Format::Toml, "name = \"acme\"\ncount = 42\nratio = 0.5\n[nested]\nflag = false\nlist = [\"a\", \"b\"]\n").unwrap();
-    let enc = sops::encrypt(&sops::normalize(Format::Toml, &plain).unwrap(), &key("test.agekey").recipients(), &Rules::default(), None).unwrap();
+    let plain = sops::parse(
+        Format::Toml,
+        "name = \"acme\"\ncount = 42\nratio = 0.5\n[nested]\nflag = false\nlist = [\"a\", \"b\"]\n",
+    )
+    .unwrap();
+    let enc = sops::encrypt(
+        &sops::normalize(Format::Toml, &plain).unwrap(),
+        &key("test.agekey").recipients(),
+        &Rules::default(),
+        None,
+    )
+    .unwrap();
     std::fs::write(&path, sops::serialize(Format::Toml, &enc).unwrap()).unwrap();
     // rops reads identities only from ROPS_AGE, so it runs in a child process with it set.
     let secret = std::fs::read_to_string(fixtures().join("keys/test.agekey")).unwrap();
@@ -178,7 +207,11 @@ fn toml_we_write_decrypts_with_rops() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("1 passed"), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

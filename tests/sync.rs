@@ -34,7 +34,10 @@ fn create_then_edit_then_nothing_to_do() {
     assert_eq!(events(&db, "TENANT_CREATED"), 3);
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 3);
     // The stored config carries the decrypted secret: it is what services read.
-    assert_eq!(db.scalar("SELECT config->'secrets'->>'db_password' AS p FROM tenants WHERE tenant_id = 'bravo'"), json!("pw-bravo-s3cret"));
+    assert_eq!(
+        db.scalar("SELECT config->'secrets'->>'db_password' AS p FROM tenants WHERE tenant_id = 'bravo'"),
+        json!("pw-bravo-s3cret")
+    );
 
     let mut doc = tenant_doc("bravo");
     doc["config"]["plan"] = json!("enterprise");
@@ -67,7 +70,10 @@ fn create_then_edit_then_nothing_to_do() {
     let sources = db.rows("SELECT * FROM gitops_sources");
     let out = sync(&repo, &db);
     assert!(out.stdout.contains("No changes"), "{}", out.stdout);
-    assert_eq!(db.rows("SELECT tenant_id, updated_at, xmin::text AS xmin FROM tenants ORDER BY tenant_id"), before);
+    assert_eq!(
+        db.rows("SELECT tenant_id, updated_at, xmin::text AS xmin FROM tenants ORDER BY tenant_id"),
+        before
+    );
     assert_eq!(db.rows("SELECT * FROM gitops_sources"), sources);
     assert_eq!(db.count("SELECT 1 FROM audit_events"), 7);
     assert_eq!(run(&repo, Some(&db), &["plan"]).code, 0);
@@ -86,7 +92,10 @@ fn replaying_config_events_rebuilds_every_version() {
                 doc["endpoints"]["ingest"] = json!("https://ingest.example.com");
             }
             3 => {
-                doc["config"]["contacts"].as_array_mut().unwrap().push(json!({"name": "Sec", "email": "sec@example.com"}));
+                doc["config"]["contacts"]
+                    .as_array_mut()
+                    .unwrap()
+                    .push(json!({"name": "Sec", "email": "sec@example.com"}));
                 doc["config"].as_object_mut().unwrap().shift_remove("features");
             }
             _ => {}
@@ -111,7 +120,10 @@ fn replaying_config_events_rebuilds_every_version() {
         assert_eq!(replayed, expected, "version {}", i + 1);
     }
     // The chain of config events links each to the one before.
-    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED' AND previous_event_id IS NOT NULL"), 3);
+    assert_eq!(
+        db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED' AND previous_event_id IS NOT NULL"),
+        3
+    );
 }
 
 #[test]
@@ -134,7 +146,10 @@ fn a_secret_change_is_only_ever_called_changed() {
     assert!(outputs[0].contains("/config/secrets/extra_token (secret added)"), "{}", outputs[0]);
     let json_plan: Value = serde_json::from_str(&run(&repo, Some(&db), &["plan", "--format", "json"]).stdout).unwrap();
     let ops = &json_plan["tenants"][0]["patch"];
-    assert_eq!(ops[0], json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed"}));
+    assert_eq!(
+        ops[0],
+        json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed"})
+    );
     outputs.push(sync(&repo, &db).all());
     outputs.push(db.rows("SELECT * FROM audit_events").iter().map(|r| r.to_string()).collect());
     outputs.push(db.rows("SELECT * FROM gitops_applied").iter().map(|r| r.to_string()).collect());
@@ -150,7 +165,10 @@ fn a_secret_change_is_only_ever_called_changed() {
     }
     let event = db.scalar("SELECT details FROM audit_events WHERE tenant_id = 'alpha' ORDER BY event_seq DESC LIMIT 1");
     assert_eq!(event["patch"][0]["secret"], json!("changed"));
-    assert_eq!(db.scalar("SELECT config->'secrets'->>'db_password' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!(new_secret));
+    assert_eq!(
+        db.scalar("SELECT config->'secrets'->>'db_password' AS p FROM tenants WHERE tenant_id = 'alpha'"),
+        json!(new_secret)
+    );
 }
 
 #[test]
@@ -179,7 +197,11 @@ fn a_saved_plan_applies_exactly_and_a_stale_one_is_refused() {
     let out = run(&repo, Some(&db), &["apply", plan_path]);
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(out.stderr.contains("the saved plan is stale"), "{}", out.stderr);
-    assert!(out.stderr.contains("alpha: config_version is 2 in the database, the plan expected 1"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("alpha: config_version is 2 in the database, the plan expected 1"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(db.count("SELECT 1 FROM audit_events"), before, "nothing applied");
     assert_eq!(db.count("SELECT 1 FROM tenants"), 3, "echo was not created either");
 }
@@ -253,7 +275,11 @@ fn an_invalid_file_stops_the_run_before_it_writes() {
     let out = run(&repo, Some(&db), &["sync"]);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("2 problem(s) in 2 file(s)"), "{}", out.stderr);
-    assert!(out.stderr.contains("tenants/foxtrot.toml") && out.stderr.contains("tenants/golf.json"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("tenants/foxtrot.toml") && out.stderr.contains("tenants/golf.json"),
+        "{}",
+        out.stderr
+    );
     assert!(out.stderr.contains("nothing was applied"));
     assert_eq!(db.count("SELECT 1 FROM tenants"), 0);
 }
@@ -272,7 +298,10 @@ fn a_rewritten_history_is_refused_unless_allowed() {
     assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("pro"));
     let out = run(&repo, Some(&db), &["sync", "--allow-non-fast-forward"]);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("starter"));
+    assert_eq!(
+        db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"),
+        json!("starter")
+    );
 }
 
 #[test]
@@ -304,7 +333,8 @@ fn plan_against_a_ref_needs_no_database() {
     repo.commit("change");
     let mut c = command(repo.path(), None);
     // Production mode with no database configured: proves nothing connects.
-    c.env("FROSTBYTE_MODE", "production").args(["plan", "--against-ref", &base, "--format", "markdown"]);
+    c.env("FROSTBYTE_MODE", "production")
+        .args(["plan", "--against-ref", &base, "--format", "markdown"]);
     let out = output(c);
     assert_eq!(out.code, 2, "{}", out.all());
     let md = &out.stdout;
@@ -343,7 +373,10 @@ fn the_markdown_plan_matches_the_reviewed_snapshot() {
         std::fs::write(&path, &got).unwrap();
     }
     let want = std::fs::read_to_string(&path).expect("snapshot missing: run with FROSTBYTE_UPDATE_SNAPSHOTS=1 and review it");
-    assert_eq!(got, want, "the markdown plan changed; review it and update the snapshot with FROSTBYTE_UPDATE_SNAPSHOTS=1");
+    assert_eq!(
+        got, want,
+        "the markdown plan changed; review it and update the snapshot with FROSTBYTE_UPDATE_SNAPSHOTS=1"
+    );
 }
 
 #[test]
@@ -353,7 +386,11 @@ fn production_mode_needs_a_database_url_to_sync() {
     c.env("FROSTBYTE_MODE", "production").arg("sync");
     let out = output(c);
     assert_eq!(out.code, 1);
-    assert!(out.stderr.contains("production mode needs a database: set FROSTBYTE_CONTROL_DB_URL"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("production mode needs a database: set FROSTBYTE_CONTROL_DB_URL"),
+        "{}",
+        out.stderr
+    );
     assert!(!repo.path().join(".frostbyte/pgdata").exists(), "no local cluster in production");
 }
 
@@ -372,7 +409,10 @@ fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     db.exec("UPDATE tenants SET endpoints = '{}' WHERE tenant_id = 'alpha'");
     let out = sync(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=2"), "{}", out.stderr);
-    assert_eq!(db.scalar("SELECT endpoints->>'api' AS a FROM tenants WHERE tenant_id = 'alpha'"), json!("https://alpha.api.example.com"));
+    assert_eq!(
+        db.scalar("SELECT endpoints->>'api' AS a FROM tenants WHERE tenant_id = 'alpha'"),
+        json!("https://alpha.api.example.com")
+    );
     // A deleted row too.
     db.exec("DELETE FROM tenants WHERE tenant_id = 'charlie'");
     let out = sync(&repo, &db);
@@ -401,7 +441,10 @@ fn a_remote_url_is_cloned_and_fetched_on_every_run() {
     let out = remote_run(&["sync"]);
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(out.stdout.contains("0 to create, 1 to update"), "fetched: {}", out.stdout);
-    assert_eq!(db.scalar("SELECT details->>'commit' AS c FROM audit_events ORDER BY event_seq DESC LIMIT 1"), json!(commit));
+    assert_eq!(
+        db.scalar("SELECT details->>'commit' AS c FROM audit_events ORDER BY event_seq DESC LIMIT 1"),
+        json!(commit)
+    );
 
     // --ref names a branch of the remote.
     let out = remote_run(&["plan", "--ref", "does-not-exist"]);

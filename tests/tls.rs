@@ -15,8 +15,24 @@ fn sslmode_require_verifies_the_server_certificate() {
     let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     let certs = base.join("certs");
     std::fs::create_dir_all(&certs).unwrap();
-    sh(Command::new("openssl").args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout").arg(certs.join("server.key")).arg("-out").arg(certs.join("server.crt")));
+    sh(Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(certs.join("server.key"))
+        .arg("-out")
+        .arg(certs.join("server.crt")));
     let root = String::from_utf8(Command::new("id").arg("-u").output().unwrap().stdout).unwrap().trim() == "0";
     if root {
         sh(Command::new("chown").arg("-R").arg("postgres:postgres").arg(&certs));

@@ -76,7 +76,16 @@ fn bad_repo() -> TestRepo {
     let enc = sops::encrypt(&tenant_doc("stranger"), &[stranger], &Rules::default(), None).unwrap();
     repo.write("tenants/stranger.json", sops::serialize(Format::Json, &enc).unwrap());
     // Not encrypted to the tenant's own key.
-    let enc = sops::encrypt(&tenant_doc("nokey"), &[agent_recipient()], &Rules { encrypted_regex: Some("^secrets$".into()), ..Rules::default() }, None).unwrap();
+    let enc = sops::encrypt(
+        &tenant_doc("nokey"),
+        &[agent_recipient()],
+        &Rules {
+            encrypted_regex: Some("^secrets$".into()),
+            ..Rules::default()
+        },
+        None,
+    )
+    .unwrap();
     repo.write("tenants/nokey.json", sops::serialize(Format::Json, &enc).unwrap());
     // Three schema problems in one file, one of them on a secret.
     let mut d = tenant_doc("schema");
@@ -118,13 +127,19 @@ fn every_problem_in_every_file_is_reported_with_its_file() {
         ("tenants/broken.yaml:4", "cannot parse"),
     ];
     for (file, needle) in expect {
-        assert!(text.lines().any(|l| l.contains(file) && l.contains(needle)), "no line with {file} and {needle:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l.contains(file) && l.contains(needle)),
+            "no line with {file} and {needle:?} in:\n{text}"
+        );
     }
     assert!(!text.contains("tenants/fine.toml") && !text.contains("tenants/target.yaml"), "{text}");
     assert!(!text.contains("31337"), "a secret's value appeared in:\n{text}");
     assert!(text.contains("15 file(s) checked, 13 invalid, 16 problem(s)"), "{text}");
     // Line numbers point into the committed file.
-    assert!(text.lines().any(|l| l.starts_with("error: tenants/schema.toml:") && l.contains("/config/plan")), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("error: tenants/schema.toml:") && l.contains("/config/plan")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -139,7 +154,10 @@ fn json_and_markdown_reports_list_the_same_problems() {
     assert!(issues.iter().all(|i| i["file"].as_str().unwrap().starts_with("tenants/")));
     let plan = issues.iter().find(|i| i["pointer"] == json!("/config/plan")).unwrap();
     assert!(plan["line"].as_u64().unwrap() > 1);
-    assert!(!out.stderr.contains('\u{1b}') && !out.stderr.contains("decrypting"), "no progress bar when piped");
+    assert!(
+        !out.stderr.contains('\u{1b}') && !out.stderr.contains("decrypting"),
+        "no progress bar when piped"
+    );
 
     let md = validate(&repo, &["--format", "markdown"]);
     assert_eq!(md.code, 1);
@@ -155,7 +173,9 @@ fn plaintext_is_accepted_only_when_allowed_and_never_in_production() {
     assert_eq!(validate(&repo, &[]).code, 1);
     assert_eq!(validate(&repo, &["--allow-plaintext"]).code, 0);
     let mut c = command(repo.path(), None);
-    c.env("FROSTBYTE_MODE", "production").env("FROSTBYTE_CONTROL_DB_URL", "host=/nonexistent").args(["validate", "--allow-plaintext"]);
+    c.env("FROSTBYTE_MODE", "production")
+        .env("FROSTBYTE_CONTROL_DB_URL", "host=/nonexistent")
+        .args(["validate", "--allow-plaintext"]);
     let out = output(c);
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("allow_plaintext cannot be used in production mode"), "{}", out.stderr);
@@ -181,7 +201,9 @@ fn keys_come_from_sops_age_key_and_several_are_tried() {
     let (stranger, _) = sops::AgeKeys::generate();
     let agent = std::fs::read_to_string(agent_key_file()).unwrap();
     let mut c = command(repo.path(), None);
-    c.env_remove("SOPS_AGE_KEY_FILE").env("SOPS_AGE_KEY", format!("{}{}", stranger.secret_text(), agent)).arg("validate");
+    c.env_remove("SOPS_AGE_KEY_FILE")
+        .env("SOPS_AGE_KEY", format!("{}{}", stranger.secret_text(), agent))
+        .arg("validate");
     let out = output(c);
     assert_eq!(out.code, 0, "{}", out.all());
     let mut c = command(repo.path(), None);
@@ -203,11 +225,17 @@ fn a_terminal_gets_a_progress_bar_and_a_pipe_does_not() {
     let mut c = command(repo.path(), None);
     c.env("FROSTBYTE_LOG", "error").args(["-qec", &format!("{bin} validate"), "/dev/null"]);
     let mut script = std::process::Command::new("script");
-    script.args(c.get_args()).envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v)))).stdin(std::process::Stdio::null());
+    script
+        .args(c.get_args())
+        .envs(c.get_envs().filter_map(|(k, v)| v.map(|v| (k, v))))
+        .stdin(std::process::Stdio::null());
     let o = script.output().expect("script(1) from util-linux");
     let tty = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{tty}");
-    assert!(tty.contains("decrypting") && tty.contains("/40 tenant files"), "no progress bar on a terminal:\n{tty}");
+    assert!(
+        tty.contains("decrypting") && tty.contains("/40 tenant files"),
+        "no progress bar on a terminal:\n{tty}"
+    );
     let piped = validate(&repo, &[]);
     assert!(!piped.all().contains("decrypting"), "{}", piped.all());
     let json = run(&repo, None, &["validate", "--format", "json"]);

@@ -41,7 +41,7 @@ pub fn doc(i: usize, revision: u32) -> Value {
             "plan": plan,
             "region": region,
             "limits": {"max_users": 10 + i % 1000, "storage_gb": 5 + i % 500, "requests_per_minute": 600},
-            "features": {"sso": i % 2 == 0, "audit_export": i % 3 == 0, "semantic_search": true},
+            "features": {"sso": i.is_multiple_of(2), "audit_export": i.is_multiple_of(3), "semantic_search": true},
             "retention": {"data_days": 365, "audit_log_days": 365},
             "contacts": [{"name": "Ops", "email": format!("ops@t{i}.example.com"), "role": "owner"}],
             "secrets": {"db_password": format!("bench-pw-{i}-{revision}"), "api_key": format!("bench-key-{i}")}
@@ -63,8 +63,15 @@ pub fn ext(f: Format) -> &'static str {
 
 pub fn encrypt(doc: &Value, format: Format) -> String {
     let recipients = [keys("test.agekey").recipients()[0].clone(), keys("other.agekey").recipients()[0].clone()];
-    let rules = Rules { encrypted_regex: Some("^secrets$".into()), ..Rules::default() };
-    sops::serialize(format, &sops::encrypt(&sops::normalize(format, doc).unwrap(), &recipients, &rules, None).unwrap()).unwrap()
+    let rules = Rules {
+        encrypted_regex: Some("^secrets$".into()),
+        ..Rules::default()
+    };
+    sops::serialize(
+        format,
+        &sops::encrypt(&sops::normalize(format, doc).unwrap(), &recipients, &rules, None).unwrap(),
+    )
+    .unwrap()
 }
 
 pub struct Repo {
@@ -111,7 +118,11 @@ impl Repo {
             flags.0.insert("database_url", url.to_string());
         }
         let cfg = Config::resolve(&flags, &|_| None, None, None).unwrap();
-        Ctx { cfg, keys: keys("test.agekey"), progress: false }
+        Ctx {
+            cfg,
+            keys: keys("test.agekey"),
+            progress: false,
+        }
     }
 }
 
@@ -121,7 +132,9 @@ pub fn database() -> String {
         Ok(u) => u,
         Err(_) => {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/pg/pgdata");
-            frostbyte_gitops::localpg::ensure(&dir, &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=400"]).unwrap().conninfo("postgres")
+            frostbyte_gitops::localpg::ensure(&dir, &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=400"])
+                .unwrap()
+                .conninfo("postgres")
         }
     };
     let name = format!("bench_{}", std::process::id());
@@ -147,5 +160,9 @@ pub fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
 }
 
 pub fn report(label: &str, d: Duration, files: usize) {
-    println!("{label:<48} {:>9.1} ms   {:>9.0} files/s", d.as_secs_f64() * 1e3, files as f64 / d.as_secs_f64());
+    println!(
+        "{label:<48} {:>9.1} ms   {:>9.0} files/s",
+        d.as_secs_f64() * 1e3,
+        files as f64 / d.as_secs_f64()
+    );
 }

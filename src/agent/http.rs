@@ -65,7 +65,11 @@ async fn webhook(State(s): State<AppState>, headers: HeaderMap) -> impl IntoResp
     let Some(want) = &s.token else {
         return (StatusCode::NOT_FOUND, "the webhook is off: set webhook_token to turn it on\n");
     };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     if !token_matches(given, want) {
         return (StatusCode::UNAUTHORIZED, "bad or missing bearer token\n");
     }

@@ -42,30 +42,51 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(o, "# HELP frostbyte_sync_runs_total Sync runs by outcome.\n# TYPE frostbyte_sync_runs_total counter");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_sync_runs_total Sync runs by outcome.\n# TYPE frostbyte_sync_runs_total counter"
+        );
         for outcome in ["success", "failure"] {
             let _ = writeln!(o, "frostbyte_sync_runs_total{{outcome=\"{outcome}\"}} {}", self.runs(outcome));
         }
-        let _ = writeln!(o, "# HELP frostbyte_sync_duration_seconds Duration of sync runs.\n# TYPE frostbyte_sync_duration_seconds histogram");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_sync_duration_seconds Duration of sync runs.\n# TYPE frostbyte_sync_duration_seconds histogram"
+        );
         for (i, le) in BUCKETS.iter().enumerate() {
             let _ = writeln!(o, "frostbyte_sync_duration_seconds_bucket{{le=\"{le}\"}} {}", self.buckets[i]);
         }
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", self.duration_count);
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_sum {}", self.duration_sum);
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_count {}", self.duration_count);
-        let _ = writeln!(o, "# HELP frostbyte_tenants_applied_total Tenant changes written.\n# TYPE frostbyte_tenants_applied_total counter");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_tenants_applied_total Tenant changes written.\n# TYPE frostbyte_tenants_applied_total counter"
+        );
         let _ = writeln!(o, "frostbyte_tenants_applied_total {}", self.tenants_applied);
         if let Some(t) = self.last_applied_commit_time {
-            let _ = writeln!(o, "# HELP frostbyte_last_applied_commit_timestamp_seconds Commit time of the revision the database is at.\n# TYPE frostbyte_last_applied_commit_timestamp_seconds gauge");
+            let _ = writeln!(
+                o,
+                "# HELP frostbyte_last_applied_commit_timestamp_seconds Commit time of the revision the database is at.\n# TYPE frostbyte_last_applied_commit_timestamp_seconds gauge"
+            );
             let _ = writeln!(o, "frostbyte_last_applied_commit_timestamp_seconds {t}");
         }
-        let _ = writeln!(o, "# HELP frostbyte_tenants Tenants by drift class, as of the last sync.\n# TYPE frostbyte_tenants gauge");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_tenants Tenants by drift class, as of the last sync.\n# TYPE frostbyte_tenants gauge"
+        );
         for class in ["in-sync", "pending", "modified", "missing", "orphaned"] {
             let _ = writeln!(o, "frostbyte_tenants{{drift=\"{class}\"}} {}", self.drift.get(class).copied().unwrap_or(0));
         }
-        let _ = writeln!(o, "# HELP frostbyte_validation_errors Problems in the tenant files at the last sync.\n# TYPE frostbyte_validation_errors gauge");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_validation_errors Problems in the tenant files at the last sync.\n# TYPE frostbyte_validation_errors gauge"
+        );
         let _ = writeln!(o, "frostbyte_validation_errors {}", self.validation_errors);
-        let _ = writeln!(o, "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge");
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"
+        );
         let _ = writeln!(o, "frostbyte_leader {}", u8::from(self.leader));
         o
     }

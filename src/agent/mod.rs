@@ -56,11 +56,16 @@ impl Lease {
             self.client = None;
         }
         let tls = crate::store::tls().map_err(|e| e.to_string())?;
-        let (client, conn) = tokio_postgres::connect(&self.url, tls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let (client, conn) = tokio_postgres::connect(&self.url, tls)
+            .await
+            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        let row = client.query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK]).await.map_err(|e| format!("taking the apply lease: {e}"))?;
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+            .await
+            .map_err(|e| format!("taking the apply lease: {e}"))?;
         if row.get::<_, bool>(0) {
             tracing::info!("holding the apply lease: this replica applies");
             self.client = Some(client);
@@ -76,10 +81,21 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     let (trigger_tx, trigger_rx) = mpsc::channel(16);
     let (stop_tx, stop_rx) = watch::channel(false);
 
-    let listener = tokio::net::TcpListener::bind(&ctx.cfg.listen).await.map_err(|source| AgentError::Listen { addr: ctx.cfg.listen.clone(), source })?;
-    let addr = listener.local_addr().map_err(|source| AgentError::Listen { addr: ctx.cfg.listen.clone(), source })?;
+    let listener = tokio::net::TcpListener::bind(&ctx.cfg.listen).await.map_err(|source| AgentError::Listen {
+        addr: ctx.cfg.listen.clone(),
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| AgentError::Listen {
+        addr: ctx.cfg.listen.clone(),
+        source,
+    })?;
     tracing::info!(%addr, "listening");
-    let app = http::router(http::AppState { metrics: metrics.clone(), pool: db.pool.clone(), triggers: trigger_tx.clone(), token: ctx.cfg.webhook_token.clone() });
+    let app = http::router(http::AppState {
+        metrics: metrics.clone(),
+        pool: db.pool.clone(),
+        triggers: trigger_tx.clone(),
+        token: ctx.cfg.webhook_token.clone(),
+    });
     let mut http_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -92,7 +108,10 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     let _watcher = watch_source(&ctx, trigger_tx.clone())?;
     tokio::spawn(signals(stop_tx));
 
-    let lease = Arc::new(tokio::sync::Mutex::new(Lease { url: db.url.clone(), client: None }));
+    let lease = Arc::new(tokio::sync::Mutex::new(Lease {
+        url: db.url.clone(),
+        client: None,
+    }));
     let prepared = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reconcile = || {
         let (ctx, db, metrics, lease, prepared) = (ctx.clone(), db.clone(), metrics.clone(), lease.clone(), prepared.clone());
@@ -105,7 +124,13 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     Ok(())
 }
 
-async fn reconcile_once(ctx: &Ctx, db: &Database, metrics: &Mutex<Metrics>, lease: &tokio::sync::Mutex<Lease>, prepared: &std::sync::atomic::AtomicBool) -> Result<(), String> {
+async fn reconcile_once(
+    ctx: &Ctx,
+    db: &Database,
+    metrics: &Mutex<Metrics>,
+    lease: &tokio::sync::Mutex<Lease>,
+    prepared: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
     let started = Instant::now();
     let leader = match lease.lock().await.held().await {
         Ok(l) => l,
@@ -147,7 +172,11 @@ async fn reconcile_once(ctx: &Ctx, db: &Database, metrics: &Mutex<Metrics>, leas
             m.last_sync_ok = Some(true);
             m.last_sync_error = None;
             m.validation_errors = 0;
-            m.last_applied_commit_time = o.commit_time.as_deref().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok()).map(|t| t.timestamp());
+            m.last_applied_commit_time = o
+                .commit_time
+                .as_deref()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .map(|t| t.timestamp());
             if let Some(report) = &o.drift {
                 m.drift = counts(report).into_iter().map(|(k, v)| (k.as_str(), v)).collect();
                 let modified = m.drift.get("modified").copied().unwrap_or(0);
@@ -192,15 +221,24 @@ fn watch_source(ctx: &Ctx, triggers: mpsc::Sender<Trigger>) -> Result<Option<not
             }
         }
     })
-    .map_err(|source| AgentError::Watch { path: git_dir.display().to_string(), source })?;
-    let mut paths = vec![(git_dir.clone(), notify::RecursiveMode::NonRecursive), (git_dir.join("refs"), notify::RecursiveMode::Recursive)];
-    if ctx.cfg.worktree {
-        if let Some(dir) = tenant_dir {
-            paths.push((dir, notify::RecursiveMode::NonRecursive));
-        }
+    .map_err(|source| AgentError::Watch {
+        path: git_dir.display().to_string(),
+        source,
+    })?;
+    let mut paths = vec![
+        (git_dir.clone(), notify::RecursiveMode::NonRecursive),
+        (git_dir.join("refs"), notify::RecursiveMode::Recursive),
+    ];
+    if ctx.cfg.worktree
+        && let Some(dir) = tenant_dir
+    {
+        paths.push((dir, notify::RecursiveMode::NonRecursive));
     }
     for (path, mode) in paths {
-        watcher.watch(&path, mode).map_err(|source| AgentError::Watch { path: path.display().to_string(), source })?;
+        watcher.watch(&path, mode).map_err(|source| AgentError::Watch {
+            path: path.display().to_string(),
+            source,
+        })?;
     }
     Ok(Some(watcher))
 }

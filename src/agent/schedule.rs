@@ -48,7 +48,11 @@ impl Timing {
     }
 
     fn next_tick(&self, from: Instant) -> Instant {
-        let jitter = if self.jitter.is_zero() { Duration::ZERO } else { rand::thread_rng().gen_range(Duration::ZERO..=self.jitter) };
+        let jitter = if self.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            rand::thread_rng().gen_range(Duration::ZERO..=self.jitter)
+        };
         from + self.interval + jitter
     }
 }
@@ -219,7 +223,10 @@ mod tests {
         stop.send(true).unwrap();
         let stopped = Instant::now();
         handle.await.unwrap();
-        assert!(Instant::now() - stopped <= Duration::from_secs(2), "the run in progress finished, no new one started");
+        assert!(
+            Instant::now() - stopped <= Duration::from_secs(2),
+            "the run in progress finished, no new one started"
+        );
         assert_eq!(runs.lock().unwrap().len(), 3);
     }
 

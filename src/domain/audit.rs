@@ -52,7 +52,12 @@ pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor:
         if !change.out_of_band.is_empty() {
             details["corrected_out_of_band_changes"] = json!(change.out_of_band);
         }
-        out.push(AuditEvent { tenant_id: change.tenant_id.clone(), event_type: TENANT_CONFIG_UPDATED, actor: actor.to_string(), details });
+        out.push(AuditEvent {
+            tenant_id: change.tenant_id.clone(),
+            event_type: TENANT_CONFIG_UPDATED,
+            actor: actor.to_string(),
+            details,
+        });
     }
     out
 }

@@ -129,7 +129,14 @@ fn pending_paths(d: &DesiredTenant, a: &ActualTenant, key: &[u8]) -> Vec<String>
     match &a.applied {
         Some(rec) if rec.digest == digest(key, &d.document, &d.secrets) => {}
         Some(rec) => diff(&rec.sealed, &seal(key, &d.document, &d.secrets), "", &none, &none, &mut ops),
-        None if d.document != a.document => diff(&seal(key, &a.document, &d.secrets), &seal(key, &d.document, &d.secrets), "", &none, &none, &mut ops),
+        None if d.document != a.document => diff(
+            &seal(key, &a.document, &d.secrets),
+            &seal(key, &d.document, &d.secrets),
+            "",
+            &none,
+            &none,
+            &mut ops,
+        ),
         None => {}
     }
     ops.into_iter().map(|o| o.path).collect()
@@ -217,7 +224,10 @@ mod tests {
         assert_eq!(modi.modified_paths, ["/config/secrets/k"]);
         assert!(!serde_json::to_string(&report).unwrap().contains("hand-edited"));
         let both = report.iter().find(|t| t.tenant_id == "both").unwrap();
-        assert_eq!((both.pending_paths.as_slice(), both.modified_paths.as_slice()), (&["/config/plan".to_string()][..], &["/config/region".to_string()][..]));
+        assert_eq!(
+            (both.pending_paths.as_slice(), both.modified_paths.as_slice()),
+            (&["/config/plan".to_string()][..], &["/config/region".to_string()][..])
+        );
         assert_eq!(counts(&report)[&Pending], 2);
     }
 }

@@ -14,7 +14,12 @@ pub struct Issue {
 
 impl Issue {
     pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
-        Issue { file: file.into(), line: None, pointer: None, message: message.into() }
+        Issue {
+            file: file.into(),
+            line: None,
+            pointer: None,
+            message: message.into(),
+        }
     }
 
     pub fn at(mut self, pointer: impl Into<String>) -> Self {

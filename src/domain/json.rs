@@ -40,11 +40,7 @@ pub fn redact(value: &Value, pointer: &str, secrets: &SecretPaths) -> Value {
         return Value::String(REDACTED.to_string());
     }
     match value {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), redact(v, &child(pointer, k), secrets)))
-                .collect(),
-        ),
+        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), redact(v, &child(pointer, k), secrets))).collect()),
         Value::Array(items) => Value::Array(
             items
                 .iter()
@@ -134,9 +130,7 @@ pub fn apply_patch(doc: &mut Value, ops: &[Value]) -> Result<(), String> {
         }
         let (parent_ptr, last) = path.rsplit_once('/').ok_or_else(|| format!("bad pointer {path}"))?;
         let last = unescape_token(last);
-        let parent = doc
-            .pointer_mut(parent_ptr)
-            .ok_or_else(|| format!("{kind} {path}: parent does not exist"))?;
+        let parent = doc.pointer_mut(parent_ptr).ok_or_else(|| format!("{kind} {path}: parent does not exist"))?;
         match (kind, parent) {
             ("add" | "replace", Value::Object(map)) => {
                 map.insert(last, value.ok_or("add without value")?);
@@ -145,7 +139,11 @@ pub fn apply_patch(doc: &mut Value, ops: &[Value]) -> Result<(), String> {
                 map.shift_remove(&last).ok_or_else(|| format!("remove {path}: nothing there"))?;
             }
             (_, Value::Array(items)) => {
-                let i: usize = if last == "-" { items.len() } else { last.parse().map_err(|_| format!("bad index in {path}"))? };
+                let i: usize = if last == "-" {
+                    items.len()
+                } else {
+                    last.parse().map_err(|_| format!("bad index in {path}"))?
+                };
                 match kind {
                     "add" if i <= items.len() => items.insert(i, value.ok_or("add without value")?),
                     "replace" if i < items.len() => items[i] = value.ok_or("replace without value")?,
@@ -233,7 +231,14 @@ mod tests {
     fn patch_add_remove_replace() {
         let mut doc = json!({});
         apply_patch(&mut doc, &[json!({"op": "add", "path": "/config", "value": {"a": 1, "b": [1]}})]).unwrap();
-        apply_patch(&mut doc, &[json!({"op": "replace", "path": "/config/a", "value": 2}), json!({"op": "remove", "path": "/config/b"})]).unwrap();
+        apply_patch(
+            &mut doc,
+            &[
+                json!({"op": "replace", "path": "/config/a", "value": 2}),
+                json!({"op": "remove", "path": "/config/b"}),
+            ],
+        )
+        .unwrap();
         assert_eq!(doc, json!({"config": {"a": 2}}));
     }
 

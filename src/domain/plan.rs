@@ -219,7 +219,11 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
     let out_of_band = modified_paths(a, opts.key);
     let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
     let differs = d.document != a.document;
-    let action = if differs && (git_moved || opts.correct_drift) { Action::Update } else { Action::Unchanged };
+    let action = if differs && (git_moved || opts.correct_drift) {
+        Action::Update
+    } else {
+        Action::Unchanged
+    };
     let mut patch = Vec::new();
     if action == Action::Update {
         let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
@@ -300,13 +304,22 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
         (a, b) if a == b => {}
         (_, b) => {
             let secret = if to_secrets.contains(ptr) {
-                Some(if from_secrets.contains(ptr) { SecretChange::Changed } else { SecretChange::Added })
+                Some(if from_secrets.contains(ptr) {
+                    SecretChange::Changed
+                } else {
+                    SecretChange::Added
+                })
             } else if from_secrets.contains(ptr) {
                 Some(SecretChange::Removed)
             } else {
                 None
             };
-            ops.push(PatchOp { op: "replace".into(), path: ptr.to_string(), value: Some(redact(b, ptr, to_secrets)), secret });
+            ops.push(PatchOp {
+                op: "replace".into(),
+                path: ptr.to_string(),
+                value: Some(redact(b, ptr, to_secrets)),
+                secret,
+            });
         }
     }
 }
@@ -321,14 +334,21 @@ pub fn stale_reasons(saved: &Plan, fresh: &Plan) -> Vec<String> {
         match (saved_by.get(id), fresh_by.get(id)) {
             (Some(s), Some(f)) => {
                 if s.current_version != f.current_version {
-                    out.push(format!("{id}: config_version is {} in the database, the plan expected {}", show(f.current_version), show(s.current_version)));
+                    out.push(format!(
+                        "{id}: config_version is {} in the database, the plan expected {}",
+                        show(f.current_version),
+                        show(s.current_version)
+                    ));
                 } else if s.actual_digest != f.actual_digest {
                     out.push(format!("{id}: the database row changed since the plan was made (same config_version)"));
                 } else if s.desired_digest != f.desired_digest || s.action != f.action {
                     out.push(format!("{id}: the plan said {:?}, it would now be {:?}", s.action, f.action));
                 }
             }
-            (Some(s), None) => out.push(format!("{id}: the plan said {:?}, the tenant is now neither in git nor in the database", s.action)),
+            (Some(s), None) => out.push(format!(
+                "{id}: the plan said {:?}, the tenant is now neither in git nor in the database",
+                s.action
+            )),
             (None, Some(f)) => out.push(format!("{id}: not in the plan, it would now be {:?}", f.action)),
             (None, None) => {}
         }
@@ -385,19 +405,47 @@ mod tests {
         let b_new = desired("bbb", json!({"plan": "enterprise"}), &[]);
         let c = desired("ccc", json!({}), &[]);
         let d = desired("ddd", json!({}), &[]);
-        let p = plan(&[a, b_new, c.clone()], &[actual_from(&b_old, 3), actual_from(&c, 1), actual_from(&d, 2)], opts());
+        let p = plan(
+            &[a, b_new, c.clone()],
+            &[actual_from(&b_old, 3), actual_from(&c, 1), actual_from(&d, 2)],
+            opts(),
+        );
         let actions: Vec<_> = p.tenants.iter().map(|t| (t.tenant_id.as_str(), t.action)).collect();
-        assert_eq!(actions, [("aaa", Action::Create), ("bbb", Action::Update), ("ccc", Action::Unchanged), ("ddd", Action::Orphaned)]);
+        assert_eq!(
+            actions,
+            [
+                ("aaa", Action::Create),
+                ("bbb", Action::Update),
+                ("ccc", Action::Unchanged),
+                ("ddd", Action::Orphaned)
+            ]
+        );
         assert_eq!(p.summary().line(), "1 to create, 1 to update, 1 orphaned");
         let b = &p.tenants[1];
         assert_eq!((b.current_version, b.next_version), (Some(3), Some(4)));
-        assert_eq!(b.patch, [PatchOp { op: "replace".into(), path: "/config/plan".into(), value: Some(json!("enterprise")), secret: None }]);
+        assert_eq!(
+            b.patch,
+            [PatchOp {
+                op: "replace".into(),
+                path: "/config/plan".into(),
+                value: Some(json!("enterprise")),
+                secret: None
+            }]
+        );
     }
 
     #[test]
     fn secret_changes_are_named_never_shown() {
-        let old = desired("aaa", json!({"secrets": {"a": "old-a", "b": "same", "gone": "bye"}}), &["/config/secrets/a", "/config/secrets/b", "/config/secrets/gone"]);
-        let new = desired("aaa", json!({"secrets": {"a": "new-a", "b": "same", "c": "new-c"}}), &["/config/secrets/a", "/config/secrets/b", "/config/secrets/c"]);
+        let old = desired(
+            "aaa",
+            json!({"secrets": {"a": "old-a", "b": "same", "gone": "bye"}}),
+            &["/config/secrets/a", "/config/secrets/b", "/config/secrets/gone"],
+        );
+        let new = desired(
+            "aaa",
+            json!({"secrets": {"a": "new-a", "b": "same", "c": "new-c"}}),
+            &["/config/secrets/a", "/config/secrets/b", "/config/secrets/c"],
+        );
         let p = plan(&[new], &[actual_from(&old, 1)], opts());
         let patch = &p.tenants[0].patch;
         let text = serde_json::to_string(patch).unwrap();
@@ -430,7 +478,14 @@ mod tests {
         let d = desired("aaa", json!({"plan": "pro"}), &[]);
         let mut a = actual_from(&d, 2);
         a.document["config"]["plan"] = json!("free");
-        let warn = plan(std::slice::from_ref(&d), std::slice::from_ref(&a), PlanOptions { key: KEY, correct_drift: false });
+        let warn = plan(
+            std::slice::from_ref(&d),
+            std::slice::from_ref(&a),
+            PlanOptions {
+                key: KEY,
+                correct_drift: false,
+            },
+        );
         assert_eq!(warn.tenants[0].action, Action::Unchanged);
         assert_eq!(warn.tenants[0].out_of_band, ["/config/plan"]);
         let correct = plan(&[d], &[a], opts());

@@ -50,7 +50,11 @@ pub fn issues_markdown(files: usize, issues: &[Issue]) -> String {
         let _ = writeln!(out, "All {files} tenant file(s) are valid.");
         return out;
     }
-    let _ = writeln!(out, "{} problem(s) in {files} file(s):\n\n| File | Line | Field | Problem |\n|---|---|---|---|", issues.len());
+    let _ = writeln!(
+        out,
+        "{} problem(s) in {files} file(s):\n\n| File | Line | Field | Problem |\n|---|---|---|---|",
+        issues.len()
+    );
     for i in issues {
         let _ = writeln!(
             out,
@@ -90,7 +94,11 @@ fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
                 .into_iter()
                 .map(|p| {
                     let leaf = v.pointer(&p[op.path.len()..]).cloned().unwrap_or(Value::Null);
-                    if leaf.as_str() == Some(crate::domain::json::REDACTED) { ('+', format!("{p} (secret)")) } else { ('+', format!("{p} = {leaf}")) }
+                    if leaf.as_str() == Some(crate::domain::json::REDACTED) {
+                        ('+', format!("{p} (secret)"))
+                    } else {
+                        ('+', format!("{p} = {leaf}"))
+                    }
                 })
                 .collect()
         }
@@ -132,17 +140,42 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
         let file = t.file.as_deref().unwrap_or("");
         match t.action {
             Action::Create => {
-                let _ = writeln!(out, "  {} {} will be created ({})  {}", p.c("32", "+"), p.c("1", &t.tenant_id), version_span(t), file);
+                let _ = writeln!(
+                    out,
+                    "  {} {} will be created ({})  {}",
+                    p.c("32", "+"),
+                    p.c("1", &t.tenant_id),
+                    version_span(t),
+                    file
+                );
             }
             Action::Update => {
-                let _ = writeln!(out, "  {} {} will be updated ({})  {}", p.c("33", "~"), p.c("1", &t.tenant_id), version_span(t), file);
+                let _ = writeln!(
+                    out,
+                    "  {} {} will be updated ({})  {}",
+                    p.c("33", "~"),
+                    p.c("1", &t.tenant_id),
+                    version_span(t),
+                    file
+                );
             }
             Action::Orphaned => {
-                let _ = writeln!(out, "  {} {} is orphaned: in the database, not in git (left alone)", p.c("31", "!"), p.c("1", &t.tenant_id));
+                let _ = writeln!(
+                    out,
+                    "  {} {} is orphaned: in the database, not in git (left alone)",
+                    p.c("31", "!"),
+                    p.c("1", &t.tenant_id)
+                );
             }
             Action::Unchanged => {
                 if !t.out_of_band.is_empty() {
-                    let _ = writeln!(out, "  {} {} was changed outside git; drift policy leaves it ({})", p.c("35", "?"), p.c("1", &t.tenant_id), t.out_of_band.join(", "));
+                    let _ = writeln!(
+                        out,
+                        "  {} {} was changed outside git; drift policy leaves it ({})",
+                        p.c("35", "?"),
+                        p.c("1", &t.tenant_id),
+                        t.out_of_band.join(", ")
+                    );
                 }
                 continue;
             }
@@ -173,7 +206,11 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     let mut head = String::new();
     let _ = writeln!(head, "### Frostbyte plan for {}\n", code_or_worktree(&header.commit));
     let _ = writeln!(head, "Compared with {}: **{}** ({} unchanged).\n", header.against, s.line(), s.unchanged);
-    let shown: Vec<&TenantPlan> = plan.tenants.iter().filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty()).collect();
+    let shown: Vec<&TenantPlan> = plan
+        .tenants
+        .iter()
+        .filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty())
+        .collect();
     if shown.is_empty() {
         head.push_str("No changes.\n");
         return head;
@@ -186,7 +223,14 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             Action::Update => "update",
             Action::Orphaned => "orphaned",
         };
-        let _ = writeln!(table, "| `{}` | {} | {} | {} |", t.tenant_id, action, version_span(t), t.file.as_deref().map(|f| format!("`{f}`")).unwrap_or_default());
+        let _ = writeln!(
+            table,
+            "| `{}` | {} | {} | {} |",
+            t.tenant_id,
+            action,
+            version_span(t),
+            t.file.as_deref().map(|f| format!("`{f}`")).unwrap_or_default()
+        );
     }
     let mut blocks = Vec::new();
     for t in shown.iter().filter(|t| !t.patch.is_empty() || !t.out_of_band.is_empty()) {
@@ -196,7 +240,12 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             Action::Update => "update",
             _ => "changed outside git",
         };
-        let _ = writeln!(b, "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n\n```diff", t.tenant_id, t.patch.len() + t.out_of_band.len());
+        let _ = writeln!(
+            b,
+            "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n\n```diff",
+            t.tenant_id,
+            t.patch.len() + t.out_of_band.len()
+        );
         for (sign, text) in t.patch.iter().flat_map(op_lines) {
             let _ = writeln!(b, "{sign} {}", text.replace("```", "'''"));
         }
@@ -210,7 +259,10 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     let total = blocks.len();
     for (i, b) in blocks.iter().enumerate() {
         let left_chars: usize = blocks[i..].iter().map(String::len).sum();
-        let note = format!("\n> **Plan cut short:** {} of {total} tenant blocks ({left_chars} characters) left out to stay under {MARKDOWN_LIMIT} characters. Run `frostbyte-gitops plan` for the whole plan.\n", total - i);
+        let note = format!(
+            "\n> **Plan cut short:** {} of {total} tenant blocks ({left_chars} characters) left out to stay under {MARKDOWN_LIMIT} characters. Run `frostbyte-gitops plan` for the whole plan.\n",
+            total - i
+        );
         let tail_room = if i + 1 == total { 0 } else { note.len() };
         if out.len() + b.len() + tail_room > MARKDOWN_LIMIT {
             if out.len() + note.len() > MARKDOWN_LIMIT {
@@ -267,7 +319,12 @@ fn drift_summary(report: &[TenantDrift]) -> String {
 
 pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "### Frostbyte drift against {}\n\n{}\n", code_or_worktree(&header.commit), drift_summary(report));
+    let _ = writeln!(
+        out,
+        "### Frostbyte drift against {}\n\n{}\n",
+        code_or_worktree(&header.commit),
+        drift_summary(report)
+    );
     let drifted: Vec<&TenantDrift> = report.iter().filter(|t| !t.in_sync()).collect();
     if drifted.is_empty() {
         out.push_str("Every tenant is in sync.\n");
@@ -277,7 +334,14 @@ pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
     for t in drifted {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
         let code = |v: &[String]| v.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(out, "| `{}` | {} | {} | {} |", t.tenant_id, classes.join(" + "), code(&t.pending_paths), code(&t.modified_paths));
+        let _ = writeln!(
+            out,
+            "| `{}` | {} | {} | {} |",
+            t.tenant_id,
+            classes.join(" + "),
+            code(&t.pending_paths),
+            code(&t.modified_paths)
+        );
     }
     out
 }
@@ -301,7 +365,12 @@ mod tests {
                     current_version: Some(1),
                     next_version: Some(2),
                     patch: (0..20)
-                        .map(|j| PatchOp { op: "replace".into(), path: format!("/config/limits/field_{j}"), value: Some(json!(j)), secret: None })
+                        .map(|j| PatchOp {
+                            op: "replace".into(),
+                            path: format!("/config/limits/field_{j}"),
+                            value: Some(json!(j)),
+                            secret: None,
+                        })
                         .collect(),
                     out_of_band: vec![],
                     desired_digest: None,
@@ -313,7 +382,13 @@ mod tests {
 
     #[test]
     fn markdown_is_cut_under_the_limit_with_a_note() {
-        let md = plan_markdown(&big_plan(2000), &Header { commit: Some("abc".into()), against: "database".into() });
+        let md = plan_markdown(
+            &big_plan(2000),
+            &Header {
+                commit: Some("abc".into()),
+                against: "database".into(),
+            },
+        );
         assert!(md.len() <= MARKDOWN_LIMIT, "{}", md.len());
         assert!(md.contains("Plan cut short"), "no note");
         let small = plan_markdown(&big_plan(3), &Header::default());

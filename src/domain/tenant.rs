@@ -28,10 +28,7 @@ pub struct DesiredTenant {
 
 pub fn is_valid_tenant_id(id: &str) -> bool {
     let b = id.as_bytes();
-    (3..=63).contains(&b.len())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
+    (3..=63).contains(&b.len()) && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-') && b[0] != b'-' && b[b.len() - 1] != b'-'
 }
 
 const BECH32_CHARSET: &str = "qpzry9x8gf2tvdw0s3jn54khce6mua7l";
@@ -74,9 +71,15 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     let tenant_id = match map.shift_remove("tenant_id") {
         Some(Value::String(id)) => {
             if !is_valid_tenant_id(&id) {
-                issues.push(issue("/tenant_id", format!("tenant_id {id:?} is not a lowercase DNS label of 3 to 63 characters")));
+                issues.push(issue(
+                    "/tenant_id",
+                    format!("tenant_id {id:?} is not a lowercase DNS label of 3 to 63 characters"),
+                ));
             } else if id != stem {
-                issues.push(issue("/tenant_id", format!("tenant_id {id:?} does not match the file name (expected {stem:?})")));
+                issues.push(issue(
+                    "/tenant_id",
+                    format!("tenant_id {id:?} does not match the file name (expected {stem:?})"),
+                ));
             }
             id
         }
@@ -95,9 +98,10 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
         Some(Value::String(_)) if secrets.contains("/age_public_key") => {
             issues.push(issue("/age_public_key", "age_public_key is not an age X25519 recipient (age1...)".into()))
         }
-        Some(Value::String(key)) => {
-            issues.push(issue("/age_public_key", format!("age_public_key {key:?} is not an age X25519 recipient (age1...)")))
-        }
+        Some(Value::String(key)) => issues.push(issue(
+            "/age_public_key",
+            format!("age_public_key {key:?} is not an age X25519 recipient (age1...)"),
+        )),
         Some(_) => issues.push(issue("/age_public_key", "age_public_key must be a string".into())),
         None => issues.push(Issue::new(file, "missing required field age_public_key")),
     }
@@ -111,7 +115,10 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     for key in map.keys() {
         if !DOCUMENT_FIELDS.contains(&key.as_str()) {
             let pointer = json::child("", key);
-            issues.push(issue(&pointer, format!("unknown top-level field {key:?} (allowed: tenant_id, {})", DOCUMENT_FIELDS.join(", "))));
+            issues.push(issue(
+                &pointer,
+                format!("unknown top-level field {key:?} (allowed: tenant_id, {})", DOCUMENT_FIELDS.join(", ")),
+            ));
         }
     }
     if let Some(config) = map.get("config").filter(|c| c.is_object()) {
@@ -121,8 +128,18 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     if !issues.is_empty() {
         return Err(issues);
     }
-    let document = Value::Object(DOCUMENT_FIELDS.iter().filter_map(|f| map.shift_remove(*f).map(|v| (f.to_string(), v))).collect::<Map<_, _>>());
-    Ok(DesiredTenant { tenant_id, file: file.to_string(), document, secrets })
+    let document = Value::Object(
+        DOCUMENT_FIELDS
+            .iter()
+            .filter_map(|f| map.shift_remove(*f).map(|v| (f.to_string(), v)))
+            .collect::<Map<_, _>>(),
+    );
+    Ok(DesiredTenant {
+        tenant_id,
+        file: file.to_string(),
+        document,
+        secrets,
+    })
 }
 
 /// Schema problems of `config` as (pointer into the document, message). Where the value at fault
@@ -132,7 +149,10 @@ pub fn schema_issues(config: &Value, secrets: &SecretPaths) -> Vec<(String, Stri
     for error in VALIDATOR.iter_errors(config) {
         let pointer = format!("/config{}", error.instance_path().as_str());
         let message = if json::touches_secret(&pointer, secrets) {
-            format!("value does not satisfy the schema's {:?} rule (value not shown: it is a secret)", error.kind().keyword())
+            format!(
+                "value does not satisfy the schema's {:?} rule (value not shown: it is a secret)",
+                error.kind().keyword()
+            )
         } else {
             error.to_string()
         };
@@ -172,7 +192,10 @@ mod tests {
     fn a_good_document_passes() {
         let t = check_document("tenants/acme.json", "acme", "", good(), SecretPaths::new()).unwrap();
         assert_eq!(t.tenant_id, "acme");
-        assert_eq!(t.document.as_object().unwrap().keys().collect::<Vec<_>>(), ["age_public_key", "endpoints", "config"]);
+        assert_eq!(
+            t.document.as_object().unwrap().keys().collect::<Vec<_>>(),
+            ["age_public_key", "endpoints", "config"]
+        );
     }
 
     #[test]

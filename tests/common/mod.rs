@@ -68,7 +68,9 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 async fn connect(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -89,7 +91,10 @@ impl TestDb {
             let c = connect(&admin).await;
             c.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
         });
-        TestDb { url: with_dbname(&admin, &name), name }
+        TestDb {
+            url: with_dbname(&admin, &name),
+            name,
+        }
     }
 
     /// Runs statements; panics on error.
@@ -104,7 +109,11 @@ impl TestDb {
         let url = self.url.clone();
         let sql = sql.to_string();
         block_on(async move {
-            connect(&url).await.batch_execute(&sql).await.map_err(|e| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))
+            connect(&url)
+                .await
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))
         })
     }
 
@@ -114,7 +123,12 @@ impl TestDb {
         let wrapped = format!("SELECT to_jsonb(q) FROM ({sql}) q");
         block_on(async move {
             let c = connect(&url).await;
-            c.query(&wrapped, &[]).await.unwrap_or_else(|e| panic!("{wrapped}: {e:?}")).iter().map(|r| r.get::<_, Value>(0)).collect()
+            c.query(&wrapped, &[])
+                .await
+                .unwrap_or_else(|e| panic!("{wrapped}: {e:?}"))
+                .iter()
+                .map(|r| r.get::<_, Value>(0))
+                .collect()
         })
     }
 
@@ -161,7 +175,10 @@ pub fn tenant_doc(id: &str) -> Value {
 
 /// Encrypts a tenant document the way the example repository's creation rule does.
 pub fn encrypt(doc: &Value, format: Format) -> String {
-    let rules = Rules { encrypted_regex: Some("^secrets$".into()), ..Rules::default() };
+    let rules = Rules {
+        encrypted_regex: Some("^secrets$".into()),
+        ..Rules::default()
+    };
     let plain = sops::normalize(format, doc).unwrap();
     let enc = sops::encrypt(&plain, &[agent_recipient(), tenant_recipient()], &rules, None).unwrap();
     sops::serialize(format, &enc).unwrap()
@@ -186,7 +203,11 @@ impl TestRepo {
         let dir = tempfile::tempdir().unwrap();
         let repo = git2::Repository::init(dir.path()).unwrap();
         std::fs::create_dir_all(dir.path().join("tenants")).unwrap();
-        TestRepo { dir, repo, tick: std::cell::Cell::new(1_700_000_000) }
+        TestRepo {
+            dir,
+            repo,
+            tick: std::cell::Cell::new(1_700_000_000),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -274,7 +295,11 @@ pub fn command(repo: &Path, db: Option<&TestDb>) -> Command {
 
 pub fn output(mut c: Command) -> Out {
     let o = c.output().expect("running frostbyte-gitops");
-    Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
 }
 
 /// Starts `n` processes with the same arguments at once and waits for all of them.
@@ -290,7 +315,11 @@ pub fn run_concurrently(repo: &TestRepo, db: &TestDb, args: &[&str], n: usize) -
         .into_iter()
         .map(|c| {
             let o = c.wait_with_output().unwrap();
-            Out { code: o.status.code().unwrap_or(-1), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+            Out {
+                code: o.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&o.stdout).into(),
+                stderr: String::from_utf8_lossy(&o.stderr).into(),
+            }
         })
         .collect()
 }
