@@ -139,25 +139,9 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
     for t in &plan.tenants {
         let file = t.file.as_deref().unwrap_or("");
         match t.action {
-            Action::Create => {
-                let _ = writeln!(
-                    out,
-                    "  {} {} will be created ({})  {}",
-                    p.c("32", "+"),
-                    p.c("1", &t.tenant_id),
-                    version_span(t),
-                    file
-                );
-            }
-            Action::Update => {
-                let _ = writeln!(
-                    out,
-                    "  {} {} will be updated ({})  {}",
-                    p.c("33", "~"),
-                    p.c("1", &t.tenant_id),
-                    version_span(t),
-                    file
-                );
+            Action::Create | Action::Update => {
+                let (code, sign, verb) = if t.action == Action::Create { ("32", "+", "created") } else { ("33", "~", "updated") };
+                let _ = writeln!(out, "  {} {} will be {verb} ({})  {}", p.c(code, sign), p.c("1", &t.tenant_id), version_span(t), file);
             }
             Action::Orphaned => {
                 let _ = writeln!(
