@@ -78,6 +78,8 @@ pub struct Config {
     pub listen: String,
     /// Bearer token for `POST /sync`. Secret.
     pub webhook_token: Option<String>,
+    /// Credentials for a remote repository.
+    pub git_auth: crate::source::GitAuth,
     /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
     pub shown: Vec<Shown>,
 }
@@ -196,7 +198,28 @@ const DEFS: &[Def] = &[
         default: None,
         secret: true,
     },
+    Def {
+        name: "git_token_file",
+        env: &["FROSTBYTE_GIT_TOKEN_FILE"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "git_ssh_key_file",
+        env: &["FROSTBYTE_GIT_SSH_KEY_FILE"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "git_known_hosts",
+        env: &["FROSTBYTE_GIT_KNOWN_HOSTS"],
+        default: None,
+        secret: false,
+    },
 ];
+
+/// A webhook token shorter than this is refused: it guards `POST /sync`.
+pub const MIN_WEBHOOK_TOKEN_BYTES: usize = 16;
 
 pub fn known_keys() -> Vec<&'static str> {
     DEFS.iter().map(|d| d.name).collect()
@@ -205,7 +228,8 @@ pub fn known_keys() -> Vec<&'static str> {
 /// Masks the password in a `postgres://user:pass@host/db` URL or a `password=...` conninfo.
 pub fn mask_url(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((creds, host)) = rest.split_once('@')
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        if let Some((creds, host)) = rest[..authority_end].rsplit_once('@').map(|(c, _)| (c, &rest[c.len() + 1..]))
             && let Some((user, _)) = creds.split_once(':')
         {
             return format!("{scheme}://{user}:****@{host}");
@@ -326,6 +350,21 @@ impl Config {
         if mode == Mode::Production && allow_plaintext {
             errors.push("allow_plaintext cannot be used in production mode".into());
         }
+        // An empty value in the environment counts as given here: it opens the door, not closes it.
+        let webhook_token = get("webhook_token").or_else(|| env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()));
+        if let Some(token) = &webhook_token
+            && token.len() < MIN_WEBHOOK_TOKEN_BYTES
+        {
+            let from = if get("webhook_token").is_some() {
+                origin("webhook_token")
+            } else {
+                Origin::Env("FROSTBYTE_WEBHOOK_TOKEN".into())
+            };
+            errors.push(format!(
+                "webhook_token (from {from}): {} bytes is too short to guard POST /sync; use at least {MIN_WEBHOOK_TOKEN_BYTES} random bytes, or unset it",
+                token.len()
+            ));
+        }
         let mut age_key_file = get("age_key_file").map(PathBuf::from);
         let mut key_file_origin = origin("age_key_file");
         if age_key_file.is_none() {
@@ -352,6 +391,7 @@ impl Config {
                     (None, _) if d.name == "log_format" => format!("{log_format:?}").to_lowercase(),
                     (None, _) => "(unset)".to_string(),
                     (Some(v), true) if d.name == "database_url" => mask_url(&v),
+                    (Some(v), false) if d.name == "repo" => crate::source::shown_repo(&v),
                     (Some(_), true) => "(set, hidden)".to_string(),
                     (Some(v), false) => v,
                 };
@@ -375,7 +415,12 @@ impl Config {
             interval_secs,
             debounce_ms,
             listen: get("listen").unwrap_or_default(),
-            webhook_token: get("webhook_token"),
+            webhook_token,
+            git_auth: crate::source::GitAuth {
+                token_file: get("git_token_file").map(PathBuf::from),
+                ssh_key_file: get("git_ssh_key_file").map(PathBuf::from),
+                known_hosts: get("git_known_hosts").map(PathBuf::from),
+            },
             shown,
         })
     }
@@ -425,6 +470,29 @@ mod tests {
         for needle in ["mode (from env FROSTBYTE_MODE)", "drift_policy", "interval", "unknown setting \"colour\""] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
+    }
+
+    #[test]
+    fn a_weak_webhook_token_is_refused_from_every_origin() {
+        for (env, file) in [
+            (vec![("FROSTBYTE_WEBHOOK_TOKEN", "")], None),
+            (vec![("FROSTBYTE_WEBHOOK_TOKEN", "short")], None),
+            (vec![], Some("webhook_token = \"\"\n")),
+        ] {
+            let err = Config::resolve(&Flags::default(), &env_of(&env), file.map(|f| ("f.toml", f)), None).unwrap_err();
+            assert!(err.contains("webhook_token") && err.contains("too short"), "{env:?} {file:?}: {err}");
+        }
+        let ok = env_of(&[("FROSTBYTE_WEBHOOK_TOKEN", "0123456789abcdef")]);
+        assert!(Config::resolve(&Flags::default(), &ok, None, None).is_ok());
+    }
+
+    #[test]
+    fn repository_credentials_are_not_shown() {
+        let env = env_of(&[("FROSTBYTE_GITOPS_REPO", "https://bot:ghp_token123@git.example.com/o/r.git")]);
+        let text = Config::resolve(&Flags::default(), &env, None, None).unwrap().render();
+        assert!(!text.contains("ghp_token123") && !text.contains("bot:"), "{text}");
+        assert!(text.contains("https://git.example.com/o/r.git"), "{text}");
+        assert_eq!(mask_url("postgres://u:p@ss@h/db"), "postgres://u:****@h/db");
     }
 
     #[test]

@@ -44,7 +44,7 @@ struct SopsYaml {
 pub struct CreationRule {
     pub path_regex: Option<String>,
     /// Comma-separated recipients, or a list.
-    pub age: Option<serde_yaml::Value>,
+    pub age: Option<Value>,
     pub encrypted_regex: Option<String>,
     pub unencrypted_regex: Option<String>,
     pub encrypted_suffix: Option<String>,
@@ -56,8 +56,8 @@ pub struct CreationRule {
 impl CreationRule {
     pub fn recipients(&self) -> Vec<String> {
         match &self.age {
-            Some(serde_yaml::Value::String(s)) => s.split(',').map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect(),
-            Some(serde_yaml::Value::Sequence(items)) => items.iter().filter_map(|v| v.as_str()).map(|r| r.trim().to_string()).collect(),
+            Some(Value::String(s)) => s.split(',').map(|r| r.trim().to_string()).filter(|r| !r.is_empty()).collect(),
+            Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str()).map(|r| r.trim().to_string()).collect(),
             _ => vec![],
         }
     }
@@ -83,7 +83,8 @@ pub fn creation_rule(file: &Path) -> Result<CreationRule, FileError> {
         let cfg = d.join(".sops.yaml");
         if cfg.is_file() {
             let text = std::fs::read_to_string(&cfg).map_err(io(&cfg))?;
-            let parsed: SopsYaml = serde_yaml::from_str(&text).map_err(|e| ferr(&cfg, e.to_string()))?;
+            let tree = crate::parse::yaml(&text).map_err(|e| ferr(&cfg, format!("line {}: {e}", e.line.unwrap_or(0))))?;
+            let parsed: SopsYaml = serde_json::from_value(tree).map_err(|e| ferr(&cfg, e.to_string()))?;
             let rel = abs.strip_prefix(d).unwrap_or(&abs).to_string_lossy().to_string();
             for rule in parsed.creation_rules {
                 let matches = match &rule.path_regex {
@@ -213,17 +214,22 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, Fi
             format!("the edit is not a valid tenant file; the file is unchanged:\n{}", list.join("\n")),
         ));
     }
-    let rule = creation_rule(path).unwrap_or_else(|_| CreationRule {
-        age: Some(serde_yaml::Value::String(d.recipients.join(","))),
+    let rule = creation_rule(path).unwrap_or_else(|_| rule_from_metadata(&d.recipients, &rules));
+    write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key))?)?;
+    Ok(Edited::Saved)
+}
+
+/// The encryption a file already has, as a creation rule: its recipients and its rules.
+fn rule_from_metadata(recipients: &[String], rules: &sops::Rules) -> CreationRule {
+    CreationRule {
+        age: Some(Value::String(recipients.join(","))),
         encrypted_regex: rules.encrypted_regex.clone(),
         unencrypted_regex: rules.unencrypted_regex.clone(),
         encrypted_suffix: rules.encrypted_suffix.clone(),
         unencrypted_suffix: rules.unencrypted_suffix.clone(),
         mac_only_encrypted: rules.mac_only_encrypted,
         path_regex: None,
-    });
-    write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key))?)?;
-    Ok(Edited::Saved)
+    }
 }
 
 /// One file's recipient change, for `secrets updatekeys`.
@@ -232,15 +238,19 @@ pub struct KeyUpdate {
     pub path: PathBuf,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Whether the data key was replaced (it is whenever a recipient is removed).
+    pub rotated: bool,
 }
 
-/// Re-wraps the data key of `path` for the recipients its creation rule (and tenant) name now.
-/// Values and MAC stay as they are. Returns None when the recipients are already right.
+/// Gives `path` the recipients its creation rule (and tenant) name now. Adding a recipient
+/// re-wraps the data key (values and MAC stay). Removing one also replaces the data key and
+/// re-encrypts every value: a removed reader who kept the old data key could otherwise still read
+/// every later edit. Returns None when the recipients are already right.
 pub fn update_keys(path: &Path, keys: &AgeKeys, dry_run: bool) -> Result<Option<KeyUpdate>, FileError> {
     let format = format_of(path)?;
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let mut doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
-    let (current, _) = sops::recipients_and_rules(&doc).map_err(|e| ferr(path, e.to_string()))?;
+    let (current, rules) = sops::recipients_and_rules(&doc).map_err(|e| ferr(path, e.to_string()))?;
     let plain = sops::decrypt(doc.clone(), keys).map_err(|e| ferr(path, e.to_string()))?;
     let wanted = wanted_recipients(&creation_rule(path)?, &plain.value);
     let added: Vec<String> = wanted.iter().filter(|r| !current.contains(r)).cloned().collect();
@@ -248,15 +258,33 @@ pub fn update_keys(path: &Path, keys: &AgeKeys, dry_run: bool) -> Result<Option<
     if added.is_empty() && removed.is_empty() {
         return Ok(None);
     }
+    let rotated = !removed.is_empty();
     if !dry_run {
-        sops::rewrap(&mut doc, keys, &wanted).map_err(|e| ferr(path, e.to_string()))?;
-        write_atomic(path, &sops::serialize(format, &doc).map_err(|e| ferr(path, e.to_string()))?)?;
+        let out = if rotated {
+            encrypt_value(path, &plain.value, &rule_from_metadata(&wanted, &rules), None)?
+        } else {
+            sops::rewrap(&mut doc, keys, &wanted).map_err(|e| ferr(path, e.to_string()))?;
+            sops::serialize(format, &doc).map_err(|e| ferr(path, e.to_string()))?
+        };
+        write_atomic(path, &out)?;
     }
     Ok(Some(KeyUpdate {
         path: path.to_path_buf(),
         added,
         removed,
+        rotated,
     }))
+}
+
+/// `secrets rotate`: a new data key for `path`, every value re-encrypted under it and the MAC
+/// recomputed, for the same recipients and rules (what `sops rotate` does).
+pub fn rotate_file(path: &Path, keys: &AgeKeys) -> Result<(), FileError> {
+    let format = format_of(path)?;
+    let text = std::fs::read_to_string(path).map_err(io(path))?;
+    let doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
+    let (recipients, rules) = sops::recipients_and_rules(&doc).map_err(|e| ferr(path, e.to_string()))?;
+    let plain = sops::decrypt(doc, keys).map_err(|e| ferr(path, e.to_string()))?;
+    write_atomic(path, &encrypt_value(path, &plain.value, &rule_from_metadata(&recipients, &rules), None)?)
 }
 
 /// A valid, encrypted skeleton for a new tenant.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod domain;
 pub mod files;
 pub mod localpg;
+pub mod parse;
 pub mod sops;
 pub mod source;
 pub mod store;

@@ -175,6 +175,12 @@ enum SecretsCmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Replace the data key of tenant files: every value re-encrypted, the MAC recomputed, the
+    /// same recipients (as `sops rotate`).
+    Rotate {
+        /// Files to rotate (default: every tenant file under the configured path).
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -266,16 +272,21 @@ fn load_keys(cfg: &Config) -> Result<AgeKeys> {
 }
 
 fn init_logging(cfg: &Config) {
+    use tracing_subscriber::filter::FilterExt;
+    use tracing_subscriber::layer::{Layer, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("FROSTBYTE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,frostbyte_gitops=info"));
     // tokio-postgres logs every query's parameters at debug level, and parameters carry decrypted
-    // config: its debug output never reaches a log, whatever FROSTBYTE_LOG says.
-    let filter = filter.add_directive("tokio_postgres=info".parse().expect("valid directive"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
-    }
+    // config. A directive cannot keep them out (a more specific one in FROSTBYTE_LOG would win), so
+    // a second filter drops them whatever FROSTBYTE_LOG says.
+    let no_parameters = tracing_subscriber::filter::filter_fn(|meta| !(meta.target().starts_with("tokio_postgres") && *meta.level() > tracing::Level::INFO));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match cfg.log_format {
+        LogFormat::Json => layer.json().with_filter(filter.and(no_parameters)).boxed(),
+        LogFormat::Text => layer.with_ansi(std::io::stderr().is_terminal()).with_filter(filter.and(no_parameters)).boxed(),
+    };
+    tracing_subscriber::registry().with(layer).init();
 }
 
 fn real_main(cli: Cli) -> Result<u8> {
@@ -417,7 +428,11 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                 OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
                 OutFormat::Json => print_json(&render::plan_json(&plan, &header)),
             }
-            Ok(if plan.has_changes() { EXIT_CHANGES } else { EXIT_OK })
+            Ok(if plan.has_changes() || plan.summary().conflict > 0 {
+                EXIT_CHANGES
+            } else {
+                EXIT_OK
+            })
         }
         Cmd::Apply {
             plan_file,
@@ -449,8 +464,8 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             allow_non_fast_forward,
             format,
         } => {
-            if ctx.cfg.repo.contains("://") {
-                tracing::info!(repo = %ctx.cfg.repo, "fetching");
+            if frostbyte_gitops::source::is_url(&ctx.cfg.repo) {
+                tracing::info!(repo = %frostbyte_gitops::source::shown_repo(&ctx.cfg.repo), "fetching");
             }
             apply_and_report(ctx, Run::Apply { allow_non_fast_forward }, format).await
         }
@@ -478,7 +493,8 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
     }
 }
 
-/// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done.
+/// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done. A conflict
+/// (git and a hand edit both changed a tenant under the warn policy) is left alone and exits 2.
 async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> {
     let db = sync::connect(&ctx.cfg).await?;
     sync::prepare(&ctx.cfg, &db.pool).await?;
@@ -511,7 +527,42 @@ async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> 
             }
         }
     }
+    let conflicts = o.plan.summary().conflict;
+    if conflicts > 0 {
+        eprintln!("{conflicts} tenant(s) in conflict were left alone: fix the rows or set drift_policy = correct");
+        return Ok(EXIT_CHANGES);
+    }
     Ok(EXIT_OK)
+}
+
+/// The files named, or every tenant file under the configured path.
+fn tenant_files(cfg: &Config, named: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if !named.is_empty() {
+        return Ok(named.to_vec());
+    }
+    let dir = PathBuf::from(&cfg.repo).join(&cfg.path);
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| frostbyte_gitops::sops::Format::from_path(&p.to_string_lossy()).is_some())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Runs `f` on every file, reporting each failure and going on; fails at the end if any did.
+fn for_each_file(list: &[PathBuf], verb: &str, mut f: impl FnMut(&PathBuf) -> Result<(), files::FileError>) -> Result<()> {
+    let mut failed = 0;
+    for path in list {
+        if let Err(e) = f(path) {
+            failed += 1;
+            eprintln!("error: {e:#}");
+        }
+    }
+    if failed > 0 {
+        return Err(anyhow!("{failed} of {} file(s) could not be {verb}", list.len()));
+    }
+    Ok(())
 }
 
 fn secrets(cfg: &Config, keys: &AgeKeys, cmd: &SecretsCmd) -> Result<u8> {
@@ -529,35 +580,26 @@ fn secrets(cfg: &Config, keys: &AgeKeys, cmd: &SecretsCmd) -> Result<u8> {
             }
         }
         SecretsCmd::Updatekeys { files: list, dry_run } => {
-            let list = if list.is_empty() {
-                let dir = PathBuf::from(&cfg.repo).join(&cfg.path);
-                let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
-                    .with_context(|| format!("reading {}", dir.display()))?
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| frostbyte_gitops::sops::Format::from_path(&p.to_string_lossy()).is_some())
-                    .collect();
-                v.sort();
-                v
-            } else {
-                list.clone()
-            };
-            let mut failed = 0;
-            for path in &list {
-                match files::update_keys(path, keys, *dry_run) {
-                    Ok(None) => println!("{}: recipients up to date", path.display()),
-                    Ok(Some(u)) => {
+            let list = tenant_files(cfg, list)?;
+            for_each_file(&list, "updated", |path| {
+                match files::update_keys(path, keys, *dry_run)? {
+                    None => println!("{}: recipients up to date", path.display()),
+                    Some(u) => {
                         let verb = if *dry_run { "would update" } else { "updated" };
-                        println!("{}: {verb}: +[{}] -[{}]", path.display(), u.added.join(", "), u.removed.join(", "));
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        eprintln!("error: {e:#}");
+                        let key = if u.rotated { " (new data key)" } else { "" };
+                        println!("{}: {verb}: +[{}] -[{}]{key}", path.display(), u.added.join(", "), u.removed.join(", "));
                     }
                 }
-            }
-            if failed > 0 {
-                return Err(anyhow!("{failed} of {} file(s) could not be updated", list.len()));
-            }
+                Ok(())
+            })?;
+        }
+        SecretsCmd::Rotate { files: list } => {
+            let list = tenant_files(cfg, list)?;
+            for_each_file(&list, "rotated", |path| {
+                files::rotate_file(path, keys)?;
+                println!("{}: new data key", path.display());
+                Ok(())
+            })?;
         }
     }
     Ok(EXIT_OK)

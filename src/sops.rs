@@ -51,8 +51,12 @@ impl Format {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SopsError {
-    #[error("{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default())]
-    Parse { line: Option<usize>, message: String },
+    #[error("{}{}{message}", line.map(|l| format!("line {l}: ")).unwrap_or_default(), pointer.as_ref().filter(|p| !p.is_empty()).map(|p| format!("{p}: ")).unwrap_or_default())]
+    Parse {
+        line: Option<usize>,
+        pointer: Option<String>,
+        message: String,
+    },
     #[error("the file has no sops metadata (it is not encrypted)")]
     NotEncrypted,
     #[error("invalid sops metadata: {0}")]
@@ -72,85 +76,27 @@ pub enum SopsError {
 }
 
 fn parse_err(line: Option<usize>, message: impl Into<String>) -> SopsError {
-    SopsError::Parse { line, message: message.into() }
+    SopsError::Parse {
+        line,
+        pointer: None,
+        message: message.into(),
+    }
 }
 
-/// Parses a file into a tree with keys in file order (the MAC depends on that order).
-/// Error messages carry the line, never the line's text (it may be a plaintext secret).
+/// Parses a file into a tree with keys in file order (the MAC depends on that order), under the
+/// rules and budgets of `domain::document`. Errors carry the line, never the line's text (it may
+/// be a plaintext secret).
 pub fn parse(format: Format, text: &str) -> Result<Value, SopsError> {
-    match format {
-        Format::Json => serde_json::from_str(text).map_err(|e| parse_err(Some(e.line()), json_error_kind(&e))),
-        Format::Yaml => {
-            let v: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-                let msg = e.to_string();
-                let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-                parse_err(e.location().map(|l| l.line()), msg)
-            })?;
-            yaml_to_json(v, "")
-        }
-        Format::Toml => {
-            let table: toml::Table = toml::from_str(text).map_err(|e| {
-                let line = e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
-                parse_err(line, e.message().trim().to_string())
-            })?;
-            Ok(toml_to_json(toml::Value::Table(table)))
-        }
-    }
-}
-
-fn json_error_kind(e: &serde_json::Error) -> String {
-    let msg = e.to_string();
-    msg.split(" at line ").next().unwrap_or(&msg).to_string()
-}
-
-fn yaml_to_json(v: serde_yaml::Value, ptr: &str) -> Result<Value, SopsError> {
-    use serde_yaml::Value as Y;
-    Ok(match v {
-        Y::Null => Value::Null,
-        Y::Bool(b) => Value::Bool(b),
-        Y::Number(n) => {
-            if let Some(i) = n.as_i64() {
-                Value::Number(i.into())
-            } else if let Some(u) = n.as_u64() {
-                Value::Number(u.into())
-            } else {
-                let f = n.as_f64().unwrap_or(f64::NAN);
-                Value::Number(Number::from_f64(f).ok_or_else(|| parse_err(None, format!("{ptr}: NaN and infinity are not supported")))?)
-            }
-        }
-        Y::String(s) => Value::String(s),
-        Y::Sequence(items) => Value::Array(
-            items
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| yaml_to_json(v, &child(ptr, &i.to_string())))
-                .collect::<Result<_, _>>()?,
-        ),
-        Y::Mapping(m) => {
-            let mut out = Map::new();
-            for (k, v) in m {
-                let Y::String(k) = k else {
-                    return Err(parse_err(None, format!("{ptr}: only string keys are supported")));
-                };
-                let value = yaml_to_json(v, &child(ptr, &k))?;
-                out.insert(k, value);
-            }
-            Value::Object(out)
-        }
-        Y::Tagged(t) => yaml_to_json(t.value, ptr)?,
+    let parsed = match format {
+        Format::Json => crate::parse::json(text),
+        Format::Yaml => crate::parse::yaml(text),
+        Format::Toml => crate::parse::toml(text),
+    };
+    parsed.map_err(|e| SopsError::Parse {
+        line: e.line,
+        pointer: e.pointer,
+        message: e.message,
     })
-}
-
-fn toml_to_json(v: toml::Value) -> Value {
-    match v {
-        toml::Value::String(s) => Value::String(s),
-        toml::Value::Integer(i) => Value::Number(i.into()),
-        toml::Value::Float(f) => Number::from_f64(f).map_or(Value::Null, Value::Number),
-        toml::Value::Boolean(b) => Value::Bool(b),
-        toml::Value::Datetime(d) => Value::String(d.to_string()),
-        toml::Value::Array(a) => Value::Array(a.into_iter().map(toml_to_json).collect()),
-        toml::Value::Table(t) => Value::Object(t.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect()),
-    }
 }
 
 /// The key order a document will have after a trip through `format`: TOML writes a table's plain
@@ -167,7 +113,7 @@ pub fn normalize(format: Format, value: &Value) -> Result<Value, SopsError> {
 pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
     match format {
         Format::Json => Ok(serde_json::to_string_pretty(value).map_err(|e| SopsError::Encrypt(e.to_string()))? + "\n"),
-        Format::Yaml => serde_yaml::to_string(value).map_err(|e| SopsError::Encrypt(e.to_string())),
+        Format::Yaml => Ok(crate::parse::to_yaml(value)),
         Format::Toml => toml::to_string_pretty(value).map_err(|e| SopsError::Encrypt(format!("as TOML: {e}"))),
     }
 }
@@ -489,7 +435,12 @@ impl Walker<'_> {
                     };
                     if !s.is_empty() {
                         let aad = path.join(":") + ":";
-                        *leaf = decrypt_value(s, self.key, &aad).map_err(|reason| SopsError::Value {
+                        let plain = decrypt_value(s, self.key, &aad).and_then(|v| match &v {
+                            // A decrypted string obeys the same rules as a plaintext one.
+                            Value::String(text) => crate::domain::document::check_string(text).map(|()| v),
+                            _ => Ok(v),
+                        });
+                        *leaf = plain.map_err(|reason| SopsError::Value {
                             pointer: ptr.to_string(),
                             reason,
                         })?;

@@ -35,12 +35,31 @@ pub enum SourceError {
     },
     #[error("{path} does not exist at {at}")]
     NoTenantDir { path: String, at: String },
+    #[error("revision {rev:?} names both a branch and a tag in {repo}; use refs/heads/{rev} or refs/tags/{rev}")]
+    AmbiguousRef { rev: String, repo: String },
 }
+
+/// How to authenticate to a remote, from settings of their own (never from the URL, whose
+/// userinfo is stripped before the URL is stored, shown or logged).
+#[derive(Debug, Clone, Default)]
+pub struct GitAuth {
+    /// A file holding an HTTPS token (used as the password).
+    pub token_file: Option<PathBuf>,
+    /// A private SSH key file (unencrypted), for ssh:// and scp-like URLs.
+    pub ssh_key_file: Option<PathBuf>,
+    /// OpenSSH known_hosts file; with it, an SSH host key not listed there is refused.
+    pub known_hosts: Option<PathBuf>,
+}
+
+/// Longest a fetch may take, and longest the server may stay silent, before the fetch fails.
+pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+const SERVER_TIMEOUT_MS: i32 = 30_000;
 
 #[derive(Debug, Clone)]
 pub struct SourceSpec {
     /// A path inside a work tree, or a URL.
     pub repo: String,
+    pub auth: GitAuth,
     /// The tenant directory, relative to the repository root (or to the subdirectory `repo` names).
     pub path: String,
     /// Where remotes are cloned.
@@ -54,6 +73,9 @@ pub enum Body {
     TooLarge(u64),
     /// Listed but not read yet: see [`Source::read_bodies`].
     Unread(Oid),
+    /// Not a tenant file we will read, for the reason given (a submodule, a directory named like
+    /// a tenant file, a name that is not UTF-8): reported, never skipped in silence.
+    Refused(String),
 }
 
 #[derive(Debug, Clone)]
@@ -78,8 +100,62 @@ pub struct Source {
     path: String,
     remote: bool,
     label: String,
-    /// Stable name of this source in the database: repository identity and tenant path.
+    /// A remote's URL and credentials, for fetching again.
+    auth: Option<(RemoteUrl, GitAuth)>,
+    /// Stable name of this source in the database: repository identity (without credentials)
+    /// and tenant path.
     pub id: String,
+}
+
+/// A remote URL split into what may be shown and what may not.
+#[derive(Clone)]
+pub struct RemoteUrl {
+    /// The URL without userinfo: the only form that is stored, shown or logged.
+    pub public: String,
+    user: Option<String>,
+    password: Option<String>,
+}
+
+impl std::fmt::Debug for RemoteUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RemoteUrl({})", self.public)
+    }
+}
+
+impl RemoteUrl {
+    pub fn parse(url: &str) -> RemoteUrl {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            // scp-like `user@host:path`: the user is not a secret.
+            return RemoteUrl {
+                public: url.to_string(),
+                user: url.split_once('@').map(|(u, _)| u.to_string()),
+                password: None,
+            };
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        let Some(at) = rest[..authority_end].rfind('@') else {
+            return RemoteUrl {
+                public: url.to_string(),
+                user: None,
+                password: None,
+            };
+        };
+        let userinfo = &rest[..at];
+        let (user, password) = match userinfo.split_once(':') {
+            Some((u, p)) => (u.to_string(), Some(p.to_string())),
+            None => (userinfo.to_string(), None),
+        };
+        RemoteUrl {
+            public: format!("{scheme}://{}", &rest[at + 1..]),
+            user: Some(user).filter(|u| !u.is_empty()),
+            password,
+        }
+    }
+}
+
+/// A repository setting as it may be shown: a URL loses its userinfo.
+pub fn shown_repo(repo: &str) -> String {
+    if is_url(repo) { RemoteUrl::parse(repo).public } else { repo.to_string() }
 }
 
 pub fn is_url(repo: &str) -> bool {
@@ -90,14 +166,16 @@ impl Source {
     pub fn open(spec: &SourceSpec) -> Result<Source, SourceError> {
         let path = spec.path.trim_matches('/').to_string();
         if is_url(&spec.repo) {
-            let repo = clone_or_fetch(&spec.repo, &spec.cache_dir)?;
+            let url = RemoteUrl::parse(&spec.repo);
+            let repo = clone_or_fetch(&url, &spec.auth, &spec.cache_dir)?;
             return Ok(Source {
                 repo,
                 root: String::new(),
-                id: format!("{}#{}", spec.repo, path),
+                id: format!("{}#{}", url.public, path),
                 path,
                 remote: true,
-                label: spec.repo.clone(),
+                label: url.public.clone(),
+                auth: Some((url, spec.auth.clone())),
             });
         }
         let repo = Repository::discover(&spec.repo).map_err(|source| SourceError::NotARepo {
@@ -117,7 +195,7 @@ impl Source {
         let identity = repo
             .find_remote("origin")
             .ok()
-            .and_then(|r| r.url().ok().map(str::to_string))
+            .and_then(|r| r.url().ok().map(|u| RemoteUrl::parse(u).public))
             .unwrap_or_else(|| workdir.display().to_string());
         Ok(Source {
             id: format!("{identity}#{root}{path}"),
@@ -126,6 +204,7 @@ impl Source {
             path,
             remote: false,
             label: spec.repo.clone(),
+            auth: None,
         })
     }
 
@@ -141,6 +220,9 @@ impl Source {
     /// The commit a revision names; for a remote, branch and tag names are looked up among the
     /// fetched refs first, and no revision means the remote's default branch.
     pub fn resolve(&self, rev: Option<&str>) -> Result<Oid, SourceError> {
+        if let Some(r) = rev {
+            self.refuse_ambiguous(r)?;
+        }
         let candidates: Vec<String> = match (rev, self.remote) {
             (None, false) => vec!["HEAD".into()],
             (None, true) => vec!["refs/remotes/origin/HEAD".into(), "HEAD".into()],
@@ -159,6 +241,27 @@ impl Source {
             repo: self.label.clone(),
             source: last.expect("at least one candidate"),
         })
+    }
+
+    /// A short name that is both a branch and a tag means two commits; git picks one by a rule
+    /// few people remember, so it is refused: name it fully (refs/heads/X or refs/tags/X).
+    fn refuse_ambiguous(&self, rev: &str) -> Result<(), SourceError> {
+        if rev.starts_with("refs/") {
+            return Ok(());
+        }
+        let branch = if self.remote {
+            format!("refs/remotes/origin/{rev}")
+        } else {
+            format!("refs/heads/{rev}")
+        };
+        let exists = |name: &str| self.repo.find_reference(name).is_ok();
+        if exists(&branch) && exists(&format!("refs/tags/{rev}")) {
+            return Err(SourceError::AmbiguousRef {
+                rev: rev.to_string(),
+                repo: self.label.clone(),
+            });
+        }
+        Ok(())
     }
 
     pub fn commit_info(&self, oid: Oid) -> Result<CommitInfo, SourceError> {
@@ -197,12 +300,25 @@ impl Source {
             .map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
         let mut files = Vec::new();
         for e in sub.iter() {
-            let Ok(name) = e.name() else { continue };
-            let Some(stem) = tenant_stem(name) else { continue };
-            if e.kind() != Some(git2::ObjectType::Blob) {
-                continue;
-            }
-            let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
+            let name = match e.name() {
+                Ok(n) => n.to_string(),
+                Err(_) => {
+                    let shown = String::from_utf8_lossy(e.name_bytes()).to_string();
+                    files.push(SourceFile {
+                        path: format!("{}/{shown}", self.path),
+                        stem: String::new(),
+                        body: Body::Refused("the file name is not valid UTF-8".into()),
+                    });
+                    continue;
+                }
+            };
+            let Some(stem) = tenant_stem(&name) else { continue };
+            let body = match e.kind() {
+                Some(git2::ObjectType::Blob) if e.filemode() == 0o120000 => Body::Symlink,
+                Some(git2::ObjectType::Blob) => Body::Unread(e.id()),
+                Some(git2::ObjectType::Commit) => Body::Refused("is a git submodule, not a tenant file".into()),
+                _ => Body::Refused("is a directory named like a tenant file".into()),
+            };
             files.push(SourceFile {
                 path: format!("{}/{name}", self.path),
                 stem,
@@ -260,6 +376,8 @@ impl Source {
             })?;
             let body = if meta.file_type().is_symlink() {
                 Body::Symlink
+            } else if meta.is_dir() {
+                Body::Refused("is a directory named like a tenant file".into())
             } else if !meta.is_file() {
                 continue;
             } else if meta.len() > MAX_FILE_BYTES {
@@ -329,7 +447,10 @@ impl Source {
 
     /// Fetches again (remote sources only).
     pub fn refresh(&self) -> Result<(), SourceError> {
-        if self.remote { fetch(&self.repo, &self.label) } else { Ok(()) }
+        match &self.auth {
+            Some((url, auth)) => fetch(&self.repo, url, auth),
+            None => Ok(()),
+        }
     }
 }
 
@@ -341,13 +462,13 @@ fn tenant_stem(name: &str) -> Option<String> {
     TENANT_EXTENSIONS.contains(&ext).then(|| stem.to_string())
 }
 
-fn clone_or_fetch(url: &str, cache: &Path) -> Result<Repository, SourceError> {
-    let dir = cache.join(hex::encode(&Sha256::digest(url.as_bytes())[..8]));
+fn clone_or_fetch(url: &RemoteUrl, auth: &GitAuth, cache: &Path) -> Result<Repository, SourceError> {
+    let dir = cache.join(hex::encode(&Sha256::digest(url.public.as_bytes())[..8]));
     let err = |what: &str| {
         let what = what.to_string();
         move |source| SourceError::Git {
             what,
-            repo: url.to_string(),
+            repo: url.public.clone(),
             source,
         }
     };
@@ -359,32 +480,110 @@ fn clone_or_fetch(url: &str, cache: &Path) -> Result<Repository, SourceError> {
                 source,
             })?;
             let r = Repository::init_bare(&dir).map_err(err("creating the clone cache"))?;
-            r.remote("origin", url).map_err(err("adding the remote"))?;
+            r.remote("origin", &url.public).map_err(err("adding the remote"))?;
             r
         }
     };
-    fetch(&repo, url)?;
+    fetch(&repo, url, auth)?;
     Ok(repo)
 }
 
-fn fetch(repo: &Repository, url: &str) -> Result<(), SourceError> {
+/// libgit2's socket timeouts are process-wide; set them once.
+fn set_git_timeouts() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: called once, before any fetch of this process starts.
+        unsafe {
+            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(SERVER_TIMEOUT_MS);
+            let _ = git2::opts::set_server_timeout_in_milliseconds(SERVER_TIMEOUT_MS);
+        }
+    });
+}
+
+/// Answers libgit2's credential requests from the settings, each kind of credential at most once:
+/// libgit2 asks again after a refusal, forever if the answer never changes.
+fn credentials<'a>(url: &'a RemoteUrl, auth: &'a GitAuth) -> impl FnMut(&str, Option<&str>, git2::CredentialType) -> Result<git2::Cred, git2::Error> + 'a {
+    let mut tried = git2::CredentialType::empty();
+    move |_url, user, allowed| {
+        let user = user.or(url.user.as_deref()).unwrap_or("git");
+        let kinds = [
+            git2::CredentialType::USERNAME,
+            git2::CredentialType::SSH_KEY,
+            git2::CredentialType::USER_PASS_PLAINTEXT,
+        ];
+        let Some(kind) = kinds.into_iter().find(|k| allowed.contains(*k) && !tried.contains(*k)) else {
+            return Err(git2::Error::from_str("authentication was refused with every configured credential"));
+        };
+        tried |= kind;
+        if kind == git2::CredentialType::USERNAME {
+            git2::Cred::username(user)
+        } else if kind == git2::CredentialType::SSH_KEY {
+            match &auth.ssh_key_file {
+                Some(key) => git2::Cred::ssh_key(user, None, key, None),
+                None => git2::Cred::ssh_key_from_agent(user),
+            }
+        } else {
+            let password = match (&auth.token_file, &url.password) {
+                (Some(file), _) => std::fs::read_to_string(file)
+                    .map_err(|e| git2::Error::from_str(&format!("reading the git token file {}: {e}", file.display())))?
+                    .trim()
+                    .to_string(),
+                (None, Some(p)) => p.clone(),
+                (None, None) => return Err(git2::Error::from_str("the remote asks for a password; set git_token_file")),
+            };
+            git2::Cred::userpass_plaintext(user, &password)
+        }
+    }
+}
+
+/// With a known_hosts file, an SSH host key must be listed there for the host (plain host names;
+/// hashed entries are not read).
+fn check_host_key(known_hosts: &Path, cert: &git2::cert::Cert<'_>, host: &str) -> Result<git2::CertificateCheckStatus, git2::Error> {
+    let Some(key) = cert.as_hostkey().and_then(|h| h.hostkey()) else {
+        return Ok(git2::CertificateCheckStatus::CertificatePassthrough);
+    };
+    let text = std::fs::read_to_string(known_hosts).map_err(|e| git2::Error::from_str(&format!("reading {}: {e}", known_hosts.display())))?;
+    use base64::Engine;
+    let listed = text.lines().filter(|l| !l.trim_start().starts_with('#')).any(|line| {
+        let mut parts = line.split_whitespace();
+        let (Some(hosts), Some(_kind), Some(b64)) = (parts.next(), parts.next(), parts.next()) else {
+            return false;
+        };
+        hosts
+            .split(',')
+            .any(|h| h == host || h.strip_prefix('[').and_then(|h| h.split_once("]:")).is_some_and(|(h, _)| h == host))
+            && base64::engine::general_purpose::STANDARD.decode(b64).is_ok_and(|k| k == key)
+    });
+    if listed {
+        Ok(git2::CertificateCheckStatus::CertificateOk)
+    } else {
+        Err(git2::Error::from_str(&format!(
+            "the SSH host key of {host} is not in {}",
+            known_hosts.display()
+        )))
+    }
+}
+
+fn fetch(repo: &Repository, url: &RemoteUrl, auth: &GitAuth) -> Result<(), SourceError> {
     let err = |what: &str| {
         let what = what.to_string();
         move |source| SourceError::Git {
             what,
-            repo: url.to_string(),
+            repo: url.public.clone(),
             source,
         }
     };
+    set_git_timeouts();
     let mut remote = repo.find_remote("origin").map_err(err("finding the remote"))?;
     let mut cb = git2::RemoteCallbacks::new();
-    cb.credentials(|_url, user, allowed| {
-        if allowed.contains(git2::CredentialType::SSH_KEY) {
-            git2::Cred::ssh_key_from_agent(user.unwrap_or("git"))
-        } else {
-            git2::Cred::default()
-        }
-    });
+    cb.credentials(credentials(url, auth));
+    if let Some(known_hosts) = &auth.known_hosts {
+        cb.certificate_check(move |cert, host| check_host_key(known_hosts, cert, host));
+    }
+    // A server that trickles bytes never trips the socket timeout; the whole fetch has a deadline.
+    let deadline = std::time::Instant::now() + FETCH_TIMEOUT;
+    cb.transfer_progress(move |_| std::time::Instant::now() < deadline);
+    cb.sideband_progress(move |_| std::time::Instant::now() < deadline);
     let mut fo = git2::FetchOptions::new();
     fo.remote_callbacks(cb);
     fo.prune(git2::FetchPrune::On);
@@ -401,4 +600,20 @@ fn fetch(repo: &Repository, url: &str) -> Result<(), SourceError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_never_reaches_the_public_url() {
+        let u = RemoteUrl::parse("https://bot:s3cr3t-token@git.example.com/org/repo.git");
+        assert_eq!(u.public, "https://git.example.com/org/repo.git");
+        assert_eq!((u.user.as_deref(), u.password.as_deref()), (Some("bot"), Some("s3cr3t-token")));
+        assert!(!format!("{u:?}").contains("s3cr3t"));
+        assert_eq!(RemoteUrl::parse("https://git.example.com/a@b").public, "https://git.example.com/a@b");
+        assert_eq!(RemoteUrl::parse("git@github.com:org/repo.git").public, "git@github.com:org/repo.git");
+        assert_eq!(shown_repo("ssh://tok:en@h/r"), "ssh://h/r");
+    }
 }

@@ -69,8 +69,35 @@ pub fn tls() -> Result<postgres_native_tls::MakeTlsConnector, StoreError> {
     Ok(postgres_native_tls::MakeTlsConnector::new(connector))
 }
 
-pub fn pool(url: &str) -> Result<Pool, StoreError> {
-    let cfg = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+/// Bounds on every session the agent opens, so that a stuck lock or statement fails the run (and
+/// the agent retries) instead of holding the apply lock or a replica forever. A URL that sets
+/// `options` itself keeps its own. See docs/limits.md.
+pub const SESSION_OPTIONS: &str = "-c statement_timeout=120s -c lock_timeout=60s -c idle_in_transaction_session_timeout=300s";
+
+/// Whether a TCP connection may go without TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPolicy {
+    /// As the URL says (`sslmode=prefer` when it says nothing).
+    AsGiven,
+    /// `sslmode=require` for TCP unless the URL names an sslmode itself (production).
+    RequireForTcp,
+}
+
+/// A session's settings: the URL's, plus the timeouts and the TLS policy.
+pub fn session_config(url: &str, tls_policy: TlsPolicy) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg = tokio_postgres::Config::from_str(url).map_err(|e| StoreError::Url(e.to_string()))?;
+    if cfg.get_options().is_none() {
+        cfg.options(SESSION_OPTIONS);
+    }
+    let tcp = cfg.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    if tls_policy == TlsPolicy::RequireForTcp && tcp && !url.to_ascii_lowercase().contains("sslmode") {
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
+    Ok(cfg)
+}
+
+pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
+    let cfg = session_config(url, tls_policy)?;
     let mgr = Manager::from_config(
         cfg,
         tls()?,

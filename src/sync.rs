@@ -56,6 +56,7 @@ impl Ctx {
     pub fn source_spec(&self) -> SourceSpec {
         SourceSpec {
             repo: self.cfg.repo.clone(),
+            auth: self.cfg.git_auth.clone(),
             path: self.cfg.path.clone(),
             cache_dir: self.cfg.data_dir.join("git-cache"),
         }
@@ -163,6 +164,7 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
         Body::TooLarge(n) => return Err(err(format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
         Body::Bytes(b) => b,
         Body::Unread(_) => return Err(err("was listed but not read (internal error)".into())),
+        Body::Refused(why) => return Err(err(why.clone())),
     };
     let text = std::str::from_utf8(bytes).map_err(|e| {
         let at = e.valid_up_to();
@@ -171,7 +173,15 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
     })?;
     let format = Format::from_path(&f.path).ok_or_else(|| err("has an unknown extension".into()))?;
     let doc = sops::parse(format, text).map_err(|e| match e {
-        sops::SopsError::Parse { line, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
+        sops::SopsError::Parse { line, pointer: None, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
+        sops::SopsError::Parse {
+            line,
+            pointer: Some(pointer),
+            message,
+        } => {
+            let issue = Issue::new(&f.path, format!("refused: {message}")).line(line);
+            vec![if pointer.is_empty() { issue } else { issue.at(pointer) }]
+        }
         other => err(other.to_string()),
     })?;
     let (value, secrets, recipients) = if sops::is_encrypted(&doc) {
@@ -224,6 +234,7 @@ pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: boo
 pub struct Database {
     pub pool: Pool,
     pub url: String,
+    pub tls_policy: store::TlsPolicy,
 }
 
 /// The configured database; in dev mode with none configured, the agent's own cluster.
@@ -240,12 +251,21 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
             let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[]))
                 .await
                 .expect("local PostgreSQL start panicked")?;
-            let admin = store::pool(&cluster.conninfo("postgres"))?;
+            let admin = store::pool(&cluster.conninfo("postgres"), store::TlsPolicy::AsGiven)?;
             store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
             cluster.conninfo("frostbyte")
         }
     };
-    Ok(Database { pool: store::pool(&url)?, url })
+    let policy = if cfg.mode == Mode::Production {
+        store::TlsPolicy::RequireForTcp
+    } else {
+        store::TlsPolicy::AsGiven
+    };
+    Ok(Database {
+        pool: store::pool(&url, policy)?,
+        url,
+        tls_policy: policy,
+    })
 }
 
 /// Dev mode migrates on the way in; production expects `migrate` to have run.
@@ -316,34 +336,61 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         author: "work tree".into(),
     });
 
-    let mut client = store::client(pool).await?;
-    let tx = client.transaction().await.map_err(|e| StoreError::Query {
-        context: "starting a transaction".into(),
-        source: e,
-    })?;
     let applying = !matches!(run, Run::Plan);
-    if applying {
-        store::lock_apply(&tx).await?;
-    }
-    let key = store::digest_key(&*tx).await?;
-    let last = store::last_applied_commit(&*tx, &source.id).await?;
-    if applying && snapshot.commit.is_some() {
-        let allow = match &run {
-            Run::Apply { allow_non_fast_forward } | Run::ApplySaved { allow_non_fast_forward, .. } => *allow_non_fast_forward,
-            Run::Plan => true,
-        };
-        if let Some(last) = &last {
-            let new = git2::Oid::from_str(&commit.id).expect("a commit id from git");
-            if !allow && !source.descends_from(new, last)? {
-                return Err(SyncError::NonFastForward {
-                    new: commit.id.clone(),
-                    old: last.clone(),
-                });
-            }
+    let allow_non_fast_forward = match &run {
+        Run::Apply { allow_non_fast_forward } | Run::ApplySaved { allow_non_fast_forward, .. } => *allow_non_fast_forward,
+        Run::Plan => true,
+    };
+    let mut client = store::client(pool).await?;
+    let key = store::digest_key(&**client).await?;
+    // Decrypting and checking files is the slow part, and a hostile file can make it slower: it
+    // happens before the apply lock, from what the database held then. Under the lock the
+    // selection is made again; if another run moved the database meanwhile so that a file not
+    // yet decoded is needed, the lock is let go and the missing files are decoded outside it.
+    let mut decoded = Decoded::default();
+    let mut attempts = 0;
+    let (tx, State { desired, actual, unchanged }) = loop {
+        attempts += 1;
+        let last = store::last_applied_commit(&**client, &source.id).await?;
+        let index = store::load_index(&**client).await?;
+        let selection = select(&source, &snapshot, last.as_deref(), index)?;
+        decoded.extend(ctx, &source, &snapshot, &selection)?;
+
+        let tx = client.transaction().await.map_err(|e| StoreError::Query {
+            context: "starting a transaction".into(),
+            source: e,
+        })?;
+        if applying {
+            store::lock_apply(&tx).await?;
         }
-    }
-    // Invalid files end the run here, before anything is written; the transaction rolls back.
-    let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &*tx).await?;
+        let last = store::last_applied_commit(&*tx, &source.id).await?;
+        if applying
+            && snapshot.commit.is_some()
+            && let Some(last) = &last
+            && !allow_non_fast_forward
+            && !source.descends_from(commit_oid(&commit.id), last)?
+        {
+            return Err(SyncError::NonFastForward {
+                new: commit.id.clone(),
+                old: last.clone(),
+            });
+        }
+        let index = store::load_index(&*tx).await?;
+        let selection = select(&source, &snapshot, last.as_deref(), index)?;
+        if decoded.covers(&selection) {
+            let state = decoded.state(&*tx, &snapshot, selection).await?;
+            break (tx, state);
+        }
+        if attempts == 3 {
+            return Err(SyncError::Usage(
+                "other runs kept changing the database while this one decoded files; nothing was applied (try again)".into(),
+            ));
+        }
+        tx.rollback().await.map_err(|e| StoreError::Query {
+            context: "rolling back".into(),
+            source: e,
+        })?;
+    };
     let opts = PlanOptions {
         key: &key,
         correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
@@ -440,20 +487,26 @@ struct State {
     unchanged: Vec<Unchanged>,
 }
 
-/// Reads only what can differ from what the agent last applied: the files git changed since the
-/// last applied commit, and those of tenants without a record or whose row moved since. So a
-/// sync's cost follows what changed, not the number of tenants. Without a usable last commit (the
-/// first run, a rewritten history, the work tree) everything is read.
-async fn load_state(
-    ctx: &Ctx,
-    source: &Source,
-    mut snapshot: Snapshot,
-    last: Option<&str>,
-    client: &impl tokio_postgres::GenericClient,
-) -> Result<State, SyncError> {
+/// What a run must read: only what can differ from what the agent last applied, i.e. the files git
+/// changed since the last applied commit and those of tenants without a record or whose row moved
+/// since. So a sync's cost follows what changed, not the number of tenants. Without a usable last
+/// commit (the first run, a rewritten history, the work tree) everything is read.
+struct Selection {
+    /// Files to decode; None: all of them.
+    read: Option<BTreeSet<String>>,
+    /// Rows to load in full; None: all of them.
+    rows: Option<Vec<String>>,
+    unchanged: Vec<Unchanged>,
+}
+
+fn commit_oid(id: &str) -> git2::Oid {
+    git2::Oid::from_str(id).expect("a commit id from git")
+}
+
+fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<store::RowIndex>) -> Result<Selection, SyncError> {
     let changed = match (&snapshot.commit, last) {
         (Some(c), Some(last)) => {
-            let new = git2::Oid::from_str(&c.id).expect("a commit id from git");
+            let new = commit_oid(&c.id);
             blocking(|| -> Result<_, SourceError> {
                 if source.descends_from(new, last)? {
                     source.changed_files(last, new)
@@ -464,50 +517,124 @@ async fn load_state(
         }
         _ => None,
     };
-    let (read, actual, unchanged) = match changed {
-        None => (None, store::load_actual(client).await?, vec![]),
-        Some(changed) => {
-            let index = store::load_index(client).await?;
-            let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
-            let mut read = BTreeSet::new();
-            let mut unchanged = Vec::new();
-            for f in &snapshot.files {
-                let same = by_id.get(f.stem.as_str()).and_then(|r| {
-                    let (file, version, digest) = r.applied.as_ref()?;
-                    (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
-                        tenant_id: r.tenant_id.clone(),
-                        file: file.clone(),
-                        config_version: r.config_version,
-                        digest: digest.clone(),
-                    })
-                });
-                match same {
-                    Some(u) => unchanged.push(u),
-                    None => {
-                        read.insert(f.path.clone());
-                    }
-                }
-            }
-            let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
-            let rows: Vec<String> = index
-                .iter()
-                .filter(|r| !skip.contains(r.tenant_id.as_str()))
-                .map(|r| r.tenant_id.clone())
-                .collect();
-            tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
-            (Some(read), store::load_actual_for(client, &rows).await?, unchanged)
-        }
-    };
-    blocking(|| source.read_bodies(&mut snapshot, read.as_ref()))?;
-    let desired = blocking(|| read_snapshot_subset(snapshot, &ReadOptions::from_ctx(ctx), read.as_ref()));
-    if !desired.issues.is_empty() {
-        return Err(SyncError::Invalid {
-            at: desired.at(),
-            issues: desired.issues,
+    let Some(changed) = changed else {
+        return Ok(Selection {
+            read: None,
+            rows: None,
+            unchanged: vec![],
         });
+    };
+    let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
+    let mut read = BTreeSet::new();
+    let mut unchanged = Vec::new();
+    for f in &snapshot.files {
+        let same = by_id.get(f.stem.as_str()).and_then(|r| {
+            let (file, version, digest) = r.applied.as_ref()?;
+            (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
+                tenant_id: r.tenant_id.clone(),
+                file: file.clone(),
+                config_version: r.config_version,
+                digest: digest.clone(),
+            })
+        });
+        match same {
+            Some(u) => unchanged.push(u),
+            None => {
+                read.insert(f.path.clone());
+            }
+        }
     }
-    // A duplicate file for an unchanged tenant is an issue above; nothing stands in twice.
-    Ok(State { desired, actual, unchanged })
+    let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
+    let rows = index
+        .iter()
+        .filter(|r| !skip.contains(r.tenant_id.as_str()))
+        .map(|r| r.tenant_id.clone())
+        .collect();
+    tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
+    Ok(Selection {
+        read: Some(read),
+        rows: Some(rows),
+        unchanged,
+    })
+}
+
+/// The tenant files decoded so far in a run.
+#[derive(Default)]
+struct Decoded {
+    all: bool,
+    files: BTreeSet<String>,
+    tenants: Vec<DesiredTenant>,
+}
+
+impl Decoded {
+    /// Decodes the files `selection` needs that are not decoded yet. Any problem in any of them
+    /// ends the run: nothing is applied.
+    fn extend(&mut self, ctx: &Ctx, source: &Source, snapshot: &Snapshot, selection: &Selection) -> Result<(), SyncError> {
+        if self.covers(selection) {
+            return Ok(());
+        }
+        let missing: Option<BTreeSet<String>> = selection.read.as_ref().map(|r| r.difference(&self.files).cloned().collect());
+        tracing::debug!(files = missing.as_ref().map_or(snapshot.files.len(), BTreeSet::len), "decoding tenant files");
+        let mut files = snapshot.clone();
+        blocking(|| source.read_bodies(&mut files, missing.as_ref()))?;
+        let desired = blocking(|| read_snapshot_subset(files, &ReadOptions::from_ctx(ctx), missing.as_ref()));
+        if !desired.issues.is_empty() {
+            return Err(SyncError::Invalid {
+                at: desired.at(),
+                issues: desired.issues,
+            });
+        }
+        match missing {
+            None => {
+                self.all = true;
+                self.tenants = desired.tenants;
+            }
+            Some(missing) => {
+                self.files.extend(missing);
+                self.tenants.extend(desired.tenants);
+            }
+        }
+        Ok(())
+    }
+
+    fn covers(&self, selection: &Selection) -> bool {
+        self.all || selection.read.as_ref().is_some_and(|r| r.is_subset(&self.files))
+    }
+
+    /// The state a run plans from: the decoded tenants the selection reads, and their rows.
+    async fn state(&self, client: &impl tokio_postgres::GenericClient, snapshot: &Snapshot, selection: Selection) -> Result<State, SyncError> {
+        let mut tenants: Vec<DesiredTenant> = self
+            .tenants
+            .iter()
+            .filter(|t| selection.read.as_ref().is_none_or(|r| r.contains(&t.file)))
+            .cloned()
+            .collect();
+        tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+        let actual = match &selection.rows {
+            None => store::load_actual(client).await?,
+            Some(rows) => store::load_actual_for(client, rows).await?,
+        };
+        // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
+        Ok(State {
+            desired: Desired {
+                commit: snapshot.commit.clone(),
+                tenants,
+                issues: vec![],
+                files: snapshot.files.len(),
+            },
+            actual,
+            unchanged: selection.unchanged,
+        })
+    }
+}
+
+/// The state without the apply lock, for reports.
+async fn read_state(ctx: &Ctx, source: &Source, snapshot: &Snapshot, client: &impl tokio_postgres::GenericClient) -> Result<State, SyncError> {
+    let last = store::last_applied_commit(client, &source.id).await?;
+    let selection = select(source, snapshot, last.as_deref(), store::load_index(client).await?)?;
+    let mut decoded = Decoded::default();
+    decoded.extend(ctx, source, snapshot, &selection)?;
+    decoded.state(client, snapshot, selection).await
 }
 
 fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<TenantDrift> {
@@ -595,8 +722,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantD
     let snapshot = blocking(|| snapshot_of(ctx, &source, None, ctx.cfg.worktree))?;
     let client = store::client(pool).await?;
     let key = store::digest_key(&**client).await?;
-    let last = store::last_applied_commit(&**client, &source.id).await?;
-    let State { desired, actual, unchanged } = load_state(ctx, &source, snapshot, last.as_deref(), &**client).await?;
+    let State { desired, actual, unchanged } = read_state(ctx, &source, &snapshot, &**client).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
     Ok((
         Header {

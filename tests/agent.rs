@@ -118,7 +118,7 @@ fn one_tenant() -> (TestRepo, TestDb) {
 #[test]
 fn a_commit_reaches_the_database_and_the_agent_reports_it() {
     let (repo, db) = one_tenant();
-    let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WEBHOOK_TOKEN", "hook-token-123")]);
+    let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_WEBHOOK_TOKEN", "hook-token-0123456789")]);
     assert!(
         wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
         "{}",
@@ -135,14 +135,16 @@ fn a_commit_reaches_the_database_and_the_agent_reports_it() {
     });
     let latency = arrived.expect("the commit never reached the database") - committed;
     println!("commit to database: {} ms (debounce 500 ms, interval 1 s)", latency.as_millis());
+    // Generous: the file watcher and the 1 s interval both trigger well within it. The benchmark
+    // keeps the tight number.
+    assert!(latency < Duration::from_secs(10), "commit to database took {latency:?}");
 
-    let (_, metrics) = agent.get("/metrics");
     assert!(
-        metrics.contains("frostbyte_tenants{drift=\"in-sync\"} 2") || agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0) || {
-            std::thread::sleep(Duration::from_millis(1500));
-            agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0)
-        },
-        "{metrics}"
+        wait_for(Duration::from_secs(10), || (agent.metric("frostbyte_tenants{drift=\"in-sync\"}") == Some(2.0))
+            .then_some(()))
+        .is_some(),
+        "{}",
+        agent.get("/metrics").1
     );
     assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"success\"}").unwrap() >= 2.0);
     assert_eq!(agent.metric("frostbyte_tenants_applied_total"), Some(2.0));
@@ -152,7 +154,7 @@ fn a_commit_reaches_the_database_and_the_agent_reports_it() {
     // The webhook wants its token.
     assert_eq!(http(agent.port, "POST", "/sync", None).0, 401);
     assert_eq!(http(agent.port, "POST", "/sync", Some("wrong")).0, 401);
-    assert_eq!(http(agent.port, "POST", "/sync", Some("hook-token-123")).0, 202);
+    assert_eq!(http(agent.port, "POST", "/sync", Some("hook-token-0123456789")).0, 202);
 
     // An invalid commit is counted, logged, and applies nothing; the agent stays up.
     repo.write("tenants/broken.toml", "tenant_id = \"broken\"\n");
@@ -185,13 +187,15 @@ fn the_agent_survives_a_database_restart_and_converges() {
     );
     repo.put_tenant(&tenant_doc("bravo"), Format::Yaml);
     repo.commit("bravo while the database is down");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(agent.get("/healthz").0, 200, "the agent stays up");
     assert!(
-        agent.metric("frostbyte_sync_runs_total{outcome=\"failure\"}").unwrap() >= 1.0,
+        wait_for(Duration::from_secs(10), || agent
+            .metric("frostbyte_sync_runs_total{outcome=\"failure\"}")
+            .filter(|n| *n >= 1.0))
+        .is_some(),
         "{}",
         agent.log()
     );
+    assert_eq!(agent.get("/healthz").0, 200, "the agent stays up");
 
     frostbyte_gitops::localpg::ensure(&pgdata, &["fsync=off"]).unwrap();
     assert!(
@@ -226,9 +230,15 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
         first.log()
     );
     let second = Agent::start(&repo, &db.url, &[]);
-    std::thread::sleep(Duration::from_millis(1500));
+    // Ready means its first attempt at the lease was made; only then does its leader metric say
+    // anything.
+    assert!(
+        wait_for(Duration::from_secs(20), || (second.get("/readyz").0 == 200).then_some(())).is_some(),
+        "a standby is ready: {}",
+        second.log()
+    );
     assert_eq!(second.metric("frostbyte_leader"), Some(0.0), "{}", second.log());
-    assert_eq!(second.get("/readyz").0, 200, "a standby is ready");
+    assert_eq!(first.metric("frostbyte_leader"), Some(1.0), "{}", first.log());
 
     repo.put_tenant(&tenant_doc("bravo"), Format::Json);
     repo.commit("bravo");
@@ -243,7 +253,10 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
         "{}",
         second.log()
     );
-    println!("standby took over after {} ms", took_over.elapsed().as_millis());
+    let takeover = took_over.elapsed();
+    println!("standby took over after {} ms", takeover.as_millis());
+    // The lease frees when the dead leader's session ends; the standby asks every interval (1 s).
+    assert!(takeover < Duration::from_secs(10), "takeover took {takeover:?}");
     repo.put_tenant(&tenant_doc("charlie"), Format::Yaml);
     repo.commit("charlie");
     assert!(
@@ -251,7 +264,16 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
         "{}",
         second.log()
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    // Two more completed runs of the new leader: had it applied anything again, it would be now.
+    let runs = second.metric("frostbyte_sync_runs_total{outcome=\"success\"}").unwrap_or(0.0);
+    assert!(
+        wait_for(Duration::from_secs(20), || second
+            .metric("frostbyte_sync_runs_total{outcome=\"success\"}")
+            .filter(|n| *n >= runs + 2.0))
+        .is_some(),
+        "{}",
+        second.log()
+    );
     assert_eq!(
         db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CREATED'"),
         3,
@@ -272,7 +294,8 @@ fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
     for id in ["bravo", "charlie", "delta"] {
         repo.put_tenant(&tenant_doc(id), Format::Toml);
     }
-    repo.commit("three more");
+    let three_more = repo.commit("three more");
+    // Not ordering: aims the signal at the window where the debounced sync (500 ms) starts.
     std::thread::sleep(Duration::from_millis(450));
     let sent = Instant::now();
     agent.signal("TERM");
@@ -284,9 +307,11 @@ fn sigterm_exits_zero_within_five_seconds_with_nothing_half_applied() {
     for v in &versions {
         assert_eq!(v["config_version"], v["events"], "{v}");
     }
-    assert!(versions.len() == 1 || versions.len() == 4, "{versions:?}");
+    // All or nothing: the tenants are those of the commit the database records as applied.
+    let applied_commit = db.scalar("SELECT last_applied_commit AS c FROM gitops_sources");
+    let expected = if applied_commit == json!(three_more) { 4 } else { 1 };
+    assert_eq!(versions.len(), expected, "applied {applied_commit}: {versions:?}");
     assert_eq!(db.count("SELECT 1 FROM gitops_applied"), versions.len() as i64);
-    let _ = json!(null);
 }
 
 #[test]

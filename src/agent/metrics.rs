@@ -18,6 +18,8 @@ pub struct Metrics {
     pub last_sync_error: Option<String>,
     pub drift: BTreeMap<&'static str, usize>,
     pub validation_errors: usize,
+    /// Tenants left alone at the last sync because git and a hand edit both changed them.
+    pub conflicts: usize,
     pub leader: bool,
     /// Whether a first attempt to take the apply lease was made: before it, the replica is
     /// neither leader nor standby, and not ready.
@@ -83,6 +85,11 @@ impl Metrics {
             "# HELP frostbyte_validation_errors Problems in the tenant files at the last sync.\n# TYPE frostbyte_validation_errors gauge"
         );
         let _ = writeln!(o, "frostbyte_validation_errors {}", self.validation_errors);
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_conflicts Tenants changed both in git and outside git, left alone (drift policy warn).\n# TYPE frostbyte_conflicts gauge"
+        );
+        let _ = writeln!(o, "frostbyte_conflicts {}", self.conflicts);
         let _ = writeln!(
             o,
             "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"

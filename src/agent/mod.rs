@@ -41,7 +41,7 @@ pub enum AgentError {
 /// The apply lease: a session-level advisory lock on a connection of its own. If the holder dies,
 /// its session ends, the lock is free, and another replica takes it at its next tick.
 struct Lease {
-    url: String,
+    config: tokio_postgres::Config,
     client: Option<tokio_postgres::Client>,
 }
 
@@ -56,9 +56,7 @@ impl Lease {
             self.client = None;
         }
         let tls = crate::store::tls().map_err(|e| e.to_string())?;
-        let (client, conn) = tokio_postgres::connect(&self.url, tls)
-            .await
-            .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+        let (client, conn) = self.config.connect(tls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -109,7 +107,7 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     tokio::spawn(signals(stop_tx));
 
     let lease = Arc::new(tokio::sync::Mutex::new(Lease {
-        url: db.url.clone(),
+        config: crate::store::session_config(&db.url, db.tls_policy).map_err(SyncError::from)?,
         client: None,
     }));
     let prepared = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -172,6 +170,13 @@ async fn reconcile_once(
             m.last_sync_ok = Some(true);
             m.last_sync_error = None;
             m.validation_errors = 0;
+            m.conflicts = o.plan.summary().conflict;
+            if m.conflicts > 0 {
+                tracing::warn!(
+                    conflicts = m.conflicts,
+                    "tenants changed both in git and outside git are left alone (drift policy warn)"
+                );
+            }
             m.last_applied_commit_time = o
                 .commit_time
                 .as_deref()

@@ -33,15 +33,17 @@ impl Issue {
     }
 }
 
+/// Escaped for a terminal: the file name, pointer and message may all carry a hostile file's bytes.
 impl fmt::Display for Issue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file)?;
+        use super::escape::text;
+        write!(f, "{}", text(&self.file))?;
         if let Some(line) = self.line {
             write!(f, ":{line}")?;
         }
         if let Some(pointer) = &self.pointer {
-            write!(f, ": {pointer}")?;
+            write!(f, ": {}", text(pointer))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", text(&self.message))
     }
 }

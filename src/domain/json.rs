@@ -175,6 +175,11 @@ pub fn locate_line(text: &str, pointer: &str) -> Option<usize> {
         if token.parse::<usize>().is_ok() {
             continue;
         }
+        // An empty key would match everywhere without advancing (parsers refuse them; this stays
+        // safe for any pointer).
+        if token.is_empty() {
+            return None;
+        }
         let at = find_key(&text[from..], &token)? + from;
         found = Some(at);
         from = at + token.len();
@@ -240,6 +245,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(doc, json!({"config": {"a": 2}}));
+    }
+
+    #[test]
+    fn locate_line_gives_up_on_an_empty_key_instead_of_spinning() {
+        assert_eq!(locate_line("a = 1\n\"\" = 2\n", "/"), None);
+        assert_eq!(locate_line("a:\n  x: 1\n", "/a//x"), None);
     }
 
     #[test]

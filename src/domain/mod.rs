@@ -1,7 +1,9 @@
 //! The pure core: tenant documents, validation, plans, drift and audit payloads. No I/O here.
 
 pub mod audit;
+pub mod document;
 pub mod drift;
+pub mod escape;
 pub mod issue;
 pub mod json;
 pub mod plan;

@@ -65,6 +65,9 @@ pub enum Action {
     Update,
     Unchanged,
     Orphaned,
+    /// Git changed the tenant and so did someone outside git, under the `warn` drift policy:
+    /// neither change wins until the policy is `correct` or the row is put back.
+    Conflict,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -133,6 +136,8 @@ pub struct Summary {
     pub update: usize,
     pub unchanged: usize,
     pub orphaned: usize,
+    #[serde(default)]
+    pub conflict: usize,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -149,6 +154,7 @@ impl Plan {
                 Action::Update => s.update += 1,
                 Action::Unchanged => s.unchanged += 1,
                 Action::Orphaned => s.orphaned += 1,
+                Action::Conflict => s.conflict += 1,
             }
         }
         s
@@ -166,7 +172,12 @@ impl Plan {
 
 impl Summary {
     pub fn line(&self) -> String {
-        format!("{} to create, {} to update, {} orphaned", self.create, self.update, self.orphaned)
+        let conflicts = if self.conflict > 0 {
+            format!(", {} in conflict (left alone)", self.conflict)
+        } else {
+            String::new()
+        };
+        format!("{} to create, {} to update, {} orphaned{conflicts}", self.create, self.update, self.orphaned)
     }
 }
 
@@ -219,13 +230,20 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
     let out_of_band = modified_paths(a, opts.key);
     let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
     let differs = d.document != a.document;
-    let action = if differs && (git_moved || opts.correct_drift) {
+    let action = if !differs {
+        Action::Unchanged
+    } else if opts.correct_drift {
+        Action::Update
+    } else if git_moved && !out_of_band.is_empty() {
+        // Under `warn`, writing git's version would overwrite a hand edit in silence.
+        Action::Conflict
+    } else if git_moved {
         Action::Update
     } else {
         Action::Unchanged
     };
     let mut patch = Vec::new();
-    if action == Action::Update {
+    if matches!(action, Action::Update | Action::Conflict) {
         let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
         diff(&a.document, &d.document, "", &from_secrets, &d.secrets, &mut patch);
     }

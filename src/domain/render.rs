@@ -1,6 +1,7 @@
 //! Text, Markdown and JSON views of validation results, plans and drift reports.
 
 use super::drift::{DriftClass, TenantDrift, counts};
+use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
 use super::plan::{Action, PatchOp, Plan, SecretChange, TenantPlan};
 use serde::Serialize;
@@ -58,11 +59,11 @@ pub fn issues_markdown(files: usize, issues: &[Issue]) -> String {
     for i in issues {
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {} |",
-            i.file,
+            "| {} | {} | {} | {} |",
+            md_code(&i.file),
             i.line.map(|l| l.to_string()).unwrap_or_default(),
-            i.pointer.as_deref().map(|p| format!("`{p}`")).unwrap_or_default(),
-            i.message.replace('|', "\\|").replace('\n', " ")
+            i.pointer.as_deref().map(md_code).unwrap_or_default(),
+            md_cell(&i.message)
         );
     }
     out
@@ -95,9 +96,9 @@ fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
                 .map(|p| {
                     let leaf = v.pointer(&p[op.path.len()..]).cloned().unwrap_or(Value::Null);
                     if leaf.as_str() == Some(crate::domain::json::REDACTED) {
-                        ('+', format!("{p} (secret)"))
+                        ('+', format!("{} (secret)", text(&p)))
                     } else {
-                        ('+', format!("{p} = {leaf}"))
+                        ('+', text(&format!("{p} = {leaf}")).into_owned())
                     }
                 })
                 .collect()
@@ -120,7 +121,7 @@ fn op_line(op: &PatchOp) -> (char, String) {
         (None, Some(v)) => format!("{} = {}", op.path, v),
         (None, None) => op.path.clone(),
     };
-    (sign, text)
+    (sign, self::text(&text).into_owned())
 }
 
 fn version_span(t: &TenantPlan) -> String {
@@ -135,20 +136,34 @@ fn version_span(t: &TenantPlan) -> String {
 pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
     let p = Paint(color);
     let mut out = String::new();
-    let _ = writeln!(out, "Plan for {} against {}:\n", short(&header.commit), header.against);
+    let _ = writeln!(out, "Plan for {} against {}:\n", short(&header.commit), text(&header.against));
     for t in &plan.tenants {
-        let file = t.file.as_deref().unwrap_or("");
+        let file = text(t.file.as_deref().unwrap_or(""));
+        let id = text(&t.tenant_id);
         match t.action {
             Action::Create | Action::Update => {
-                let (code, sign, verb) = if t.action == Action::Create { ("32", "+", "created") } else { ("33", "~", "updated") };
-                let _ = writeln!(out, "  {} {} will be {verb} ({})  {}", p.c(code, sign), p.c("1", &t.tenant_id), version_span(t), file);
+                let (code, sign, verb) = if t.action == Action::Create {
+                    ("32", "+", "created")
+                } else {
+                    ("33", "~", "updated")
+                };
+                let _ = writeln!(out, "  {} {} will be {verb} ({})  {}", p.c(code, sign), p.c("1", &id), version_span(t), file);
             }
             Action::Orphaned => {
                 let _ = writeln!(
                     out,
                     "  {} {} is orphaned: in the database, not in git (left alone)",
                     p.c("31", "!"),
-                    p.c("1", &t.tenant_id)
+                    p.c("1", &id)
+                );
+            }
+            Action::Conflict => {
+                let _ = writeln!(
+                    out,
+                    "  {} {} is in conflict: git changed it and so did someone outside git ({}); left alone under drift policy warn; git would change:",
+                    p.c("31", "!"),
+                    p.c("1", &id),
+                    text(&t.out_of_band.join(", "))
                 );
             }
             Action::Unchanged => {
@@ -157,8 +172,8 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
                         out,
                         "  {} {} was changed outside git; drift policy leaves it ({})",
                         p.c("35", "?"),
-                        p.c("1", &t.tenant_id),
-                        t.out_of_band.join(", ")
+                        p.c("1", &id),
+                        text(&t.out_of_band.join(", "))
                     );
                 }
                 continue;
@@ -173,11 +188,11 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
             let _ = writeln!(out, "      {} {}", p.c(code, &sign.to_string()), text);
         }
         if t.action == Action::Update && !t.out_of_band.is_empty() {
-            let _ = writeln!(out, "      (overwrites changes made outside git: {})", t.out_of_band.join(", "));
+            let _ = writeln!(out, "      (overwrites changes made outside git: {})", text(&t.out_of_band.join(", ")));
         }
     }
     let s = plan.summary();
-    if !plan.has_changes() && s.orphaned == 0 {
+    if !plan.has_changes() && s.orphaned == 0 && s.conflict == 0 {
         let _ = writeln!(out, "No changes. The database matches {} ({} tenant(s)).", short(&header.commit), s.unchanged);
     } else {
         let _ = writeln!(out, "\nPlan: {} ({} unchanged).", s.line(), s.unchanged);
@@ -189,7 +204,13 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     let s = plan.summary();
     let mut head = String::new();
     let _ = writeln!(head, "### Frostbyte plan for {}\n", code_or_worktree(&header.commit));
-    let _ = writeln!(head, "Compared with {}: **{}** ({} unchanged).\n", header.against, s.line(), s.unchanged);
+    let _ = writeln!(
+        head,
+        "Compared with {}: **{}** ({} unchanged).\n",
+        md_cell(&header.against),
+        s.line(),
+        s.unchanged
+    );
     let shown: Vec<&TenantPlan> = plan
         .tenants
         .iter()
@@ -206,14 +227,15 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             Action::Create => "create",
             Action::Update => "update",
             Action::Orphaned => "orphaned",
+            Action::Conflict => "conflict (left alone)",
         };
         let _ = writeln!(
             table,
-            "| `{}` | {} | {} | {} |",
-            t.tenant_id,
+            "| {} | {} | {} | {} |",
+            md_code(&t.tenant_id),
             action,
             version_span(t),
-            t.file.as_deref().map(|f| format!("`{f}`")).unwrap_or_default()
+            t.file.as_deref().map(md_code).unwrap_or_default()
         );
     }
     let mut blocks = Vec::new();
@@ -222,19 +244,22 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
         let what = match t.action {
             Action::Create => "create",
             Action::Update => "update",
+            Action::Conflict => "conflict: changed in git and outside git",
             _ => "changed outside git",
         };
         let _ = writeln!(
             b,
             "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n\n```diff",
-            t.tenant_id,
+            html(&t.tenant_id),
             t.patch.len() + t.out_of_band.len()
         );
-        for (sign, text) in t.patch.iter().flat_map(op_lines) {
-            let _ = writeln!(b, "{sign} {}", text.replace("```", "'''"));
+        // Every line starts with its sign and holds no line break (op_lines escapes them), so no
+        // line of a file's making can close the fence.
+        for (sign, line) in t.patch.iter().flat_map(op_lines) {
+            let _ = writeln!(b, "{sign} {line}");
         }
         for path in &t.out_of_band {
-            let _ = writeln!(b, "! {path} (changed outside git)");
+            let _ = writeln!(b, "! {} (changed outside git)", text(path));
         }
         b.push_str("```\n\n</details>\n");
         blocks.push(b);
@@ -283,12 +308,12 @@ pub fn drift_text(report: &[TenantDrift], header: &Header) -> String {
     }
     for t in report.iter().filter(|t| !t.in_sync()) {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
-        let _ = writeln!(out, "  {}: {}", t.tenant_id, classes.join(" + "));
+        let _ = writeln!(out, "  {}: {}", text(&t.tenant_id), classes.join(" + "));
         for p in &t.pending_paths {
-            let _ = writeln!(out, "      pending  {p}");
+            let _ = writeln!(out, "      pending  {}", text(p));
         }
         for p in &t.modified_paths {
-            let _ = writeln!(out, "      modified {p}");
+            let _ = writeln!(out, "      modified {}", text(p));
         }
     }
     let _ = writeln!(out, "\n{}", drift_summary(report));
@@ -317,11 +342,11 @@ pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
     out.push_str("| Tenant | Drift | Pending fields | Modified fields |\n|---|---|---|---|\n");
     for t in drifted {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
-        let code = |v: &[String]| v.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ");
+        let code = |v: &[String]| v.iter().map(|p| md_code(p)).collect::<Vec<_>>().join(", ");
         let _ = writeln!(
             out,
-            "| `{}` | {} | {} | {} |",
-            t.tenant_id,
+            "| {} | {} | {} | {} |",
+            md_code(&t.tenant_id),
             classes.join(" + "),
             code(&t.pending_paths),
             code(&t.modified_paths)

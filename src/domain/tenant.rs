@@ -9,8 +9,7 @@ use std::sync::LazyLock;
 /// The fields of a tenant file besides `tenant_id`; they form the document that is diffed and stored.
 pub const DOCUMENT_FIELDS: [&str; 3] = ["age_public_key", "endpoints", "config"];
 
-/// Deeper nesting than this is refused: nobody writes it by hand, and it bounds every recursive walk.
-pub const MAX_DEPTH: usize = 32;
+pub use super::document::MAX_DEPTH;
 
 pub const STATES: [&str; 6] = ["pending", "provisioning", "active", "suspended", "decommissioning", "decommissioned"];
 
@@ -41,14 +40,19 @@ pub fn is_age_recipient(key: &str) -> bool {
 
 static SCHEMA_TEXT: &str = include_str!("../schema/tenant-config.schema.json");
 
-static VALIDATOR: LazyLock<jsonschema::Validator> = LazyLock::new(|| {
-    let schema: Value = serde_json::from_str(SCHEMA_TEXT).expect("the shipped schema is valid JSON");
+static ENDPOINTS_SCHEMA_TEXT: &str = include_str!("../schema/endpoints.schema.json");
+
+fn compile(text: &str) -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(text).expect("a shipped schema is valid JSON");
     jsonschema::options()
         .with_draft(jsonschema::Draft::Draft202012)
         .should_validate_formats(true)
         .build(&schema)
-        .expect("the shipped schema compiles")
-});
+        .expect("a shipped schema compiles")
+}
+
+static VALIDATOR: LazyLock<jsonschema::Validator> = LazyLock::new(|| compile(SCHEMA_TEXT));
+static ENDPOINTS_VALIDATOR: LazyLock<jsonschema::Validator> = LazyLock::new(|| compile(ENDPOINTS_SCHEMA_TEXT));
 
 pub fn config_schema() -> &'static str {
     SCHEMA_TEXT
@@ -64,7 +68,7 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     let Value::Object(mut map) = doc else {
         return Err(vec![Issue::new(file, "the document must be a mapping at the top level")]);
     };
-    if json::depth(&Value::Object(map.clone())) > MAX_DEPTH {
+    if map.values().map(json::depth).max().unwrap_or(0) + 1 > MAX_DEPTH {
         return Err(vec![Issue::new(file, format!("nesting is deeper than {MAX_DEPTH} levels"))]);
     }
 
@@ -122,7 +126,18 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
         }
     }
     if let Some(config) = map.get("config").filter(|c| c.is_object()) {
-        issues.extend(schema_issues(config, &secrets).into_iter().map(|(pointer, message)| issue(&pointer, message)));
+        issues.extend(
+            schema_issues(&VALIDATOR, "/config", config, &secrets)
+                .into_iter()
+                .map(|(pointer, message)| issue(&pointer, message)),
+        );
+    }
+    if let Some(endpoints) = map.get("endpoints").filter(|c| c.is_object()) {
+        issues.extend(
+            schema_issues(&ENDPOINTS_VALIDATOR, "/endpoints", endpoints, &secrets)
+                .into_iter()
+                .map(|(pointer, message)| issue(&pointer, message)),
+        );
     }
 
     if !issues.is_empty() {
@@ -142,12 +157,12 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     })
 }
 
-/// Schema problems of `config` as (pointer into the document, message). Where the value at fault
-/// is or holds a secret, the message names only the rule, since the validator quotes values.
-pub fn schema_issues(config: &Value, secrets: &SecretPaths) -> Vec<(String, String)> {
+/// Schema problems of the value at `at` as (pointer into the document, message). Where the value
+/// at fault is or holds a secret, the message names only the rule, since the validator quotes values.
+fn schema_issues(validator: &jsonschema::Validator, at: &str, value: &Value, secrets: &SecretPaths) -> Vec<(String, String)> {
     let mut out: BTreeMap<(String, String), ()> = BTreeMap::new();
-    for error in VALIDATOR.iter_errors(config) {
-        let pointer = format!("/config{}", error.instance_path().as_str());
+    for error in validator.iter_errors(value) {
+        let pointer = format!("{at}{}", error.instance_path().as_str());
         let message = if json::touches_secret(&pointer, secrets) {
             format!(
                 "value does not satisfy the schema's {:?} rule (value not shown: it is a secret)",

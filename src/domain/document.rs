@@ -1,0 +1,333 @@
+//! The one definition of a legal tenant document, and the budgets that bound what a file from git
+//! may cost us. Every parser (TOML, JSON, YAML) builds its tree through [`TreeBuilder`], so a value
+//! that breaks a rule never leaves the parser; decrypted values are checked with [`check_string`].
+//! docs/limits.md explains each number.
+
+use super::json::child;
+use serde_json::{Map, Number, Value};
+
+/// Nesting deeper than this is refused: nobody writes it by hand, and it bounds every recursive walk.
+pub const MAX_DEPTH: usize = 32;
+/// Values (scalars, mappings and lists) in one document. A tenant file has about a hundred.
+pub const MAX_NODES: usize = 20_000;
+/// Bytes of one key name.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Bytes of one string value, encrypted or decrypted.
+pub const MAX_STRING_BYTES: usize = 128 * 1024;
+/// Bytes of all keys and strings of one document together: with aliases refused, a document can
+/// never be larger than its file, so this only backs up the file size limit.
+pub const MAX_DOCUMENT_BYTES: usize = 2 * 1024 * 1024;
+
+/// A rule a document broke, at a JSON pointer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub pointer: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.pointer.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.pointer, self.message)
+        }
+    }
+}
+
+fn problem(pointer: &str, message: impl Into<String>) -> Problem {
+    Problem {
+        pointer: pointer.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A key name is legal when it is non-empty, short and free of control characters (which would
+/// rewrite a terminal or forge lines in a plan). Messages describe the key without quoting it.
+pub fn check_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("empty key names are not allowed".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!("a key name is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(format!("key names may not contain control characters (found U+{:04X})", c as u32));
+    }
+    Ok(())
+}
+
+/// A string value is legal when PostgreSQL's jsonb can store it (no U+0000) and it is within budget.
+pub fn check_string(s: &str) -> Result<(), String> {
+    if s.contains('\0') {
+        return Err("strings may not contain U+0000 (PostgreSQL cannot store it)".into());
+    }
+    if s.len() > MAX_STRING_BYTES {
+        return Err(format!("a string is {} bytes; the limit is {MAX_STRING_BYTES}", s.len()));
+    }
+    Ok(())
+}
+
+pub fn number_from_f64(f: f64) -> Result<Number, String> {
+    Number::from_f64(f).ok_or_else(|| "NaN and infinity are not allowed".to_string())
+}
+
+enum Frame {
+    Map {
+        map: Map<String, Value>,
+        key: Option<String>,
+        pointer: String,
+    },
+    Seq {
+        items: Vec<Value>,
+        pointer: String,
+    },
+}
+
+impl Frame {
+    fn pointer(&self) -> &str {
+        match self {
+            Frame::Map { pointer, .. } | Frame::Seq { pointer, .. } => pointer,
+        }
+    }
+}
+
+/// Builds a document from a parser's events (`begin_map`, `key`, `scalar`, ..., `end`), refusing
+/// it at the first broken rule or exhausted budget, before the rest of the file is read.
+#[derive(Default)]
+pub struct TreeBuilder {
+    stack: Vec<Frame>,
+    root: Option<Value>,
+    nodes: usize,
+    bytes: usize,
+}
+
+impl TreeBuilder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pointer of the next value.
+    pub fn here(&self) -> String {
+        match self.stack.last() {
+            None => String::new(),
+            Some(Frame::Map { key, pointer, .. }) => child(pointer, key.as_deref().unwrap_or("")),
+            Some(Frame::Seq { items, pointer }) => child(pointer, &items.len().to_string()),
+        }
+    }
+
+    fn count(&mut self, bytes: usize) -> Result<(), Problem> {
+        self.nodes += 1;
+        self.bytes += bytes;
+        if self.nodes > MAX_NODES {
+            return Err(problem(&self.here(), format!("the document has more than {MAX_NODES} values")));
+        }
+        if self.bytes > MAX_DOCUMENT_BYTES {
+            return Err(problem(
+                &self.here(),
+                format!("the document's keys and strings exceed {MAX_DOCUMENT_BYTES} bytes"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn open(&mut self, make: impl FnOnce(String) -> Frame) -> Result<(), Problem> {
+        let pointer = self.here();
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(problem(&pointer, format!("nesting is deeper than {MAX_DEPTH} levels")));
+        }
+        self.count(0)?;
+        self.stack.push(make(pointer));
+        Ok(())
+    }
+
+    pub fn begin_map(&mut self) -> Result<(), Problem> {
+        self.open(|pointer| Frame::Map {
+            map: Map::new(),
+            key: None,
+            pointer,
+        })
+    }
+
+    pub fn begin_seq(&mut self) -> Result<(), Problem> {
+        self.open(|pointer| Frame::Seq { items: Vec::new(), pointer })
+    }
+
+    /// The next key of the mapping being built. Duplicates are refused in every format: the sops
+    /// CLI keeps both, and two tools must never read two different documents from one file.
+    pub fn key(&mut self, k: String) -> Result<(), Problem> {
+        let pointer = self.stack.last().map(|f| f.pointer().to_string()).unwrap_or_default();
+        check_key(&k).map_err(|m| problem(&pointer, m))?;
+        self.bytes += k.len();
+        let Some(Frame::Map { map, key, .. }) = self.stack.last_mut() else {
+            return Err(problem(&pointer, "a key outside a mapping"));
+        };
+        if map.contains_key(&k) {
+            return Err(problem(&child(&pointer, &k), "duplicate key"));
+        }
+        *key = Some(k);
+        Ok(())
+    }
+
+    /// A scalar value (string, number, boolean or null).
+    pub fn scalar(&mut self, v: Value) -> Result<(), Problem> {
+        let len = match &v {
+            Value::String(s) => {
+                check_string(s).map_err(|m| problem(&self.here(), m))?;
+                s.len()
+            }
+            _ => 0,
+        };
+        self.count(len)?;
+        self.place(v)
+    }
+
+    /// Closes the innermost mapping or list.
+    pub fn end(&mut self) -> Result<(), Problem> {
+        let v = match self.stack.pop() {
+            Some(Frame::Map { map, .. }) => Value::Object(map),
+            Some(Frame::Seq { items, .. }) => Value::Array(items),
+            None => return Err(problem("", "unbalanced end of a collection")),
+        };
+        self.place(v)
+    }
+
+    fn place(&mut self, v: Value) -> Result<(), Problem> {
+        match self.stack.last_mut() {
+            None if self.root.is_none() => self.root = Some(v),
+            None => return Err(problem("", "more than one document")),
+            Some(Frame::Seq { items, .. }) => items.push(v),
+            Some(Frame::Map { map, key, pointer }) => {
+                let k = key.take().ok_or_else(|| problem(pointer, "a value without a key"))?;
+                map.insert(k, v);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<Value, Problem> {
+        if !self.stack.is_empty() {
+            return Err(problem(self.stack.last().map_or("", |f| f.pointer()), "the document ends inside a collection"));
+        }
+        self.root.ok_or_else(|| problem("", "the file holds no document"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn build(f: impl FnOnce(&mut TreeBuilder) -> Result<(), Problem>) -> Result<Value, Problem> {
+        let mut b = TreeBuilder::new();
+        f(&mut b)?;
+        b.finish()
+    }
+
+    #[test]
+    fn builds_nested_documents_in_key_order() {
+        let v = build(|b| {
+            b.begin_map()?;
+            b.key("z".into())?;
+            b.scalar(json!(1))?;
+            b.key("a".into())?;
+            b.begin_seq()?;
+            b.scalar(json!("x"))?;
+            b.scalar(Value::Null)?;
+            b.end()?;
+            b.end()
+        })
+        .unwrap();
+        assert_eq!(serde_json::to_string(&v).unwrap(), r#"{"z":1,"a":["x",null]}"#);
+    }
+
+    #[test]
+    fn each_rule_is_refused_with_its_pointer() {
+        type Steps = Box<dyn Fn(&mut TreeBuilder) -> Result<(), Problem>>;
+        let cases: Vec<(&str, Steps, &str)> = vec![
+            (
+                "duplicate",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("a".into())?;
+                    b.scalar(json!(1))?;
+                    b.key("a".into())
+                }),
+                "/a",
+            ),
+            (
+                "empty key",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("".into())
+                }),
+                "",
+            ),
+            (
+                "control",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("x".into())?;
+                    b.begin_map()?;
+                    b.key("a\x1b[2Jb".into())
+                }),
+                "/x",
+            ),
+            (
+                "nul",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("s".into())?;
+                    b.scalar(json!("a\0b"))
+                }),
+                "/s",
+            ),
+            (
+                "long key",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("k".repeat(MAX_KEY_BYTES + 1))
+                }),
+                "",
+            ),
+            (
+                "long string",
+                Box::new(|b| {
+                    b.begin_seq()?;
+                    b.scalar(json!("s".repeat(MAX_STRING_BYTES + 1)))
+                }),
+                "/0",
+            ),
+        ];
+        for (name, f, pointer) in cases {
+            let err = build(|b| f(b)).unwrap_err();
+            assert_eq!(err.pointer, pointer, "{name}: {err}");
+            assert!(!err.message.contains("\x1b"), "{name}: the message quotes the key");
+        }
+    }
+
+    #[test]
+    fn depth_and_node_budgets_stop_the_build_early() {
+        let mut b = TreeBuilder::new();
+        let mut failed_at = None;
+        for i in 0..100 {
+            if b.begin_seq().is_err() {
+                failed_at = Some(i);
+                break;
+            }
+        }
+        assert_eq!(failed_at, Some(MAX_DEPTH));
+
+        let mut b = TreeBuilder::new();
+        b.begin_seq().unwrap();
+        let n = (0..MAX_NODES + 10).position(|_| b.scalar(json!(1)).is_err());
+        assert_eq!(n, Some(MAX_NODES - 1), "the list itself is a node");
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused() {
+        assert!(number_from_f64(f64::NAN).is_err());
+        assert!(number_from_f64(f64::INFINITY).is_err());
+        assert_eq!(number_from_f64(0.5).unwrap(), Number::from_f64(0.5).unwrap());
+    }
+}

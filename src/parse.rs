@@ -1,0 +1,573 @@
+//! TOML, JSON and YAML text to one tree, through [`TreeBuilder`]: every format obeys the same
+//! rules and budgets, and a file that breaks one is refused with the line and pointer of the
+//! first place it does. YAML anchors and aliases are refused (sops never writes them, and they
+//! let a small file expand without bound); so are custom tags and more than one document.
+
+use crate::domain::document::{Problem, TreeBuilder, number_from_f64};
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use std::fmt;
+use yaml_rust2::parser::{Event, Parser, Tag};
+use yaml_rust2::scanner::TScalarStyle;
+
+/// Why a text is not a legal document. Messages never quote the text (it may hold a secret).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParseError {
+    pub line: Option<usize>,
+    /// Where a rule was broken ("" for the whole document); None for a syntax error.
+    pub pointer: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.pointer {
+            Some(p) if !p.is_empty() => write!(f, "{p}: {}", self.message),
+            _ => write!(f, "{}", self.message),
+        }
+    }
+}
+
+fn from_problem(p: Problem, line: Option<usize>) -> ParseError {
+    ParseError {
+        line,
+        pointer: Some(p.pointer),
+        message: p.message,
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
+}
+
+// ---------- JSON and TOML: serde drives a visitor that feeds the builder ----------
+
+/// Where the builder's refusal waits while serde unwinds with a plain message.
+struct Seed<'b> {
+    builder: &'b mut TreeBuilder,
+    refusal: &'b mut Option<Problem>,
+}
+
+impl Seed<'_> {
+    fn fail<E: de::Error>(&mut self, p: Problem) -> E {
+        let e = E::custom(&p);
+        *self.refusal = Some(p);
+        e
+    }
+
+    fn nested(&mut self) -> Seed<'_> {
+        Seed {
+            builder: self.builder,
+            refusal: self.refusal,
+        }
+    }
+
+    fn scalar<E: de::Error>(&mut self, v: Value) -> Result<(), E> {
+        self.builder.scalar(v).map_err(|p| self.fail(p))
+    }
+}
+
+/// The field name under which the toml crate hands a datetime to `deserialize_any`.
+const TOML_DATETIME_FIELD: &str = "$__toml_private_datetime";
+
+impl<'de> DeserializeSeed<'de> for Seed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Seed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a value")
+    }
+
+    fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
+        self.scalar(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(mut self, v: i64) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_u64<E: de::Error>(mut self, v: u64) -> Result<(), E> {
+        self.scalar(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<(), E> {
+        let n = number_from_f64(v).map_err(E::custom)?;
+        self.scalar(Value::Number(n))
+    }
+    fn visit_str<E: de::Error>(mut self, v: &str) -> Result<(), E> {
+        self.scalar(Value::String(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(mut self, v: String) -> Result<(), E> {
+        self.scalar(Value::String(v))
+    }
+    fn visit_unit<E: de::Error>(mut self) -> Result<(), E> {
+        self.scalar(Value::Null)
+    }
+    fn visit_none<E: de::Error>(mut self) -> Result<(), E> {
+        self.scalar(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
+        self.builder.begin_seq().map_err(|p| self.fail(p))?;
+        while seq.next_element_seed(self.nested())?.is_some() {}
+        self.builder.end().map_err(|p| self.fail(p))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
+        let mut first = true;
+        while let Some(key) = map.next_key::<String>()? {
+            if first && key == TOML_DATETIME_FIELD {
+                let text: String = map.next_value()?;
+                return self.scalar(Value::String(text));
+            }
+            if first {
+                self.builder.begin_map().map_err(|p| self.fail(p))?;
+                first = false;
+            }
+            self.builder.key(key).map_err(|p| self.fail(p))?;
+            map.next_value_seed(self.nested())?;
+        }
+        if first {
+            self.builder.begin_map().map_err(|p| self.fail(p))?;
+        }
+        self.builder.end().map_err(|p| self.fail(p))
+    }
+}
+
+fn with_seed<E>(run: impl FnOnce(Seed<'_>) -> Result<(), E>, error: impl FnOnce(E, Option<Problem>) -> ParseError) -> Result<Value, ParseError> {
+    let mut builder = TreeBuilder::new();
+    let mut refusal = None;
+    let seed = Seed {
+        builder: &mut builder,
+        refusal: &mut refusal,
+    };
+    match run(seed) {
+        Ok(()) => builder.finish().map_err(|p| from_problem(p, None)),
+        Err(e) => Err(error(e, refusal)),
+    }
+}
+
+/// The text of an error from serde_json or toml, without its position (given as a line).
+fn bare(message: &str) -> String {
+    message.split(" at line ").next().unwrap_or(message).trim().to_string()
+}
+
+pub fn json(text: &str) -> Result<Value, ParseError> {
+    with_seed(
+        |seed| {
+            let mut de = serde_json::Deserializer::from_str(text);
+            seed.deserialize(&mut de)?;
+            de.end()
+        },
+        |e, refusal| match refusal {
+            Some(p) => from_problem(p, Some(e.line())),
+            None => ParseError {
+                line: Some(e.line()),
+                pointer: None,
+                message: bare(&e.to_string()),
+            },
+        },
+    )
+}
+
+pub fn toml(text: &str) -> Result<Value, ParseError> {
+    with_seed(
+        |seed| {
+            let de = toml::de::Deserializer::parse(text)?;
+            seed.deserialize(de)
+        },
+        |e, refusal| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            match refusal {
+                Some(p) => from_problem(p, line),
+                None => ParseError {
+                    line,
+                    pointer: None,
+                    message: e.message().trim().to_string(),
+                },
+            }
+        },
+    )
+}
+
+// ---------- YAML: events from yaml-rust2, pulled one at a time ----------
+
+pub fn yaml(text: &str) -> Result<Value, ParseError> {
+    let mut parser = Parser::new_from_str(text);
+    let mut b = TreeBuilder::new();
+    // For each open collection: None for a list; for a mapping, whether the next node is a key.
+    let mut expecting_key: Vec<Option<bool>> = Vec::new();
+    let mut documents = 0;
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| ParseError {
+            line: Some(e.marker().line()),
+            pointer: None,
+            message: e.info().to_string(),
+        })?;
+        let line = Some(mark.line());
+        let refuse = |p: Problem| from_problem(p, line);
+        let at = b.here();
+        let plain = |message: &str| ParseError {
+            line,
+            pointer: Some(at.clone()),
+            message: message.to_string(),
+        };
+        let is_key = expecting_key.last().copied().flatten().unwrap_or(false);
+        match event {
+            Event::StreamEnd => break,
+            Event::StreamStart | Event::Nothing | Event::DocumentEnd => {}
+            Event::DocumentStart => {
+                documents += 1;
+                if documents > 1 {
+                    return Err(plain("more than one YAML document in the file"));
+                }
+            }
+            Event::Alias(_) => return Err(plain("YAML aliases are not allowed in tenant files")),
+            Event::Scalar(_, _, anchor, _) | Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) if anchor > 0 => {
+                return Err(plain("YAML anchors are not allowed in tenant files"));
+            }
+            Event::Scalar(text, style, _, tag) if is_key => {
+                if tag.is_some() || !matches!(style, TScalarStyle::Plain | TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted) {
+                    return Err(plain("keys must be plain or quoted scalars"));
+                }
+                b.key(text).map_err(refuse)?;
+                *expecting_key.last_mut().expect("inside a mapping") = Some(false);
+            }
+            Event::SequenceStart(_, _) | Event::MappingStart(_, _) if is_key => {
+                return Err(plain("keys must be scalars, not mappings or lists"));
+            }
+            Event::Scalar(text, style, _, tag) => {
+                let v = yaml_scalar(text, style, tag.as_ref()).map_err(|m| refuse(Problem { pointer: b.here(), message: m }))?;
+                b.scalar(v).map_err(refuse)?;
+                value_done(&mut expecting_key);
+            }
+            Event::SequenceStart(_, tag) => {
+                check_collection_tag(tag.as_ref(), "seq").map_err(|m| plain(&m))?;
+                b.begin_seq().map_err(refuse)?;
+                expecting_key.push(None);
+            }
+            Event::MappingStart(_, tag) => {
+                check_collection_tag(tag.as_ref(), "map").map_err(|m| plain(&m))?;
+                b.begin_map().map_err(refuse)?;
+                expecting_key.push(Some(true));
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                b.end().map_err(refuse)?;
+                expecting_key.pop();
+                value_done(&mut expecting_key);
+            }
+        }
+    }
+    b.finish().map_err(|p| from_problem(p, None))
+}
+
+/// After a value inside a mapping, the next node is a key again.
+fn value_done(expecting_key: &mut [Option<bool>]) {
+    if let Some(Some(top)) = expecting_key.last_mut() {
+        *top = true;
+    }
+}
+
+const CORE: &str = "tag:yaml.org,2002:";
+
+fn core_tag(tag: Option<&Tag>) -> Result<Option<&str>, String> {
+    match tag {
+        None => Ok(None),
+        Some(t) if t.handle == CORE || t.handle == "!!" => Ok(Some(t.suffix.as_str())),
+        Some(t) if t.handle == "!" && t.suffix.is_empty() => Ok(Some("str")),
+        Some(_) => Err("custom YAML tags are not allowed in tenant files".into()),
+    }
+}
+
+fn check_collection_tag(tag: Option<&Tag>, kind: &str) -> Result<(), String> {
+    match core_tag(tag)? {
+        None => Ok(()),
+        Some(s) if s == kind => Ok(()),
+        Some(_) => Err("a collection has a scalar's tag".into()),
+    }
+}
+
+/// A scalar's value under the YAML 1.2 core schema, as the sops CLI (go-yaml v3) reads it for
+/// the values a tenant file holds.
+fn yaml_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Result<Value, String> {
+    let resolved = match core_tag(tag)? {
+        Some("str") => return Ok(Value::String(text)),
+        Some(t @ ("int" | "float" | "bool" | "null")) => Some(t),
+        Some(_) => return Err("a scalar has a collection's tag".into()),
+        None if style != TScalarStyle::Plain => return Ok(Value::String(text)),
+        None => None,
+    };
+    let t = text.as_str();
+    let null = matches!(t, "" | "~" | "null" | "Null" | "NULL");
+    let boolean = match t {
+        "true" | "True" | "TRUE" => Some(true),
+        "false" | "False" | "FALSE" => Some(false),
+        _ => None,
+    };
+    match resolved {
+        Some("null") if null => return Ok(Value::Null),
+        Some("bool") => return boolean.map(Value::Bool).ok_or_else(|| "a !!bool that is not a boolean".into()),
+        Some("null") => return Err("a !!null that is not null".into()),
+        _ => {}
+    }
+    if resolved.is_none() {
+        if null {
+            return Ok(Value::Null);
+        }
+        if let Some(b) = boolean {
+            return Ok(Value::Bool(b));
+        }
+    }
+    if resolved != Some("float")
+        && let Some(i) = yaml_int(t)
+    {
+        return Ok(i);
+    }
+    if matches!(t.trim_start_matches(['+', '-']), ".inf" | ".Inf" | ".INF" | ".nan" | ".NaN" | ".NAN") {
+        return Err("NaN and infinity are not allowed".into());
+    }
+    if is_yaml_float(t) {
+        let f: f64 = t.parse().map_err(|_| "a number out of range")?;
+        return number_from_f64(f).map(Value::Number);
+    }
+    match resolved {
+        Some(tag) => Err(format!("a !!{tag} that is not one")),
+        None => Ok(Value::String(text)),
+    }
+}
+
+fn yaml_int(t: &str) -> Option<Value> {
+    let (neg, digits) = match t.as_bytes().first()? {
+        b'-' => (true, &t[1..]),
+        b'+' => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, body) = if let Some(h) = digits.strip_prefix("0x") {
+        (16, h)
+    } else if let Some(o) = digits.strip_prefix("0o") {
+        (8, o)
+    } else {
+        (10, digits)
+    };
+    if body.is_empty() || !body.chars().all(|c| c.is_digit(radix)) || (radix != 10 && neg) {
+        return None;
+    }
+    let magnitude = u64::from_str_radix(body, radix).ok()?;
+    if neg {
+        let i = 0i64.checked_sub_unsigned(magnitude)?;
+        Some(Value::from(i))
+    } else {
+        Some(Value::from(magnitude))
+    }
+}
+
+fn is_yaml_float(t: &str) -> bool {
+    let t = t.strip_prefix(['+', '-']).unwrap_or(t);
+    let (mantissa, exponent) = match t.find(['e', 'E']) {
+        Some(i) => (&t[..i], Some(&t[i + 1..])),
+        None => (t, None),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = |s: &str| s.chars().all(|c| c.is_ascii_digit());
+    let mantissa_ok = (!int.is_empty() || !frac.is_empty()) && digits(int) && digits(frac);
+    let exponent_ok = exponent.is_none_or(|e| {
+        let e = e.strip_prefix(['+', '-']).unwrap_or(e);
+        !e.is_empty() && digits(e)
+    });
+    mantissa_ok && exponent_ok && !mantissa.is_empty()
+}
+
+// ---------- YAML out ----------
+
+/// Block-style YAML for a tree: mappings and lists nested by indentation, strings plain where
+/// they would read back as the same string and double-quoted (JSON escapes) otherwise.
+pub fn to_yaml(v: &Value) -> String {
+    let mut out = String::new();
+    match v {
+        Value::Object(m) if m.is_empty() => out.push_str("{}\n"),
+        Value::Array(a) if a.is_empty() => out.push_str("[]\n"),
+        Value::Object(_) | Value::Array(_) => write_block(v, 0, &mut out),
+        scalar => {
+            out.push_str(&yaml_scalar_text(scalar));
+            out.push('\n');
+        }
+    }
+    out
+}
+
+fn write_block(v: &Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            for (k, child) in m {
+                out.push_str(&pad);
+                out.push_str(&yaml_string(k));
+                out.push(':');
+                write_child(child, indent + 4, out);
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                out.push_str(&pad);
+                out.push_str("- ");
+                match item {
+                    Value::Object(m) if !m.is_empty() => {
+                        // The first key shares the dash's line, the rest align under it.
+                        let mut first = String::new();
+                        write_block(item, indent + 2, &mut first);
+                        out.push_str(&first[indent + 2..]);
+                    }
+                    Value::Array(a) if !a.is_empty() => {
+                        out.push('\n');
+                        write_block(item, indent + 2, out);
+                    }
+                    other => {
+                        out.push_str(&yaml_scalar_text(other));
+                        out.push('\n');
+                    }
+                }
+            }
+        }
+        _ => unreachable!("write_block takes collections"),
+    }
+}
+
+fn write_child(v: &Value, indent: usize, out: &mut String) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            out.push('\n');
+            write_block(v, indent, out);
+        }
+        Value::Array(a) if !a.is_empty() => {
+            out.push('\n');
+            write_block(v, indent, out);
+        }
+        other => {
+            out.push(' ');
+            out.push_str(&yaml_scalar_text(other));
+            out.push('\n');
+        }
+    }
+}
+
+fn yaml_scalar_text(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => yaml_string(s),
+        Value::Object(_) => "{}".into(),
+        Value::Array(_) => "[]".into(),
+    }
+}
+
+/// A string as YAML: plain when reading it back gives the same string, else double-quoted.
+fn yaml_string(s: &str) -> String {
+    let plain_safe = !s.is_empty()
+        && s.chars().all(|c| c.is_alphanumeric() || " _-./@+=,[]()".contains(c))
+        && !s.starts_with([' ', '-', '[', ']', ',', '@'])
+        && !s.ends_with(' ')
+        && matches!(yaml_scalar(s.to_string(), TScalarStyle::Plain, None), Ok(Value::String(_)))
+        && !matches!(
+            s,
+            "y" | "Y" | "yes" | "Yes" | "YES" | "n" | "N" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF"
+        );
+    if plain_safe {
+        s.to_string()
+    } else {
+        Value::String(s.to_string()).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_three_formats_read_the_same_document() {
+        let want = json!({"a": 1, "b": {"c": [true, "x", 1.5]}, "d": "ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]"});
+        let toml_text = "a = 1\nd = \"ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]\"\n[b]\nc = [true, \"x\", 1.5]\n";
+        let yaml_text = "a: 1\nb:\n    c:\n        - true\n        - x\n        - 1.5\nd: ENC[AES256_GCM,data:x,iv:y,tag:z,type:str]\n";
+        let json_text = serde_json::to_string(&want).unwrap();
+        let mut from_toml = toml(toml_text).unwrap();
+        // TOML puts sub-tables last; compare as sets of keys.
+        from_toml.as_object_mut().unwrap().sort_keys();
+        let mut sorted = want.clone();
+        sorted.as_object_mut().unwrap().sort_keys();
+        assert_eq!(from_toml, sorted);
+        assert_eq!(yaml(yaml_text).unwrap(), want);
+        assert_eq!(json(&json_text).unwrap(), want);
+        assert_eq!(yaml(&to_yaml(&want)).unwrap(), want);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_in_every_format() {
+        let e = json("{\"a\": 1,\n \"a\": 2}").unwrap_err();
+        assert_eq!((e.line, e.pointer.as_deref()), (Some(2), Some("/a")), "{e:?}");
+        let e = yaml("x:\n  a: 1\n  a: 2\n").unwrap_err();
+        assert_eq!((e.line, e.pointer.as_deref()), (Some(3), Some("/x/a")), "{e:?}");
+        assert!(toml("a = 1\na = 2\n").unwrap_err().line.is_some());
+    }
+
+    #[test]
+    fn yaml_aliases_anchors_tags_and_streams_are_refused() {
+        for (text, needle) in [
+            ("a: &x 1\nb: *x\n", "anchors"),
+            ("a: !custom 1\n", "custom YAML tags"),
+            ("a: 1\n---\nb: 2\n", "more than one"),
+            ("? [a]\n: 1\n", "keys must be scalars"),
+        ] {
+            let e = yaml(text).unwrap_err();
+            assert!(e.message.contains(needle), "{text:?}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn non_finite_numbers_are_refused_in_toml_and_yaml() {
+        assert!(toml("a = nan\n").unwrap_err().message.contains("NaN"));
+        assert!(toml("a = -inf\n").unwrap_err().message.contains("NaN"));
+        assert!(yaml("a: .inf\n").unwrap_err().message.contains("NaN"));
+    }
+
+    #[test]
+    fn yaml_scalars_follow_the_core_schema() {
+        let v = yaml("a: 012\nb: -3\nc: 0x1f\nd: 1e3\ne: ~\nf: 'true'\ng: yes\nh: !!str 5\ni: 1.0\n").unwrap();
+        assert_eq!(
+            v,
+            json!({"a": 12, "b": -3, "c": 31, "d": 1000.0, "e": null, "f": "true", "g": "yes", "h": "5", "i": 1.0})
+        );
+    }
+
+    #[test]
+    fn yaml_strings_round_trip_whatever_they_hold() {
+        for s in [
+            "",
+            "true",
+            "no",
+            "1.5",
+            "a: b",
+            "- x",
+            "#c",
+            "multi\nline",
+            "tab\there",
+            "ünï",
+            "[x]",
+            " lead",
+            "trail ",
+            "null",
+            "0x1",
+        ] {
+            let doc = json!({"k": s, "list": [s, {"inner": s}]});
+            assert_eq!(yaml(&to_yaml(&doc)).unwrap(), doc, "{s:?}:\n{}", to_yaml(&doc));
+        }
+    }
+
+    #[test]
+    fn toml_datetimes_become_strings() {
+        assert_eq!(toml("t = 1979-05-27T07:32:00Z\n").unwrap(), json!({"t": "1979-05-27T07:32:00Z"}));
+    }
+}
