@@ -180,3 +180,47 @@ fn the_warn_policy_leaves_a_hand_edit_but_applies_git_changes() {
     let (_, report) = drift_json(&repo, &db, &[]);
     assert_eq!(classes(&report, "alpha"), ["modified"]);
 }
+
+#[test]
+fn under_warn_a_tenant_changed_in_git_and_by_hand_is_a_conflict_left_alone() {
+    let (repo, db) = synced();
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(config, '{display_name}', '\"Renamed by hand\"') WHERE tenant_id = 'alpha'",
+    );
+    let mut doc = tenant_doc("alpha");
+    doc["config"]["plan"] = json!("enterprise");
+    repo.put_tenant(&doc, Format::Toml);
+    repo.commit("alpha goes enterprise");
+    let warn = |args: &[&str]| {
+        let mut c = command(repo.path(), Some(&db));
+        c.env("FROSTBYTE_DRIFT_POLICY", "warn").args(args);
+        output(c)
+    };
+
+    let plan = warn(&["plan"]);
+    assert_eq!(plan.code, 2, "{}", plan.all());
+    assert!(plan.stdout.contains("alpha is in conflict"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("/config/display_name"), "{}", plan.stdout);
+    assert!(plan.stdout.contains("1 in conflict (left alone)"), "{}", plan.stdout);
+
+    let sync = warn(&["sync"]);
+    assert_eq!(sync.code, 2, "a conflict is not success: {}", sync.all());
+    assert!(sync.stderr.contains("1 tenant(s) in conflict were left alone"), "{}", sync.stderr);
+    let row = db.rows("SELECT config->>'display_name' AS name, config->>'plan' AS plan, config_version FROM tenants WHERE tenant_id = 'alpha'");
+    assert_eq!(
+        row[0],
+        json!({"name": "Renamed by hand", "plan": "pro", "config_version": 1}),
+        "the hand edit was overwritten"
+    );
+
+    let (code, report) = drift_json(&repo, &db, &[]);
+    assert_eq!(code, 2);
+    assert_eq!(classes(&report, "alpha"), ["pending", "modified"]);
+
+    // The policy decides: correct writes git's version over the hand edit.
+    let fixed = run(&repo, Some(&db), &["sync"]);
+    assert_eq!(fixed.code, 0, "{}", fixed.all());
+    let row = db.rows("SELECT config->>'display_name' AS name, config->>'plan' AS plan FROM tenants WHERE tenant_id = 'alpha'");
+    assert_eq!(row[0], json!({"name": "Tenant alpha", "plan": "enterprise"}));
+}

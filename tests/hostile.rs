@@ -340,3 +340,48 @@ fn a_run_decoding_files_holds_no_lock_and_blocks_no_other_run() {
     }
     panic!("every stop landed after decoding: cannot tell where the lock is taken");
 }
+
+#[test]
+fn a_remote_that_refuses_credentials_is_asked_a_bounded_number_of_times() {
+    // Every request gets 401: libgit2 asks for credentials again after each refusal.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    let repo = TestRepo::new();
+    repo.write("token", "not-the-right-token\n");
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_GITOPS_REPO", format!("http://127.0.0.1:{port}/org/tenants.git"))
+        .env("FROSTBYTE_GIT_TOKEN_FILE", repo.path().join("token"))
+        .args(["validate"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Instant::now();
+    let mut child = c.spawn().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("still asking after 30 s ({} requests)", requests.load(std::sync::atomic::Ordering::SeqCst));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("authentication"), "{stderr}");
+    assert!(!stderr.contains("not-the-right-token"), "{stderr}");
+    let n = requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(n <= 4, "{n} requests for one fetch");
+}

@@ -150,7 +150,21 @@ fn a_secret_change_is_only_ever_called_changed() {
         ops[0],
         json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed"})
     );
-    outputs.push(sync(&repo, &db).all());
+    // The sync writes the new secret as a query parameter: no FROSTBYTE_LOG can bring it to a log.
+    let mut c = command(repo.path(), Some(&db));
+    c.env(
+        "FROSTBYTE_LOG",
+        "trace,tokio_postgres=trace,tokio_postgres::query=trace,tokio_postgres::prepare=trace",
+    )
+    .arg("sync");
+    let traced = output(c);
+    assert_eq!(traced.code, 0, "{}", traced.all());
+    assert!(
+        traced.stderr.contains("TRACE") || traced.stderr.contains("DEBUG"),
+        "trace logging is on: {}",
+        traced.stderr
+    );
+    outputs.push(traced.all());
     outputs.push(db.rows("SELECT * FROM audit_events").iter().map(|r| r.to_string()).collect());
     outputs.push(db.rows("SELECT * FROM gitops_applied").iter().map(|r| r.to_string()).collect());
     let dir = tempfile::tempdir().unwrap();

@@ -67,3 +67,31 @@ fn sslmode_require_verifies_the_server_certificate() {
     assert_eq!(untrusted.code, 1, "a self-signed certificate must not be accepted: {}", untrusted.all());
     assert!(untrusted.stderr.to_lowercase().contains("certificate"), "{}", untrusted.stderr);
 }
+
+#[test]
+fn production_requires_tls_over_tcp_unless_the_url_says_otherwise() {
+    let base = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("notls-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let settings = ["listen_addresses='127.0.0.1'".to_string(), format!("port={port}")];
+    let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+    let pgdata = base.join("pgdata");
+    frostbyte_gitops::localpg::ensure(&pgdata, &settings).unwrap();
+
+    let repo = TestRepo::new();
+    let migrate = |url: &str, mode: &str| {
+        let mut c = command(repo.path(), None);
+        c.env("FROSTBYTE_CONTROL_DB_URL", url).env("FROSTBYTE_MODE", mode).arg("migrate");
+        output(c)
+    };
+    let plain = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let production = migrate(&plain, "production");
+    let dev = migrate(&plain, "dev");
+    let explicit = migrate(&format!("{plain}?sslmode=disable"), "production");
+    frostbyte_gitops::localpg::stop(&pgdata).unwrap();
+    let _ = std::fs::remove_dir_all(&base);
+
+    assert_eq!(production.code, 1, "production connected without TLS: {}", production.all());
+    assert!(production.stderr.contains("TLS") || production.stderr.contains("SSL"), "{}", production.stderr);
+    assert_eq!(dev.code, 0, "{}", dev.all());
+    assert_eq!(explicit.code, 0, "an explicit sslmode is the operator's call: {}", explicit.all());
+}
