@@ -54,7 +54,10 @@ fn replay(target: &str, run: fn(&[u8])) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{}: still running after {TIME_LIMIT:?}", path.display()),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 let panic = worker.join().expect_err("the worker ended without a result");
-                let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
                 panic!("{}: {}", path.display(), message.unwrap_or_default());
             }
         }

@@ -158,11 +158,14 @@ fn endpoints_must_be_named_https_urls() {
 }
 
 #[test]
-fn a_directory_or_submodule_named_like_a_tenant_file_is_reported() {
+fn a_directory_named_like_a_tenant_file_or_a_non_utf8_name_is_reported() {
     let repo = TestRepo::new();
     repo.put_tenant(&tenant_doc("good"), Format::Toml);
     repo.write("tenants/sneaky.toml/inner.txt", "x");
-    repo.commit("a directory named like a tenant file");
+    use std::os::unix::ffi::OsStrExt;
+    let latin1 = repo.path().join("tenants").join(std::ffi::OsStr::from_bytes(b"caf\xe9.toml"));
+    std::fs::write(latin1, encrypted(&tenant_doc("good"), Format::Toml)).unwrap();
+    repo.commit("a directory named like a tenant file, a name that is not UTF-8");
     let (out, _) = bounded(&repo, None, &["validate"], Duration::from_secs(30));
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(
@@ -170,6 +173,7 @@ fn a_directory_or_submodule_named_like_a_tenant_file_is_reported() {
         "{}",
         out.stdout
     );
+    assert!(out.stdout.contains("the file name is not valid UTF-8"), "{}", out.stdout);
 }
 
 #[test]

