@@ -93,8 +93,18 @@ enum Color {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Apply pending database migrations.
-    Migrate,
+    /// Apply pending database migrations, as the tables' owner; with --app-role, grant that role
+    /// exactly what the agent needs.
+    Migrate {
+        /// The role the agent connects as (env FROSTBYTE_APP_ROLE): it must exist, and own nothing.
+        #[arg(long, env = "FROSTBYTE_APP_ROLE")]
+        app_role: Option<String>,
+    },
+    /// The audit trail.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// Print the resolved configuration and where each value came from.
     Config,
     /// Decrypt and validate every tenant file. Exit 0 when all are valid, 1 otherwise.
@@ -180,6 +190,20 @@ enum SecretsCmd {
     Rotate {
         /// Files to rotate (default: every tenant file under the configured path).
         files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Recompute the audit chain and check every tenant's config_version against its config
+    /// events. Exit 0 intact, 1 naming the first event edited, deleted, inserted or reordered.
+    Verify {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+        /// A file recording the head of the last good verification: the event it names must still
+        /// be there unchanged (this catches a rewrite of the whole chain); updated when intact.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
     },
 }
 
@@ -364,7 +388,7 @@ fn print_json(v: &serde_json::Value) {
 async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
     match cmd {
         Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
-        Cmd::Migrate => {
+        Cmd::Migrate { app_role } => {
             let db = sync::connect(&ctx.cfg).await?;
             let mut client = store::client(&db.pool).await?;
             let applied = store::migrate(&mut client).await?;
@@ -373,8 +397,15 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             } else {
                 println!("Applied migrations: {}", applied.join(", "));
             }
+            if let Some(role) = app_role {
+                store::grant_app_role(&**client, &role).await?;
+                println!("Granted role {role:?} what the agent needs (tenants, its own tables, emit_audit_event).");
+            }
             Ok(EXIT_OK)
         }
+        Cmd::Audit {
+            cmd: AuditCmd::Verify { format, anchor },
+        } => audit_verify(ctx, format, anchor.as_deref()).await,
         Cmd::Validate { format } => {
             let source = frostbyte_gitops::source::Source::open(&ctx.source_spec())?;
             let d = sync::read_desired(ctx, &source, None, ctx.cfg.worktree)?;
@@ -491,6 +522,49 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             Ok(if drifted { EXIT_CHANGES } else { EXIT_OK })
         }
     }
+}
+
+async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::Path>) -> Result<u8> {
+    let anchored = match anchor.filter(|p| p.exists()) {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading anchor {}", path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not an anchor", path.display()))?;
+            let seq = v["head_seq"].as_i64().ok_or_else(|| anyhow!("{}: no head_seq", path.display()))?;
+            let hash = hex::decode(v["head_hash"].as_str().unwrap_or_default()).with_context(|| format!("{}: head_hash is not hex", path.display()))?;
+            Some((seq, hash))
+        }
+    };
+    let db = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &db.pool).await?;
+    let report = sync::verify_audit(&db.pool, anchored).await?;
+    match format {
+        OutFormat::Json => print_json(&serde_json::to_value(&report)?),
+        _ => {
+            if let Some(b) = &report.broken {
+                println!("Audit trail broken: {b}");
+            }
+            for m in &report.version_mismatches {
+                println!(
+                    "Tenant {}: config_version {} but {} TENANT_CONFIG_UPDATED event(s)",
+                    frostbyte_gitops::domain::escape::text(&m.tenant_id),
+                    m.config_version,
+                    m.config_events
+                );
+            }
+            if report.intact() {
+                println!("Audit trail intact: {} event(s), head {} {}", report.events, report.head_seq, report.head_hash);
+            }
+        }
+    }
+    if !report.intact() {
+        return Ok(EXIT_ERROR);
+    }
+    if let Some(path) = anchor {
+        let v = serde_json::json!({"head_seq": report.head_seq, "head_hash": report.head_hash, "verified_at": chrono::Utc::now().to_rfc3339()});
+        std::fs::write(path, serde_json::to_string_pretty(&v)? + "\n").with_context(|| format!("writing anchor {}", path.display()))?;
+    }
+    Ok(EXIT_OK)
 }
 
 /// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done. A conflict

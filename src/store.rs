@@ -18,6 +18,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "001_tenant_registry.sql", include_str!("../migrations/001_tenant_registry.sql")),
     (2, "002_audit_events.sql", include_str!("../migrations/002_audit_events.sql")),
     (3, "003_gitops_state.sql", include_str!("../migrations/003_gitops_state.sql")),
+    (4, "004_audit_chain.sql", include_str!("../migrations/004_audit_chain.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
@@ -48,6 +49,8 @@ pub enum StoreError {
     BadRow { tenant: String, message: String },
     #[error("tenant {tenant} changed while applying: {message}; nothing was applied")]
     Conflict { tenant: String, message: String },
+    #[error("app role {role:?} refused: {why}")]
+    AppRole { role: String, why: String },
 }
 
 fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
@@ -506,6 +509,116 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .map_err(q("recording the applied commit"))?;
     }
     Ok(changes.len())
+}
+
+/// Grants `role` what the agent needs and nothing more: it reads and writes `tenants` and the
+/// agent's own tables, reads the audit trail, and writes events only through `emit_audit_event`.
+/// Refused when the role does not exist, is the one migrating, can bypass privileges, or owns
+/// anything here (an owner can disable triggers and rewrite history).
+pub async fn grant_app_role(client: &impl GenericClient, role: &str) -> Result<(), StoreError> {
+    let row = client
+        .query_opt(
+            "SELECT r.rolsuper OR r.rolbypassrls, r.rolname = current_user,
+                    (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE c.relowner = r.oid AND n.nspname NOT IN ('pg_catalog', 'information_schema'))
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE p.proowner = r.oid AND n.nspname NOT IN ('pg_catalog', 'information_schema'))
+               FROM pg_roles r WHERE r.rolname = $1",
+            &[&role],
+        )
+        .await
+        .map_err(q("looking up the app role"))?;
+    let refuse = |why: String| Err(StoreError::AppRole { role: role.to_string(), why });
+    let Some(row) = row else {
+        return refuse("no such role (create it first, e.g. CREATE ROLE ... LOGIN PASSWORD ...)".into());
+    };
+    let (privileged, is_migrator, owned): (bool, bool, i64) = (row.get(0), row.get(1), row.get(2));
+    if is_migrator {
+        return refuse("it is the role running the migrations, which owns the tables; the agent needs a role of its own".into());
+    }
+    if privileged {
+        return refuse("it is a superuser or bypasses row security".into());
+    }
+    if owned > 0 {
+        return refuse(format!("it owns {owned} table(s), view(s) or function(s) in this database"));
+    }
+    let r = quote_ident(role);
+    let sql = format!(
+        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {r};
+         REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {r};
+         GRANT USAGE ON SCHEMA public TO {r};
+         GRANT SELECT, INSERT, UPDATE ON tenants TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON gitops_sources, gitops_applied TO {r};
+         GRANT SELECT, INSERT ON gitops_settings TO {r};
+         GRANT SELECT ON schema_migrations, audit_events, audit_chain_head TO {r};
+         GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};"
+    );
+    client.batch_execute(&sql).await.map_err(q(format!("granting role {role}")))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// One event of the audit chain, with its columns as the hash covers them.
+pub struct ChainRow {
+    pub seq: i64,
+    pub event_id: String,
+    pub fields: [String; 8],
+    pub prev_hash: Vec<u8>,
+    pub chain_hash: Vec<u8>,
+}
+
+/// Feeds every audit event, in event_seq order, to `each`, streaming (the trail can be long).
+pub async fn for_each_audit_event(client: &impl GenericClient, mut each: impl FnMut(ChainRow) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    use futures_util::TryStreamExt;
+    let rows = client
+        .query_raw(
+            "SELECT event_seq, event_id::text, tenant_id, event_type,
+                    to_char(occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                    actor, details::text, coalesce(previous_event_id::text, ''), prev_hash, chain_hash
+               FROM audit_events ORDER BY event_seq",
+            std::iter::empty::<i64>(),
+        )
+        .await
+        .map_err(q("reading audit_events"))?;
+    futures_util::pin_mut!(rows);
+    while let Some(r) = rows.try_next().await.map_err(q("reading audit_events"))? {
+        let seq: i64 = r.get(0);
+        let id: String = r.get(1);
+        let text = |i: usize| r.get::<_, String>(i);
+        each(ChainRow {
+            seq,
+            fields: [id.clone(), seq.to_string(), text(2), text(3), text(4), text(5), text(6), text(7)],
+            event_id: id,
+            prev_hash: r.get(8),
+            chain_hash: r.get(9),
+        })?;
+    }
+    Ok(())
+}
+
+/// The chain head (last event_seq and hash), and each tenant's config_version with its count of
+/// TENANT_CONFIG_UPDATED events.
+pub async fn audit_head_and_versions(client: &impl GenericClient) -> Result<(Option<(i64, Vec<u8>)>, Vec<(String, i64, i64)>), StoreError> {
+    let head = client
+        .query_opt("SELECT last_seq, last_hash FROM audit_chain_head", &[])
+        .await
+        .map_err(q("reading audit_chain_head"))?
+        .map(|r| (r.get(0), r.get(1)));
+    let versions = client
+        .query(
+            "SELECT t.tenant_id, t.config_version,
+                    (SELECT count(*) FROM audit_events e WHERE e.tenant_id = t.tenant_id AND e.event_type = 'TENANT_CONFIG_UPDATED')
+               FROM tenants t ORDER BY t.tenant_id",
+            &[],
+        )
+        .await
+        .map_err(q("counting config events"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Ok((head, versions))
 }
 
 /// Creates `name` on the server `admin_url` points to, if it does not exist.

@@ -103,7 +103,7 @@ fn a_second_run_changes_nothing() {
     let (repo, db) = (TestRepo::new(), TestDb::new());
     migrate(&repo, &db);
     let before = db.rows("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version");
-    assert_eq!(before.len(), 3);
+    assert_eq!(before.len(), frostbyte_gitops::store::MIGRATIONS.len());
     let out = migrate(&repo, &db);
     assert!(out.stdout.contains("nothing to apply"), "{}", out.stdout);
     assert_eq!(db.rows("SELECT version, checksum, applied_at FROM schema_migrations ORDER BY version"), before);
@@ -116,7 +116,7 @@ fn two_concurrent_runs_both_succeed_and_apply_each_migration_once() {
     for o in &outs {
         assert_eq!(o.code, 0, "{}", o.stderr);
     }
-    assert_eq!(db.count("SELECT * FROM schema_migrations"), 3);
+    assert_eq!(db.count("SELECT * FROM schema_migrations"), frostbyte_gitops::store::MIGRATIONS.len() as i64);
     let applied: Vec<String> = outs.iter().map(|o| o.stdout.clone()).collect();
     assert_eq!(applied.iter().filter(|s| s.contains("Applied migrations")).count(), 1, "{applied:?}");
 }
@@ -173,4 +173,70 @@ fn production_mode_refuses_an_unmigrated_database() {
     let out = output(c);
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(out.stderr.contains("not migrated"), "{}", out.stderr);
+}
+
+/// Runs one statement as `role` on `db`, returning the server's message on failure.
+fn as_role(db: &TestDb, role: &str, sql: &str) -> Result<(), String> {
+    let url = format!("{} user={role}", db.url);
+    let sql = sql.to_string();
+    block_on(async move {
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        c.batch_execute(&sql)
+            .await
+            .map_err(|e| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()))
+    })
+}
+
+#[test]
+fn the_app_role_syncs_but_cannot_touch_the_audit_trail() {
+    let db = TestDb::new();
+    let role = format!("app_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    db.exec(&format!("CREATE ROLE {role} LOGIN"));
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), frostbyte_gitops::sops::Format::Toml);
+    repo.commit("alpha");
+
+    let out = run(&repo, Some(&db), &["migrate", "--app-role", &role]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    // The agent, connected as the app role, syncs.
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_CONTROL_DB_URL", format!("{} user={role}", db.url)).arg("sync");
+    let sync = output(c);
+    assert_eq!(sync.code, 0, "{}", sync.all());
+    assert_eq!(db.count("SELECT 1 FROM audit_events"), 2);
+
+    for forbidden in [
+        "INSERT INTO audit_events (tenant_id, event_type, actor, prev_hash, chain_hash) VALUES ('alpha', 'TENANT_CREATED', 'me', '\\x00', '\\x00')",
+        "UPDATE audit_events SET actor = 'someone else'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events",
+        "ALTER TABLE audit_events DISABLE TRIGGER ALL",
+        "ALTER TABLE audit_events DISABLE TRIGGER audit_events_no_update_delete",
+        "DROP TRIGGER audit_events_no_update_delete ON audit_events",
+        "SET session_replication_role = replica",
+        "UPDATE audit_chain_head SET last_seq = 0",
+        "CREATE TABLE mine (x int)",
+        "CREATE OR REPLACE FUNCTION emit_audit_event(text, text, text, jsonb) RETURNS uuid LANGUAGE sql AS 'SELECT gen_random_uuid()'",
+        "DELETE FROM tenants",
+    ] {
+        let r = as_role(&db, &role, forbidden);
+        assert!(r.is_err(), "the app role may: {forbidden}");
+    }
+    assert_eq!(db.count("SELECT 1 FROM audit_events"), 2);
+
+    // A superuser in replica mode still meets the triggers.
+    let err = db
+        .try_exec("SET session_replication_role = replica; UPDATE audit_events SET actor = 'x'")
+        .unwrap_err();
+    assert!(err.contains("append-only"), "{err}");
+
+    // Refused: a role that owns something, and the migrating role itself.
+    db.exec(&format!("CREATE TABLE owned_by_app (x int); ALTER TABLE owned_by_app OWNER TO {role}"));
+    let out = run(&repo, Some(&db), &["migrate", "--app-role", &role]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("owns 1 table"), "{}", out.stderr);
+    let out = run(&repo, Some(&db), &["migrate", "--app-role", "postgres"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("running the migrations"), "{}", out.stderr);
 }

@@ -61,3 +61,197 @@ pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor:
     }
     out
 }
+
+// ---------- the tamper-evident chain (migration 004) ----------
+
+/// What the chain hash of an event covers, built the way `audit_event_content()` builds it in
+/// SQL: each field length-prefixed, so no two events share a content string.
+pub fn chain_content(fields: &[String]) -> String {
+    fields.iter().map(|f| format!("{}:{f}", f.len())).collect::<Vec<_>>().join("|")
+}
+
+pub fn chain_hash(prev_hash: &[u8], fields: &[String]) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(prev_hash);
+    h.update(chain_content(fields).as_bytes());
+    h.finalize().to_vec()
+}
+
+/// Where the chain first fails, and how.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ChainBreak {
+    /// The event's content or hash no longer match each other.
+    Edited { seq: i64, event_id: String },
+    /// The event does not follow the one before it: an event was deleted before it, or it (or
+    /// one before it) was inserted or moved.
+    Relinked { seq: i64, event_id: String },
+    /// The newest events are gone: the head records a later event than the last one present.
+    HeadMismatch { head_seq: i64, last_seq: i64 },
+    /// An event recorded in an anchor from an earlier verification is gone or different.
+    Anchor { seq: i64 },
+}
+
+impl std::fmt::Display for ChainBreak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChainBreak::Edited { seq, event_id } => write!(f, "event {seq} ({event_id}) was edited: its content does not match its hash"),
+            ChainBreak::Relinked { seq, event_id } => write!(
+                f,
+                "event {seq} ({event_id}) does not follow the event before it: an event was deleted, inserted or reordered just before it"
+            ),
+            ChainBreak::HeadMismatch { head_seq, last_seq } => {
+                write!(
+                    f,
+                    "the chain head records event {head_seq}, but the last event is {last_seq}: the newest events were deleted or added"
+                )
+            }
+            ChainBreak::Anchor { seq } => write!(f, "event {seq}, recorded in the anchor, is gone or was rewritten"),
+        }
+    }
+}
+
+/// Checks events one at a time, in event_seq order, so a long trail needs no memory.
+pub struct ChainVerifier {
+    expected_prev: Vec<u8>,
+    last_seq: i64,
+    pub events: u64,
+    anchor: Option<(i64, Vec<u8>)>,
+    anchor_seen: bool,
+}
+
+impl ChainVerifier {
+    /// `anchor`: an event (seq, hash) recorded by an earlier verification, which must still be there.
+    pub fn new(anchor: Option<(i64, Vec<u8>)>) -> Self {
+        ChainVerifier {
+            expected_prev: vec![0; 32],
+            last_seq: 0,
+            events: 0,
+            anchor,
+            anchor_seen: false,
+        }
+    }
+
+    pub fn push(&mut self, seq: i64, event_id: &str, fields: &[String], prev_hash: &[u8], hash: &[u8]) -> Result<(), ChainBreak> {
+        if chain_hash(prev_hash, fields) != hash {
+            return Err(ChainBreak::Edited {
+                seq,
+                event_id: event_id.to_string(),
+            });
+        }
+        if prev_hash != self.expected_prev.as_slice() {
+            return Err(ChainBreak::Relinked {
+                seq,
+                event_id: event_id.to_string(),
+            });
+        }
+        if let Some((at, anchored)) = &self.anchor
+            && *at == seq
+        {
+            if anchored.as_slice() != hash {
+                return Err(ChainBreak::Anchor { seq });
+            }
+            self.anchor_seen = true;
+        }
+        self.expected_prev = hash.to_vec();
+        self.last_seq = seq;
+        self.events += 1;
+        Ok(())
+    }
+
+    /// The head (last seq and hash) once every event was pushed.
+    pub fn finish(self, head: Option<(i64, Vec<u8>)>) -> Result<(i64, Vec<u8>), ChainBreak> {
+        let (head_seq, head_hash) = head.unwrap_or((0, vec![0; 32]));
+        if head_seq != self.last_seq || head_hash != self.expected_prev {
+            return Err(ChainBreak::HeadMismatch {
+                head_seq,
+                last_seq: self.last_seq,
+            });
+        }
+        if let Some((seq, _)) = self.anchor
+            && !self.anchor_seen
+        {
+            return Err(ChainBreak::Anchor { seq });
+        }
+        Ok((self.last_seq, self.expected_prev))
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+
+    fn chain(n: i64) -> Vec<(i64, String, Vec<String>, Vec<u8>, Vec<u8>)> {
+        let mut prev = vec![0u8; 32];
+        (1..=n)
+            .map(|seq| {
+                let fields: Vec<String> = vec![format!("id-{seq}"), seq.to_string(), "acme".into(), "TENANT_CONFIG_UPDATED".into()];
+                let hash = chain_hash(&prev, &fields);
+                let row = (seq, format!("id-{seq}"), fields, prev.clone(), hash.clone());
+                prev = hash;
+                row
+            })
+            .collect()
+    }
+
+    fn verify(rows: &[(i64, String, Vec<String>, Vec<u8>, Vec<u8>)], head: Option<(i64, Vec<u8>)>) -> Result<(i64, Vec<u8>), ChainBreak> {
+        let mut v = ChainVerifier::new(None);
+        for (seq, id, fields, prev, hash) in rows {
+            v.push(*seq, id, fields, prev, hash)?;
+        }
+        v.finish(head)
+    }
+
+    #[test]
+    fn each_kind_of_edit_is_found_at_its_event() {
+        let rows = chain(5);
+        let head = Some((5, rows[4].4.clone()));
+        assert!(verify(&rows, head.clone()).is_ok());
+
+        let mut edited = rows.clone();
+        edited[2].2[2] = "globex".into();
+        assert_eq!(
+            verify(&edited, head.clone()),
+            Err(ChainBreak::Edited {
+                seq: 3,
+                event_id: "id-3".into()
+            })
+        );
+
+        let mut deleted = rows.clone();
+        deleted.remove(1);
+        assert_eq!(
+            verify(&deleted, head.clone()),
+            Err(ChainBreak::Relinked {
+                seq: 3,
+                event_id: "id-3".into()
+            })
+        );
+
+        let mut reordered = rows.clone();
+        reordered.swap(1, 2);
+        assert!(matches!(verify(&reordered, head.clone()), Err(ChainBreak::Relinked { seq: 3, .. })));
+
+        let mut truncated = rows.clone();
+        truncated.pop();
+        assert_eq!(verify(&truncated, head.clone()), Err(ChainBreak::HeadMismatch { head_seq: 5, last_seq: 4 }));
+    }
+
+    #[test]
+    fn a_full_rewrite_is_caught_by_an_anchor() {
+        let rows = chain(3);
+        let mut v = ChainVerifier::new(Some((2, vec![9; 32])));
+        for (seq, id, fields, prev, hash) in &rows[..1] {
+            v.push(*seq, id, fields, prev, hash).unwrap();
+        }
+        let (seq, id, fields, prev, hash) = &rows[1];
+        assert_eq!(v.push(*seq, id, fields, prev, hash), Err(ChainBreak::Anchor { seq: 2 }));
+    }
+
+    #[test]
+    fn content_is_length_prefixed() {
+        assert_ne!(chain_content(&["a|1:b".into(), "c".into()]), chain_content(&["a".into(), "b|1:c".into()]));
+        assert_eq!(chain_content(&["ab".into(), "".into()]), "2:ab|0:");
+    }
+}
