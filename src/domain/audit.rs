@@ -182,7 +182,10 @@ impl ChainVerifier {
 mod chain_tests {
     use super::*;
 
-    fn chain(n: i64) -> Vec<(i64, String, Vec<String>, Vec<u8>, Vec<u8>)> {
+    /// seq, event id, fields, prev hash, hash.
+    type Row = (i64, String, Vec<String>, Vec<u8>, Vec<u8>);
+
+    fn chain(n: i64) -> Vec<Row> {
         let mut prev = vec![0u8; 32];
         (1..=n)
             .map(|seq| {
@@ -195,7 +198,7 @@ mod chain_tests {
             .collect()
     }
 
-    fn verify(rows: &[(i64, String, Vec<String>, Vec<u8>, Vec<u8>)], head: Option<(i64, Vec<u8>)>) -> Result<(i64, Vec<u8>), ChainBreak> {
+    fn verify(rows: &[Row], head: Option<(i64, Vec<u8>)>) -> Result<(i64, Vec<u8>), ChainBreak> {
         let mut v = ChainVerifier::new(None);
         for (seq, id, fields, prev, hash) in rows {
             v.push(*seq, id, fields, prev, hash)?;
