@@ -80,6 +80,11 @@ pub struct Config {
     pub webhook_token: Option<String>,
     /// Credentials for a remote repository.
     pub git_auth: crate::source::GitAuth,
+    pub verify_commits: crate::verify::VerifyMode,
+    /// OpenSSH allowed_signers file of trusted commit signers.
+    pub allowed_signers: Option<PathBuf>,
+    /// Armored OpenPGP public keys of trusted commit signers.
+    pub trusted_pgp_keys: Option<PathBuf>,
     /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
     pub shown: Vec<Shown>,
 }
@@ -197,6 +202,24 @@ const DEFS: &[Def] = &[
         env: &["FROSTBYTE_WEBHOOK_TOKEN"],
         default: None,
         secret: true,
+    },
+    Def {
+        name: "verify_commits",
+        env: &["FROSTBYTE_VERIFY_COMMITS"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "allowed_signers",
+        env: &["FROSTBYTE_ALLOWED_SIGNERS"],
+        default: None,
+        secret: false,
+    },
+    Def {
+        name: "trusted_pgp_keys",
+        env: &["FROSTBYTE_TRUSTED_PGP_KEYS"],
+        default: None,
+        secret: false,
     },
     Def {
         name: "git_token_file",
@@ -350,6 +373,20 @@ impl Config {
         if mode == Mode::Production && allow_plaintext {
             errors.push("allow_plaintext cannot be used in production mode".into());
         }
+        let verify_commits = match get("verify_commits").as_deref() {
+            None if mode == Mode::Production => crate::verify::VerifyMode::Head,
+            None => crate::verify::VerifyMode::Off,
+            Some(v) => v.parse().unwrap_or_else(|e| {
+                errors.push(format!("verify_commits (from {}): {e}", origin("verify_commits")));
+                crate::verify::VerifyMode::Off
+            }),
+        };
+        if mode == Mode::Production && verify_commits != crate::verify::VerifyMode::Off && get("allowed_signers").is_none() && get("trusted_pgp_keys").is_none()
+        {
+            errors.push(format!(
+                "verify_commits is {verify_commits} in production but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS), or verify_commits = \"off\""
+            ));
+        }
         // An empty value in the environment counts as given here: it opens the door, not closes it.
         let webhook_token = get("webhook_token").or_else(|| env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()));
         if let Some(token) = &webhook_token
@@ -389,6 +426,7 @@ impl Config {
                 let value = match (value, d.secret) {
                     (None, _) if d.name == "database_url" => "(unset: local PostgreSQL under data_dir)".to_string(),
                     (None, _) if d.name == "log_format" => format!("{log_format:?}").to_lowercase(),
+                    (None, _) if d.name == "verify_commits" => verify_commits.to_string(),
                     (None, _) => "(unset)".to_string(),
                     (Some(v), true) if d.name == "database_url" => mask_url(&v),
                     (Some(v), false) if d.name == "repo" => crate::source::shown_repo(&v),
@@ -416,6 +454,9 @@ impl Config {
             debounce_ms,
             listen: get("listen").unwrap_or_default(),
             webhook_token,
+            verify_commits,
+            allowed_signers: get("allowed_signers").map(PathBuf::from),
+            trusted_pgp_keys: get("trusted_pgp_keys").map(PathBuf::from),
             git_auth: crate::source::GitAuth {
                 token_file: get("git_token_file").map(PathBuf::from),
                 ssh_key_file: get("git_ssh_key_file").map(PathBuf::from),

@@ -14,3 +14,4 @@ pub mod sops;
 pub mod source;
 pub mod store;
 pub mod sync;
+pub mod verify;

@@ -75,6 +75,15 @@ struct Global {
     /// `run`: HTTP listener address (env FROSTBYTE_LISTEN; default 127.0.0.1:8686).
     #[arg(long, global = true)]
     listen: Option<String>,
+    /// off, head or strict (env FROSTBYTE_VERIFY_COMMITS; default off in dev, head in production).
+    #[arg(long, global = true)]
+    verify_commits: Option<String>,
+    /// OpenSSH allowed_signers file of trusted commit signers (env FROSTBYTE_ALLOWED_SIGNERS).
+    #[arg(long, global = true)]
+    allowed_signers: Option<String>,
+    /// Armored OpenPGP public keys of trusted commit signers (env FROSTBYTE_TRUSTED_PGP_KEYS).
+    #[arg(long, global = true)]
+    trusted_pgp_keys: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -262,6 +271,9 @@ fn flags(g: &Global) -> Flags {
     put("interval", &g.interval);
     put("debounce_ms", &g.debounce_ms);
     put("listen", &g.listen);
+    put("verify_commits", &g.verify_commits);
+    put("allowed_signers", &g.allowed_signers);
+    put("trusted_pgp_keys", &g.trusted_pgp_keys);
     if g.allow_plaintext {
         f.0.insert("allow_plaintext", "true".into());
     }
@@ -293,6 +305,17 @@ fn load_keys(cfg: &Config) -> Result<AgeKeys> {
         keys.add_text(text, "SOPS_AGE_KEY").map_err(|e| anyhow!(e))?;
     }
     Ok(keys)
+}
+
+fn load_signers(cfg: &Config) -> Result<frostbyte_gitops::verify::TrustedSigners> {
+    let signers = frostbyte_gitops::verify::TrustedSigners::load(cfg.allowed_signers.as_deref(), cfg.trusted_pgp_keys.as_deref())?;
+    if cfg.verify_commits != frostbyte_gitops::verify::VerifyMode::Off && signers.is_empty() {
+        return Err(anyhow!(
+            "verify_commits is {} but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS)",
+            cfg.verify_commits
+        ));
+    }
+    Ok(signers)
 }
 
 fn init_logging(cfg: &Config) {
@@ -370,7 +393,8 @@ fn real_main(cli: Cli) -> Result<u8> {
         &cli.cmd,
         Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
     );
-    let ctx = Ctx { cfg, keys, progress };
+    let signers = load_signers(&cfg)?;
+    let ctx = Ctx { cfg, keys, signers, progress };
     if let Cmd::Run = cli.cmd {
         return rt.block_on(async {
             let db = sync::connect(&ctx.cfg).await?;

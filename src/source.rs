@@ -436,6 +436,19 @@ impl Source {
         Ok(Some(out))
     }
 
+    /// Whether `new` passes signature verification under `mode`, `last` being the last applied
+    /// commit (strict mode checks every commit since it).
+    pub fn verify(
+        &self,
+        mode: crate::verify::VerifyMode,
+        last: Option<&str>,
+        new: Oid,
+        signers: &crate::verify::TrustedSigners,
+    ) -> Result<Option<crate::verify::CommitSigner>, crate::verify::Refused> {
+        let last = last.and_then(|l| Oid::from_str(l).ok()).filter(|l| self.repo.find_commit(*l).is_ok());
+        crate::verify::verify_range(&self.repo, mode, last, new, signers)
+    }
+
     /// The directory notify should watch for new commits (the git dir) and tenant edits.
     pub fn watch_paths(&self) -> (PathBuf, Option<PathBuf>) {
         (self.repo.path().to_path_buf(), self.repo.workdir().map(|w| w.join(self.tenant_dir())))

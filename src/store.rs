@@ -392,6 +392,8 @@ pub struct ApplyContext<'a> {
     pub key: &'a [u8],
     /// Record the commit as the source's last applied one (not for work-tree runs).
     pub record_commit: bool,
+    /// The commit's verified signer (null when verification is off).
+    pub signer: Value,
 }
 
 /// Writes every change of `plan` with its audit events, a statement per kind of write whatever
@@ -467,7 +469,10 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         }
     }
 
-    let events: Vec<AuditEvent> = changes.iter().flat_map(|(c, _)| events_for(c, ctx.commit, ctx.source, ctx.actor)).collect();
+    let events: Vec<AuditEvent> = changes
+        .iter()
+        .flat_map(|(c, _)| events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer))
+        .collect();
     emit_audit_events(tx, &events).await?;
 
     if !changes.is_empty() {

@@ -38,16 +38,20 @@ pub enum SyncError {
     Stale(Vec<String>),
     #[error("{0}")]
     Usage(String),
+    #[error(transparent)]
+    Refused(#[from] crate::verify::Refused),
 }
 
 fn files_with_issues(issues: &[Issue]) -> usize {
     issues.iter().map(|i| &i.file).collect::<BTreeSet<_>>().len()
 }
 
-/// What every command gets: the resolved configuration and the age identities.
+/// What every command gets: the resolved configuration, the age identities and the trusted
+/// commit signers.
 pub struct Ctx {
     pub cfg: Config,
     pub keys: AgeKeys,
+    pub signers: crate::verify::TrustedSigners,
     /// Show a progress bar on a terminal.
     pub progress: bool,
 }
@@ -349,10 +353,17 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
     // selection is made again; if another run moved the database meanwhile so that a file not
     // yet decoded is needed, the lock is let go and the missing files are decoded outside it.
     let mut decoded = Decoded::default();
+    let mut verified: Option<Verified> = None;
     let mut attempts = 0;
     let (tx, State { desired, actual, unchanged }) = loop {
         attempts += 1;
         let last = store::last_applied_commit(&**client, &source.id).await?;
+        if verified.as_ref().is_none_or(|v| !v.holds_for(ctx, last.as_deref())) {
+            verified = Some(blocking(|| Verified::check(ctx, &source, &snapshot, last.as_deref())));
+        }
+        if applying && let Some(Verified { result: Err(refused), .. }) = &verified {
+            return Err(refused.clone().into());
+        }
         let index = store::load_index(&**client).await?;
         let selection = select(&source, &snapshot, last.as_deref(), index)?;
         decoded.extend(ctx, &source, &snapshot, &selection)?;
@@ -378,7 +389,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         }
         let index = store::load_index(&*tx).await?;
         let selection = select(&source, &snapshot, last.as_deref(), index)?;
-        if decoded.covers(&selection) {
+        if decoded.covers(&selection) && verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_deref())) {
             let state = decoded.state(&*tx, &snapshot, selection).await?;
             break (tx, state);
         }
@@ -417,6 +428,10 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
             actor: ACTOR,
             key: &key,
             record_commit: desired.commit.is_some(),
+            signer: verified
+                .as_ref()
+                .and_then(|v| v.result.as_ref().ok().cloned().flatten())
+                .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
         };
         applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
     }
@@ -446,6 +461,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
         header: Header {
             commit: desired.commit.as_ref().map(|c| c.id.clone()),
             against: "the database".into(),
+            signature: verified.as_ref().and_then(|v| v.describe(ctx.cfg.verify_commits)),
         },
         plan: fresh,
         applied,
@@ -486,6 +502,50 @@ struct State {
     /// The rows of every tenant that is not `unchanged` (orphans included), in full.
     actual: Vec<ActualTenant>,
     unchanged: Vec<Unchanged>,
+}
+
+/// A commit's signature check, and the last applied commit it was made against (strict mode
+/// checks every commit since it).
+struct Verified {
+    against: Option<String>,
+    result: Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>,
+}
+
+impl Verified {
+    fn check(ctx: &Ctx, source: &Source, snapshot: &Snapshot, last: Option<&str>) -> Verified {
+        let result = match &snapshot.commit {
+            None => Ok(None),
+            Some(c) => source.verify(ctx.cfg.verify_commits, last, commit_oid(&c.id), &ctx.signers),
+        };
+        Verified {
+            against: last.map(str::to_string),
+            result,
+        }
+    }
+
+    fn holds_for(&self, ctx: &Ctx, last: Option<&str>) -> bool {
+        ctx.cfg.verify_commits != crate::verify::VerifyMode::Strict || self.against.as_deref() == last
+    }
+
+    /// For a plan's header.
+    fn describe(&self, mode: crate::verify::VerifyMode) -> Option<String> {
+        signature_words(mode, &self.result)
+    }
+}
+
+/// A signature check in words, for a plan's header (none when verification is off).
+pub fn signature_words(mode: crate::verify::VerifyMode, result: &Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>) -> Option<String> {
+    match result {
+        _ if mode == crate::verify::VerifyMode::Off => None,
+        Ok(Some(s)) => Some(format!(
+            "verified ({mode}): {} key {} of {}",
+            if s.kind == crate::verify::SignerKind::Ssh { "SSH" } else { "OpenPGP" },
+            s.fingerprint,
+            s.principal
+        )),
+        Ok(None) => Some("not checked: the work tree has no commit".into()),
+        Err(r) => Some(format!("REFUSED ({mode}): signer {}: {}; a sync would apply nothing", r.signer, r.reason)),
+    }
 }
 
 /// What a run must read: only what can differ from what the agent last applied, i.e. the files git
@@ -710,9 +770,18 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
             t.file = None;
         }
     }
+    // Would the merge pass verification? In strict mode, every commit since the base.
+    let signature = match &desired.commit {
+        Some(c) => signature_words(
+            ctx.cfg.verify_commits,
+            &source.verify(ctx.cfg.verify_commits, Some(&base_commit.to_string()), commit_oid(&c.id), &ctx.signers),
+        ),
+        None => None,
+    };
     let header = Header {
         commit: desired.commit.map(|c| c.id),
         against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]),
+        signature,
     };
     Ok((header, p))
 }
@@ -729,6 +798,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantD
         Header {
             commit: desired.commit.map(|c| c.id),
             against: "the database".into(),
+            signature: None,
         },
         report,
     ))

@@ -121,6 +121,7 @@ impl Repo {
         Ctx {
             cfg,
             keys: keys("test.agekey"),
+            signers: Default::default(),
             progress: false,
         }
     }

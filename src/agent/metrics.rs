@@ -20,6 +20,8 @@ pub struct Metrics {
     pub validation_errors: usize,
     /// Tenants left alone at the last sync because git and a hand edit both changed them.
     pub conflicts: usize,
+    /// Whether the last sync was refused for its commit's signature.
+    pub commit_refused: bool,
     pub leader: bool,
     /// Whether a first attempt to take the apply lease was made: before it, the replica is
     /// neither leader nor standby, and not ready.
@@ -90,6 +92,11 @@ impl Metrics {
             "# HELP frostbyte_conflicts Tenants changed both in git and outside git, left alone (drift policy warn).\n# TYPE frostbyte_conflicts gauge"
         );
         let _ = writeln!(o, "frostbyte_conflicts {}", self.conflicts);
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_commit_refused 1 when the last sync was refused: its commit lacks a good signature by a trusted signer.\n# TYPE frostbyte_commit_refused gauge"
+        );
+        let _ = writeln!(o, "frostbyte_commit_refused {}", u8::from(self.commit_refused));
         let _ = writeln!(
             o,
             "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"

@@ -170,6 +170,7 @@ async fn reconcile_once(
             m.last_sync_ok = Some(true);
             m.last_sync_error = None;
             m.validation_errors = 0;
+            m.commit_refused = false;
             m.conflicts = o.plan.summary().conflict;
             if m.conflicts > 0 {
                 tracing::warn!(
@@ -196,6 +197,7 @@ async fn reconcile_once(
             if let SyncError::Invalid { issues, .. } = &e {
                 m.validation_errors = issues.len();
             }
+            m.commit_refused = matches!(e, SyncError::Refused(_));
             m.record_run("failure", seconds);
             m.last_sync_ok = Some(false);
             let text = format!("{:#}", anyhow::Error::from(e));

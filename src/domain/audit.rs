@@ -28,7 +28,9 @@ pub struct AuditEvent {
 
 /// The events one applied change writes: `TENANT_CREATED` for a new tenant, then always one
 /// `TENANT_CONFIG_UPDATED` carrying the redacted patch from the old version to the new.
-pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor: &str) -> Vec<AuditEvent> {
+/// `signer`: the verified signer of the commit, as JSON (`{"type", "fingerprint", "principal"}`),
+/// or null when verification is off.
+pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor: &str, signer: &Value) -> Vec<AuditEvent> {
     let mut out = Vec::new();
     if change.action == Action::Create {
         out.push(AuditEvent {
@@ -45,6 +47,7 @@ pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor:
             "commit": commit.id,
             "commit_time": commit.time,
             "commit_author": commit.author,
+            "commit_signer": signer,
             "file": change.file,
             "source": source,
             "patch": change.patch,

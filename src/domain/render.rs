@@ -20,6 +20,9 @@ pub struct Header {
     pub commit: Option<String>,
     /// What the desired state was compared with: "database" or "ref <rev> (<commit>)".
     pub against: String,
+    /// Whether the commit passes signature verification, in words (none when it is off).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 fn short(commit: &Option<String>) -> String {
@@ -136,7 +139,11 @@ fn version_span(t: &TenantPlan) -> String {
 pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
     let p = Paint(color);
     let mut out = String::new();
-    let _ = writeln!(out, "Plan for {} against {}:\n", short(&header.commit), text(&header.against));
+    let _ = writeln!(out, "Plan for {} against {}:", short(&header.commit), text(&header.against));
+    if let Some(sig) = &header.signature {
+        let _ = writeln!(out, "Signature: {}", text(sig));
+    }
+    out.push('\n');
     for t in &plan.tenants {
         let file = text(t.file.as_deref().unwrap_or(""));
         let id = text(&t.tenant_id);
@@ -211,6 +218,9 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
         s.line(),
         s.unchanged
     );
+    if let Some(sig) = &header.signature {
+        let _ = writeln!(head, "Signature: {}\n", md_cell(sig));
+    }
     let shown: Vec<&TenantPlan> = plan
         .tenants
         .iter()
@@ -396,6 +406,7 @@ mod tests {
             &Header {
                 commit: Some("abc".into()),
                 against: "database".into(),
+                signature: None,
             },
         );
         assert!(md.len() <= MARKDOWN_LIMIT, "{}", md.len());

@@ -98,6 +98,7 @@ pub fn render(data: &[u8]) {
     let header = Header {
         commit: Some("0123456789abcdef".into()),
         against: "the database".into(),
+        signature: Some("REFUSED (head): signer `x|y`: \u{1b}[2J".into()),
     };
     let text = render::plan_text(&p, &header, false);
     assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
