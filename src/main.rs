@@ -120,6 +120,10 @@ enum Cmd {
     Validate {
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
+        /// Check everything that needs no key (names, structure, sops metadata, the schema of the
+        /// plaintext parts, recipients): for pull-request jobs, which must not hold one.
+        #[arg(long)]
+        no_decrypt: bool,
     },
     /// Show what a sync would change. Exit 0 no changes, 2 changes, 1 error.
     Plan {
@@ -391,7 +395,7 @@ fn real_main(cli: Cli) -> Result<u8> {
         .context("starting the async runtime")?;
     let progress = matches!(
         &cli.cmd,
-        Cmd::Validate { format: OutFormat::Text } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
+        Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
     );
     let signers = load_signers(&cfg)?;
     let ctx = Ctx { cfg, keys, signers, progress };
@@ -430,9 +434,9 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
         Cmd::Audit {
             cmd: AuditCmd::Verify { format, anchor },
         } => audit_verify(ctx, format, anchor.as_deref()).await,
-        Cmd::Validate { format } => {
+        Cmd::Validate { format, no_decrypt } => {
             let source = frostbyte_gitops::source::Source::open(&ctx.source_spec())?;
-            let d = sync::read_desired(ctx, &source, None, ctx.cfg.worktree)?;
+            let d = sync::read_desired(ctx, &source, None, ctx.cfg.worktree, !no_decrypt)?;
             match format {
                 OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
                 OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),

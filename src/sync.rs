@@ -86,6 +86,9 @@ impl Desired {
 
 pub struct ReadOptions<'a> {
     pub keys: &'a AgeKeys,
+    /// False for `validate --no-decrypt`: check what can be checked without a key (names,
+    /// structure, sops metadata, the schema of the plaintext parts, recipients).
+    pub decrypt: bool,
     pub allow_plaintext: bool,
     pub require_tenant_recipient: bool,
     pub progress: bool,
@@ -95,6 +98,7 @@ impl<'a> ReadOptions<'a> {
     pub fn from_ctx(ctx: &'a Ctx) -> Self {
         ReadOptions {
             keys: &ctx.keys,
+            decrypt: true,
             allow_plaintext: ctx.cfg.allow_plaintext && ctx.cfg.mode == Mode::Dev,
             require_tenant_recipient: ctx.cfg.require_tenant_recipient,
             progress: ctx.progress,
@@ -188,7 +192,21 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
         }
         other => err(other.to_string()),
     })?;
-    let (value, secrets, recipients) = if sops::is_encrypted(&doc) {
+    let (value, secrets, recipients) = if sops::is_encrypted(&doc) && !opts.decrypt {
+        let (recipients, _) = sops::recipients_and_rules(&doc).map_err(|e| err(e.to_string()))?;
+        if recipients.is_empty() {
+            return Err(err("has no age recipients in its sops metadata".into()));
+        }
+        let mut value = doc;
+        value.as_object_mut().map(|m| m.shift_remove("sops"));
+        let mut secrets = SecretPaths::new();
+        encrypted_leaves(&value, "", &mut secrets);
+        // An encrypted tenant_id cannot be compared with the file name without the key.
+        if secrets.remove("/tenant_id") {
+            value["tenant_id"] = serde_json::Value::String(f.stem.clone());
+        }
+        (value, secrets, Some(recipients))
+    } else if sops::is_encrypted(&doc) {
         let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
             sops::SopsError::Value { ref pointer, .. } => {
                 vec![
@@ -216,21 +234,54 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTena
     {
         issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
     }
+    let encrypted = (!opts.decrypt).then(|| secrets.clone());
     match check_document(&f.path, &f.stem, text, value, secrets) {
         Ok(t) if issues.is_empty() => Ok(t),
         Ok(_) => Err(issues),
         Err(mut more) => {
+            // Without the key an encrypted value's type and content are unknown: only problems
+            // elsewhere count.
+            if let Some(encrypted) = &encrypted {
+                more.retain(|i| {
+                    i.pointer
+                        .as_ref()
+                        .is_none_or(|p| !encrypted.iter().any(|e| crate::domain::json::is_within(p, e)))
+                });
+            }
             issues.append(&mut more);
+            if issues.is_empty() {
+                return Err(vec![]);
+            }
             Err(issues)
         }
     }
 }
 
+/// Pointers of the values still encrypted (`ENC[...]` strings) in a document read without its key.
+fn encrypted_leaves(v: &serde_json::Value, pointer: &str, out: &mut SecretPaths) {
+    match v {
+        serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| encrypted_leaves(v, &crate::domain::json::child(pointer, k), out)),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| encrypted_leaves(v, &crate::domain::json::child(pointer, &i.to_string()), out)),
+        serde_json::Value::String(s) if s.starts_with("ENC[") => {
+            out.insert(pointer.to_string());
+        }
+        _ => {}
+    }
+}
+
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
-pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Desired, SyncError> {
+/// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
+pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
     let mut snapshot = snapshot_of(ctx, source, rev, worktree)?;
     source.read_bodies(&mut snapshot, None)?;
-    Ok(read_snapshot(snapshot, &ReadOptions::from_ctx(ctx)))
+    let opts = ReadOptions {
+        decrypt,
+        ..ReadOptions::from_ctx(ctx)
+    };
+    Ok(read_snapshot(snapshot, &opts))
 }
 
 /// The configured database: a pool, and the connection string for the agent's leader lease.
@@ -711,7 +762,7 @@ fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<
 /// `plan --against-ref`: the change between two revisions, without a database.
 pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), SyncError> {
     let source = Source::open(&ctx.source_spec())?;
-    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree)?;
+    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree, true)?;
     if !desired.issues.is_empty() {
         return Err(SyncError::Invalid {
             at: desired.at(),

@@ -174,6 +174,7 @@ fn plaintext_is_accepted_only_when_allowed_and_never_in_production() {
     assert_eq!(validate(&repo, &["--allow-plaintext"]).code, 0);
     let mut c = command(repo.path(), None);
     c.env("FROSTBYTE_MODE", "production")
+        .env("FROSTBYTE_VERIFY_COMMITS", "off")
         .env("FROSTBYTE_CONTROL_DB_URL", "host=/nonexistent")
         .args(["validate", "--allow-plaintext"]);
     let out = output(c);
@@ -240,4 +241,42 @@ fn a_terminal_gets_a_progress_bar_and_a_pipe_does_not() {
     assert!(!piped.all().contains("decrypting"), "{}", piped.all());
     let json = run(&repo, None, &["validate", "--format", "json"]);
     assert!(!json.all().contains("decrypting"));
+}
+
+#[test]
+fn no_decrypt_checks_what_needs_no_key_and_holds_none() {
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.put_tenant(&tenant_doc("bravo"), Format::Json);
+    repo.put_tenant(&tenant_doc("charlie"), Format::Yaml);
+    repo.commit("three valid");
+    let keyless = |repo: &TestRepo| {
+        let mut c = command(repo.path(), None);
+        c.env_remove("SOPS_AGE_KEY_FILE").args(["validate", "--no-decrypt"]);
+        output(c)
+    };
+    let out = keyless(&repo);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("3 file(s) checked, 0 invalid"), "{}", out.stdout);
+
+    let mut bad_plan = tenant_doc("delta");
+    bad_plan["config"]["plan"] = json!("platinum");
+    repo.put_tenant(&bad_plan, Format::Toml);
+    let mut renamed = tenant_doc("echo");
+    renamed["tenant_id"] = json!("someone-else");
+    repo.write("tenants/echo.json", encrypt(&renamed, Format::Json));
+    repo.write("tenants/plain.json", serde_json::to_string(&tenant_doc("plain")).unwrap());
+    repo.commit("three bad");
+    let out = keyless(&repo);
+    assert_eq!(out.code, 1, "{}", out.all());
+    for needle in [
+        "tenants/delta.toml",
+        "/config/plan",
+        "tenants/echo.json",
+        "does not match the file name",
+        "tenants/plain.json: is not encrypted",
+    ] {
+        assert!(out.stdout.contains(needle), "no {needle:?} in {}", out.stdout);
+    }
+    assert!(!out.stdout.contains("tenants/alpha.toml"), "{}", out.stdout);
 }

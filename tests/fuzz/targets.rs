@@ -35,6 +35,7 @@ pub fn decode(data: &[u8]) {
     let keys = keys();
     let opts = ReadOptions {
         keys: &keys,
+        decrypt: selector & 0x20 == 0,
         allow_plaintext: selector & 0x80 != 0,
         require_tenant_recipient: selector & 0x40 != 0,
         progress: false,
