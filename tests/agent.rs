@@ -333,3 +333,65 @@ fn with_worktree_an_edit_on_disk_is_synced_without_a_commit() {
         agent.log()
     );
 }
+
+#[test]
+fn the_agent_refuses_an_unsigned_commit_stays_up_and_applies_the_next_trusted_one() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("signer");
+    let ok = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "ci@example.com", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let public = std::fs::read_to_string(keys.path().join("signer.pub")).unwrap();
+    let allowed = keys.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("ci@example.com {public}")).unwrap();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(repo.path())
+            .args(["-c", "user.name=CI", "-c", "user.email=ci@example.com", "-c", "gpg.format=ssh"])
+            .arg("-c")
+            .arg(format!("user.signingkey={}", key.display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-m", "unsigned"]);
+
+    let allowed_path = allowed.to_str().unwrap();
+    let agent = Agent::start(
+        &repo,
+        &db.url,
+        &[("FROSTBYTE_VERIFY_COMMITS", "head"), ("FROSTBYTE_ALLOWED_SIGNERS", allowed_path)],
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || agent.metric("frostbyte_commit_refused").filter(|v| *v == 1.0)).is_some(),
+        "{}",
+        agent.log()
+    );
+    let (status, body) = agent.get("/readyz");
+    assert_eq!(status, 503);
+    assert!(body.contains("is refused: signer unsigned"), "{body}");
+    assert_eq!(db.count("SELECT 1 FROM tenants"), 0);
+    assert_eq!(agent.get("/healthz").0, 200, "the agent stays up");
+
+    repo.put_tenant(&tenant_doc("bravo"), Format::Json);
+    git(&["add", "-A"]);
+    git(&["commit", "-q", "-S", "-m", "signed"]);
+    assert!(
+        wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 2).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || agent.metric("frostbyte_commit_refused").filter(|v| *v == 0.0)).is_some(),
+        "{}",
+        agent.log()
+    );
+}
