@@ -127,17 +127,32 @@ impl Repo {
     }
 }
 
-/// A fresh database on the test cluster (or FROSTBYTE_TEST_DATABASE_URL's server).
+/// A fresh database on FROSTBYTE_BENCH_DATABASE_URL's server, or on a cluster of the benchmarks'
+/// own with PostgreSQL's default durability (fsync, synchronous_commit and full_page_writes on:
+/// the write cost users pay). FROSTBYTE_BENCH_RELAXED=1 uses the test suite's relaxed cluster.
 pub fn database() -> String {
-    let admin = match std::env::var("FROSTBYTE_TEST_DATABASE_URL") {
+    let relaxed = std::env::var("FROSTBYTE_BENCH_RELAXED").is_ok_and(|v| v == "1");
+    let admin = match std::env::var("FROSTBYTE_BENCH_DATABASE_URL") {
         Ok(u) => u,
-        Err(_) => {
+        Err(_) if relaxed => {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/pg/pgdata");
             frostbyte_gitops::localpg::ensure(&dir, &["fsync=off", "synchronous_commit=off", "full_page_writes=off", "max_connections=400"])
                 .unwrap()
                 .conninfo("postgres")
         }
+        Err(_) => {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tmp/pg-durable/pgdata");
+            frostbyte_gitops::localpg::ensure(&dir, &["max_connections=100"]).unwrap().conninfo("postgres")
+        }
     };
+    println!(
+        "database: {}",
+        if relaxed {
+            "relaxed durability (FROSTBYTE_BENCH_RELAXED=1)"
+        } else {
+            "default durability (fsync on)"
+        }
+    );
     let name = format!("bench_{}", std::process::id());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
