@@ -74,6 +74,8 @@ pub struct Config {
     pub drift_policy: DriftPolicy,
     pub worktree: bool,
     pub interval_secs: u64,
+    /// Seconds between the agent's full runs.
+    pub full_resync_secs: u64,
     pub debounce_ms: u64,
     pub listen: String,
     /// Bearer token for `POST /sync`. Secret.
@@ -183,6 +185,12 @@ const DEFS: &[Def] = &[
         name: "interval",
         env: &["FROSTBYTE_SYNC_INTERVAL"],
         default: Some("60"),
+        secret: false,
+    },
+    Def {
+        name: "full_resync_interval",
+        env: &["FROSTBYTE_FULL_RESYNC_INTERVAL"],
+        default: Some("3600"),
         secret: false,
     },
     Def {
@@ -366,6 +374,7 @@ impl Config {
             }
         };
         let interval_secs = num_of("interval", 1);
+        let full_resync_secs = num_of("full_resync_interval", 1);
         let debounce_ms = num_of("debounce_ms", 0);
         let database_url = get("database_url");
         // A missing database_url is refused where a database is needed (see sync::connect): in
@@ -451,6 +460,7 @@ impl Config {
             drift_policy,
             worktree,
             interval_secs,
+            full_resync_secs,
             debounce_ms,
             listen: get("listen").unwrap_or_default(),
             webhook_token,

@@ -151,6 +151,9 @@ enum Cmd {
     Sync {
         #[arg(long)]
         allow_non_fast_forward: bool,
+        /// Read every file and row, whatever the incremental state says.
+        #[arg(long)]
+        full: bool,
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
     },
@@ -161,6 +164,10 @@ enum Cmd {
         /// Classes that make the exit code 2 (default: all): pending,modified,missing,orphaned.
         #[arg(long, value_delimiter = ',')]
         fail_on: Vec<String>,
+        /// Read every file and row, whatever the incremental state says: finds edits made with
+        /// triggers off, restores, and clocks that stepped back.
+        #[arg(long)]
+        full: bool,
     },
     /// Run the agent: sync on an interval, on new commits and on webhooks; serve health and
     /// metrics. Exits 0 on SIGTERM or SIGINT after the sync in progress.
@@ -463,7 +470,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             } else {
                 let db = sync::connect(&ctx.cfg).await?;
                 sync::prepare(&ctx.cfg, &db.pool).await?;
-                let outcome = sync::run(ctx, &db.pool, Run::Plan, false).await?;
+                let outcome = sync::run(ctx, &db.pool, Run::Plan, Default::default()).await?;
                 if let Some(path) = &out {
                     let commit = outcome
                         .header
@@ -517,18 +524,19 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                     }
                 }
             };
-            apply_and_report(ctx, run, format).await
+            apply_and_report(ctx, run, format, false).await
         }
         Cmd::Sync {
             allow_non_fast_forward,
             format,
+            full,
         } => {
             if frostbyte_gitops::source::is_url(&ctx.cfg.repo) {
                 tracing::info!(repo = %frostbyte_gitops::source::shown_repo(&ctx.cfg.repo), "fetching");
             }
-            apply_and_report(ctx, Run::Apply { allow_non_fast_forward }, format).await
+            apply_and_report(ctx, Run::Apply { allow_non_fast_forward }, format, full).await
         }
-        Cmd::Drift { format, fail_on } => {
+        Cmd::Drift { format, fail_on, full } => {
             let fail: Vec<DriftClass> = if fail_on.is_empty() {
                 vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
             } else {
@@ -540,7 +548,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             };
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db.pool).await?;
-            let (header, report) = sync::drift_report(ctx, &db.pool).await?;
+            let (header, report) = sync::drift_report(ctx, &db.pool, full).await?;
             match format {
                 OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
                 OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
@@ -597,10 +605,10 @@ async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::P
 
 /// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done. A conflict
 /// (git and a hand edit both changed a tenant under the warn policy) is left alone and exits 2.
-async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat) -> Result<u8> {
+async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat, full: bool) -> Result<u8> {
     let db = sync::connect(&ctx.cfg).await?;
     sync::prepare(&ctx.cfg, &db.pool).await?;
-    let o = sync::run(ctx, &db.pool, run, false).await?;
+    let o = sync::run(ctx, &db.pool, run, sync::RunOptions { want_drift: false, full }).await?;
     match format {
         OutFormat::Json => {
             let mut v = render::plan_json(&o.plan, &o.header);

@@ -285,6 +285,8 @@ pub struct RowIndex {
     pub config_version: i64,
     /// From the applied record: file, config_version and document digest.
     pub applied: Option<(String, i64, String)>,
+    /// The source and commit the applied record came from.
+    pub applied_from: Option<(String, String)>,
     /// Changed since the agent wrote it (its trigger-kept updated_at is newer).
     pub touched: bool,
 }
@@ -293,7 +295,7 @@ pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, St
     let rows = client
         .query(
             "SELECT t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
-                    (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched
+                    (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched, a.source, a.commit_id
                FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)",
             &[],
         )
@@ -311,7 +313,10 @@ pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, St
                 Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
                 None => None,
             };
+            let source: Option<String> = r.try_get(6).map_err(bad)?;
+            let commit: Option<String> = r.try_get(7).map_err(bad)?;
             Ok(RowIndex {
+                applied_from: source.zip(commit),
                 config_version: r.try_get(1).map_err(bad)?,
                 touched: r.try_get(5).map_err(bad)?,
                 applied,

@@ -364,7 +364,18 @@ pub struct Outcome {
 /// Plans against the database and, unless `run` is `Plan`, applies in one transaction under the
 /// apply lock: the plan is made from what the database holds once the lock is ours, so two
 /// concurrent runs never apply a change twice.
-pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<Outcome, SyncError> {
+/// How a run reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Report drift after the run.
+    pub want_drift: bool,
+    /// Read every file and every row, whatever the incremental state says (`--full`): what an
+    /// edit made with triggers off, a restore, or a clock that stepped back needs to be seen.
+    pub full: bool,
+}
+
+pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
+    let want_drift = opts.want_drift;
     // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
     let source = blocking(|| Source::open(&ctx.source_spec()))?;
     let worktree = ctx.cfg.worktree;
@@ -416,7 +427,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
             return Err(refused.clone().into());
         }
         let index = store::load_index(&**client).await?;
-        let selection = select(&source, &snapshot, last.as_deref(), index)?;
+        let selection = select(&source, &snapshot, last.as_deref(), index, opts.full)?;
         decoded.extend(ctx, &source, &snapshot, &selection)?;
 
         let tx = client.transaction().await.map_err(|e| StoreError::Query {
@@ -439,7 +450,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, want_drift: bool) -> Result<O
             });
         }
         let index = store::load_index(&*tx).await?;
-        let selection = select(&source, &snapshot, last.as_deref(), index)?;
+        let selection = select(&source, &snapshot, last.as_deref(), index, opts.full)?;
         if decoded.covers(&selection) && verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_deref())) {
             let state = decoded.state(&*tx, &snapshot, selection).await?;
             break (tx, state);
@@ -615,8 +626,9 @@ fn commit_oid(id: &str) -> git2::Oid {
     git2::Oid::from_str(id).expect("a commit id from git")
 }
 
-fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<store::RowIndex>) -> Result<Selection, SyncError> {
+fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<store::RowIndex>, full: bool) -> Result<Selection, SyncError> {
     let changed = match (&snapshot.commit, last) {
+        _ if full => None,
         (Some(c), Some(last)) => {
             let new = commit_oid(&c.id);
             blocking(|| -> Result<_, SourceError> {
@@ -637,12 +649,14 @@ fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<s
         });
     };
     let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
+    let trusted = trusted_records(source, &index, last.expect("a last applied commit when there is a diff"))?;
     let mut read = BTreeSet::new();
     let mut unchanged = Vec::new();
     for f in &snapshot.files {
         let same = by_id.get(f.stem.as_str()).and_then(|r| {
             let (file, version, digest) = r.applied.as_ref()?;
-            (!changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
+            let from_here = r.applied_from.as_ref().is_some_and(|(_, commit)| trusted.contains(commit.as_str()));
+            (from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
                 tenant_id: r.tenant_id.clone(),
                 file: file.clone(),
                 config_version: r.config_version,
@@ -668,6 +682,26 @@ fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<s
         rows: Some(rows),
         unchanged,
     })
+}
+
+/// The commits of applied records that can stand for what git has without a read: records this
+/// source wrote from the last applied commit or one of its ancestors. A record from the work tree
+/// (`apply --worktree`), another source or a history that was rewritten is not trusted.
+fn trusted_records<'a>(source: &Source, index: &'a [store::RowIndex], last: &str) -> Result<BTreeSet<&'a str>, SyncError> {
+    let last_oid = commit_oid(last);
+    let commits: BTreeSet<&str> = index
+        .iter()
+        .filter_map(|r| r.applied_from.as_ref())
+        .filter(|(from, _)| *from == source.id)
+        .map(|(_, commit)| commit.as_str())
+        .collect();
+    let mut trusted = BTreeSet::new();
+    for commit in commits {
+        if commit == last || blocking(|| source.descends_from(last_oid, commit))? {
+            trusted.insert(commit);
+        }
+    }
+    Ok(trusted)
 }
 
 /// The tenant files decoded so far in a run.
@@ -741,9 +775,9 @@ impl Decoded {
 }
 
 /// The state without the apply lock, for reports.
-async fn read_state(ctx: &Ctx, source: &Source, snapshot: &Snapshot, client: &impl tokio_postgres::GenericClient) -> Result<State, SyncError> {
+async fn read_state(ctx: &Ctx, source: &Source, snapshot: &Snapshot, client: &impl tokio_postgres::GenericClient, full: bool) -> Result<State, SyncError> {
     let last = store::last_applied_commit(client, &source.id).await?;
-    let selection = select(source, snapshot, last.as_deref(), store::load_index(client).await?)?;
+    let selection = select(source, snapshot, last.as_deref(), store::load_index(client).await?, full)?;
     let mut decoded = Decoded::default();
     decoded.extend(ctx, source, snapshot, &selection)?;
     decoded.state(client, snapshot, selection).await
@@ -838,12 +872,12 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
 }
 
 /// The drift report for the configured revision.
-pub async fn drift_report(ctx: &Ctx, pool: &Pool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+pub async fn drift_report(ctx: &Ctx, pool: &Pool, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
     let source = blocking(|| Source::open(&ctx.source_spec()))?;
     let snapshot = blocking(|| snapshot_of(ctx, &source, None, ctx.cfg.worktree))?;
     let client = store::client(pool).await?;
     let key = store::digest_key(&**client).await?;
-    let State { desired, actual, unchanged } = read_state(ctx, &source, &snapshot, &**client).await?;
+    let State { desired, actual, unchanged } = read_state(ctx, &source, &snapshot, &**client, full).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
     Ok((
         Header {

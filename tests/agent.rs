@@ -395,3 +395,24 @@ fn the_agent_refuses_an_unsigned_commit_stays_up_and_applies_the_next_trusted_on
         agent.log()
     );
 }
+
+#[test]
+fn the_agents_periodic_full_run_corrects_an_edit_no_trigger_saw() {
+    let (repo, db) = one_tenant();
+    let agent = Agent::start(&repo, &db.url, &[("FROSTBYTE_FULL_RESYNC_INTERVAL", "2")]);
+    assert!(
+        wait_for(Duration::from_secs(20), || agent.metric("frostbyte_full_sync_age_seconds")).is_some(),
+        "{}",
+        agent.log()
+    );
+    db.exec("SET session_replication_role = replica; UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    let plan = || db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'");
+    assert_eq!(plan(), json!("free"));
+    assert!(
+        wait_for(Duration::from_secs(20), || (plan() == json!("pro")).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
+    let age = agent.metric("frostbyte_full_sync_age_seconds").unwrap();
+    assert!(age < 10.0, "{age}");
+}

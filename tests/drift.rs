@@ -224,3 +224,45 @@ fn under_warn_a_tenant_changed_in_git_and_by_hand_is_a_conflict_left_alone() {
     let row = db.rows("SELECT config->>'display_name' AS name, config->>'plan' AS plan FROM tenants WHERE tenant_id = 'alpha'");
     assert_eq!(row[0], json!({"name": "Tenant alpha", "plan": "enterprise"}));
 }
+
+#[test]
+fn an_edit_with_triggers_off_is_missed_incrementally_and_found_by_full() {
+    let (repo, db) = synced();
+    // As a restore or logical replication would: replica mode skips the updated_at trigger.
+    psql(
+        &db,
+        "SET session_replication_role = replica; UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'",
+    );
+    let (code, report) = drift_json(&repo, &db, &[]);
+    assert_eq!(code, 0, "the incremental read cannot see it: {report}");
+    let (code, report) = drift_json(&repo, &db, &["--full"]);
+    assert_eq!(code, 2, "{report}");
+    assert_eq!(classes(&report, "alpha"), ["modified"]);
+
+    assert!(
+        run(&repo, Some(&db), &["sync"]).stdout.contains("No changes"),
+        "an incremental sync misses it too"
+    );
+    let full = run(&repo, Some(&db), &["sync", "--full"]);
+    assert_eq!(full.code, 0, "{}", full.all());
+    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("pro"));
+    assert_eq!(drift_json(&repo, &db, &["--full"]).0, 0);
+}
+
+#[test]
+fn rows_written_from_the_work_tree_are_not_trusted_by_the_next_commit_sync() {
+    let (repo, db) = synced();
+    let mut doc = tenant_doc("alpha");
+    doc["config"]["plan"] = json!("enterprise");
+    repo.put_tenant(&doc, Format::Toml);
+    let out = run(&repo, Some(&db), &["sync", "--worktree"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(
+        db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"),
+        json!("enterprise")
+    );
+    // The commit still says pro: the record written from the work tree must not stand for it.
+    let out = run(&repo, Some(&db), &["sync"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(db.scalar("SELECT config->>'plan' AS p FROM tenants WHERE tenant_id = 'alpha'"), json!("pro"));
+}

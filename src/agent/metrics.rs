@@ -22,6 +22,8 @@ pub struct Metrics {
     pub conflicts: usize,
     /// Whether the last sync was refused for its commit's signature.
     pub commit_refused: bool,
+    /// When the last full run (every file and row read) succeeded.
+    pub last_full: Option<std::time::Instant>,
     pub leader: bool,
     /// Whether a first attempt to take the apply lease was made: before it, the replica is
     /// neither leader nor standby, and not ready.
@@ -97,6 +99,13 @@ impl Metrics {
             "# HELP frostbyte_commit_refused 1 when the last sync was refused: its commit lacks a good signature by a trusted signer.\n# TYPE frostbyte_commit_refused gauge"
         );
         let _ = writeln!(o, "frostbyte_commit_refused {}", u8::from(self.commit_refused));
+        if let Some(t) = self.last_full {
+            let _ = writeln!(
+                o,
+                "# HELP frostbyte_full_sync_age_seconds Seconds since the last full run (every file and row read) succeeded.\n# TYPE frostbyte_full_sync_age_seconds gauge"
+            );
+            let _ = writeln!(o, "frostbyte_full_sync_age_seconds {:.3}", t.elapsed().as_secs_f64());
+        }
         let _ = writeln!(
             o,
             "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"

@@ -155,13 +155,27 @@ async fn reconcile_once(
             sync::prepare(&ctx.cfg, &db.pool).await?;
             prepared.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        sync::run(ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, true).await
+        // A full run at start and every full_resync_interval: the safety net under the
+        // incremental reads, for edits no trigger stamped.
+        let due = metrics
+            .lock()
+            .expect("metrics lock")
+            .last_full
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(ctx.cfg.full_resync_secs));
+        let opts = sync::RunOptions { want_drift: true, full: due };
+        sync::run(ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, opts)
+            .await
+            .map(|o| (o, due))
     }
     .await;
     let seconds = started.elapsed().as_secs_f64();
     let mut m = metrics.lock().expect("metrics lock");
     match result {
-        Ok(o) => {
+        Ok((o, full)) => {
+            if full {
+                m.last_full = Some(std::time::Instant::now());
+                tracing::info!("full resync done");
+            }
             if let Some(c) = &o.header.commit {
                 tracing::Span::current().record("commit", c.as_str());
             }
