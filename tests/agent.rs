@@ -416,3 +416,46 @@ fn the_agents_periodic_full_run_corrects_an_edit_no_trigger_saw() {
     let age = agent.metric("frostbyte_full_sync_age_seconds").unwrap();
     assert!(age < 10.0, "{age}");
 }
+
+#[test]
+fn half_open_connections_do_not_delay_healthz_and_are_closed_within_the_header_timeout() {
+    let (repo, db) = one_tenant();
+    let agent = Agent::start(&repo, &db.url, &[]);
+    assert!(
+        wait_for(Duration::from_secs(20), || (agent.get("/readyz").0 == 200).then_some(())).is_some(),
+        "{}",
+        agent.log()
+    );
+    let opened = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..300)
+        .map(|i| {
+            let mut s = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+            if i % 2 == 0 {
+                // Headers that never end (slowloris); the others send nothing at all.
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: ").unwrap();
+            }
+            s
+        })
+        .collect();
+    let asked = Instant::now();
+    assert_eq!(agent.get("/healthz"), (200, "ok\n".into()));
+    let answered = asked.elapsed();
+    assert!(answered < Duration::from_secs(1), "/healthz took {answered:?} behind 300 half-open connections");
+
+    // Each is closed by the server within the 5 s header timeout (plus scheduling slack).
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let closed = match s.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        };
+        assert!(
+            closed && opened.elapsed() < Duration::from_secs(9),
+            "a half-open connection stayed open for {:?}",
+            opened.elapsed()
+        );
+    }
+    assert_eq!(agent.get("/healthz").0, 200);
+}

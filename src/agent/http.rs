@@ -20,6 +20,53 @@ pub struct AppState {
     pub token: Option<String>,
 }
 
+/// Longest a client may take to send its first byte and its request headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest one connection may live: one request and its response (connections are not kept
+/// alive, so none sits idle).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Connections served at once; one more is closed at once.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// Serves `app` until `stop` turns true, each connection in its own task and bounded in time, so
+/// a flood of slow or half-open connections neither starves the others nor stays.
+pub async fn serve(listener: tokio::net::TcpListener, app: axum::Router, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = async { drop(stop.wait_for(|s| *s).await) } => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(max = MAX_CONNECTIONS, "too many connections; closing a new one");
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            // hyper's header timeout starts at the first byte; a client that sends none is
+            // bounded here.
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(HEADER_READ_TIMEOUT, stream.peek(&mut first)).await, Ok(Ok(n)) if n > 0) {
+                return;
+            }
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(false)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+        });
+    }
+}
+
 pub fn router(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -38,6 +38,9 @@ pub enum AgentError {
     Sync(#[from] SyncError),
 }
 
+/// A lease check (connect, ask, take) that takes longer fails the run, which is retried.
+const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The apply lease: a session-level advisory lock on a connection of its own. If the holder dies,
 /// its session ends, the lock is free, and another replica takes it at its next tick.
 struct Lease {
@@ -46,8 +49,15 @@ struct Lease {
 }
 
 impl Lease {
-    /// Whether this replica holds the lease; an error when the database cannot be asked.
+    /// Whether this replica holds the lease; an error when the database cannot be asked in time.
     async fn held(&mut self) -> Result<bool, String> {
+        tokio::time::timeout(LEASE_CHECK_TIMEOUT, self.check()).await.unwrap_or_else(|_| {
+            self.client = None;
+            Err(format!("the lease check took longer than {LEASE_CHECK_TIMEOUT:?}"))
+        })
+    }
+
+    async fn check(&mut self) -> Result<bool, String> {
         if let Some(c) = &self.client {
             if c.simple_query("SELECT 1").await.is_ok() {
                 return Ok(true);
@@ -94,14 +104,7 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
         triggers: trigger_tx.clone(),
         token: ctx.cfg.webhook_token.clone(),
     });
-    let mut http_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-    });
+    let server = tokio::spawn(http::serve(listener, app, stop_rx.clone()));
 
     let _watcher = watch_source(&ctx, trigger_tx.clone())?;
     tokio::spawn(signals(stop_tx));
