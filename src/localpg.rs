@@ -26,6 +26,8 @@ pub enum LocalPgError {
     Command { command: String, output: String },
     #[error("the socket path {0} is longer than unix sockets allow (107 bytes); use a shorter --data-dir")]
     SocketPathTooLong(PathBuf),
+    #[error("refusing {path}: {why} (another user may have made it; remove it or use another --data-dir)")]
+    Unsafe { path: PathBuf, why: String },
 }
 
 /// A running cluster.
@@ -139,15 +141,21 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
         // The server runs as `postgres`, which cannot reach a directory under, say, /root.
         let moved = relocated(&data_dir);
         tracing::warn!(wanted = %data_dir.display(), using = %moved.display(), "the postgres user cannot reach the data directory; using another one");
-        fs::create_dir_all(moved.parent().expect("has a parent")).map_err(io("creating", &moved))?;
+        private_dir(moved.parent().expect("has a parent"), &run_as)?;
         data_dir = moved;
+    }
+    if fs::symlink_metadata(&data_dir).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(LocalPgError::Unsafe {
+            path: data_dir,
+            why: "the data directory is a symbolic link".into(),
+        });
     }
     let socket = data_dir.join(".s.PGSQL.5432");
     if socket.as_os_str().len() > 107 {
         return Err(LocalPgError::SocketPathTooLong(socket));
     }
     let lock_path = data_dir.with_extension("lock");
-    let lock = File::create(&lock_path).map_err(io("creating the cluster lock file", &lock_path))?;
+    let lock = open_lock(&lock_path)?;
     lock.lock().map_err(io("locking", &lock_path))?;
 
     if !data_dir.join("PG_VERSION").exists() {
@@ -185,6 +193,64 @@ pub fn ensure(data_dir: &Path, extra: &[&str]) -> Result<LocalCluster, LocalPgEr
         data_dir,
         user: "postgres".into(),
     })
+}
+
+/// A directory only the cluster's user can enter, made 0700 if missing and checked if present: a
+/// real directory (not a link), owned by that user (or by us), writable by nobody else. Under
+/// /var/tmp another local user could otherwise have made it first and planted a socket or link.
+fn private_dir(path: &Path, run_as: &RunAs) -> Result<(), LocalPgError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => run_as.chown(path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("creating", path)(e)),
+    }
+    let unsafe_dir = |why: String| LocalPgError::Unsafe { path: path.to_path_buf(), why };
+    let meta = fs::symlink_metadata(path).map_err(io("checking", path))?;
+    if !meta.file_type().is_dir() {
+        return Err(unsafe_dir("it is not a directory (a symbolic link or a file)".into()));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    let owner_ok = meta.uid() == ours || run_as.user.is_some_and(|(uid, _)| meta.uid() == uid);
+    if !owner_ok {
+        return Err(unsafe_dir(format!("it is owned by uid {}, not by the user that runs the cluster", meta.uid())));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(unsafe_dir(format!("its mode is {:o}; it must be 0700", meta.mode() & 0o777)));
+    }
+    Ok(())
+}
+
+/// The cluster lock file, never through a link: opened with O_NOFOLLOW, and refused unless it is
+/// a regular file of ours with a single name (a hard link to another file is not).
+fn open_lock(path: &Path) -> Result<File, LocalPgError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => LocalPgError::Unsafe {
+                path: path.to_path_buf(),
+                why: "the lock file is a symbolic link".into(),
+            },
+            _ => io("opening the cluster lock file", path)(e),
+        })?;
+    let meta = file.metadata().map_err(io("checking", path))?;
+    // SAFETY: geteuid has no preconditions.
+    let ours = unsafe { libc::geteuid() };
+    if !meta.is_file() || meta.uid() != ours || meta.nlink() != 1 {
+        return Err(LocalPgError::Unsafe {
+            path: path.to_path_buf(),
+            why: "the lock file is not a regular file of ours with a single name".into(),
+        });
+    }
+    Ok(file)
 }
 
 /// Whether every existing ancestor of `path` lets other users through (o+x).
