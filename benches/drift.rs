@@ -15,7 +15,7 @@ fn main() {
     let ctx = repo.ctx(Some(&url));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
-    rt.block_on(sync::prepare(&ctx.cfg, &db.pool)).unwrap();
+    rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
     rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, Default::default()))
         .unwrap();
     let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool, false)).unwrap().1;

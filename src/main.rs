@@ -425,7 +425,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
         Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
         Cmd::Migrate { app_role } => {
             let db = sync::connect(&ctx.cfg).await?;
-            let mut client = store::client(&db.pool).await?;
+            let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
             let applied = store::migrate(&mut client).await?;
             if applied.is_empty() {
                 println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());
@@ -469,7 +469,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                 sync::plan_against_ref(ctx, &base)?
             } else {
                 let db = sync::connect(&ctx.cfg).await?;
-                sync::prepare(&ctx.cfg, &db.pool).await?;
+                sync::prepare(&ctx.cfg, &db).await?;
                 let outcome = sync::run(ctx, &db.pool, Run::Plan, Default::default()).await?;
                 if let Some(path) = &out {
                     let commit = outcome
@@ -547,7 +547,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                     .map_err(|e| anyhow!("--fail-on: {e}"))?
             };
             let db = sync::connect(&ctx.cfg).await?;
-            sync::prepare(&ctx.cfg, &db.pool).await?;
+            sync::prepare(&ctx.cfg, &db).await?;
             let (header, report) = sync::drift_report(ctx, &db.pool, full).await?;
             match format {
                 OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
@@ -572,7 +572,7 @@ async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::P
         }
     };
     let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db.pool).await?;
+    sync::prepare(&ctx.cfg, &db).await?;
     let report = sync::verify_audit(&db.pool, anchored).await?;
     match format {
         OutFormat::Json => print_json(&serde_json::to_value(&report)?),
@@ -607,7 +607,7 @@ async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::P
 /// (git and a hand edit both changed a tenant under the warn policy) is left alone and exits 2.
 async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat, full: bool) -> Result<u8> {
     let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db.pool).await?;
+    sync::prepare(&ctx.cfg, &db).await?;
     let o = sync::run(ctx, &db.pool, run, sync::RunOptions { want_drift: false, full }).await?;
     match format {
         OutFormat::Json => {

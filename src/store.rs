@@ -29,7 +29,10 @@ const APPLY_LOCK: i64 = 0x66726f737461706c;
 pub enum StoreError {
     #[error("invalid database URL: {0}")]
     Url(String),
-    #[error("cannot connect to PostgreSQL")]
+    /// `cause` is the innermost error's text: the layers above it repeat it.
+    #[error("cannot connect to PostgreSQL{}: {cause}", if target.is_empty() { String::new() } else { format!(" at {target}") })]
+    Connect { target: String, cause: String },
+    #[error("cannot get a connection from the pool")]
     Pool(#[source] deadpool_postgres::PoolError),
     #[error("{context}")]
     Query {
@@ -112,7 +115,40 @@ pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
 }
 
 pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
-    pool.get().await.map_err(StoreError::Pool)
+    pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            StoreError::Connect {
+                target: String::new(),
+                cause: cause.to_string(),
+            }
+        }
+        other => StoreError::Pool(other),
+    })
+}
+
+/// Where a URL or conninfo points, without credentials: `host:port` or the socket directory, for
+/// error messages.
+pub fn target_of(url: &str) -> String {
+    let Ok(cfg) = tokio_postgres::Config::from_str(url) else {
+        return "(an invalid URL)".into();
+    };
+    let ports = cfg.get_ports();
+    cfg.get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match h {
+                tokio_postgres::config::Host::Tcp(host) => format!("{host}:{port}"),
+                tokio_postgres::config::Host::Unix(dir) => format!("{}/.s.PGSQL.{port}", dir.display()),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 pub fn checksum(sql: &str) -> String {

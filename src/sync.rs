@@ -43,7 +43,7 @@ pub enum SyncError {
 }
 
 fn files_with_issues(issues: &[Issue]) -> usize {
-    issues.iter().map(|i| &i.file).collect::<BTreeSet<_>>().len()
+    issues.iter().filter(|i| !i.is_configuration()).map(|i| &i.file).collect::<BTreeSet<_>>().len()
 }
 
 /// What every command gets: the resolved configuration, the age identities and the trusted
@@ -152,6 +152,7 @@ pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Op
             issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
         }
     }
+    collapse_configuration_problems(&mut issues);
     let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
     tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
     tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
@@ -161,6 +162,21 @@ pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Op
         tenants,
         issues,
         files: snapshot.files.len(),
+    }
+}
+
+/// A problem of the configuration, not of the files (no age identity at all), is said once, before
+/// the per-file problems, instead of once for every file.
+fn collapse_configuration_problems(issues: &mut Vec<Issue>) {
+    let no_identity = sops::SopsError::NoIdentities.to_string();
+    let before = issues.len();
+    issues.retain(|i| i.message != no_identity);
+    let files = before - issues.len();
+    if files > 0 {
+        issues.push(Issue::new(
+            crate::domain::issue::CONFIGURATION,
+            format!("{no_identity}; {files} encrypted file(s) could not be decrypted"),
+        ));
     }
 }
 
@@ -292,6 +308,19 @@ pub struct Database {
     pub tls_policy: store::TlsPolicy,
 }
 
+impl Database {
+    /// A connection error, with where it tried to connect.
+    pub fn named(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Connect { target, cause } if target.is_empty() => StoreError::Connect {
+                target: store::target_of(&self.url),
+                cause,
+            },
+            other => other,
+        }
+    }
+}
+
 /// The configured database; in dev mode with none configured, the agent's own cluster.
 pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
     let url = match &cfg.database_url {
@@ -324,8 +353,8 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
 }
 
 /// Dev mode migrates on the way in; production expects `migrate` to have run.
-pub async fn prepare(cfg: &Config, pool: &Pool) -> Result<(), SyncError> {
-    let mut client = store::client(pool).await?;
+pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
+    let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
     // Dev mode migrates unless it need not: the agent may run as an app role that cannot.
     if cfg.mode == Mode::Dev && store::check_migrated(&**client).await.is_err() {
         store::migrate(&mut client).await?;

@@ -49,3 +49,22 @@ fn every_invalid_setting_is_named_in_one_error() {
         assert!(out.stderr.contains(needle), "missing {needle:?}: {}", out.stderr);
     }
 }
+
+#[test]
+fn a_refused_connection_names_host_and_port_and_says_each_cause_once() {
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), frostbyte_gitops::sops::Format::Toml);
+    repo.commit("alpha");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_CONTROL_DB_URL", format!("postgres://app:s3cretpw@127.0.0.1:{port}/frostbyte"))
+        .arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let line = out.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+    assert!(line.contains(&format!("cannot connect to PostgreSQL at 127.0.0.1:{port}")), "{}", out.stderr);
+    assert!(line.contains("Connection refused"), "{line}");
+    assert_eq!(line.matches("Connection refused").count(), 1, "{line}");
+    assert!(!line.contains("error connecting to server: error connecting"), "{line}");
+    assert!(!out.all().contains("s3cretpw"), "{}", out.all());
+}

@@ -211,7 +211,7 @@ fn keys_come_from_sops_age_key_and_several_are_tried() {
     c.env_remove("SOPS_AGE_KEY_FILE").arg("validate");
     let out = output(c);
     assert_eq!(out.code, 1);
-    assert!(out.stdout.contains("tenants/alpha.toml: no age identity is configured"), "{}", out.stdout);
+    assert!(out.stdout.contains("(configuration): no age identity is configured"), "{}", out.stdout);
 }
 
 #[test]
@@ -279,4 +279,27 @@ fn no_decrypt_checks_what_needs_no_key_and_holds_none() {
         assert!(out.stdout.contains(needle), "no {needle:?} in {}", out.stdout);
     }
     assert!(!out.stdout.contains("tenants/alpha.toml"), "{}", out.stdout);
+}
+
+#[test]
+fn a_missing_key_is_reported_once_before_the_per_file_problems() {
+    let repo = TestRepo::new();
+    for id in ["alpha", "bravo", "charlie", "delta"] {
+        repo.put_tenant(&tenant_doc(id), Format::Json);
+    }
+    repo.write("tenants/broken.toml", "tenant_id = \"broken\"\nx = [\n");
+    repo.commit("four tenants and a broken file");
+    let mut c = command(repo.path(), None);
+    c.env_remove("SOPS_AGE_KEY_FILE").arg("validate");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    let errors: Vec<&str> = out.stdout.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 2, "{}", out.stdout);
+    assert!(
+        errors[0].contains("no age identity is configured") && errors[0].contains("4 encrypted file(s)"),
+        "{}",
+        out.stdout
+    );
+    assert!(errors[1].contains("tenants/broken.toml:2: cannot parse"), "{}", out.stdout);
+    assert_eq!(out.stdout.matches("no age identity").count(), 1);
 }

@@ -12,7 +12,14 @@ pub struct Issue {
     pub message: String,
 }
 
+/// The `file` of a problem that is the configuration's, not any one file's. It sorts first.
+pub const CONFIGURATION: &str = "(configuration)";
+
 impl Issue {
+    pub fn is_configuration(&self) -> bool {
+        self.file == CONFIGURATION
+    }
+
     pub fn new(file: impl Into<String>, message: impl Into<String>) -> Self {
         Issue {
             file: file.into(),
