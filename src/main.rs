@@ -229,6 +229,16 @@ enum AuditCmd {
 
 #[derive(Subcommand)]
 enum TenantCmd {
+    /// Move a tenant to another lifecycle state (pending -> provisioning -> active <-> suspended;
+    /// any -> decommissioning -> decommissioned), with its audit event. Git never changes state.
+    State {
+        tenant_id: String,
+        /// provisioning, active, suspended, decommissioning or decommissioned.
+        state: String,
+        /// Recorded in the audit event.
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// Write a valid, encrypted skeleton for a new tenant.
     New {
         tenant_id: String,
@@ -422,6 +432,17 @@ fn print_json(v: &serde_json::Value) {
 
 async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
     match cmd {
+        Cmd::Tenant {
+            cmd: TenantCmd::State { tenant_id, state, reason },
+        } => {
+            let db = sync::connect(&ctx.cfg).await?;
+            sync::prepare(&ctx.cfg, &db).await?;
+            let mut client = store::client(&db.pool).await?;
+            let details = serde_json::json!({ "reason": reason });
+            let event = store::transition_tenant_state(&mut client, &tenant_id, &state, sync::ACTOR, &details).await?;
+            println!("Tenant {tenant_id} is now {state} (audit event {event}).");
+            Ok(EXIT_OK)
+        }
         Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
         Cmd::Migrate { app_role } => {
             let db = sync::connect(&ctx.cfg).await?;

@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "002_audit_events.sql", include_str!("../migrations/002_audit_events.sql")),
     (3, "003_gitops_state.sql", include_str!("../migrations/003_gitops_state.sql")),
     (4, "004_audit_chain.sql", include_str!("../migrations/004_audit_chain.sql")),
+    (5, "005_tenant_lifecycle.sql", include_str!("../migrations/005_tenant_lifecycle.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
@@ -54,6 +55,9 @@ pub enum StoreError {
     Conflict { tenant: String, message: String },
     #[error("app role {role:?} refused: {why}")]
     AppRole { role: String, why: String },
+    /// The database's own words: they name the tenant and both states.
+    #[error("{0}")]
+    Transition(String),
 }
 
 fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
@@ -597,7 +601,8 @@ pub async fn grant_app_role(client: &impl GenericClient, role: &str) -> Result<(
          GRANT SELECT, INSERT, UPDATE, DELETE ON gitops_sources, gitops_applied TO {r};
          GRANT SELECT, INSERT ON gitops_settings TO {r};
          GRANT SELECT ON schema_migrations, audit_events, audit_chain_head TO {r};
-         GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};"
+         GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};
+         GRANT EXECUTE ON FUNCTION transition_tenant_state(text, text, text, jsonb) TO {r};"
     );
     client.batch_execute(&sql).await.map_err(q(format!("granting role {role}")))
 }
@@ -665,6 +670,37 @@ pub async fn audit_head_and_versions(client: &impl GenericClient) -> Result<(Opt
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
     Ok((head, versions))
+}
+
+/// Moves a tenant to `to_state` through `transition_tenant_state`, the one way a state changes:
+/// the legal transitions, the timestamps and the lifecycle event, in one transaction.
+pub async fn transition_tenant_state(
+    client: &mut tokio_postgres::Client,
+    tenant: &str,
+    to_state: &str,
+    actor: &str,
+    details: &Value,
+) -> Result<uuid::Uuid, StoreError> {
+    let tx = client.transaction().await.map_err(q("starting a transaction"))?;
+    let row = tx
+        .query_one("SELECT transition_tenant_state($1, $2, $3, $4)", &[&tenant, &to_state, &actor, details])
+        .await
+        .map_err(|e| match e.as_db_error() {
+            Some(db)
+                if matches!(
+                    db.code(),
+                    &tokio_postgres::error::SqlState::CHECK_VIOLATION | &tokio_postgres::error::SqlState::NO_DATA_FOUND
+                ) =>
+            {
+                StoreError::Transition(db.message().to_string())
+            }
+            _ => StoreError::Query {
+                context: format!("moving tenant {tenant} to {to_state}"),
+                source: e,
+            },
+        })?;
+    tx.commit().await.map_err(q("committing"))?;
+    Ok(row.get(0))
 }
 
 /// Creates `name` on the server `admin_url` points to, if it does not exist.

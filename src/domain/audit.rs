@@ -8,6 +8,11 @@ pub const TENANT_CREATED: &str = "TENANT_CREATED";
 pub const TENANT_PROVISION_STARTED: &str = "TENANT_PROVISION_STARTED";
 pub const TENANT_PROVISIONED: &str = "TENANT_PROVISIONED";
 pub const TENANT_CONFIG_UPDATED: &str = "TENANT_CONFIG_UPDATED";
+// Written by transition_tenant_state() (migration 005), never by a sync.
+pub const TENANT_SUSPENDED: &str = "TENANT_SUSPENDED";
+pub const TENANT_RESUMED: &str = "TENANT_RESUMED";
+pub const TENANT_DECOMMISSION_REQUESTED: &str = "TENANT_DECOMMISSION_REQUESTED";
+pub const TENANT_DECOMMISSIONED: &str = "TENANT_DECOMMISSIONED";
 
 /// The commit a change comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
