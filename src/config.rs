@@ -87,6 +87,9 @@ pub struct Config {
     pub allowed_signers: Option<PathBuf>,
     /// Armored OpenPGP public keys of trusted commit signers.
     pub trusted_pgp_keys: Option<PathBuf>,
+    /// The platform's default embedding endpoint, for tenants whose config names none. Readers
+    /// resolve it (it is not written into rows): see docs/tenant-config.md.
+    pub embedding_endpoint: Option<String>,
     /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
     pub shown: Vec<Shown>,
 }
@@ -212,6 +215,12 @@ const DEFS: &[Def] = &[
         secret: true,
     },
     Def {
+        name: "embedding_endpoint",
+        env: &["FROSTBYTE_EMBEDDING_ENDPOINT"],
+        default: None,
+        secret: false,
+    },
+    Def {
         name: "verify_commits",
         env: &["FROSTBYTE_VERIFY_COMMITS"],
         default: None,
@@ -277,6 +286,21 @@ pub fn mask_url(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// An https URL without credentials; http is allowed in dev mode.
+fn check_endpoint(url: &str, mode: Mode) -> Result<(), String> {
+    let rest = match url.split_once("://") {
+        Some(("https", rest)) => rest,
+        Some(("http", rest)) if mode == Mode::Dev => rest,
+        Some(("http", _)) => return Err("http is allowed in dev mode only; use an https:// URL".into()),
+        _ => return Err("not an https:// URL".into()),
+    };
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() || authority.contains('@') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("needs a host, and no credentials or spaces".into());
+    }
+    Ok(())
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -396,6 +420,12 @@ impl Config {
                 "verify_commits is {verify_commits} in production but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS), or verify_commits = \"off\""
             ));
         }
+        let embedding_endpoint = get("embedding_endpoint");
+        if let Some(url) = &embedding_endpoint
+            && let Err(e) = check_endpoint(url, mode)
+        {
+            errors.push(format!("embedding_endpoint (from {}): {e}", origin("embedding_endpoint")));
+        }
         // An empty value in the environment counts as given here: it opens the door, not closes it.
         let webhook_token = get("webhook_token").or_else(|| env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()));
         if let Some(token) = &webhook_token
@@ -464,6 +494,7 @@ impl Config {
             debounce_ms,
             listen: get("listen").unwrap_or_default(),
             webhook_token,
+            embedding_endpoint,
             verify_commits,
             allowed_signers: get("allowed_signers").map(PathBuf::from),
             trusted_pgp_keys: get("trusted_pgp_keys").map(PathBuf::from),
@@ -544,6 +575,26 @@ mod tests {
         assert!(!text.contains("ghp_token123") && !text.contains("bot:"), "{text}");
         assert!(text.contains("https://git.example.com/o/r.git"), "{text}");
         assert_eq!(mask_url("postgres://u:p@ss@h/db"), "postgres://u:****@h/db");
+    }
+
+    #[test]
+    fn the_embedding_endpoint_is_https_except_in_dev() {
+        let ok = |pairs: &[(&str, &str)]| Config::resolve(&Flags::default(), &env_of(pairs), None, None);
+        let c = ok(&[("FROSTBYTE_EMBEDDING_ENDPOINT", "http://embeddings:80/v1")]).unwrap();
+        assert_eq!(c.embedding_endpoint.as_deref(), Some("http://embeddings:80/v1"));
+        assert!(c.render().contains("http://embeddings:80/v1"));
+        let err = ok(&[
+            ("FROSTBYTE_MODE", "production"),
+            ("FROSTBYTE_VERIFY_COMMITS", "off"),
+            ("FROSTBYTE_EMBEDDING_ENDPOINT", "http://embeddings:80/v1"),
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("embedding_endpoint (from env FROSTBYTE_EMBEDDING_ENDPOINT): http is allowed in dev mode only"),
+            "{err}"
+        );
+        assert!(ok(&[("FROSTBYTE_EMBEDDING_ENDPOINT", "https://u:p@e.example/v1")]).is_err());
+        assert!(ok(&[("FROSTBYTE_EMBEDDING_ENDPOINT", "ftp://e.example")]).is_err());
     }
 
     #[test]

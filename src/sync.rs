@@ -505,6 +505,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
             .map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())),
     );
     fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     if let Run::ApplySaved { saved, .. } = &run {
         let reasons = stale_reasons(&saved.plan, &fresh);
         if !reasons.is_empty() {
@@ -874,6 +875,7 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
             correct_drift: true,
         },
     );
+    crate::domain::plan::annotate_embedding(&mut p, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     for t in &mut p.tenants {
         t.current_version = None;
         t.next_version = None;

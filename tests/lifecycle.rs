@@ -122,3 +122,48 @@ fn an_unknown_tenant_is_named() {
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(out.stderr.contains("tenant nobody does not exist"), "{}", out.stderr);
 }
+
+#[test]
+fn a_plan_says_which_embedding_endpoint_serves_each_tenant_and_the_default_is_not_written() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    let mut own = tenant_doc("bravo");
+    own["config"]["embedding"] = json!({"endpoint": "https://embed.bravo.example/v1", "model": "e5-small"});
+    repo.put_tenant(&own, Format::Json);
+    repo.commit("two tenants");
+    let with_default = |args: &[&str]| {
+        let mut c = command(repo.path(), Some(&db));
+        c.env("FROSTBYTE_EMBEDDING_ENDPOINT", "https://embed.platform.example/v1").args(args);
+        output(c)
+    };
+    let plan = with_default(&["plan"]);
+    assert_eq!(plan.code, 2, "{}", plan.all());
+    assert!(
+        plan.stdout
+            .contains("embedding endpoint: https://embed.platform.example/v1 (the platform default, resolved by readers)"),
+        "{}",
+        plan.stdout
+    );
+    assert!(
+        plan.stdout
+            .contains("embedding endpoint: https://embed.bravo.example/v1 (from the tenant file)"),
+        "{}",
+        plan.stdout
+    );
+    let json_plan: serde_json::Value = serde_json::from_str(&with_default(&["plan", "--format", "json"]).stdout).unwrap();
+    assert_eq!(
+        json_plan["tenants"][0]["embedding_endpoint"],
+        json!({"value": "https://embed.platform.example/v1", "from": "platform_default"})
+    );
+    assert_eq!(with_default(&["sync"]).code, 0);
+    assert_eq!(
+        db.scalar("SELECT config ? 'embedding' AS e FROM tenants WHERE tenant_id = 'alpha'"),
+        json!(false)
+    );
+    let config = with_default(&["config"]);
+    assert!(
+        config.stdout.contains("embedding_endpoint") && config.stdout.contains("https://embed.platform.example/v1"),
+        "{}",
+        config.stdout
+    );
+}

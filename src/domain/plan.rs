@@ -110,6 +110,52 @@ pub struct TenantPlan {
     pub desired_digest: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub actual_digest: Option<String>,
+    /// The embedding endpoint services will use for this tenant, and where it comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_endpoint: Option<Effective>,
+}
+
+/// A value readers resolve, and its origin.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Effective {
+    pub value: String,
+    pub from: EffectiveFrom,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EffectiveFrom {
+    /// `config.embedding.endpoint` in the tenant's file.
+    TenantFile,
+    /// The platform's `embedding_endpoint` setting, resolved by readers.
+    PlatformDefault,
+}
+
+/// Says, for every tenant a plan writes, which embedding endpoint will serve it: its own, or the
+/// platform default that readers fall back to (none when neither is set).
+pub fn annotate_embedding(plan: &mut Plan, desired: &[DesiredTenant], platform_default: Option<&str>) {
+    let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+    for t in plan
+        .tenants
+        .iter_mut()
+        .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Conflict))
+    {
+        let own = by_id
+            .get(t.tenant_id.as_str())
+            .and_then(|d| d.document.pointer("/config/embedding/endpoint"))
+            .and_then(Value::as_str);
+        t.embedding_endpoint = match (own, platform_default) {
+            (Some(v), _) => Some(Effective {
+                value: v.to_string(),
+                from: EffectiveFrom::TenantFile,
+            }),
+            (None, Some(v)) => Some(Effective {
+                value: v.to_string(),
+                from: EffectiveFrom::PlatformDefault,
+            }),
+            (None, None) => None,
+        };
+    }
 }
 
 impl TenantPlan {
@@ -126,6 +172,7 @@ impl TenantPlan {
             out_of_band: vec![],
             desired_digest: Some(digest.clone()),
             actual_digest: Some(digest),
+            embedding_endpoint: None,
         }
     }
 }
@@ -206,6 +253,7 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
                 out_of_band: vec![],
                 desired_digest: Some(digest(opts.key, &d.document, &d.secrets)),
                 actual_digest: None,
+                embedding_endpoint: None,
             },
             (None, Some(a)) => TenantPlan {
                 tenant_id: id.to_string(),
@@ -217,6 +265,7 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
                 out_of_band: vec![],
                 desired_digest: None,
                 actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+                embedding_endpoint: None,
             },
             (Some(d), Some(a)) => plan_both(d, a, opts),
             (None, None) => unreachable!("id came from one of the maps"),
@@ -257,6 +306,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
         out_of_band,
         desired_digest: Some(desired_digest),
         actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+        embedding_endpoint: None,
     }
 }
 

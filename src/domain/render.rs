@@ -3,7 +3,7 @@
 use super::drift::{DriftClass, TenantDrift, counts};
 use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
-use super::plan::{Action, PatchOp, Plan, SecretChange, TenantPlan};
+use super::plan::{Action, Effective, EffectiveFrom, PatchOp, Plan, SecretChange, TenantPlan};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::fmt::Write;
@@ -127,6 +127,14 @@ fn op_line(op: &PatchOp) -> (char, String) {
     (sign, self::text(&text).into_owned())
 }
 
+fn effective(e: &Effective) -> String {
+    let from = match e.from {
+        EffectiveFrom::TenantFile => "from the tenant file",
+        EffectiveFrom::PlatformDefault => "the platform default, resolved by readers",
+    };
+    format!("{} ({from})", text(&e.value))
+}
+
 fn version_span(t: &TenantPlan) -> String {
     match (t.current_version, t.next_version) {
         (Some(a), Some(b)) => format!("version {a} -> {b}"),
@@ -185,6 +193,9 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
                 }
                 continue;
             }
+        }
+        if let Some(e) = &t.embedding_endpoint {
+            let _ = writeln!(out, "      embedding endpoint: {}", effective(e));
         }
         for (sign, text) in t.patch.iter().flat_map(op_lines) {
             let code = match sign {
@@ -263,6 +274,13 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             html(&t.tenant_id),
             t.patch.len() + t.out_of_band.len()
         );
+        if let Some(e) = &t.embedding_endpoint {
+            // Before the fence: inside it every line is a diff line.
+            b.insert_str(
+                b.rfind("\n\n```diff").unwrap_or(b.len()),
+                &format!("\n\nEmbedding endpoint: {}", md_cell(&effective(e))),
+            );
+        }
         // Every line starts with its sign and holds no line break (op_lines escapes them), so no
         // line of a file's making can close the fence.
         for (sign, line) in t.patch.iter().flat_map(op_lines) {
@@ -394,6 +412,7 @@ mod tests {
                     out_of_band: vec![],
                     desired_digest: None,
                     actual_digest: None,
+                    embedding_endpoint: None,
                 })
                 .collect(),
         }
