@@ -155,7 +155,7 @@ async fn reconcile_once(
     }
     let result = async {
         if !prepared.load(std::sync::atomic::Ordering::Relaxed) {
-            sync::prepare(&ctx.cfg, &db).await?;
+            sync::prepare(&ctx.cfg, db).await?;
             prepared.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         // A full run at start and every full_resync_interval: the safety net under the
