@@ -6,8 +6,11 @@
 
 ALTER TABLE audit_events ADD COLUMN prev_hash bytea, ADD COLUMN chain_hash bytea;
 
--- The newest event's hash. Its row lock serialises writers of events until their transaction ends,
--- so event_seq order, chain order and commit order agree.
+-- The newest committed event's seq and hash, so that deleting the newest events shows. Its row
+-- lock serialises writers of events until their transaction ends, so event_seq order, chain order
+-- and commit order agree. It is written once per transaction, at commit (audit_chain_head_follow):
+-- a row updated once per event would grow a chain of row versions that every later event of the
+-- same transaction has to walk.
 CREATE TABLE audit_chain_head (
     singleton boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_chain_head_one_row CHECK (singleton),
     last_seq  bigint  NOT NULL,
@@ -62,6 +65,21 @@ CREATE TRIGGER audit_chain_head_no_delete
     FOR EACH STATEMENT EXECUTE FUNCTION audit_events_refuse_change();
 ALTER TABLE audit_chain_head ENABLE ALWAYS TRIGGER audit_chain_head_no_delete;
 
+CREATE FUNCTION audit_chain_head_follow() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public AS $$
+BEGIN
+    -- Deferred to commit, once per event; only the transaction's newest event moves the head.
+    IF NEW.event_seq = (SELECT max(event_seq) FROM public.audit_events) THEN
+        UPDATE public.audit_chain_head SET last_seq = NEW.event_seq, last_hash = NEW.chain_hash;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+CREATE CONSTRAINT TRIGGER audit_chain_head_follow
+    AFTER INSERT ON audit_events DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW EXECUTE FUNCTION audit_chain_head_follow();
+ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_chain_head_follow;
+
 -- Still the one way to write an event. SECURITY DEFINER with a fixed search_path: it runs with
 -- its owner's rights, so the app role needs EXECUTE on it and no right on audit_events at all.
 CREATE OR REPLACE FUNCTION emit_audit_event(p_tenant_id text, p_event_type text, p_actor text, p_details jsonb)
@@ -75,7 +93,13 @@ DECLARE
     v_details jsonb := coalesce(p_details, '{}'::jsonb);
     v_hash bytea;
 BEGIN
-    SELECT last_hash INTO STRICT v_prev_hash FROM public.audit_chain_head FOR UPDATE;
+    PERFORM 1 FROM public.audit_chain_head FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'audit_chain_head is missing: the audit trail was tampered with';
+    END IF;
+    -- After the lock: the newest event, committed by whoever held it before, or ours.
+    SELECT chain_hash INTO v_prev_hash FROM public.audit_events ORDER BY event_seq DESC LIMIT 1;
+    v_prev_hash := coalesce(v_prev_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
     IF p_event_type = 'TENANT_CONFIG_UPDATED' THEN
         SELECT event_id INTO v_previous
           FROM public.audit_events
@@ -90,7 +114,6 @@ BEGIN
                                      previous_event_id, prev_hash, chain_hash)
     OVERRIDING SYSTEM VALUE
     VALUES (v_id, v_seq, p_tenant_id, p_event_type, v_at, p_actor, v_details, v_previous, v_prev_hash, v_hash);
-    UPDATE public.audit_chain_head SET last_seq = v_seq, last_hash = v_hash;
     RETURN v_id;
 END;
 $$;

@@ -32,7 +32,7 @@ fn verify(repo: &TestRepo, db: &TestDb, extra: &[&str]) -> (i32, Value) {
 /// As the owner, with the table's triggers off, as an attacker with the owner's password would.
 fn tamper(db: &TestDb, sql: &str) {
     db.exec(&format!(
-        "ALTER TABLE audit_events DISABLE TRIGGER ALL; {sql}; ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_no_update_delete; ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_no_truncate"
+        "ALTER TABLE audit_events DISABLE TRIGGER ALL; {sql}; ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_no_update_delete; ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_events_no_truncate; ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_chain_head_follow"
     ));
 }
 
