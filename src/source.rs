@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 /// Files larger than this are refused before they are read.
 pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
 
+/// Directories below the tenant path a tenant file may sit in (`tenants/eu/ac/acme.toml` is 2).
+pub const MAX_DEPTH: usize = 16;
+/// Tenant files one source may hold; a tree with more is refused before anything is read.
+pub const MAX_FILES: usize = 1_000_000;
+
 pub const TENANT_EXTENSIONS: [&str; 4] = ["toml", "json", "yaml", "yml"];
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +40,8 @@ pub enum SourceError {
     },
     #[error("{path} does not exist at {at}")]
     NoTenantDir { path: String, at: String },
+    #[error("{path} holds more than {MAX_FILES} tenant files; split it into several sources")]
+    TooManyFiles { path: String },
     #[error("revision {rev:?} names both a branch and a tag in {repo}; use refs/heads/{rev} or refs/tags/{rev}")]
     AmbiguousRef { rev: String, repo: String },
 }
@@ -84,6 +91,16 @@ pub struct SourceFile {
     pub path: String,
     pub stem: String,
     pub body: Body,
+}
+
+impl SourceFile {
+    fn refused(path: String, why: &str) -> SourceFile {
+        SourceFile {
+            path,
+            stem: String::new(),
+            body: Body::Refused(why.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -299,33 +316,63 @@ impl Source {
             .find_tree(entry.id())
             .map_err(|_| SourceError::NoTenantDir { path: dir.clone(), at })?;
         let mut files = Vec::new();
-        for e in sub.iter() {
-            let name = match e.name() {
-                Ok(n) => n.to_string(),
-                Err(_) => {
-                    let shown = String::from_utf8_lossy(e.name_bytes()).to_string();
-                    files.push(SourceFile {
-                        path: format!("{}/{shown}", self.path),
-                        stem: String::new(),
-                        body: Body::Refused("the file name is not valid UTF-8".into()),
-                    });
-                    continue;
-                }
-            };
-            let Some(stem) = tenant_stem(&name) else { continue };
-            let body = match e.kind() {
-                Some(git2::ObjectType::Blob) if e.filemode() == 0o120000 => Body::Symlink,
-                Some(git2::ObjectType::Blob) => Body::Unread(e.id()),
-                Some(git2::ObjectType::Commit) => Body::Refused("is a git submodule, not a tenant file".into()),
-                _ => Body::Refused("is a directory named like a tenant file".into()),
-            };
-            files.push(SourceFile {
-                path: format!("{}/{name}", self.path),
-                stem,
-                body,
-            });
-        }
+        self.walk_tree(&sub, &self.path, 0, &mut files)?;
+        files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Snapshot { commit: Some(info), files })
+    }
+
+    /// Lists the tenant files under `tree` (whose path is `dir`), at any depth: sharded layouts
+    /// such as `tenants/eu/ac/acme.toml` are tenant `acme`.
+    fn walk_tree(&self, tree: &git2::Tree<'_>, dir: &str, depth: usize, files: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+        for e in tree.iter() {
+            let Ok(name) = e.name() else {
+                let shown = String::from_utf8_lossy(e.name_bytes()).to_string();
+                files.push(SourceFile::refused(format!("{dir}/{shown}"), "the file name is not valid UTF-8"));
+                continue;
+            };
+            let path = format!("{dir}/{name}");
+            let kind = e.kind();
+            match (tenant_stem(name), kind) {
+                (Some(stem), Some(git2::ObjectType::Blob)) => {
+                    let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
+                    files.push(SourceFile { path, stem, body });
+                }
+                (Some(stem), Some(git2::ObjectType::Commit)) => files.push(SourceFile {
+                    path,
+                    stem,
+                    body: Body::Refused("is a git submodule, not a tenant file".into()),
+                }),
+                (Some(stem), _) => files.push(SourceFile {
+                    path,
+                    stem,
+                    body: Body::Refused("is a directory named like a tenant file".into()),
+                }),
+                (None, Some(git2::ObjectType::Tree)) if !name.starts_with('.') => {
+                    if depth + 1 > MAX_DEPTH {
+                        files.push(SourceFile::refused(
+                            path,
+                            &format!("is nested deeper than {MAX_DEPTH} directories under the tenant path"),
+                        ));
+                        continue;
+                    }
+                    let sub = self.repo.find_tree(e.id()).map_err(self.git_err(format!("reading {path}")))?;
+                    self.walk_tree(&sub, &path, depth + 1, files)?;
+                }
+                _ => {}
+            }
+            if files.len() > MAX_FILES {
+                return Err(SourceError::TooManyFiles { path: self.tenant_dir() });
+            }
+        }
+        Ok(())
+    }
+
+    /// No tenant files at `commit`: what a source whose directory was deleted holds.
+    pub fn empty_snapshot(&self, commit: Oid) -> Result<Snapshot, SourceError> {
+        Ok(Snapshot {
+            commit: Some(self.commit_info(commit)?),
+            files: vec![],
+        })
     }
 
     /// Reads the blobs of the listed files (those in `only`, or all), refusing any over the size
@@ -358,41 +405,16 @@ impl Source {
             at: "a bare repository".into(),
         })?;
         let dir = workdir.join(self.tenant_dir());
-        let rd = std::fs::read_dir(&dir).map_err(|_| SourceError::NoTenantDir {
-            path: self.tenant_dir(),
-            at: "the work tree".into(),
-        })?;
-        let mut files = Vec::new();
-        for e in rd {
-            let e = e.map_err(|source| SourceError::Io {
-                path: dir.display().to_string(),
-                source,
-            })?;
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(stem) = tenant_stem(&name) else { continue };
-            let meta = std::fs::symlink_metadata(e.path()).map_err(|source| SourceError::Io {
-                path: e.path().display().to_string(),
-                source,
-            })?;
-            let body = if meta.file_type().is_symlink() {
-                Body::Symlink
-            } else if meta.is_dir() {
-                Body::Refused("is a directory named like a tenant file".into())
-            } else if !meta.is_file() {
-                continue;
-            } else if meta.len() > MAX_FILE_BYTES {
-                Body::TooLarge(meta.len())
-            } else {
-                Body::Bytes(std::fs::read(e.path()).map_err(|source| SourceError::Io {
-                    path: e.path().display().to_string(),
-                    source,
-                })?)
-            };
-            files.push(SourceFile {
-                path: format!("{}/{name}", self.path),
-                stem,
-                body,
+        if !dir.is_dir() {
+            return Err(SourceError::NoTenantDir {
+                path: self.tenant_dir(),
+                at: "the work tree".into(),
             });
+        }
+        let mut files = Vec::new();
+        walk_dir(&dir, &self.path, 0, &mut files)?;
+        if files.len() > MAX_FILES {
+            return Err(SourceError::TooManyFiles { path: self.tenant_dir() });
         }
         files.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Snapshot { commit: None, files })
@@ -465,6 +487,49 @@ impl Source {
             None => Ok(()),
         }
     }
+}
+
+/// The work-tree twin of [`Source::walk_tree`]. Symbolic links are never followed.
+fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SourceError::Io { path, source }
+    };
+    for e in std::fs::read_dir(dir).map_err(io(dir))? {
+        let e = e.map_err(io(dir))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        let path = format!("{rel}/{name}");
+        let meta = std::fs::symlink_metadata(e.path()).map_err(io(&e.path()))?;
+        let Some(stem) = tenant_stem(&name) else {
+            if meta.is_dir() && !name.starts_with('.') {
+                if depth + 1 > MAX_DEPTH {
+                    files.push(SourceFile::refused(
+                        path,
+                        &format!("is nested deeper than {MAX_DEPTH} directories under the tenant path"),
+                    ));
+                } else {
+                    walk_dir(&e.path(), &path, depth + 1, files)?;
+                }
+            }
+            continue;
+        };
+        let body = if meta.file_type().is_symlink() {
+            Body::Symlink
+        } else if meta.is_dir() {
+            Body::Refused("is a directory named like a tenant file".into())
+        } else if !meta.is_file() {
+            continue;
+        } else if meta.len() > MAX_FILE_BYTES {
+            Body::TooLarge(meta.len())
+        } else {
+            Body::Bytes(std::fs::read(e.path()).map_err(io(&e.path()))?)
+        };
+        files.push(SourceFile { path, stem, body });
+        if files.len() > MAX_FILES {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 fn tenant_stem(name: &str) -> Option<String> {
