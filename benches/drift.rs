@@ -16,9 +16,15 @@ fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
     rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
-    rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, Default::default()))
-        .unwrap();
-    let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool, false)).unwrap().1;
+    rt.block_on(sync::run(
+        &ctx,
+        &db.pool,
+        &ctx.cfg.sources[0],
+        Run::Apply { allow_non_fast_forward: false },
+        Default::default(),
+    ))
+    .unwrap();
+    let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool, &ctx.cfg.sources[0], false)).unwrap().1;
 
     for round in 1..=3 {
         let (r, d) = time(report_once);
@@ -40,7 +46,7 @@ fn main() {
         assert_eq!(counts(&r)[&DriftClass::Modified], drifted);
         report(&format!("drift report, 1% modified (round {round})"), d, n);
     }
-    let (r, d) = time(|| rt.block_on(sync::drift_report(&ctx, &db.pool, true)).unwrap().1);
+    let (r, d) = time(|| rt.block_on(sync::drift_report(&ctx, &db.pool, &ctx.cfg.sources[0], true)).unwrap().1);
     assert_eq!(counts(&r)[&DriftClass::Modified], drifted);
     report("drift report --full, 1% modified", d, n);
 }

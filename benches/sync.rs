@@ -17,8 +17,14 @@ fn main() {
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
     rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
     let apply = || {
-        rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, Default::default()))
-            .unwrap()
+        rt.block_on(sync::run(
+            &ctx,
+            &db.pool,
+            &ctx.cfg.sources[0],
+            Run::Apply { allow_non_fast_forward: false },
+            Default::default(),
+        ))
+        .unwrap()
     };
 
     let (o, first) = time(apply);
@@ -43,8 +49,14 @@ fn main() {
         ..Default::default()
     };
     let (o, d) = time(|| {
-        rt.block_on(sync::run(&ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, full))
-            .unwrap()
+        rt.block_on(sync::run(
+            &ctx,
+            &db.pool,
+            &ctx.cfg.sources[0],
+            Run::Apply { allow_non_fast_forward: false },
+            full,
+        ))
+        .unwrap()
     });
     assert_eq!(o.applied, 0);
     println!(

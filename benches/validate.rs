@@ -17,7 +17,7 @@ fn main() {
     let (repo, setup) = time(|| Repo::generate(n));
     println!("{:<48} {:>9.1} ms", "setup: generate, encrypt and commit", setup.as_secs_f64() * 1e3);
     let ctx = repo.ctx(None);
-    let source = Source::open(&ctx.source_spec()).unwrap();
+    let source = Source::open(&ctx.source_spec(&ctx.cfg.sources[0])).unwrap();
     let commit = source.resolve(None).unwrap();
 
     for round in 1..=3 {

@@ -90,9 +90,30 @@ pub struct Config {
     /// The platform's default embedding endpoint, for tenants whose config names none. Readers
     /// resolve it (it is not written into rows): see docs/tenant-config.md.
     pub embedding_endpoint: Option<String>,
+    /// Where tenant files come from: never empty.
+    pub sources: Vec<SourceConfig>,
     /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
     pub shown: Vec<Shown>,
 }
+
+/// One place tenant files come from. Without `[[sources]]` in the config file there is one, named
+/// `default`, from `repo`, `ref` and `path`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// How commands (`--source`), metrics and outputs call it.
+    pub name: String,
+    pub repo: String,
+    pub git_ref: Option<String>,
+    pub path: String,
+    /// Decommission tenants whose file was deleted from this source (never delete them).
+    pub prune: bool,
+    /// A run that would decommission more than this fraction of the source's tenants is refused
+    /// unless `--allow-mass-prune` is given.
+    pub prune_max_fraction: f64,
+}
+
+pub const DEFAULT_SOURCE: &str = "default";
+pub const DEFAULT_PRUNE_MAX_FRACTION: f64 = 0.1;
 
 /// Flags as given on the command line; None when absent.
 #[derive(Debug, Clone, Default)]
@@ -134,6 +155,18 @@ const DEFS: &[Def] = &[
         name: "path",
         env: &["FROSTBYTE_GITOPS_PATH"],
         default: Some("tenants"),
+        secret: false,
+    },
+    Def {
+        name: "prune",
+        env: &["FROSTBYTE_PRUNE"],
+        default: Some("false"),
+        secret: false,
+    },
+    Def {
+        name: "prune_max_fraction",
+        env: &["FROSTBYTE_PRUNE_MAX_FRACTION"],
+        default: Some("0.1"),
         secret: false,
     },
     Def {
@@ -303,6 +336,87 @@ fn check_endpoint(url: &str, mode: Mode) -> Result<(), String> {
     Ok(())
 }
 
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match f64::from_str(s.trim()) {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(format!("{s:?} is not a fraction in (0, 1]")),
+    }
+}
+
+/// `[[sources]]`: every entry checked, every problem reported. Fields left out take the top-level
+/// `repo`, `ref`, `path`, `prune` and `prune_max_fraction`.
+fn parse_sources(file: &str, v: &toml::Value, top: &SourceConfig) -> Result<Vec<SourceConfig>, Vec<String>> {
+    let Some(list) = v.as_array() else {
+        return Err(vec![format!("config file {file}: sources must be an array of tables ([[sources]])")]);
+    };
+    let mut errors = Vec::new();
+    let mut out: Vec<SourceConfig> = Vec::new();
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("config file {file}: sources[{i}]");
+        let Some(t) = entry.as_table() else {
+            errors.push(format!("{at}: not a table"));
+            continue;
+        };
+        for key in t
+            .keys()
+            .filter(|k| !["name", "repo", "ref", "path", "prune", "prune_max_fraction"].contains(&k.as_str()))
+        {
+            errors.push(format!("{at}: unknown key {key:?} (known: name, repo, ref, path, prune, prune_max_fraction)"));
+        }
+        let text = |k: &str| t.get(k).and_then(|v| v.as_str()).map(str::to_string);
+        let wrong_type: Vec<String> = ["name", "repo", "ref", "path"]
+            .iter()
+            .filter(|k| t.get(**k).is_some_and(|v| !v.is_str()))
+            .map(|k| format!("{at}: {k} must be a string"))
+            .collect();
+        errors.extend(wrong_type);
+        let name = text("name").unwrap_or_default();
+        if !is_source_name(&name) {
+            errors.push(format!("{at}: name {name:?} must be 1-63 characters of a-z, 0-9, '-' and '_'"));
+        } else if out.iter().any(|o| o.name == name) {
+            errors.push(format!("{at}: name {name:?} is used twice"));
+        }
+        let prune = match t.get("prune") {
+            None => top.prune,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => {
+                errors.push(format!("{at}: prune must be true or false"));
+                false
+            }
+        };
+        let prune_max_fraction = match t.get("prune_max_fraction") {
+            None => top.prune_max_fraction,
+            Some(v) => match v
+                .as_float()
+                .or_else(|| v.as_integer().map(|i| i as f64))
+                .map(|f| parse_fraction(&f.to_string()))
+            {
+                Some(Ok(f)) => f,
+                _ => {
+                    errors.push(format!("{at}: prune_max_fraction must be a number in (0, 1]"));
+                    DEFAULT_PRUNE_MAX_FRACTION
+                }
+            },
+        };
+        out.push(SourceConfig {
+            name,
+            repo: text("repo").unwrap_or_else(|| top.repo.clone()),
+            git_ref: text("ref").or_else(|| top.git_ref.clone()),
+            path: text("path").unwrap_or_else(|| top.path.clone()),
+            prune,
+            prune_max_fraction,
+        });
+    }
+    if list.is_empty() {
+        errors.push(format!("config file {file}: sources is empty; remove it to use repo/ref/path"));
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+pub fn is_source_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -325,7 +439,7 @@ impl Config {
         };
         if let Some((path, _)) = file {
             for key in table.keys() {
-                if !DEFS.iter().any(|d| d.name == key) {
+                if !DEFS.iter().any(|d| d.name == key) && key != "sources" {
                     errors.push(format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")));
                 }
             }
@@ -388,6 +502,7 @@ impl Config {
             }
         };
         let allow_plaintext = bool_of("allow_plaintext");
+        let prune = bool_of("prune");
         let require_tenant_recipient = bool_of("require_tenant_recipient");
         let worktree = bool_of("worktree");
         let mut num_of = |name: &str, min: u64| match u64::from_str(get(name).unwrap_or_default().trim()) {
@@ -401,6 +516,28 @@ impl Config {
         let full_resync_secs = num_of("full_resync_interval", 1);
         let debounce_ms = num_of("debounce_ms", 0);
         let database_url = get("database_url");
+        let prune_max_fraction = match parse_fraction(&get("prune_max_fraction").unwrap_or_default()) {
+            Ok(f) => f,
+            Err(e) => {
+                errors.push(format!("prune_max_fraction (from {}): {e}", origin("prune_max_fraction")));
+                DEFAULT_PRUNE_MAX_FRACTION
+            }
+        };
+        let implicit = SourceConfig {
+            name: DEFAULT_SOURCE.into(),
+            repo: get("repo").unwrap_or_else(|| ".".into()),
+            git_ref: get("ref"),
+            path: get("path").unwrap_or_else(|| "tenants".into()),
+            prune,
+            prune_max_fraction,
+        };
+        let sources = match table.get("sources") {
+            None => vec![implicit],
+            Some(v) => parse_sources(file.map_or("", |f| f.0), v, &implicit).unwrap_or_else(|mut e| {
+                errors.append(&mut e);
+                vec![]
+            }),
+        };
         // A missing database_url is refused where a database is needed (see sync::connect): in
         // production, validate and plan --against-ref run without one.
         if mode == Mode::Production && allow_plaintext {
@@ -503,6 +640,7 @@ impl Config {
                 ssh_key_file: get("git_ssh_key_file").map(PathBuf::from),
                 known_hosts: get("git_known_hosts").map(PathBuf::from),
             },
+            sources,
             shown,
         })
     }
@@ -595,6 +733,47 @@ mod tests {
         );
         assert!(ok(&[("FROSTBYTE_EMBEDDING_ENDPOINT", "https://u:p@e.example/v1")]).is_err());
         assert!(ok(&[("FROSTBYTE_EMBEDDING_ENDPOINT", "ftp://e.example")]).is_err());
+    }
+
+    #[test]
+    fn sources_take_the_top_level_settings_they_leave_out() {
+        let file = "repo = \"/r\"\nref = \"main\"\nprune = true\n[[sources]]\nname = \"eu\"\npath = \"tenants/eu\"\n[[sources]]\nname = \"us\"\nrepo = \"/other\"\nref = \"prod\"\nprune = false\nprune_max_fraction = 0.5\n";
+        let c = Config::resolve(&Flags::default(), &env_of(&[]), Some(("f.toml", file)), None).unwrap();
+        let eu = SourceConfig {
+            name: "eu".into(),
+            repo: "/r".into(),
+            git_ref: Some("main".into()),
+            path: "tenants/eu".into(),
+            prune: true,
+            prune_max_fraction: 0.1,
+        };
+        let us = SourceConfig {
+            name: "us".into(),
+            repo: "/other".into(),
+            git_ref: Some("prod".into()),
+            path: "tenants".into(),
+            prune: false,
+            prune_max_fraction: 0.5,
+        };
+        assert_eq!(c.sources, [eu, us]);
+        let implicit = Config::resolve(&Flags::default(), &env_of(&[]), None, None).unwrap();
+        assert_eq!(implicit.sources.len(), 1);
+        assert_eq!(implicit.sources[0].name, DEFAULT_SOURCE);
+    }
+
+    #[test]
+    fn every_bad_source_entry_is_reported() {
+        let file = "[[sources]]\nname = \"EU!\"\ncolour = 1\n[[sources]]\nname = \"us\"\nprune_max_fraction = 2\npath = 3\n[[sources]]\nname = \"us\"\n";
+        let err = Config::resolve(&Flags::default(), &env_of(&[]), Some(("f.toml", file)), None).unwrap_err();
+        for needle in [
+            "sources[0]: unknown key \"colour\"",
+            "sources[0]: name \"EU!\"",
+            "sources[1]: prune_max_fraction",
+            "sources[1]: path must be a string",
+            "sources[2]: name \"us\" is used twice",
+        ] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use frostbyte_gitops::config::{Config, Flags, LogFormat};
+use frostbyte_gitops::config::{Config, Flags, LogFormat, SourceConfig};
 use frostbyte_gitops::domain::drift::DriftClass;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::sops::AgeKeys;
@@ -84,6 +84,20 @@ struct Global {
     /// Armored OpenPGP public keys of trusted commit signers (env FROSTBYTE_TRUSTED_PGP_KEYS).
     #[arg(long, global = true)]
     trusted_pgp_keys: Option<String>,
+    /// Only this configured source (default: every one, each planned and applied on its own).
+    #[arg(long, global = true)]
+    source: Option<String>,
+}
+
+#[derive(Args, Clone, Copy)]
+struct PruneArgs {
+    /// Decommission tenants whose file was deleted from the source that owns them, whatever the
+    /// source's `prune` setting says.
+    #[arg(long)]
+    prune: bool,
+    /// Prune even past the source's prune_max_fraction, or every tenant of a source.
+    #[arg(long)]
+    allow_mass_prune: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -137,6 +151,8 @@ enum Cmd {
         against_ref: Option<String>,
         #[arg(long, value_enum, default_value = "auto")]
         color: Color,
+        #[command(flatten)]
+        prune: PruneArgs,
     },
     /// Apply a saved plan, or plan and apply now.
     Apply {
@@ -146,6 +162,8 @@ enum Cmd {
         allow_non_fast_forward: bool,
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
+        #[command(flatten)]
+        prune: PruneArgs,
     },
     /// Fetch, plan and apply in one go (for cron).
     Sync {
@@ -154,6 +172,8 @@ enum Cmd {
         /// Read every file and row, whatever the incremental state says.
         #[arg(long)]
         full: bool,
+        #[command(flatten)]
+        prune: PruneArgs,
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
     },
@@ -238,6 +258,14 @@ enum TenantCmd {
         /// Recorded in the audit event.
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Give a tenant to another configured source (audited as TENANT_SOURCE_CHANGED); its file
+    /// should move to that source's repository in the same change.
+    Move {
+        tenant_id: String,
+        /// The configured name of the source that owns it from now on.
+        #[arg(long)]
+        to: String,
     },
     /// Write a valid, encrypted skeleton for a new tenant.
     New {
@@ -423,15 +451,32 @@ fn real_main(cli: Cli) -> Result<u8> {
             Ok(EXIT_OK)
         });
     }
-    rt.block_on(dispatch(&ctx, cli.cmd))
+    rt.block_on(dispatch(&ctx, cli.cmd, cli.global.source.as_deref()))
 }
 
 fn print_json(v: &serde_json::Value) {
     println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
 }
 
-async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
+async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
     match cmd {
+        Cmd::Tenant {
+            cmd: TenantCmd::Move { tenant_id, to },
+        } => {
+            let target = ctx.sources(Some(&to))?[0];
+            let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(target))?;
+            let db = sync::connect(&ctx.cfg).await?;
+            sync::prepare(&ctx.cfg, &db).await?;
+            let mut client = store::client(&db.pool).await?;
+            let event = store::move_tenant(&mut client, &tenant_id, &source.id, &target.name, sync::ACTOR).await?;
+            println!(
+                "Tenant {} now belongs to source {} ({}) (audit event {event}).",
+                frostbyte_gitops::domain::escape::text(&tenant_id),
+                target.name,
+                source.id
+            );
+            Ok(EXIT_OK)
+        }
         Cmd::Tenant {
             cmd: TenantCmd::State { tenant_id, state, reason },
         } => {
@@ -463,100 +508,149 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
             cmd: AuditCmd::Verify { format, anchor },
         } => audit_verify(ctx, format, anchor.as_deref()).await,
         Cmd::Validate { format, no_decrypt } => {
-            let source = frostbyte_gitops::source::Source::open(&ctx.source_spec())?;
-            let d = sync::read_desired(ctx, &source, None, ctx.cfg.worktree, !no_decrypt)?;
-            match format {
-                OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
-                OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
-                OutFormat::Json => print!("{}", render::issues_json(d.files, &d.issues)),
+            let mut code = EXIT_OK;
+            let sources = ctx.sources(only)?;
+            for src in &sources {
+                let read = frostbyte_gitops::source::Source::open(&ctx.source_spec(src))
+                    .map_err(sync::SyncError::from)
+                    .and_then(|source| sync::read_desired(&source, src, ctx, ctx.cfg.worktree, !no_decrypt));
+                let d = match read {
+                    Ok(d) => d,
+                    Err(e) => {
+                        code = worst(code, failed(&sources, src, e));
+                        continue;
+                    }
+                };
+                print!("{}", group_header(&sources, src, format));
+                match format {
+                    OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
+                    OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
+                    OutFormat::Json => print!("{}", render::issues_json(d.files, &d.issues)),
+                }
+                code = worst(code, if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR });
             }
-            Ok(if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR })
+            Ok(code)
         }
         Cmd::Plan {
             format,
             out,
             against_ref,
             color,
+            prune,
         } => {
             let color = match color {
                 Color::Always => true,
                 Color::Never => false,
                 Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
             };
-            let (header, plan) = if let Some(base) = against_ref {
-                if out.is_some() {
-                    return Err(anyhow!("--out saves a plan against the database; it cannot be combined with --against-ref"));
-                }
-                sync::plan_against_ref(ctx, &base)?
-            } else {
-                let db = sync::connect(&ctx.cfg).await?;
-                sync::prepare(&ctx.cfg, &db).await?;
-                let outcome = sync::run(ctx, &db.pool, Run::Plan, Default::default()).await?;
-                if let Some(path) = &out {
-                    let commit = outcome
-                        .header
-                        .commit
-                        .clone()
-                        .ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
-                    let saved = SavedPlan {
-                        format_version: render::JSON_FORMAT_VERSION,
-                        source: outcome.source.clone(),
-                        commit,
-                        created_at: chrono::Utc::now().to_rfc3339(),
-                        plan: outcome.plan.clone(),
-                    };
-                    std::fs::write(path, serde_json::to_string_pretty(&saved)? + "\n").with_context(|| format!("writing {}", path.display()))?;
-                    eprintln!("Saved the plan to {}; apply it with: frostbyte-gitops apply {}", path.display(), path.display());
-                }
-                (outcome.header, outcome.plan)
-            };
-            match format {
-                OutFormat::Text => print!("{}", render::plan_text(&plan, &header, color)),
-                OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
-                OutFormat::Json => print_json(&render::plan_json(&plan, &header)),
+            if against_ref.is_some() && out.is_some() {
+                return Err(anyhow!("--out saves a plan against the database; it cannot be combined with --against-ref"));
             }
-            Ok(if plan.has_changes() || plan.summary().conflict > 0 {
-                EXIT_CHANGES
-            } else {
-                EXIT_OK
-            })
+            let sources = ctx.sources(only)?;
+            if out.is_some() && sources.len() > 1 {
+                return Err(anyhow!("--out saves the plan of one source: name it with --source"));
+            }
+            let db = match against_ref {
+                Some(_) => None,
+                None => {
+                    let db = sync::connect(&ctx.cfg).await?;
+                    sync::prepare(&ctx.cfg, &db).await?;
+                    Some(db)
+                }
+            };
+            let mut code = EXIT_OK;
+            for src in &sources {
+                let made = match (&against_ref, &db) {
+                    (Some(base), _) => sync::plan_against_ref(ctx, src, base),
+                    (None, Some(db)) => {
+                        let opts = sync::RunOptions {
+                            prune: prune.prune,
+                            allow_mass_prune: prune.allow_mass_prune,
+                            ..Default::default()
+                        };
+                        match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
+                            Ok(outcome) => {
+                                if let Some(path) = &out {
+                                    save_plan(path, &outcome)?;
+                                }
+                                Ok((outcome.header, outcome.plan))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    }
+                    (None, None) => unreachable!("a database unless --against-ref"),
+                };
+                let (header, plan) = match made {
+                    Ok(made) => made,
+                    Err(e) => {
+                        code = worst(code, failed(&sources, src, e));
+                        continue;
+                    }
+                };
+                print!("{}", group_header(&sources, src, format));
+                match format {
+                    OutFormat::Text => print!("{}", render::plan_text(&plan, &header, color)),
+                    OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
+                    OutFormat::Json => print_json(&render::plan_json(&plan, &header)),
+                }
+                code = worst(
+                    code,
+                    if plan.has_changes() || plan.summary().conflict > 0 {
+                        EXIT_CHANGES
+                    } else {
+                        EXIT_OK
+                    },
+                );
+            }
+            Ok(code)
         }
         Cmd::Apply {
             plan_file,
             allow_non_fast_forward,
             format,
+            prune,
         } => {
-            let run = match plan_file {
-                None => Run::Apply { allow_non_fast_forward },
-                Some(path) => {
-                    let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
-                    let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
-                    if saved.format_version != render::JSON_FORMAT_VERSION {
-                        return Err(anyhow!(
-                            "{}: saved plan format {} is not supported (expected {})",
-                            path.display(),
-                            saved.format_version,
-                            render::JSON_FORMAT_VERSION
-                        ));
-                    }
-                    Run::ApplySaved {
-                        saved: Box::new(saved),
-                        allow_non_fast_forward,
-                    }
-                }
+            let Some(path) = plan_file else {
+                return apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, false, prune).await;
             };
-            apply_and_report(ctx, run, format, false).await
+            let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
+            let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
+            if saved.format_version != render::JSON_FORMAT_VERSION {
+                return Err(anyhow!(
+                    "{}: saved plan format {} is not supported (expected {})",
+                    path.display(),
+                    saved.format_version,
+                    render::JSON_FORMAT_VERSION
+                ));
+            }
+            // The plan names its source; --source may only agree with it.
+            let name = match (&saved.source_name, only) {
+                (Some(saved_name), Some(given)) if saved_name != given => {
+                    return Err(anyhow!("{} is a plan for source {saved_name}, not {given}", path.display()));
+                }
+                (Some(saved_name), _) => Some(saved_name.clone()),
+                (None, given) => given.map(str::to_string),
+            };
+            let saved = Box::new(saved);
+            apply_and_report(
+                ctx,
+                name.as_deref(),
+                || Run::ApplySaved {
+                    saved: saved.clone(),
+                    allow_non_fast_forward,
+                },
+                format,
+                false,
+                prune,
+            )
+            .await
         }
         Cmd::Sync {
             allow_non_fast_forward,
             format,
             full,
-        } => {
-            if frostbyte_gitops::source::is_url(&ctx.cfg.repo) {
-                tracing::info!(repo = %frostbyte_gitops::source::shown_repo(&ctx.cfg.repo), "fetching");
-            }
-            apply_and_report(ctx, Run::Apply { allow_non_fast_forward }, format, full).await
-        }
+            prune,
+        } => apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, full, prune).await,
         Cmd::Drift { format, fail_on, full } => {
             let fail: Vec<DriftClass> = if fail_on.is_empty() {
                 vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
@@ -567,18 +661,80 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd) -> Result<u8> {
                     .collect::<Result<_, String>>()
                     .map_err(|e| anyhow!("--fail-on: {e}"))?
             };
+            let sources = ctx.sources(only)?;
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db).await?;
-            let (header, report) = sync::drift_report(ctx, &db.pool, full).await?;
-            match format {
-                OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
-                OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
-                OutFormat::Json => print_json(&render::drift_json(&report, &header)),
+            let mut code = EXIT_OK;
+            for src in &sources {
+                let (header, report) = match sync::drift_report(ctx, &db.pool, src, full).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        code = worst(code, failed(&sources, src, e));
+                        continue;
+                    }
+                };
+                print!("{}", group_header(&sources, src, format));
+                match format {
+                    OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
+                    OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
+                    OutFormat::Json => print_json(&render::drift_json(&report, &header)),
+                }
+                let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
+                code = worst(code, if drifted { EXIT_CHANGES } else { EXIT_OK });
             }
-            let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
-            Ok(if drifted { EXIT_CHANGES } else { EXIT_OK })
+            Ok(code)
         }
     }
+}
+
+/// An error beats changes, which beat nothing to do.
+fn worst(a: u8, b: u8) -> u8 {
+    match (a, b) {
+        (EXIT_ERROR, _) | (_, EXIT_ERROR) => EXIT_ERROR,
+        (EXIT_CHANGES, _) | (_, EXIT_CHANGES) => EXIT_CHANGES,
+        _ => EXIT_OK,
+    }
+}
+
+/// Reports a source that failed (naming it when there are several); the others go on.
+fn failed(sources: &[&SourceConfig], src: &SourceConfig, e: sync::SyncError) -> u8 {
+    let e = anyhow::Error::from(e);
+    if sources.len() == 1 {
+        eprintln!("error: {e:#}");
+    } else {
+        eprintln!("error: source {}: {e:#}", src.name);
+    }
+    EXIT_ERROR
+}
+
+/// With more than one source, each one's output starts with its name.
+fn group_header(sources: &[&SourceConfig], src: &SourceConfig, format: OutFormat) -> String {
+    if sources.len() == 1 || format == OutFormat::Json {
+        return String::new();
+    }
+    match format {
+        OutFormat::Markdown => format!("## Source `{}`\n\n", src.name),
+        _ => format!("=== source {} ===\n", src.name),
+    }
+}
+
+fn save_plan(path: &std::path::Path, outcome: &sync::Outcome) -> Result<()> {
+    let commit = outcome
+        .header
+        .commit
+        .clone()
+        .ok_or_else(|| anyhow!("--out needs a commit; it cannot save a --worktree plan"))?;
+    let saved = SavedPlan {
+        format_version: render::JSON_FORMAT_VERSION,
+        source: outcome.source.clone(),
+        source_name: Some(outcome.source_name.clone()),
+        commit,
+        created_at: chrono::Utc::now().to_rfc3339(),
+        plan: outcome.plan.clone(),
+    };
+    std::fs::write(path, serde_json::to_string_pretty(&saved)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("Saved the plan to {}; apply it with: frostbyte-gitops apply {}", path.display(), path.display());
+    Ok(())
 }
 
 async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::Path>) -> Result<u8> {
@@ -626,14 +782,46 @@ async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::P
 
 /// `apply` and `sync` succeed with 0 whether or not they wrote: the change is done. A conflict
 /// (git and a hand edit both changed a tenant under the warn policy) is left alone and exits 2.
-async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat, full: bool) -> Result<u8> {
+/// Each source is applied and committed on its own; the exit code is the worst of them.
+async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, format: OutFormat, full: bool, prune: PruneArgs) -> Result<u8> {
+    let sources = ctx.sources(only)?;
     let db = sync::connect(&ctx.cfg).await?;
     sync::prepare(&ctx.cfg, &db).await?;
-    let o = sync::run(ctx, &db.pool, run, sync::RunOptions { want_drift: false, full }).await?;
+    let opts = sync::RunOptions {
+        want_drift: false,
+        full,
+        prune: prune.prune,
+        allow_mass_prune: prune.allow_mass_prune,
+    };
+    let mut code = EXIT_OK;
+    for src in &sources {
+        if frostbyte_gitops::source::is_url(&src.repo) {
+            tracing::info!(source = %src.name, repo = %frostbyte_gitops::source::shown_repo(&src.repo), "fetching");
+        }
+        let o = match sync::run(ctx, &db.pool, src, run(), opts).await {
+            Ok(o) => o,
+            Err(e) => {
+                code = worst(code, failed(&sources, src, e));
+                continue;
+            }
+        };
+        print!("{}", group_header(&sources, src, format));
+        report_applied(&o, format);
+        let conflicts = o.plan.summary().conflict;
+        if conflicts > 0 {
+            eprintln!("{conflicts} tenant(s) in conflict were left alone: fix the rows or set drift_policy = correct");
+            code = worst(code, EXIT_CHANGES);
+        }
+    }
+    Ok(code)
+}
+
+fn report_applied(o: &sync::Outcome, format: OutFormat) {
     match format {
         OutFormat::Json => {
             let mut v = render::plan_json(&o.plan, &o.header);
             v["applied"] = serde_json::json!(o.applied);
+            v["source"] = serde_json::json!(o.source_name);
             print_json(&v);
         }
         _ => {
@@ -658,12 +846,6 @@ async fn apply_and_report(ctx: &Ctx, run: Run, format: OutFormat, full: bool) ->
             }
         }
     }
-    let conflicts = o.plan.summary().conflict;
-    if conflicts > 0 {
-        eprintln!("{conflicts} tenant(s) in conflict were left alone: fix the rows or set drift_policy = correct");
-        return Ok(EXIT_CHANGES);
-    }
-    Ok(EXIT_OK)
 }
 
 /// The files named, or every tenant file under the configured path.

@@ -20,6 +20,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "003_gitops_state.sql", include_str!("../migrations/003_gitops_state.sql")),
     (4, "004_audit_chain.sql", include_str!("../migrations/004_audit_chain.sql")),
     (5, "005_tenant_lifecycle.sql", include_str!("../migrations/005_tenant_lifecycle.sql")),
+    (6, "006_sources.sql", include_str!("../migrations/006_sources.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
@@ -241,21 +242,102 @@ pub async fn check_migrated(client: &impl GenericClient) -> Result<(), StoreErro
     }
 }
 
-/// Serialises appliers until the transaction ends.
-pub async fn lock_apply(tx: &Transaction<'_>) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&APPLY_LOCK])
+/// The advisory lock key of a source's applies: sources apply side by side, one run per source
+/// at a time.
+pub fn apply_lock_key(source: &str) -> i64 {
+    let d = Sha256::digest(format!("apply\0{source}").as_bytes());
+    i64::from_be_bytes(d[..8].try_into().expect("8 bytes")) ^ APPLY_LOCK
+}
+
+/// Serialises the appliers of one source until the transaction ends.
+pub async fn lock_apply(tx: &Transaction<'_>, source: &str) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&apply_lock_key(source)])
         .await
         .map_err(q("taking the apply lock"))
         .map(|_| ())
 }
 
-/// Tries to become the applier without waiting; the lock is held until the transaction ends.
-pub async fn try_lock_apply(tx: &Transaction<'_>) -> Result<bool, StoreError> {
-    let row = tx
-        .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&APPLY_LOCK])
+/// Which source owns a tenant, and the file it claimed it from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub source: String,
+    /// Its configured name when it claimed the tenant.
+    pub name: Option<String>,
+    pub file: String,
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(name) => write!(f, "{name} ({})", self.source),
+            None => write!(f, "{}", self.source),
+        }
+    }
+}
+
+/// The tenants other sources own (rows deleted by hand included).
+pub async fn foreign_owners(client: &impl GenericClient, source: &str) -> Result<BTreeMap<String, Owner>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT tenant_id, source, source_name, file_path FROM gitops_owners WHERE source <> $1",
+            &[&source],
+        )
         .await
-        .map_err(q("taking the apply lock"))?;
-    Ok(row.get(0))
+        .map_err(q("reading gitops_owners"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let owner = Owner {
+                source: r.get(1),
+                name: r.get(2),
+                file: r.get(3),
+            };
+            (r.get(0), owner)
+        })
+        .collect())
+}
+
+/// `tenant move`: gives a tenant to another source, with its audit event, in one transaction.
+pub async fn move_tenant(client: &mut tokio_postgres::Client, tenant: &str, to: &str, to_name: &str, actor: &str) -> Result<uuid::Uuid, StoreError> {
+    let tx = client.transaction().await.map_err(q("starting a transaction"))?;
+    let from: Option<(String, String)> = tx
+        .query_opt("SELECT source, file_path FROM gitops_owners WHERE tenant_id = $1 FOR UPDATE", &[&tenant])
+        .await
+        .map_err(q("reading gitops_owners"))?
+        .map(|r| (r.get(0), r.get(1)));
+    let exists = tx
+        .query_opt("SELECT 1 FROM tenants WHERE tenant_id = $1", &[&tenant])
+        .await
+        .map_err(q("reading tenants"))?
+        .is_some();
+    if !exists && from.is_none() {
+        return Err(StoreError::Transition(format!("tenant {tenant} does not exist")));
+    }
+    if from.as_ref().is_some_and(|(s, _)| s == to) {
+        return Err(StoreError::Transition(format!("tenant {tenant} already belongs to source {to_name}")));
+    }
+    tx.execute(
+        "INSERT INTO gitops_owners (tenant_id, source, source_name, file_path) VALUES ($1, $2, $3, '')
+         ON CONFLICT (tenant_id) DO UPDATE SET source = EXCLUDED.source, source_name = EXCLUDED.source_name, file_path = '', claimed_at = now()",
+        &[&tenant, &to, &to_name],
+    )
+    .await
+    .map_err(q("moving the tenant"))?;
+    let details = json!({
+        "from_source": from.as_ref().map(|f| &f.0),
+        "from_file": from.as_ref().map(|f| &f.1),
+        "to_source": to,
+        "to_source_name": to_name,
+    });
+    let event = AuditEvent {
+        tenant_id: tenant.to_string(),
+        event_type: crate::domain::audit::TENANT_SOURCE_CHANGED,
+        actor: actor.to_string(),
+        details,
+    };
+    let id = emit_audit_event(&tx, &event).await?;
+    tx.commit().await.map_err(q("committing"))?;
+    Ok(id)
 }
 
 /// The per-database key for sealing secrets; made on first use.
@@ -329,14 +411,16 @@ pub struct RowIndex {
     pub applied_from: Option<(String, String)>,
     /// Changed since the agent wrote it (its trigger-kept updated_at is newer).
     pub touched: bool,
+    /// The source that owns it (none: made by hand, or before sources were recorded).
+    pub owner: Option<Owner>,
 }
 
 pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, StoreError> {
     let rows = client
         .query(
             "SELECT t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
-                    (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched, a.source, a.commit_id
-               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)",
+                    (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched, a.source, a.commit_id, o.source, o.file_path
+               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id) LEFT JOIN gitops_owners o USING (tenant_id)",
             &[],
         )
         .await
@@ -356,6 +440,11 @@ pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, St
             let source: Option<String> = r.try_get(6).map_err(bad)?;
             let commit: Option<String> = r.try_get(7).map_err(bad)?;
             Ok(RowIndex {
+                owner: r.try_get::<_, Option<String>>(8).map_err(bad)?.map(|source| Owner {
+                    source,
+                    name: None,
+                    file: r.get::<_, Option<String>>(9).unwrap_or_default(),
+                }),
                 applied_from: source.zip(commit),
                 config_version: r.try_get(1).map_err(bad)?,
                 touched: r.try_get(5).map_err(bad)?,
@@ -432,6 +521,8 @@ pub async fn emit_audit_event(tx: &Transaction<'_>, event: &AuditEvent) -> Resul
 
 pub struct ApplyContext<'a> {
     pub source: &'a str,
+    /// Its configured name.
+    pub source_name: &'a str,
     pub commit: &'a CommitInfo,
     pub actor: &'a str,
     pub key: &'a [u8],
@@ -439,6 +530,8 @@ pub struct ApplyContext<'a> {
     pub record_commit: bool,
     /// The commit's verified signer (null when verification is off).
     pub signer: Value,
+    /// Tenants of this run nobody owns yet, with their files: the source claims them.
+    pub claims: Vec<(String, String)>,
 }
 
 /// Writes every change of `plan` with its audit events, a statement per kind of write whatever
@@ -543,6 +636,8 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .await
         .map_err(q("recording what was applied"))?;
     }
+    claim(tx, &changes, ctx).await?;
+    decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
             .ok()
@@ -558,7 +653,67 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .await
         .map_err(q("recording the applied commit"))?;
     }
-    Ok(changes.len())
+    Ok(changes.len() + plan.decommissions().count())
+}
+
+/// Records this source as the owner of what it writes and of the unowned tenants it has files
+/// for; a tenant another source owns (claimed since the plan was made) fails the run.
+async fn claim(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+    // One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice in one statement.
+    let mut all: BTreeMap<&str, &str> = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).collect();
+    all.extend(changes.iter().map(|(_, d)| (d.tenant_id.as_str(), d.file.as_str())));
+    let (ids, files): (Vec<&str>, Vec<&str>) = all.into_iter().unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO gitops_owners (tenant_id, source, source_name, file_path)
+         SELECT u.id, $3, $4, u.file FROM unnest($1::text[], $2::text[]) AS u(id, file)
+         ON CONFLICT (tenant_id) DO UPDATE SET file_path = EXCLUDED.file_path, source_name = EXCLUDED.source_name
+          WHERE gitops_owners.source = EXCLUDED.source
+            AND (gitops_owners.file_path, gitops_owners.source_name) IS DISTINCT FROM (EXCLUDED.file_path, EXCLUDED.source_name)",
+        &[&ids, &files, &ctx.source, &ctx.source_name],
+    )
+    .await
+    .map_err(q("recording which source owns each tenant"))?;
+    if let Some(row) = tx
+        .query_opt(
+            "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1",
+            &[&ids, &ctx.source],
+        )
+        .await
+        .map_err(q("checking ownership"))?
+    {
+        let (tenant, owner): (String, String) = (row.get(0), row.get(1));
+        return Err(StoreError::Conflict {
+            tenant,
+            message: format!("it belongs to source {owner}"),
+        });
+    }
+    Ok(())
+}
+
+/// Prune: moves each tenant the plan decommissions to `decommissioning` through
+/// `transition_tenant_state`, which writes its TENANT_DECOMMISSION_REQUESTED event.
+async fn decommission(tx: &Transaction<'_>, plan: &Plan, ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+    let (ids, details): (Vec<&str>, Vec<Value>) = plan
+        .decommissions()
+        .map(|t| {
+            let why = json!({"reason": "its file was deleted from the source that owns it", "source": ctx.source, "commit": ctx.commit.id, "file": t.file});
+            (t.tenant_id.as_str(), why)
+        })
+        .unzip();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    tx.query(
+        "SELECT transition_tenant_state(u.id, 'decommissioning', $3, u.details)
+           FROM (SELECT * FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS u(id, details, n) ORDER BY n) u",
+        &[&ids, &details, &ctx.actor],
+    )
+    .await
+    .map_err(q(format!("decommissioning {} tenant(s)", ids.len())))?;
+    Ok(())
 }
 
 /// Grants `role` what the agent needs and nothing more: it reads and writes `tenants` and the
@@ -598,7 +753,7 @@ pub async fn grant_app_role(client: &impl GenericClient, role: &str) -> Result<(
          REVOKE ALL ON ALL FUNCTIONS IN SCHEMA public FROM {r};
          GRANT USAGE ON SCHEMA public TO {r};
          GRANT SELECT, INSERT, UPDATE ON tenants TO {r};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON gitops_sources, gitops_applied TO {r};
+         GRANT SELECT, INSERT, UPDATE, DELETE ON gitops_sources, gitops_applied, gitops_owners TO {r};
          GRANT SELECT, INSERT ON gitops_settings TO {r};
          GRANT SELECT ON schema_migrations, audit_events, audit_chain_head TO {r};
          GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};

@@ -1,6 +1,6 @@
 //! Orchestration: snapshot -> decrypt -> validate -> load actual -> plan -> apply.
 
-use crate::config::{Config, DriftPolicy, Mode};
+use crate::config::{Config, DriftPolicy, Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::drift::{TenantDrift, drift};
 use crate::domain::issue::Issue;
@@ -40,6 +40,8 @@ pub enum SyncError {
     Usage(String),
     #[error(transparent)]
     Refused(#[from] crate::verify::Refused),
+    #[error("source {name}: {why}")]
+    MassPrune { name: String, why: String },
 }
 
 fn files_with_issues(issues: &[Issue]) -> usize {
@@ -57,13 +59,33 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn source_spec(&self) -> SourceSpec {
+    pub fn source_spec(&self, src: &SourceConfig) -> SourceSpec {
         SourceSpec {
-            repo: self.cfg.repo.clone(),
+            repo: src.repo.clone(),
             auth: self.cfg.git_auth.clone(),
-            path: self.cfg.path.clone(),
+            path: src.path.clone(),
             cache_dir: self.cfg.data_dir.join("git-cache"),
         }
+    }
+
+    /// The source named `only`, or every configured one.
+    pub fn sources(&self, only: Option<&str>) -> Result<Vec<&SourceConfig>, SyncError> {
+        match only {
+            None => Ok(self.cfg.sources.iter().collect()),
+            Some(name) => match self.cfg.sources.iter().find(|s| s.name == name) {
+                Some(s) => Ok(vec![s]),
+                None => Err(SyncError::Usage(format!(
+                    "no source named {name:?} (configured: {})",
+                    self.cfg.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))),
+            },
+        }
+    }
+
+    /// The first configured source also reports the rows no source owns (made by hand, or before
+    /// ownership was recorded), so that every row is some source's concern.
+    fn adopts_unowned(&self, src: &SourceConfig) -> bool {
+        self.cfg.sources.first().is_some_and(|f| f.name == src.name)
     }
 }
 
@@ -290,8 +312,8 @@ fn encrypted_leaves(v: &serde_json::Value, pointer: &str, out: &mut SecretPaths)
 
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
 /// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
-pub fn read_desired(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
-    let mut snapshot = snapshot_of(ctx, source, rev, worktree)?;
+pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
+    let mut snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
     source.read_bodies(&mut snapshot, None)?;
     let opts = ReadOptions {
         decrypt,
@@ -369,6 +391,9 @@ pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
 pub struct SavedPlan {
     pub format_version: u32,
     pub source: String,
+    /// The configured name of `source` (plans saved before sources had names have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_name: Option<String>,
     pub commit: String,
     pub created_at: String,
     pub plan: Plan,
@@ -385,6 +410,8 @@ pub struct Outcome {
     pub plan: Plan,
     pub applied: usize,
     pub source: String,
+    /// The configured name of `source`.
+    pub source_name: String,
     /// Drift after the run, when asked for.
     pub drift: Option<Vec<TenantDrift>>,
     pub commit_time: Option<String>,
@@ -401,12 +428,16 @@ pub struct RunOptions {
     /// Read every file and every row, whatever the incremental state says (`--full`): what an
     /// edit made with triggers off, a restore, or a clock that stepped back needs to be seen.
     pub full: bool,
+    /// Prune whatever the source's setting says (`--prune`).
+    pub prune: bool,
+    /// Prune past the source's prune_max_fraction (`--allow-mass-prune`).
+    pub allow_mass_prune: bool,
 }
 
-pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
+pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
     let want_drift = opts.want_drift;
     // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
-    let source = blocking(|| Source::open(&ctx.source_spec()))?;
+    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
     let worktree = ctx.cfg.worktree;
     let rev = match &run {
         Run::ApplySaved { saved, .. } => {
@@ -418,14 +449,16 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
             }
             Some(saved.commit.clone())
         }
-        _ => None,
+        _ => src.git_ref.clone(),
     };
     if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
         return Err(SyncError::Usage(
             "--worktree cannot apply in production mode: apply commits, not uncommitted files".into(),
         ));
     }
-    let snapshot = blocking(|| snapshot_of(ctx, &source, rev.as_deref(), worktree && rev.is_none()))?;
+    let from_saved = matches!(run, Run::ApplySaved { .. });
+    let mut client = store::client(pool).await?;
+    let snapshot = snapshot_for(&source, rev.as_deref(), worktree && !from_saved, &**client).await?;
     let commit = snapshot.commit.clone().unwrap_or_else(|| CommitInfo {
         id: "worktree".into(),
         time: chrono::Utc::now().to_rfc3339(),
@@ -437,7 +470,6 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
         Run::Apply { allow_non_fast_forward } | Run::ApplySaved { allow_non_fast_forward, .. } => *allow_non_fast_forward,
         Run::Plan => true,
     };
-    let mut client = store::client(pool).await?;
     let key = store::digest_key(&**client).await?;
     // Decrypting and checking files is the slow part, and a hostile file can make it slower: it
     // happens before the apply lock, from what the database held then. Under the lock the
@@ -446,7 +478,16 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
     let mut decoded = Decoded::default();
     let mut verified: Option<Verified> = None;
     let mut attempts = 0;
-    let (tx, State { desired, actual, unchanged }) = loop {
+    let (
+        tx,
+        State {
+            desired,
+            actual,
+            unchanged,
+            owned,
+            claims,
+        },
+    ) = loop {
         attempts += 1;
         let last = store::last_applied_commit(&**client, &source.id).await?;
         if verified.as_ref().is_none_or(|v| !v.holds_for(ctx, last.as_deref())) {
@@ -455,8 +496,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
         if applying && let Some(Verified { result: Err(refused), .. }) = &verified {
             return Err(refused.clone().into());
         }
+        let scope = scope_of(ctx, src, &source, &snapshot, &**client).await?;
         let index = store::load_index(&**client).await?;
-        let selection = select(&source, &snapshot, last.as_deref(), index, opts.full)?;
+        let selection = select(&source, &snapshot, &scope, last.as_deref(), index, opts.full)?;
         decoded.extend(ctx, &source, &snapshot, &selection)?;
 
         let tx = client.transaction().await.map_err(|e| StoreError::Query {
@@ -464,7 +506,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
             source: e,
         })?;
         if applying {
-            store::lock_apply(&tx).await?;
+            store::lock_apply(&tx, &source.id).await?;
         }
         let last = store::last_applied_commit(&*tx, &source.id).await?;
         if applying
@@ -478,8 +520,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
                 old: last.clone(),
             });
         }
+        let scope = scope_of(ctx, src, &source, &snapshot, &*tx).await?;
         let index = store::load_index(&*tx).await?;
-        let selection = select(&source, &snapshot, last.as_deref(), index, opts.full)?;
+        let selection = select(&source, &snapshot, &scope, last.as_deref(), index, opts.full)?;
         if decoded.covers(&selection) && verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_deref())) {
             let state = decoded.state(&*tx, &snapshot, selection).await?;
             break (tx, state);
@@ -494,11 +537,11 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
             source: e,
         })?;
     };
-    let opts = PlanOptions {
+    let popts = PlanOptions {
         key: &key,
         correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
     };
-    let mut fresh = plan(&desired.tenants, &actual, opts);
+    let mut fresh = plan(&desired.tenants, &actual, popts);
     fresh.tenants.extend(
         unchanged
             .iter()
@@ -506,6 +549,14 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
     );
     fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+    if src.prune || opts.prune {
+        let states: BTreeMap<&str, &str> = actual.iter().map(|a| (a.tenant_id.as_str(), a.state.as_str())).collect();
+        fresh.prune(|id| owned.get(id).cloned(), |id| states.get(id).map(|s| s.to_string()));
+        let refusal = crate::domain::plan::mass_prune_refusal(fresh.summary().decommission, owned.len(), src.prune_max_fraction);
+        if let (Some(why), false) = (refusal, opts.allow_mass_prune) {
+            return Err(SyncError::MassPrune { name: src.name.clone(), why });
+        }
+    }
     if let Run::ApplySaved { saved, .. } = &run {
         let reasons = stale_reasons(&saved.plan, &fresh);
         if !reasons.is_empty() {
@@ -516,6 +567,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
     if applying {
         let actx = ApplyContext {
             source: &source.id,
+            source_name: &src.name,
             commit: &commit,
             actor: ACTOR,
             key: &key,
@@ -524,6 +576,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
                 .as_ref()
                 .and_then(|v| v.result.as_ref().ok().cloned().flatten())
                 .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
+            claims,
         };
         applied = store::apply(&tx, &fresh, &desired.tenants, &actx).await?;
     }
@@ -558,6 +611,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, run: Run, opts: RunOptions) -> Result<O
         plan: fresh,
         applied,
         source: source.id,
+        source_name: src.name.clone(),
         drift: drift_report,
         commit_time: desired.commit.map(|c| c.time),
     })
@@ -570,12 +624,23 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn snapshot_of(ctx: &Ctx, source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
+fn snapshot_of(source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
     Ok(if worktree {
         source.worktree_snapshot()?
     } else {
-        source.snapshot(source.resolve(rev.or(ctx.cfg.git_ref.as_deref()))?)?
+        source.snapshot(source.resolve(rev)?)?
     })
+}
+
+/// As [`snapshot_of`], for a source that has applied before: its tenant directory gone is every
+/// tenant gone (which prune's safety limit is for), not a configuration mistake.
+async fn snapshot_for(source: &Source, rev: Option<&str>, worktree: bool, client: &impl tokio_postgres::GenericClient) -> Result<Snapshot, SyncError> {
+    match blocking(|| snapshot_of(source, rev, worktree)) {
+        Err(SyncError::Source(SourceError::NoTenantDir { .. })) if !worktree && store::last_applied_commit(client, &source.id).await?.is_some() => {
+            Ok(blocking(|| source.empty_snapshot(source.resolve(rev)?))?)
+        }
+        other => other,
+    }
 }
 
 /// A tenant whose file git did not change since the last applied commit and whose row did not
@@ -594,6 +659,8 @@ struct State {
     /// The rows of every tenant that is not `unchanged` (orphans included), in full.
     actual: Vec<ActualTenant>,
     unchanged: Vec<Unchanged>,
+    owned: BTreeMap<String, String>,
+    claims: Vec<(String, String)>,
 }
 
 /// A commit's signature check, and the last applied commit it was made against (strict mode
@@ -647,16 +714,76 @@ pub fn signature_words(mode: crate::verify::VerifyMode, result: &Result<Option<c
 struct Selection {
     /// Files to decode; None: all of them.
     read: Option<BTreeSet<String>>,
-    /// Rows to load in full; None: all of them.
-    rows: Option<Vec<String>>,
+    /// The rows of this source's tenants to load in full.
+    rows: Vec<String>,
     unchanged: Vec<Unchanged>,
+    /// The tenants this source owns, with the file each was claimed from.
+    owned: BTreeMap<String, String>,
+    /// Files of tenants that exist and nobody owns yet: this source claims them when it applies.
+    claims: Vec<(String, String)>,
+}
+
+/// Which rows a run over one source works on.
+struct Scope<'a> {
+    id: &'a str,
+    name: &'a str,
+    adopts_unowned: bool,
+    /// Tenants other sources own.
+    foreign: BTreeMap<String, store::Owner>,
+}
+
+impl Scope<'_> {
+    /// A file here whose tenant another source owns is refused, naming both.
+    fn claims_refused(&self, snapshot: &Snapshot) -> Vec<Issue> {
+        snapshot
+            .files
+            .iter()
+            .filter_map(|f| {
+                let o = self.foreign.get(&f.stem)?;
+                Some(Issue::new(
+                    &f.path,
+                    format!(
+                        "tenant_id {:?} belongs to source {o} (file {}); this file in source {} ({}) claims it too: nothing of it changes. Delete one, or move the tenant with `frostbyte-gitops tenant move {} --to {}`",
+                        f.stem,
+                        if o.file.is_empty() { "not recorded" } else { &o.file },
+                        self.name,
+                        self.id,
+                        f.stem,
+                        self.name
+                    ),
+                ))
+            })
+            .collect()
+    }
 }
 
 fn commit_oid(id: &str) -> git2::Oid {
     git2::Oid::from_str(id).expect("a commit id from git")
 }
 
-fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<store::RowIndex>, full: bool) -> Result<Selection, SyncError> {
+fn select(
+    source: &Source,
+    snapshot: &Snapshot,
+    scope: &Scope<'_>,
+    last: Option<&str>,
+    index: Vec<store::RowIndex>,
+    full: bool,
+) -> Result<Selection, SyncError> {
+    let stems: BTreeMap<&str, &str> = snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect();
+    let mine = |r: &store::RowIndex| match &r.owner {
+        Some(o) => o.source == scope.id,
+        None => scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str()),
+    };
+    let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
+    let owned: BTreeMap<String, String> = index
+        .iter()
+        .filter_map(|r| r.owner.as_ref().map(|o| (r.tenant_id.clone(), o.file.clone())))
+        .collect();
+    let claims: Vec<(String, String)> = index
+        .iter()
+        .filter(|r| r.owner.is_none())
+        .filter_map(|r| stems.get(r.tenant_id.as_str()).map(|f| (r.tenant_id.clone(), f.to_string())))
+        .collect();
     let changed = match (&snapshot.commit, last) {
         _ if full => None,
         (Some(c), Some(last)) => {
@@ -674,8 +801,10 @@ fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<s
     let Some(changed) = changed else {
         return Ok(Selection {
             read: None,
-            rows: None,
+            rows: index.into_iter().map(|r| r.tenant_id).collect(),
             unchanged: vec![],
+            owned,
+            claims,
         });
     };
     let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
@@ -709,8 +838,10 @@ fn select(source: &Source, snapshot: &Snapshot, last: Option<&str>, index: Vec<s
     tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
     Ok(Selection {
         read: Some(read),
-        rows: Some(rows),
+        rows,
         unchanged,
+        owned,
+        claims,
     })
 }
 
@@ -786,10 +917,7 @@ impl Decoded {
             .cloned()
             .collect();
         tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-        let actual = match &selection.rows {
-            None => store::load_actual(client).await?,
-            Some(rows) => store::load_actual_for(client, rows).await?,
-        };
+        let actual = store::load_actual_for(client, &selection.rows).await?;
         // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
         Ok(State {
             desired: Desired {
@@ -800,14 +928,52 @@ impl Decoded {
             },
             actual,
             unchanged: selection.unchanged,
+            owned: selection.owned,
+            claims: selection.claims,
         })
     }
 }
 
+/// The rows a run over `src` works on, as the database has them now; a file claiming a tenant
+/// another source owns is a problem of the run.
+async fn scope_of<'a>(
+    ctx: &Ctx,
+    src: &'a SourceConfig,
+    source: &'a Source,
+    snapshot: &Snapshot,
+    client: &impl tokio_postgres::GenericClient,
+) -> Result<Scope<'a>, SyncError> {
+    let scope = Scope {
+        id: &source.id,
+        name: &src.name,
+        adopts_unowned: ctx.adopts_unowned(src),
+        foreign: store::foreign_owners(client, &source.id).await?,
+    };
+    let refused = scope.claims_refused(snapshot);
+    if !refused.is_empty() {
+        return Err(SyncError::Invalid {
+            at: snapshot
+                .commit
+                .as_ref()
+                .map_or_else(|| "the work tree".into(), |c| format!("commit {}", &c.id[..12])),
+            issues: refused,
+        });
+    }
+    Ok(scope)
+}
+
 /// The state without the apply lock, for reports.
-async fn read_state(ctx: &Ctx, source: &Source, snapshot: &Snapshot, client: &impl tokio_postgres::GenericClient, full: bool) -> Result<State, SyncError> {
+async fn read_state(
+    ctx: &Ctx,
+    src: &SourceConfig,
+    source: &Source,
+    snapshot: &Snapshot,
+    client: &impl tokio_postgres::GenericClient,
+    full: bool,
+) -> Result<State, SyncError> {
     let last = store::last_applied_commit(client, &source.id).await?;
-    let selection = select(source, snapshot, last.as_deref(), store::load_index(client).await?, full)?;
+    let scope = scope_of(ctx, src, source, snapshot, client).await?;
+    let selection = select(source, snapshot, &scope, last.as_deref(), store::load_index(client).await?, full)?;
     let mut decoded = Decoded::default();
     decoded.extend(ctx, source, snapshot, &selection)?;
     decoded.state(client, snapshot, selection).await
@@ -824,9 +990,9 @@ fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<
 }
 
 /// `plan --against-ref`: the change between two revisions, without a database.
-pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), SyncError> {
-    let source = Source::open(&ctx.source_spec())?;
-    let desired = read_desired(ctx, &source, None, ctx.cfg.worktree, true)?;
+pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result<(Header, Plan), SyncError> {
+    let source = Source::open(&ctx.source_spec(src))?;
+    let desired = read_desired(&source, src, ctx, ctx.cfg.worktree, true)?;
     if !desired.issues.is_empty() {
         return Err(SyncError::Invalid {
             at: desired.at(),
@@ -903,12 +1069,14 @@ pub fn plan_against_ref(ctx: &Ctx, base_rev: &str) -> Result<(Header, Plan), Syn
 }
 
 /// The drift report for the configured revision.
-pub async fn drift_report(ctx: &Ctx, pool: &Pool, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
-    let source = blocking(|| Source::open(&ctx.source_spec()))?;
-    let snapshot = blocking(|| snapshot_of(ctx, &source, None, ctx.cfg.worktree))?;
+pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
     let client = store::client(pool).await?;
+    let snapshot = snapshot_for(&source, src.git_ref.as_deref(), ctx.cfg.worktree, &**client).await?;
     let key = store::digest_key(&**client).await?;
-    let State { desired, actual, unchanged } = read_state(ctx, &source, &snapshot, &**client, full).await?;
+    let State {
+        desired, actual, unchanged, ..
+    } = read_state(ctx, src, &source, &snapshot, &**client, full).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
     Ok((
         Header {

@@ -13,6 +13,8 @@ pub const TENANT_SUSPENDED: &str = "TENANT_SUSPENDED";
 pub const TENANT_RESUMED: &str = "TENANT_RESUMED";
 pub const TENANT_DECOMMISSION_REQUESTED: &str = "TENANT_DECOMMISSION_REQUESTED";
 pub const TENANT_DECOMMISSIONED: &str = "TENANT_DECOMMISSIONED";
+/// `tenant move`: the tenant now belongs to another source.
+pub const TENANT_SOURCE_CHANGED: &str = "TENANT_SOURCE_CHANGED";
 
 /// The commit a change comes from.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -8,4 +8,5 @@ pub mod issue;
 pub mod json;
 pub mod plan;
 pub mod render;
+pub mod shard;
 pub mod tenant;

@@ -68,6 +68,9 @@ pub enum Action {
     /// Git changed the tenant and so did someone outside git, under the `warn` drift policy:
     /// neither change wins until the policy is `correct` or the row is put back.
     Conflict,
+    /// Its file was deleted from the source that owns it, and that source prunes: the row moves
+    /// to state `decommissioning` (it is never deleted).
+    Decommission,
 }
 
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -185,6 +188,8 @@ pub struct Summary {
     pub orphaned: usize,
     #[serde(default)]
     pub conflict: usize,
+    #[serde(default)]
+    pub decommission: usize,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -202,6 +207,7 @@ impl Plan {
                 Action::Unchanged => s.unchanged += 1,
                 Action::Orphaned => s.orphaned += 1,
                 Action::Conflict => s.conflict += 1,
+                Action::Decommission => s.decommission += 1,
             }
         }
         s
@@ -209,7 +215,25 @@ impl Plan {
 
     /// Whether applying would write anything. Orphans are only reported.
     pub fn has_changes(&self) -> bool {
-        self.tenants.iter().any(|t| matches!(t.action, Action::Create | Action::Update))
+        self.tenants
+            .iter()
+            .any(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission))
+    }
+
+    pub fn decommissions(&self) -> impl Iterator<Item = &TenantPlan> {
+        self.tenants.iter().filter(|t| t.action == Action::Decommission)
+    }
+
+    /// Prune: the orphans `owned` says belong to the source being planned, and that are not on
+    /// their way out already, become decommissions of the file they came from.
+    pub fn prune(&mut self, owned: impl Fn(&str) -> Option<String>, state: impl Fn(&str) -> Option<String>) {
+        for t in self.tenants.iter_mut().filter(|t| t.action == Action::Orphaned) {
+            let leaving = state(&t.tenant_id).is_some_and(|s| s == "decommissioning" || s == "decommissioned");
+            if let (Some(file), false) = (owned(&t.tenant_id), leaving) {
+                t.action = Action::Decommission;
+                t.file = Some(file);
+            }
+        }
     }
 
     pub fn changes(&self) -> impl Iterator<Item = &TenantPlan> {
@@ -224,8 +248,32 @@ impl Summary {
         } else {
             String::new()
         };
-        format!("{} to create, {} to update, {} orphaned{conflicts}", self.create, self.update, self.orphaned)
+        let decommissions = if self.decommission > 0 {
+            format!(", {} to decommission", self.decommission)
+        } else {
+            String::new()
+        };
+        format!(
+            "{} to create, {} to update{decommissions}, {} orphaned{conflicts}",
+            self.create, self.update, self.orphaned
+        )
     }
+}
+
+/// Why a prune may not go ahead: it would decommission more than `max_fraction` of the `owned`
+/// tenants of a source, or all of them (an emptied or mis-pointed directory looks just like that).
+pub fn mass_prune_refusal(decommission: usize, owned: usize, max_fraction: f64) -> Option<String> {
+    if decommission == 0 {
+        return None;
+    }
+    let all = decommission >= owned;
+    let over = decommission as f64 > max_fraction * owned as f64;
+    (all || over).then(|| {
+        format!(
+            "would decommission {decommission} of its {owned} tenant(s){}, more than prune_max_fraction = {max_fraction}; nothing was applied. Check the tenant path, or pass --allow-mass-prune",
+            if all { " (all of them)" } else { "" }
+        )
+    })
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -432,6 +480,54 @@ fn show(v: Option<i64>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_mass_prune_is_refused_with_the_counts() {
+        assert_eq!(mass_prune_refusal(0, 0, 0.1), None);
+        assert_eq!(mass_prune_refusal(1, 20, 0.1), None);
+        assert_eq!(mass_prune_refusal(2, 20, 0.1), None);
+        let over = mass_prune_refusal(3, 20, 0.1).unwrap();
+        assert!(
+            over.contains("would decommission 3 of its 20 tenant(s), more than prune_max_fraction = 0.1"),
+            "{over}"
+        );
+        let all = mass_prune_refusal(1, 1, 1.0).unwrap();
+        assert!(all.contains("(all of them)"), "{all}");
+    }
+
+    #[test]
+    fn prune_decommissions_only_owned_orphans_not_already_leaving() {
+        let orphan = |id: &str| TenantPlan {
+            tenant_id: id.into(),
+            action: Action::Orphaned,
+            file: None,
+            current_version: Some(1),
+            next_version: None,
+            patch: vec![],
+            out_of_band: vec![],
+            desired_digest: None,
+            actual_digest: None,
+            embedding_endpoint: None,
+        };
+        let mut p = Plan {
+            tenants: vec![orphan("mine"), orphan("theirs"), orphan("going")],
+        };
+        p.prune(
+            |id| (id != "theirs").then(|| format!("tenants/{id}.toml")),
+            |id| Some(if id == "going" { "decommissioning" } else { "active" }.to_string()),
+        );
+        let actions: Vec<(Action, Option<&str>)> = p.tenants.iter().map(|t| (t.action, t.file.as_deref())).collect();
+        assert_eq!(
+            actions,
+            [
+                (Action::Decommission, Some("tenants/mine.toml")),
+                (Action::Orphaned, None),
+                (Action::Orphaned, None)
+            ]
+        );
+        assert!(p.has_changes());
+        assert_eq!(p.summary().decommission, 1);
+    }
 
     const KEY: &[u8] = b"test-key";
 

@@ -164,6 +164,14 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
                 };
                 let _ = writeln!(out, "  {} {} will be {verb} ({})  {}", p.c(code, sign), p.c("1", &id), version_span(t), file);
             }
+            Action::Decommission => {
+                let _ = writeln!(
+                    out,
+                    "  {} {} will be decommissioned (its file {file} was deleted)",
+                    p.c("31", "-"),
+                    p.c("1", &id)
+                );
+            }
             Action::Orphaned => {
                 let _ = writeln!(
                     out,
@@ -248,6 +256,7 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             Action::Create => "create",
             Action::Update => "update",
             Action::Orphaned => "orphaned",
+            Action::Decommission => "decommission",
             Action::Conflict => "conflict (left alone)",
         };
         let _ = writeln!(
