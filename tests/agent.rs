@@ -459,3 +459,65 @@ fn half_open_connections_do_not_delay_healthz_and_are_closed_within_the_header_t
     }
     assert_eq!(agent.get("/healthz").0, 200);
 }
+
+#[test]
+fn two_replicas_share_four_sources_and_the_survivor_takes_over_after_sigkill() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    let names = ["s0", "s1", "s2", "s3"];
+    let put = |plan: &str| {
+        for (i, s) in names.iter().enumerate() {
+            let mut doc = tenant_doc(&format!("tenant{i}"));
+            doc["config"]["plan"] = json!(plan);
+            repo.write(&format!("tenants/{s}/tenant{i}.toml"), encrypt(&doc, Format::Toml));
+        }
+    };
+    put("pro");
+    repo.commit("four sources");
+    let config = repo.path().join("sources.toml");
+    let text: String = names
+        .iter()
+        .map(|s| format!("[[sources]]\nname = \"{s}\"\npath = \"tenants/{s}\"\n\n"))
+        .collect();
+    std::fs::write(&config, text).unwrap();
+    let env = [("FROSTBYTE_CONFIG", config.to_str().unwrap())];
+    let a = Agent::start(&repo, &db.url, &env);
+    let b = Agent::start(&repo, &db.url, &env);
+    let leader = |agent: &Agent, s: &str| agent.metric(&format!("frostbyte_source_leader{{source=\"{s}\"}}"));
+    // Each source on exactly one replica, two each (ceil(4 / 2)).
+    let split = wait_for(Duration::from_secs(20), || {
+        let held: Vec<(f64, f64)> = names.iter().map(|s| (leader(&a, s).unwrap_or(0.0), leader(&b, s).unwrap_or(0.0))).collect();
+        let one_each = held.iter().all(|(x, y)| x + y == 1.0);
+        let on_a: f64 = held.iter().map(|h| h.0).sum();
+        (one_each && on_a == 2.0).then_some(held)
+    });
+    assert!(split.is_some(), "not balanced:\nA:\n{}\nB:\n{}", a.log(), b.log());
+    let all_at = |version: i64| {
+        wait_for(Duration::from_secs(20), || {
+            (db.count(&format!("SELECT 1 FROM tenants WHERE config_version = {version}")) == 4).then_some(())
+        })
+    };
+    assert!(all_at(1).is_some(), "A:\n{}\nB:\n{}", a.log(), b.log());
+    put("enterprise");
+    repo.commit("every source changes");
+    assert!(all_at(2).is_some(), "A:\n{}\nB:\n{}", a.log(), b.log());
+    // Each change applied once, whichever replica held the source at the time.
+    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED'"), 8);
+    for s in names {
+        let holders = [&a, &b].iter().filter(|x| leader(x, s) == Some(1.0)).count();
+        assert_eq!(holders, 1, "source {s}");
+    }
+
+    let mut a = a;
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    let took = wait_for(Duration::from_secs(15), || {
+        names.iter().all(|s| leader(&b, s) == Some(1.0)).then(|| killed.elapsed())
+    });
+    let took = took.unwrap_or_else(|| panic!("no takeover:\n{}", b.log()));
+    assert!(took < Duration::from_secs(10), "takeover took {took:?}");
+    put("starter");
+    repo.commit("after the takeover");
+    assert!(all_at(3).is_some(), "B:\n{}", b.log());
+    assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED'"), 12);
+}

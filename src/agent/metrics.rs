@@ -28,6 +28,19 @@ pub struct Metrics {
     /// Whether a first attempt to take the apply lease was made: before it, the replica is
     /// neither leader nor standby, and not ready.
     pub lease_checked: bool,
+    /// Per configured source, by name.
+    pub sources: BTreeMap<String, SourceMetrics>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct SourceMetrics {
+    /// This replica holds the source's lease.
+    pub leader: bool,
+    pub runs_ok: u64,
+    pub runs_failed: u64,
+    pub applied: u64,
+    pub last_success: Option<i64>,
+    pub last_duration: f64,
 }
 
 impl Metrics {
@@ -111,7 +124,56 @@ impl Metrics {
             "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"
         );
         let _ = writeln!(o, "frostbyte_leader {}", u8::from(self.leader));
+        self.render_sources(&mut o);
         o
+    }
+
+    fn render_sources(&self, o: &mut String) {
+        type Field = fn(&SourceMetrics) -> String;
+        let families: [(&str, &str, &str, Field); 4] = [
+            (
+                "frostbyte_source_leader",
+                "gauge",
+                "1 on the replica that holds the source's lease and syncs it, 0 elsewhere.",
+                |m| u8::from(m.leader).to_string(),
+            ),
+            (
+                "frostbyte_source_tenants_applied_total",
+                "counter",
+                "Tenant changes this replica wrote for the source.",
+                |m| m.applied.to_string(),
+            ),
+            (
+                "frostbyte_source_sync_duration_seconds",
+                "gauge",
+                "Duration of this replica's last sync of the source.",
+                |m| format!("{:.3}", m.last_duration),
+            ),
+            (
+                "frostbyte_source_last_success_timestamp_seconds",
+                "gauge",
+                "When this replica last synced the source successfully (0: never).",
+                |m| m.last_success.unwrap_or(0).to_string(),
+            ),
+        ];
+        for (name, kind, help, field) in families {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (source, m) in &self.sources {
+                let _ = writeln!(o, "{name}{{source=\"{source}\"}} {}", field(m));
+            }
+        }
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_source_sync_runs_total Syncs of the source by this replica, by outcome.\n# TYPE frostbyte_source_sync_runs_total counter"
+        );
+        for (source, m) in &self.sources {
+            let _ = writeln!(o, "frostbyte_source_sync_runs_total{{source=\"{source}\",outcome=\"success\"}} {}", m.runs_ok);
+            let _ = writeln!(
+                o,
+                "frostbyte_source_sync_runs_total{{source=\"{source}\",outcome=\"failure\"}} {}",
+                m.runs_failed
+            );
+        }
     }
 }
 

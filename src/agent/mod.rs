@@ -2,6 +2,7 @@
 //! mean "sync the current revision once"; one replica at a time holds the apply lease.
 
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod schedule;
 
@@ -16,9 +17,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
-
-/// Session-level advisory lock key ("frostldr"): held by the replica that applies.
-const LEADER_LOCK: i64 = 0x66726f73746c6472;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -36,51 +34,6 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Sync(#[from] SyncError),
-}
-
-/// A lease check (connect, ask, take) that takes longer fails the run, which is retried.
-const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The apply lease: a session-level advisory lock on a connection of its own. If the holder dies,
-/// its session ends, the lock is free, and another replica takes it at its next tick.
-struct Lease {
-    config: tokio_postgres::Config,
-    client: Option<tokio_postgres::Client>,
-}
-
-impl Lease {
-    /// Whether this replica holds the lease; an error when the database cannot be asked in time.
-    async fn held(&mut self) -> Result<bool, String> {
-        tokio::time::timeout(LEASE_CHECK_TIMEOUT, self.check()).await.unwrap_or_else(|_| {
-            self.client = None;
-            Err(format!("the lease check took longer than {LEASE_CHECK_TIMEOUT:?}"))
-        })
-    }
-
-    async fn check(&mut self) -> Result<bool, String> {
-        if let Some(c) = &self.client {
-            if c.simple_query("SELECT 1").await.is_ok() {
-                return Ok(true);
-            }
-            tracing::warn!("lost the connection that held the apply lease");
-            self.client = None;
-        }
-        let tls = crate::store::tls().map_err(|e| e.to_string())?;
-        let (client, conn) = self.config.connect(tls).await.map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-            .await
-            .map_err(|e| format!("taking the apply lease: {e}"))?;
-        if row.get::<_, bool>(0) {
-            tracing::info!("holding the apply lease: this replica applies");
-            self.client = Some(client);
-            return Ok(true);
-        }
-        Ok(false)
-    }
 }
 
 pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
@@ -109,10 +62,9 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     let _watcher = watch_source(&ctx, trigger_tx.clone())?;
     tokio::spawn(signals(stop_tx));
 
-    let lease = Arc::new(tokio::sync::Mutex::new(Lease {
-        config: crate::store::session_config(&db.url, db.tls_policy).map_err(SyncError::from)?,
-        client: None,
-    }));
+    let lease = Arc::new(tokio::sync::Mutex::new(lease::Leases::new(
+        crate::store::session_config(&db.url, db.tls_policy).map_err(SyncError::from)?,
+    )));
     let prepared = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reconcile = || {
         let (ctx, db, metrics, lease, prepared) = (ctx.clone(), db.clone(), metrics.clone(), lease.clone(), prepared.clone());
@@ -129,15 +81,17 @@ async fn reconcile_once(
     ctx: &Ctx,
     db: &Database,
     metrics: &Mutex<Metrics>,
-    lease: &tokio::sync::Mutex<Lease>,
+    lease: &tokio::sync::Mutex<lease::Leases>,
     prepared: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let leader = match lease.lock().await.held().await {
-        Ok(l) => l,
+    let names: Vec<&str> = ctx.cfg.sources.iter().map(|s| s.name.as_str()).collect();
+    let held = match lease.lock().await.balance(&names).await {
+        Ok(h) => h,
         Err(e) => {
             let mut m = metrics.lock().expect("metrics lock");
             m.leader = false;
+            m.sources.values_mut().for_each(|s| s.leader = false);
             m.record_run("failure", started.elapsed().as_secs_f64());
             m.last_sync_ok = Some(false);
             m.last_sync_error = Some(e.clone());
@@ -146,93 +100,138 @@ async fn reconcile_once(
     };
     {
         let mut m = metrics.lock().expect("metrics lock");
-        m.leader = leader;
+        m.leader = !held.is_empty();
         m.lease_checked = true;
+        for name in &names {
+            m.sources.entry(name.to_string()).or_default().leader = held.contains(*name);
+        }
     }
-    if !leader {
-        tracing::debug!("standby: another replica holds the apply lease");
+    if held.is_empty() {
+        tracing::debug!("standby: other replicas hold every source's lease");
         return Ok(());
     }
-    let result = async {
-        if !prepared.load(std::sync::atomic::Ordering::Relaxed) {
-            sync::prepare(&ctx.cfg, db).await?;
-            prepared.store(true, std::sync::atomic::Ordering::Relaxed);
+    if !prepared.load(std::sync::atomic::Ordering::Relaxed) {
+        if let Err(e) = sync::prepare(&ctx.cfg, db).await {
+            return Err(record_failure(metrics, None, started, e));
         }
-        // A full run at start and every full_resync_interval: the safety net under the
-        // incremental reads, for edits no trigger stamped.
-        let due = metrics
-            .lock()
-            .expect("metrics lock")
-            .last_full
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(ctx.cfg.full_resync_secs));
-        let opts = sync::RunOptions { want_drift: true, full: due };
-        sync::run(ctx, &db.pool, Run::Apply { allow_non_fast_forward: false }, opts)
-            .await
-            .map(|o| (o, due))
+        prepared.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    .await;
+    // A full run at start and every full_resync_interval: the safety net under the incremental
+    // reads, for edits no trigger stamped.
+    let full = metrics
+        .lock()
+        .expect("metrics lock")
+        .last_full
+        .is_none_or(|t| t.elapsed() >= Duration::from_secs(ctx.cfg.full_resync_secs));
+    // Each source on its own: one that fails does not hold back the others.
+    let mut first_error = None;
+    let mut drift = std::collections::BTreeMap::new();
+    let (mut conflicts, mut oldest_commit) = (0, None::<i64>);
+    for src in ctx.cfg.sources.iter().filter(|s| held.contains(&s.name)) {
+        let one = Instant::now();
+        let opts = sync::RunOptions {
+            want_drift: true,
+            full,
+            ..Default::default()
+        };
+        let span = tracing::info_span!("source", source = %src.name);
+        match sync::run(ctx, &db.pool, src, Run::Apply { allow_non_fast_forward: false }, opts)
+            .instrument(span)
+            .await
+        {
+            Ok(o) => {
+                let mut m = metrics.lock().expect("metrics lock");
+                let sm = m.sources.entry(src.name.clone()).or_default();
+                sm.runs_ok += 1;
+                sm.applied += o.applied as u64;
+                sm.last_success = Some(chrono::Utc::now().timestamp());
+                sm.last_duration = one.elapsed().as_secs_f64();
+                m.tenants_applied += o.applied as u64;
+                conflicts += o.plan.summary().conflict;
+                let commit_time = o
+                    .commit_time
+                    .as_deref()
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.timestamp());
+                oldest_commit = match (oldest_commit, commit_time) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                for (k, v) in o.drift.as_deref().map(counts).unwrap_or_default() {
+                    *drift.entry(k.as_str()).or_insert(0) += v;
+                }
+                if o.applied > 0 || full {
+                    tracing::info!(source = %src.name, applied = o.applied, seconds = one.elapsed().as_secs_f64(), "sync finished");
+                }
+            }
+            Err(e) => {
+                let text = record_failure(metrics, Some(&src.name), one, e);
+                first_error.get_or_insert(format!("source {}: {text}", src.name));
+            }
+        }
+    }
     let seconds = started.elapsed().as_secs_f64();
     let mut m = metrics.lock().expect("metrics lock");
-    match result {
-        Ok((o, full)) => {
+    m.conflicts = conflicts;
+    if conflicts > 0 {
+        tracing::warn!(conflicts, "tenants changed both in git and outside git are left alone (drift policy warn)");
+    }
+    let modified = drift.get("modified").copied().unwrap_or(0);
+    if modified > 0 && ctx.cfg.drift_policy == DriftPolicy::Warn {
+        tracing::warn!(modified, "tenants changed outside git; drift policy is warn, so they are left as they are");
+    }
+    m.drift = drift;
+    m.last_applied_commit_time = oldest_commit.or(m.last_applied_commit_time);
+    match first_error {
+        None => {
             if full {
-                m.last_full = Some(std::time::Instant::now());
+                m.last_full = Some(Instant::now());
                 tracing::info!("full resync done");
             }
-            if let Some(c) = &o.header.commit {
-                tracing::Span::current().record("commit", c.as_str());
-            }
             m.record_run("success", seconds);
-            m.tenants_applied += o.applied as u64;
             m.last_sync_ok = Some(true);
             m.last_sync_error = None;
             m.validation_errors = 0;
             m.commit_refused = false;
-            m.conflicts = o.plan.summary().conflict;
-            if m.conflicts > 0 {
-                tracing::warn!(
-                    conflicts = m.conflicts,
-                    "tenants changed both in git and outside git are left alone (drift policy warn)"
-                );
-            }
-            m.last_applied_commit_time = o
-                .commit_time
-                .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                .map(|t| t.timestamp());
-            if let Some(report) = &o.drift {
-                m.drift = counts(report).into_iter().map(|(k, v)| (k.as_str(), v)).collect();
-                let modified = m.drift.get("modified").copied().unwrap_or(0);
-                if modified > 0 && ctx.cfg.drift_policy == DriftPolicy::Warn {
-                    tracing::warn!(modified, "tenants changed outside git; drift policy is warn, so they are left as they are");
-                }
-            }
-            tracing::info!(applied = o.applied, seconds, "sync finished");
             Ok(())
         }
-        Err(e) => {
-            if let SyncError::Invalid { issues, .. } = &e {
-                m.validation_errors = issues.len();
-            }
-            m.commit_refused = matches!(e, SyncError::Refused(_));
+        Some(e) => {
             m.record_run("failure", seconds);
             m.last_sync_ok = Some(false);
-            let text = format!("{:#}", anyhow::Error::from(e));
-            m.last_sync_error = Some(text.lines().next().unwrap_or_default().to_string());
-            Err(text)
+            m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
+            Err(e)
         }
     }
+}
+
+/// Counts a failed sync of `source` (or of the preparation) and returns its message.
+fn record_failure(metrics: &Mutex<Metrics>, source: Option<&str>, started: Instant, e: SyncError) -> String {
+    let mut m = metrics.lock().expect("metrics lock");
+    if let SyncError::Invalid { issues, .. } = &e {
+        m.validation_errors = issues.len();
+    }
+    m.commit_refused = matches!(e, SyncError::Refused(_));
+    if let Some(name) = source {
+        let sm = m.sources.entry(name.to_string()).or_default();
+        sm.runs_failed += 1;
+        sm.last_duration = started.elapsed().as_secs_f64();
+    }
+    format!("{:#}", anyhow::Error::from(e))
 }
 
 /// Watches the repository's refs (a commit, a pull, a checkout) and, with --worktree, the tenant
 /// files. Remote sources have nothing local to watch: the interval fetches them.
 fn watch_source(ctx: &Ctx, triggers: mpsc::Sender<Trigger>) -> Result<Option<notify::RecommendedWatcher>, AgentError> {
-    // Not even opened: a remote that cannot be fetched now is a failed sync to retry, not a reason to exit.
-    if crate::source::is_url(&ctx.cfg.repo) {
+    // Remotes are not even opened: one that cannot be fetched now is a failed sync to retry, not
+    // a reason to exit.
+    let mut dirs = Vec::new();
+    for src in ctx.cfg.sources.iter().filter(|s| !crate::source::is_url(&s.repo)) {
+        let source = Source::open(&ctx.source_spec(src)).map_err(SyncError::from)?;
+        dirs.push(source.watch_paths());
+    }
+    if dirs.is_empty() {
         return Ok(None);
     }
-    let source = Source::open(&ctx.source_spec()).map_err(SyncError::from)?;
-    let (git_dir, tenant_dir) = source.watch_paths();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(e) = event {
             // Object writes and lock files come with every commit; the ref update is what counts.
@@ -246,17 +245,21 @@ fn watch_source(ctx: &Ctx, triggers: mpsc::Sender<Trigger>) -> Result<Option<not
         }
     })
     .map_err(|source| AgentError::Watch {
-        path: git_dir.display().to_string(),
+        path: dirs[0].0.display().to_string(),
         source,
     })?;
-    let mut paths = vec![
-        (git_dir.clone(), notify::RecursiveMode::NonRecursive),
-        (git_dir.join("refs"), notify::RecursiveMode::Recursive),
-    ];
-    if ctx.cfg.worktree
-        && let Some(dir) = tenant_dir
-    {
-        paths.push((dir, notify::RecursiveMode::NonRecursive));
+    let mut paths = Vec::new();
+    for (git_dir, tenant_dir) in dirs {
+        if paths.iter().any(|(p, _)| *p == git_dir) {
+            continue;
+        }
+        paths.push((git_dir.join("refs"), notify::RecursiveMode::Recursive));
+        paths.push((git_dir, notify::RecursiveMode::NonRecursive));
+        if ctx.cfg.worktree
+            && let Some(dir) = tenant_dir
+        {
+            paths.push((dir, notify::RecursiveMode::Recursive));
+        }
     }
     for (path, mode) in paths {
         watcher.watch(&path, mode).map_err(|source| AgentError::Watch {
