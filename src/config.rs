@@ -648,7 +648,19 @@ impl Config {
     pub fn render(&self) -> String {
         let w = self.shown.iter().map(|s| s.name.len()).max().unwrap_or(0);
         let vw = self.shown.iter().map(|s| s.value.len()).max().unwrap_or(0).min(60);
-        self.shown.iter().map(|s| format!("{:w$}  {:vw$}  ({})\n", s.name, s.value, s.origin)).collect()
+        let mut out: String = self.shown.iter().map(|s| format!("{:w$}  {:vw$}  ({})\n", s.name, s.value, s.origin)).collect();
+        for src in &self.sources {
+            out.push_str(&format!(
+                "source {}: repo {}, ref {}, path {}, prune {} (max fraction {})\n",
+                src.name,
+                crate::source::shown_repo(&src.repo),
+                src.git_ref.as_deref().unwrap_or("(default branch)"),
+                src.path,
+                src.prune,
+                src.prune_max_fraction
+            ));
+        }
+        out
     }
 }
 

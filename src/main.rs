@@ -591,7 +591,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 match format {
                     OutFormat::Text => print!("{}", render::plan_text(&plan, &header, color)),
                     OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
-                    OutFormat::Json => print_json(&render::plan_json(&plan, &header)),
+                    OutFormat::Json => print_json(&with_source(render::plan_json(&plan, &header), src)),
                 }
                 code = worst(
                     code,
@@ -677,7 +677,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 match format {
                     OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
                     OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
-                    OutFormat::Json => print_json(&render::drift_json(&report, &header)),
+                    OutFormat::Json => print_json(&with_source(render::drift_json(&report, &header), src)),
                 }
                 let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
                 code = worst(code, if drifted { EXIT_CHANGES } else { EXIT_OK });
@@ -685,6 +685,12 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
             Ok(code)
         }
     }
+}
+
+/// JSON output names its source: with several, one document per source follows another.
+fn with_source(mut v: serde_json::Value, src: &SourceConfig) -> serde_json::Value {
+    v["source"] = serde_json::json!(src.name);
+    v
 }
 
 /// An error beats changes, which beat nothing to do.

@@ -275,12 +275,12 @@ impl std::fmt::Display for Owner {
     }
 }
 
-/// The tenants other sources own (rows deleted by hand included).
-pub async fn foreign_owners(client: &impl GenericClient, source: &str) -> Result<BTreeMap<String, Owner>, StoreError> {
+/// Which of `ids` other sources own (rows deleted by hand included).
+pub async fn foreign_owners(client: &impl GenericClient, source: &str, ids: &[&str]) -> Result<BTreeMap<String, Owner>, StoreError> {
     let rows = client
         .query(
-            "SELECT tenant_id, source, source_name, file_path FROM gitops_owners WHERE source <> $1",
-            &[&source],
+            "SELECT tenant_id, source, source_name, file_path FROM gitops_owners WHERE tenant_id = ANY($2) AND source <> $1",
+            &[&source, &ids],
         )
         .await
         .map_err(q("reading gitops_owners"))?;
@@ -415,13 +415,23 @@ pub struct RowIndex {
     pub owner: Option<Owner>,
 }
 
-pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, StoreError> {
+/// The index of the rows a run over `source` works on: those it owns, and those nobody owns
+/// (all of them, or only those of `unowned_ids`). Driven from the owner index, so a run's cost
+/// follows its own source's size, not the table's.
+pub async fn load_index(client: &impl GenericClient, source: &str, unowned_ids: Option<&[&str]>) -> Result<Vec<RowIndex>, StoreError> {
     let rows = client
         .query(
             "SELECT t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
                     (a.applied_at IS NULL OR t.updated_at > a.applied_at) AS touched, a.source, a.commit_id, o.source, o.file_path
-               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id) LEFT JOIN gitops_owners o USING (tenant_id)",
-            &[],
+               FROM gitops_owners o JOIN tenants t USING (tenant_id) LEFT JOIN gitops_applied a USING (tenant_id)
+              WHERE o.source = $1
+             UNION ALL
+             SELECT t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
+                    (a.applied_at IS NULL OR t.updated_at > a.applied_at), a.source, a.commit_id, NULL, NULL
+               FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
+              WHERE ($2::text[] IS NULL OR t.tenant_id = ANY($2))
+                AND NOT EXISTS (SELECT 1 FROM gitops_owners o WHERE o.tenant_id = t.tenant_id)",
+            &[&source, &unowned_ids],
         )
         .await
         .map_err(q("indexing tenants"))?;
@@ -439,8 +449,9 @@ pub async fn load_index(client: &impl GenericClient) -> Result<Vec<RowIndex>, St
             };
             let source: Option<String> = r.try_get(6).map_err(bad)?;
             let commit: Option<String> = r.try_get(7).map_err(bad)?;
+            let owner: Option<String> = r.try_get(8).map_err(bad)?;
             Ok(RowIndex {
-                owner: r.try_get::<_, Option<String>>(8).map_err(bad)?.map(|source| Owner {
+                owner: owner.map(|source| Owner {
                     source,
                     name: None,
                     file: r.get::<_, Option<String>>(9).unwrap_or_default(),

@@ -480,6 +480,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     let mut attempts = 0;
     let (
         tx,
+        last,
         State {
             desired,
             actual,
@@ -497,7 +498,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             return Err(refused.clone().into());
         }
         let scope = scope_of(ctx, src, &source, &snapshot, &**client).await?;
-        let index = store::load_index(&**client).await?;
+        let index = scope.index(&**client, &snapshot).await?;
         let selection = select(&source, &snapshot, &scope, last.as_deref(), index, opts.full)?;
         decoded.extend(ctx, &source, &snapshot, &selection)?;
 
@@ -521,11 +522,11 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             });
         }
         let scope = scope_of(ctx, src, &source, &snapshot, &*tx).await?;
-        let index = store::load_index(&*tx).await?;
+        let index = scope.index(&*tx, &snapshot).await?;
         let selection = select(&source, &snapshot, &scope, last.as_deref(), index, opts.full)?;
         if decoded.covers(&selection) && verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_deref())) {
             let state = decoded.state(&*tx, &snapshot, selection).await?;
-            break (tx, state);
+            break (tx, last, state);
         }
         if attempts == 3 {
             return Err(SyncError::Usage(
@@ -571,7 +572,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             commit: &commit,
             actor: ACTOR,
             key: &key,
-            record_commit: desired.commit.is_some(),
+            // Only when it moves: an upsert that changes nothing still locks the row, and a
+            // transaction that wrote must wait for its WAL to reach the disk.
+            record_commit: desired.commit.as_ref().is_some_and(|c| last.as_deref() != Some(c.id.as_str())),
             signer: verified
                 .as_ref()
                 .and_then(|v| v.result.as_ref().ok().cloned().flatten())
@@ -732,7 +735,17 @@ struct Scope<'a> {
     foreign: BTreeMap<String, store::Owner>,
 }
 
+fn stems(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot.files.iter().map(|f| f.stem.as_str()).collect()
+}
+
 impl Scope<'_> {
+    /// The index of this source's rows, and of the unowned ones it reports or claims.
+    async fn index(&self, client: &impl tokio_postgres::GenericClient, snapshot: &Snapshot) -> Result<Vec<store::RowIndex>, SyncError> {
+        let unowned = (!self.adopts_unowned).then(|| stems(snapshot));
+        Ok(store::load_index(client, self.id, unowned.as_deref()).await?)
+    }
+
     /// A file here whose tenant another source owns is refused, naming both.
     fn claims_refused(&self, snapshot: &Snapshot) -> Vec<Issue> {
         snapshot
@@ -947,7 +960,7 @@ async fn scope_of<'a>(
         id: &source.id,
         name: &src.name,
         adopts_unowned: ctx.adopts_unowned(src),
-        foreign: store::foreign_owners(client, &source.id).await?,
+        foreign: store::foreign_owners(client, &source.id, &stems(snapshot)).await?,
     };
     let refused = scope.claims_refused(snapshot);
     if !refused.is_empty() {
@@ -973,7 +986,8 @@ async fn read_state(
 ) -> Result<State, SyncError> {
     let last = store::last_applied_commit(client, &source.id).await?;
     let scope = scope_of(ctx, src, source, snapshot, client).await?;
-    let selection = select(source, snapshot, &scope, last.as_deref(), store::load_index(client).await?, full)?;
+    let index = scope.index(client, snapshot).await?;
+    let selection = select(source, snapshot, &scope, last.as_deref(), index, full)?;
     let mut decoded = Decoded::default();
     decoded.extend(ctx, source, snapshot, &selection)?;
     decoded.state(client, snapshot, selection).await

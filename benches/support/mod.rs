@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub fn tenants() -> usize {
-    std::env::var("FROSTBYTE_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000)
+    tenants_or(10_000)
+}
+
+pub fn tenants_or(default: usize) -> usize {
+    std::env::var("FROSTBYTE_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 pub fn fixtures() -> PathBuf {
@@ -77,6 +81,8 @@ pub fn encrypt(doc: &Value, format: Format) -> String {
 pub struct Repo {
     pub dir: tempfile::TempDir,
     repo: git2::Repository,
+    /// 0: every file in tenants/; S: tenants/src<k>/<last two digits>/<id>, tenant i in source i % S.
+    sources: usize,
 }
 
 impl Repo {
@@ -85,18 +91,38 @@ impl Repo {
         let dir = tempfile::tempdir().unwrap();
         let repo = git2::Repository::init(dir.path()).unwrap();
         std::fs::create_dir_all(dir.path().join("tenants")).unwrap();
-        let r = Repo { dir, repo };
+        let r = Repo { dir, repo, sources: 0 };
         r.write((0..n).collect(), 0);
         r.commit("generated tenants");
         r
     }
 
+    /// N encrypted tenant files spread over `sources` sources in nested directories, committed.
+    pub fn generate_sharded(n: usize, sources: usize) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = git2::Repository::init(dir.path()).unwrap();
+        let r = Repo { dir, repo, sources };
+        r.write((0..n).collect(), 0);
+        r.commit("generated tenants");
+        r
+    }
+
+    fn path_of(&self, i: usize) -> PathBuf {
+        let name = format!("{}.{}", id(i), ext(format_of(i)));
+        match self.sources {
+            0 => self.dir.path().join("tenants").join(name),
+            s => self.dir.path().join(format!("tenants/src{}/{:02}", i % s, (i / s) % 100)).join(name),
+        }
+    }
+
     /// Rewrites the given tenants at `revision` (encrypting in parallel).
     pub fn write(&self, which: Vec<usize>, revision: u32) {
-        let root = self.dir.path().to_path_buf();
-        which.par_iter().for_each(|&i| {
-            let f = format_of(i);
-            std::fs::write(root.join(format!("tenants/{}.{}", id(i), ext(f))), encrypt(&doc(i, revision), f)).unwrap();
+        // git2's Repository is not Sync: paths first, then the parallel part.
+        let paths: Vec<(usize, PathBuf)> = which.iter().map(|&i| (i, self.path_of(i))).collect();
+        paths.par_iter().for_each(|(i, path)| {
+            let i = *i;
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, encrypt(&doc(i, revision), format_of(i))).unwrap();
         });
     }
 
@@ -117,7 +143,11 @@ impl Repo {
         if let Some(url) = database_url {
             flags.0.insert("database_url", url.to_string());
         }
-        let cfg = Config::resolve(&flags, &|_| None, None, None).unwrap();
+        let sources: String = (0..self.sources)
+            .map(|k| format!("[[sources]]\nname = \"src{k}\"\npath = \"tenants/src{k}\"\n"))
+            .collect();
+        let file = (self.sources > 0).then_some(("bench.toml", sources.as_str()));
+        let cfg = Config::resolve(&flags, &|_| None, file, None).unwrap();
         Ctx {
             cfg,
             keys: keys("test.agekey"),
@@ -181,4 +211,62 @@ pub fn report(label: &str, d: Duration, files: usize) {
         d.as_secs_f64() * 1e3,
         files as f64 / d.as_secs_f64()
     );
+}
+
+/// Peak resident set of this process so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
+        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A figure beside its floor and the ratio.
+pub fn against(label: &str, d: Duration, floor: Duration) {
+    println!(
+        "{label:<44} {:>9.1} ms   floor {:>9.1} ms   ratio {:>5.2}x",
+        d.as_secs_f64() * 1e3,
+        floor.as_secs_f64() * 1e3,
+        d.as_secs_f64() / floor.as_secs_f64()
+    );
+}
+
+/// The write floor of what a sync wrote: the very rows of `tables`, copied (binary COPY) into
+/// tables of the same shape and indexes, in one transaction.
+pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
+    use futures_util::{SinkExt, TryStreamExt};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        let mut data = Vec::new();
+        for t in tables {
+            c.batch_execute(&format!(
+                "DROP TABLE IF EXISTS floor_{t}; CREATE TABLE floor_{t} (LIKE {t} INCLUDING DEFAULTS INCLUDING INDEXES)"
+            ))
+            .await
+            .unwrap();
+            let out = c.copy_out(&format!("COPY {t} TO STDOUT (FORMAT binary)")).await.unwrap();
+            let chunks: Vec<_> = out.try_collect().await.unwrap();
+            data.push(chunks.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>());
+        }
+        let start = Instant::now();
+        c.batch_execute("BEGIN").await.unwrap();
+        for (t, bytes) in tables.iter().zip(data) {
+            let sink = c
+                .copy_in::<_, std::io::Cursor<Vec<u8>>>(&format!("COPY floor_{t} FROM STDIN (FORMAT binary)"))
+                .await
+                .unwrap();
+            futures_util::pin_mut!(sink);
+            sink.send(std::io::Cursor::new(bytes)).await.unwrap();
+            sink.finish().await.unwrap();
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        let took = start.elapsed();
+        for t in tables {
+            c.batch_execute(&format!("DROP TABLE floor_{t}")).await.unwrap();
+        }
+        took
+    })
 }
