@@ -25,6 +25,17 @@ pub struct CommitInfo {
     pub author: String,
 }
 
+impl CommitInfo {
+    /// What a `--worktree` run records in place of a commit.
+    pub fn worktree() -> CommitInfo {
+        CommitInfo {
+            id: "worktree".into(),
+            time: chrono::Utc::now().to_rfc3339(),
+            author: "work tree".into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct AuditEvent {
     pub tenant_id: String,

@@ -1,6 +1,7 @@
 //! The pure core: tenant documents, validation, plans, drift and audit payloads. No I/O here.
 
 pub mod audit;
+pub mod commit;
 pub mod document;
 pub mod drift;
 pub mod escape;

@@ -1,0 +1,666 @@
+//! Orchestration: snapshot -> decrypt -> validate -> load actual -> plan -> apply.
+
+use crate::config::{Config, DriftPolicy, Mode, SourceConfig};
+use crate::domain::audit::CommitInfo;
+use crate::domain::commit::CommitId;
+use crate::domain::drift::{TenantDrift, drift};
+use crate::domain::issue::Issue;
+use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
+use crate::domain::render::Header;
+use crate::domain::tenant::DesiredTenant;
+use crate::localpg::{self, LocalPgError};
+use crate::sops::AgeKeys;
+use crate::source::{Snapshot, Source, SourceError, SourceSpec};
+use crate::store::{self, ApplyContext, StoreError};
+use deadpool_postgres::Pool;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+mod audit;
+pub mod ports;
+mod read;
+mod select;
+
+pub use audit::{AuditReport, VersionMismatch, verify_audit};
+use ports::{TenantSource, TenantStore};
+pub use read::{ReadOptions, decode_file, read_desired, read_snapshot, read_snapshot_subset};
+pub use select::Unchanged;
+use select::{Decoded, State, read_state, scope_of, select};
+
+pub const ACTOR: &str = concat!("frostbyte-gitops/", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    LocalPg(#[from] LocalPgError),
+    #[error("{} problem(s) in {} file(s) at {at}; nothing was applied:\n{}", issues.len(), files_with_issues(issues), issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
+    Invalid { at: String, issues: Vec<Issue> },
+    #[error(
+        "commit {new} does not descend from the last applied commit {old} (history was rewritten, or the branch was reset); nothing was applied. Pass --allow-non-fast-forward to apply it anyway"
+    )]
+    NonFastForward { new: String, old: String },
+    #[error("the saved plan is stale; nothing was applied:\n  {}", .0.join("\n  "))]
+    Stale(Vec<String>),
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Refused(#[from] crate::verify::Refused),
+    #[error("source {name}: {why}")]
+    MassPrune { name: String, why: String },
+}
+
+fn files_with_issues(issues: &[Issue]) -> usize {
+    issues.iter().filter(|i| !i.is_configuration()).map(|i| &i.file).collect::<BTreeSet<_>>().len()
+}
+
+/// What every command gets: the resolved configuration, the age identities and the trusted
+/// commit signers.
+pub struct Ctx {
+    pub cfg: Config,
+    pub keys: AgeKeys,
+    pub signers: crate::verify::TrustedSigners,
+    /// Show a progress bar on a terminal.
+    pub progress: bool,
+}
+
+impl Ctx {
+    pub fn source_spec(&self, src: &SourceConfig) -> SourceSpec {
+        SourceSpec {
+            repo: src.repo.clone(),
+            auth: self.cfg.git_auth.clone(),
+            path: src.path.clone(),
+            cache_dir: self.cfg.data_dir.join("git-cache"),
+        }
+    }
+
+    /// The source named `only`, or every configured one.
+    pub fn sources(&self, only: Option<&str>) -> Result<Vec<&SourceConfig>, SyncError> {
+        match only {
+            None => Ok(self.cfg.sources.iter().collect()),
+            Some(name) => match self.cfg.sources.iter().find(|s| s.name == name) {
+                Some(s) => Ok(vec![s]),
+                None => Err(SyncError::Usage(format!(
+                    "no source named {name:?} (configured: {})",
+                    self.cfg.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                ))),
+            },
+        }
+    }
+
+    /// The first configured source also reports the rows no source owns (made by hand, or before
+    /// ownership was recorded), so that every row is some source's concern.
+    fn adopts_unowned(&self, src: &SourceConfig) -> bool {
+        self.cfg.sources.first().is_some_and(|f| f.name == src.name)
+    }
+}
+
+/// The tenant files at one revision, decrypted and checked.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    pub commit: Option<CommitInfo>,
+    pub tenants: Vec<DesiredTenant>,
+    pub issues: Vec<Issue>,
+    pub files: usize,
+}
+
+impl Desired {
+    pub fn at(&self) -> String {
+        self.commit
+            .as_ref()
+            .map_or_else(|| "the work tree".to_string(), |c| format!("commit {}", &c.id[..12.min(c.id.len())]))
+    }
+}
+
+/// The configured database: a pool, and the connection string for the agent's leader lease.
+#[derive(Clone)]
+pub struct Database {
+    pub pool: Pool,
+    pub url: String,
+    pub tls_policy: store::TlsPolicy,
+}
+
+impl Database {
+    /// A connection error, with where it tried to connect.
+    pub fn named(&self, e: StoreError) -> StoreError {
+        match e {
+            StoreError::Connect { target, cause } if target.is_empty() => StoreError::Connect {
+                target: store::target_of(&self.url),
+                cause,
+            },
+            other => other,
+        }
+    }
+}
+
+/// The configured database; in dev mode with none configured, the agent's own cluster.
+pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
+    let url = match &cfg.database_url {
+        Some(url) => url.clone(),
+        None if cfg.mode == Mode::Production => {
+            return Err(SyncError::Usage(
+                "production mode needs a database: set FROSTBYTE_CONTROL_DB_URL (the local PostgreSQL is for dev mode only)".into(),
+            ));
+        }
+        None => {
+            let dir = cfg.data_dir.join("pgdata");
+            let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[]))
+                .await
+                .expect("local PostgreSQL start panicked")?;
+            let admin = store::pool(&cluster.conninfo("postgres"), store::TlsPolicy::AsGiven)?;
+            store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
+            cluster.conninfo("frostbyte")
+        }
+    };
+    let policy = if cfg.mode == Mode::Production {
+        store::TlsPolicy::RequireForTcp
+    } else {
+        store::TlsPolicy::AsGiven
+    };
+    Ok(Database {
+        pool: store::pool(&url, policy)?,
+        url,
+        tls_policy: policy,
+    })
+}
+
+/// Dev mode migrates on the way in; production expects `migrate` to have run.
+pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
+    let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
+    // Dev mode migrates unless it need not: the agent may run as an app role that cannot.
+    if cfg.mode == Mode::Dev && store::check_migrated(&**client).await.is_err() {
+        store::migrate(&mut client).await?;
+    } else {
+        store::check_migrated(&**client).await?;
+    }
+    Ok(())
+}
+
+/// A plan saved by `plan --out`, applied later by `apply FILE`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SavedPlan {
+    pub format_version: u32,
+    pub source: String,
+    /// The configured name of `source` (plans saved before sources had names have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_name: Option<String>,
+    pub commit: String,
+    pub created_at: String,
+    pub plan: Plan,
+}
+
+pub enum Run {
+    Plan,
+    Apply { allow_non_fast_forward: bool },
+    ApplySaved { saved: Box<SavedPlan>, allow_non_fast_forward: bool },
+}
+
+pub struct Outcome {
+    pub header: Header,
+    pub plan: Plan,
+    pub applied: usize,
+    pub source: String,
+    /// The configured name of `source`.
+    pub source_name: String,
+    /// Drift after the run, when asked for.
+    pub drift: Option<Vec<TenantDrift>>,
+    pub commit_time: Option<String>,
+}
+
+/// How a run reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// Report drift after the run.
+    pub want_drift: bool,
+    /// Read every file and every row, whatever the incremental state says (`--full`): what an
+    /// edit made with triggers off, a restore, or a clock that stepped back needs to be seen.
+    pub full: bool,
+    /// Prune whatever the source's setting says (`--prune`).
+    pub prune: bool,
+    /// Prune past the source's prune_max_fraction (`--allow-mass-prune`).
+    pub allow_mass_prune: bool,
+}
+
+/// Plans one source against the database and, unless `run` is `Plan`, applies in one transaction
+/// under the source's apply lock: the plan is made from what the database holds once the lock is
+/// ours, so two concurrent runs never apply a change twice.
+pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
+    // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
+    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
+    let rev = revision(&run, src, &source)?;
+    let worktree = ctx.cfg.worktree && !matches!(run, Run::ApplySaved { .. });
+    if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
+        return Err(SyncError::Usage(
+            "--worktree cannot apply in production mode: apply commits, not uncommitted files".into(),
+        ));
+    }
+    let mut client = store::client(pool).await?;
+    let snapshot = snapshot_for(&source, rev.as_deref(), worktree, &**client).await?;
+    let key = store::digest_key(&**client).await?;
+    let mut attempts = Attempts {
+        ctx,
+        src,
+        source: &source,
+        snapshot: &snapshot,
+        run: &run,
+        full: opts.full,
+        decoded: Decoded::default(),
+        verified: None,
+    };
+    let mut round = 0;
+    let locked = loop {
+        round += 1;
+        attempts.prepare(&**client).await?;
+        let tx = client.transaction().await.map_err(|e| StoreError::Query {
+            context: "starting a transaction".into(),
+            source: e,
+        })?;
+        if let Some(locked) = attempts.lock(tx).await? {
+            break locked;
+        }
+        if round == 3 {
+            return Err(SyncError::Usage(
+                "other runs kept changing the database while this one decoded files; nothing was applied (try again)".into(),
+            ));
+        }
+    };
+    let fresh = plan_run(ctx, src, &locked, &key, &run, opts)?;
+    let Locked { tx, last, state, verified } = locked;
+    let applied = match run {
+        Run::Plan => 0,
+        _ => {
+            let commit = snapshot.commit.clone().unwrap_or_else(CommitInfo::worktree);
+            let actx = ApplyContext {
+                source: &source.id,
+                source_name: &src.name,
+                commit: &commit,
+                actor: ACTOR,
+                key: &key,
+                // Only when it moves: an upsert that changes nothing still locks the row, and a
+                // transaction that wrote must wait for its WAL to reach the disk.
+                record_commit: state
+                    .desired
+                    .commit
+                    .as_ref()
+                    .is_some_and(|c| last.as_ref().map(CommitId::as_str) != Some(c.id.as_str())),
+                signer: verified
+                    .result
+                    .as_ref()
+                    .ok()
+                    .cloned()
+                    .flatten()
+                    .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
+                claims: state.claims.clone(),
+            };
+            store::apply(&tx, &fresh, &state.desired.tenants, &actx).await?
+        }
+    };
+    let drift_report = match opts.want_drift {
+        true => Some(drift_after(&tx, &state, applied, &key).await?),
+        false => None,
+    };
+    tx.commit().await.map_err(|e| StoreError::Query {
+        context: "committing".into(),
+        source: e,
+    })?;
+    if applied > 0 {
+        tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
+    }
+    Ok(Outcome {
+        header: Header {
+            commit: state.desired.commit.as_ref().map(|c| c.id.clone()),
+            against: "the database".into(),
+            signature: verified.describe(ctx.cfg.verify_commits),
+        },
+        plan: fresh,
+        applied,
+        source: source.id,
+        source_name: src.name.clone(),
+        drift: drift_report,
+        commit_time: state.desired.commit.map(|c| c.time),
+    })
+}
+
+/// The revision a run reads: a saved plan's commit (refused if it was made for another source),
+/// or the source's ref.
+fn revision(run: &Run, src: &SourceConfig, source: &impl TenantSource) -> Result<Option<String>, SyncError> {
+    match run {
+        Run::ApplySaved { saved, .. } if saved.source != source.id() => Err(SyncError::Usage(format!(
+            "the saved plan was made for source {}, not {}; nothing was applied",
+            saved.source,
+            source.id()
+        ))),
+        Run::ApplySaved { saved, .. } => Ok(Some(saved.commit.clone())),
+        _ => Ok(src.git_ref.clone()),
+    }
+}
+
+/// A run's transaction, holding the source's apply lock when it applies, with the state read
+/// under it.
+struct Locked<'c> {
+    tx: deadpool_postgres::Transaction<'c>,
+    last: Option<CommitId>,
+    state: State,
+    verified: Verified,
+}
+
+/// Decrypting and checking files is the slow part, and a hostile file can make it slower: it
+/// happens before the apply lock, from what the database held then. Under the lock the selection
+/// is made again; if another run moved the database meanwhile so that a file not yet decoded is
+/// needed, the lock is let go and the missing files are decoded outside it (three rounds at most).
+struct Attempts<'r> {
+    ctx: &'r Ctx,
+    src: &'r SourceConfig,
+    source: &'r Source,
+    snapshot: &'r Snapshot,
+    run: &'r Run,
+    full: bool,
+    decoded: Decoded,
+    verified: Option<Verified>,
+}
+
+impl Attempts<'_> {
+    /// Before the lock: check the signature and decode what the database says is needed.
+    async fn prepare(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
+        let Attempts {
+            ctx, src, source, snapshot, ..
+        } = *self;
+        let last = client.last_applied(&source.id).await?;
+        self.verified = Some(match self.verified.take() {
+            Some(v) if v.holds_for(ctx, last.as_ref()) => v,
+            _ => blocking(|| Verified::check(ctx, source, snapshot, last.as_ref())),
+        });
+        if let (false, Some(Verified { result: Err(refused), .. })) = (matches!(self.run, Run::Plan), &self.verified) {
+            return Err(refused.clone().into());
+        }
+        let scope = scope_of(ctx, src, source, snapshot, client).await?;
+        let index = scope.index(client, snapshot).await?;
+        let selection = select(source, snapshot, &scope, last.as_ref(), index, self.full)?;
+        self.decoded.extend(ctx, source, snapshot, &selection)
+    }
+
+    /// Under the lock: the state, or None (rolled back) when what was decoded or verified no
+    /// longer covers what the database now needs.
+    async fn lock<'c>(&mut self, tx: deadpool_postgres::Transaction<'c>) -> Result<Option<Locked<'c>>, SyncError> {
+        let Attempts {
+            ctx,
+            src,
+            source,
+            snapshot,
+            run,
+            full,
+            ..
+        } = *self;
+        if !matches!(run, Run::Plan) {
+            store::lock_apply(&tx, &source.id).await?;
+        }
+        let last = (*tx).last_applied(&source.id).await?;
+        if let (
+            Run::Apply { allow_non_fast_forward: false }
+            | Run::ApplySaved {
+                allow_non_fast_forward: false, ..
+            },
+            Some(new),
+            Some(old),
+        ) = (run, snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id)), &last)
+            && !TenantSource::descends_from(source, &new, old)?
+        {
+            return Err(SyncError::NonFastForward {
+                new: new.to_string(),
+                old: old.to_string(),
+            });
+        }
+        let scope = scope_of(ctx, src, source, snapshot, &*tx).await?;
+        let index = scope.index(&*tx, snapshot).await?;
+        let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
+        let holds = self.verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_ref()));
+        if self.decoded.covers(&selection) && holds {
+            let state = self.decoded.state(&*tx, snapshot, selection).await?;
+            let verified = self.verified.take().expect("checked above");
+            return Ok(Some(Locked { tx, last, state, verified }));
+        }
+        tx.rollback().await.map_err(|e| StoreError::Query {
+            context: "rolling back".into(),
+            source: e,
+        })?;
+        Ok(None)
+    }
+}
+
+/// The plan of a locked run: the fresh plan, the unchanged tenants, prune and its safety limit,
+/// and a saved plan's staleness.
+fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run: &Run, opts: RunOptions) -> Result<Plan, SyncError> {
+    let State {
+        desired,
+        actual,
+        unchanged,
+        owned,
+        ..
+    } = &locked.state;
+    let popts = PlanOptions {
+        key,
+        correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
+    };
+    let mut fresh = plan(&desired.tenants, actual, popts);
+    fresh.tenants.extend(
+        unchanged
+            .iter()
+            .map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())),
+    );
+    fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+    if src.prune || opts.prune {
+        let states: BTreeMap<&str, &str> = actual.iter().map(|a| (a.tenant_id.as_str(), a.state.as_str())).collect();
+        fresh.prune(|id| owned.get(id).cloned(), |id| states.get(id).map(|s| s.to_string()));
+        let refusal = crate::domain::plan::mass_prune_refusal(fresh.summary().decommission, owned.len(), src.prune_max_fraction);
+        if let (Some(why), false) = (refusal, opts.allow_mass_prune) {
+            return Err(SyncError::MassPrune { name: src.name.clone(), why });
+        }
+    }
+    if let Run::ApplySaved { saved, .. } = run {
+        let reasons = stale_reasons(&saved.plan, &fresh);
+        if !reasons.is_empty() {
+            return Err(SyncError::Stale(reasons));
+        }
+    }
+    Ok(fresh)
+}
+
+/// Drift as the run leaves it: the rows it wrote read again, in its transaction.
+async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &State, applied: usize, key: &[u8]) -> Result<Vec<TenantDrift>, SyncError> {
+    let after = if applied > 0 {
+        let ids: BTreeSet<String> = state
+            .actual
+            .iter()
+            .map(|a| a.tenant_id.clone())
+            .chain(state.desired.tenants.iter().map(|d| d.tenant_id.clone()))
+            .collect();
+        tx.rows(&ids.into_iter().collect::<Vec<_>>()).await?
+    } else {
+        state.actual.clone()
+    };
+    Ok(with_unchanged(drift(&state.desired.tenants, &after, key), &state.unchanged))
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+fn snapshot_of(source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
+    Ok(if worktree {
+        source.worktree_snapshot()?
+    } else {
+        source.snapshot(source.resolve(rev)?)?
+    })
+}
+
+/// As [`snapshot_of`], for a source that has applied before: its tenant directory gone is every
+/// tenant gone (which prune's safety limit is for), not a configuration mistake.
+async fn snapshot_for(source: &Source, rev: Option<&str>, worktree: bool, client: &impl tokio_postgres::GenericClient) -> Result<Snapshot, SyncError> {
+    match blocking(|| snapshot_of(source, rev, worktree)) {
+        Err(SyncError::Source(SourceError::NoTenantDir { .. })) if !worktree && store::last_applied_commit(client, &source.id).await?.is_some() => {
+            Ok(blocking(|| source.empty_snapshot(source.resolve(rev)?))?)
+        }
+        other => other,
+    }
+}
+
+/// A commit's signature check, and the last applied commit it was made against (strict mode
+/// checks every commit since it).
+struct Verified {
+    against: Option<CommitId>,
+    result: Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>,
+}
+
+impl Verified {
+    fn check(ctx: &Ctx, source: &impl TenantSource, snapshot: &Snapshot, last: Option<&CommitId>) -> Verified {
+        let result = match snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id)) {
+            None => Ok(None),
+            Some(new) => source.verify(ctx.cfg.verify_commits, last, &new, &ctx.signers),
+        };
+        Verified {
+            against: last.cloned(),
+            result,
+        }
+    }
+
+    fn holds_for(&self, ctx: &Ctx, last: Option<&CommitId>) -> bool {
+        ctx.cfg.verify_commits != crate::verify::VerifyMode::Strict || self.against.as_ref() == last
+    }
+
+    /// For a plan's header.
+    fn describe(&self, mode: crate::verify::VerifyMode) -> Option<String> {
+        signature_words(mode, &self.result)
+    }
+}
+
+/// A signature check in words, for a plan's header (none when verification is off).
+pub fn signature_words(mode: crate::verify::VerifyMode, result: &Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>) -> Option<String> {
+    match result {
+        _ if mode == crate::verify::VerifyMode::Off => None,
+        Ok(Some(s)) => Some(format!(
+            "verified ({mode}): {} key {} of {}",
+            if s.kind == crate::verify::SignerKind::Ssh { "SSH" } else { "OpenPGP" },
+            s.fingerprint,
+            s.principal
+        )),
+        Ok(None) => Some("not checked: the work tree has no commit".into()),
+        Err(r) => Some(format!("REFUSED ({mode}): signer {}: {}; a sync would apply nothing", r.signer, r.reason)),
+    }
+}
+
+fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<TenantDrift> {
+    report.extend(
+        unchanged
+            .iter()
+            .map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version)),
+    );
+    report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    report
+}
+
+/// `plan --against-ref`: the change between two revisions, without a database.
+pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result<(Header, Plan), SyncError> {
+    let source = Source::open(&ctx.source_spec(src))?;
+    let desired = read_desired(&source, src, ctx, ctx.cfg.worktree, true)?;
+    if !desired.issues.is_empty() {
+        return Err(SyncError::Invalid {
+            at: desired.at(),
+            issues: desired.issues,
+        });
+    }
+    let base_commit = source.resolve(Some(base_rev))?;
+    let base = match source.snapshot(base_commit) {
+        Ok(mut s) => {
+            source.read_bodies(&mut s, None)?;
+            read_snapshot(s, &ReadOptions::from_ctx(ctx))
+        }
+        // A base without the tenant directory (the PR adds it) has no tenants.
+        Err(SourceError::NoTenantDir { .. }) => Desired {
+            commit: None,
+            tenants: vec![],
+            issues: vec![],
+            files: 0,
+        },
+        Err(e) => return Err(e.into()),
+    };
+    if !base.issues.is_empty() {
+        tracing::warn!(
+            problems = base.issues.len(),
+            "some tenant files at the base revision are invalid; they are compared as absent"
+        );
+    }
+    let actual: Vec<ActualTenant> = base
+        .tenants
+        .into_iter()
+        .map(|t| ActualTenant {
+            tenant_id: t.tenant_id,
+            state: String::new(),
+            config_version: 0,
+            document: t.document,
+            applied: None,
+            known_secrets: t.secrets,
+        })
+        .collect();
+    // Digests never leave this process here, so any key will do.
+    let mut p = plan(
+        &desired.tenants,
+        &actual,
+        PlanOptions {
+            key: &[0; 32],
+            correct_drift: true,
+        },
+    );
+    crate::domain::plan::annotate_embedding(&mut p, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+    for t in &mut p.tenants {
+        t.current_version = None;
+        t.next_version = None;
+        t.desired_digest = None;
+        t.actual_digest = None;
+        if t.action == Action::Orphaned {
+            // Deleted in this revision: reported, never deleted from the database.
+            t.file = None;
+        }
+    }
+    // Would the merge pass verification? In strict mode, every commit since the base.
+    let base = CommitId::parse(&base_commit.to_string());
+    let signature = match desired.commit.as_ref().and_then(|c| CommitId::parse(&c.id)) {
+        Some(new) => signature_words(
+            ctx.cfg.verify_commits,
+            &TenantSource::verify(&source, ctx.cfg.verify_commits, base.as_ref(), &new, &ctx.signers),
+        ),
+        None => None,
+    };
+    let header = Header {
+        commit: desired.commit.map(|c| c.id),
+        against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]),
+        signature,
+    };
+    Ok((header, p))
+}
+
+/// The drift report for the configured revision.
+pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
+    let client = store::client(pool).await?;
+    let snapshot = snapshot_for(&source, src.git_ref.as_deref(), ctx.cfg.worktree, &**client).await?;
+    let key = store::digest_key(&**client).await?;
+    let State {
+        desired, actual, unchanged, ..
+    } = read_state(ctx, src, &source, &snapshot, &**client, full).await?;
+    let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
+    Ok((
+        Header {
+            commit: desired.commit.map(|c| c.id),
+            against: "the database".into(),
+            signature: None,
+        },
+        report,
+    ))
+}

@@ -1,0 +1,229 @@
+//! Tenant files to desired state: decrypt, parse and check each file (on all cores), then the
+//! checks across files.
+
+use super::{Ctx, Desired, SyncError, snapshot_of};
+use crate::config::{Mode, SourceConfig};
+use crate::domain::issue::Issue;
+use crate::domain::json::SecretPaths;
+use crate::domain::tenant::{DesiredTenant, check_document};
+use crate::sops::{self, AgeKeys, Format};
+use crate::source::{Body, Snapshot, Source, SourceFile};
+use rayon::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::IsTerminal;
+
+pub struct ReadOptions<'a> {
+    pub keys: &'a AgeKeys,
+    /// False for `validate --no-decrypt`: check what can be checked without a key (names,
+    /// structure, sops metadata, the schema of the plaintext parts, recipients).
+    pub decrypt: bool,
+    pub allow_plaintext: bool,
+    pub require_tenant_recipient: bool,
+    pub progress: bool,
+}
+
+impl<'a> ReadOptions<'a> {
+    pub fn from_ctx(ctx: &'a Ctx) -> Self {
+        ReadOptions {
+            keys: &ctx.keys,
+            decrypt: true,
+            allow_plaintext: ctx.cfg.allow_plaintext && ctx.cfg.mode == Mode::Dev,
+            require_tenant_recipient: ctx.cfg.require_tenant_recipient,
+            progress: ctx.progress,
+        }
+    }
+}
+
+/// Decrypts and checks every file (on all cores), then the checks across files.
+pub fn read_snapshot(snapshot: Snapshot, opts: &ReadOptions<'_>) -> Desired {
+    read_snapshot_subset(snapshot, opts, None)
+}
+
+/// As [`read_snapshot`], decrypting only the files in `only` (all when None); the checks across
+/// files still see every file.
+pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Desired {
+    let to_read: Vec<&SourceFile> = snapshot.files.iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
+    let bar = (opts.progress && to_read.len() > 20 && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(to_read.len() as u64);
+        pb.set_style(indicatif::ProgressStyle::with_template("{spinner} decrypting {pos}/{len} tenant files {bar:40} {eta}").expect("valid template"));
+        pb
+    });
+    let results: Vec<Result<DesiredTenant, Vec<Issue>>> = to_read
+        .par_iter()
+        .map(|f| {
+            let r = decode_file(f, opts);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+            r
+        })
+        .collect();
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let mut tenants = Vec::new();
+    let mut issues = Vec::new();
+    for r in results {
+        match r {
+            Ok(t) => tenants.push(t),
+            Err(mut i) => issues.append(&mut i),
+        }
+    }
+    // One tenant, one file: `acme.toml` and `acme.json` would both claim `acme`.
+    let mut by_stem: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for f in &snapshot.files {
+        by_stem.entry(f.stem.as_str()).or_default().push(f.path.as_str());
+    }
+    for (stem, paths) in by_stem.iter().filter(|(_, p)| p.len() > 1) {
+        for p in paths {
+            let others: Vec<&str> = paths.iter().filter(|o| *o != p).copied().collect();
+            issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
+        }
+    }
+    collapse_configuration_problems(&mut issues);
+    let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
+    tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
+    tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    issues.sort();
+    Desired {
+        commit: snapshot.commit,
+        tenants,
+        issues,
+        files: snapshot.files.len(),
+    }
+}
+
+/// A problem of the configuration, not of the files (no age identity at all), is said once, before
+/// the per-file problems, instead of once for every file.
+fn collapse_configuration_problems(issues: &mut Vec<Issue>) {
+    let no_identity = sops::SopsError::NoIdentities.to_string();
+    let before = issues.len();
+    issues.retain(|i| i.message != no_identity);
+    let files = before - issues.len();
+    if files > 0 {
+        issues.push(Issue::new(
+            crate::domain::issue::CONFIGURATION,
+            format!("{no_identity}; {files} encrypted file(s) could not be decrypted"),
+        ));
+    }
+}
+
+/// One file to one tenant, or every problem found in it. No message carries a decrypted value.
+pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTenant, Vec<Issue>> {
+    let err = |m: String| vec![Issue::new(&f.path, m)];
+    let bytes = match &f.body {
+        Body::Symlink => return Err(err("is a symbolic link; tenant files must be regular files".into())),
+        Body::TooLarge(n) => return Err(err(format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
+        Body::Bytes(b) => b,
+        Body::Unread(_) => return Err(err("was listed but not read (internal error)".into())),
+        Body::Refused(why) => return Err(err(why.clone())),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        vec![Issue::new(&f.path, format!("is not valid UTF-8 (first bad byte at offset {at})")).line(Some(line))]
+    })?;
+    let format = Format::from_path(&f.path).ok_or_else(|| err("has an unknown extension".into()))?;
+    let doc = sops::parse(format, text).map_err(|e| match e {
+        sops::SopsError::Parse { line, pointer: None, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
+        sops::SopsError::Parse {
+            line,
+            pointer: Some(pointer),
+            message,
+        } => {
+            let issue = Issue::new(&f.path, format!("refused: {message}")).line(line);
+            vec![if pointer.is_empty() { issue } else { issue.at(pointer) }]
+        }
+        other => err(other.to_string()),
+    })?;
+    let (value, secrets, recipients) = if sops::is_encrypted(&doc) && !opts.decrypt {
+        let (recipients, _) = sops::recipients_and_rules(&doc).map_err(|e| err(e.to_string()))?;
+        if recipients.is_empty() {
+            return Err(err("has no age recipients in its sops metadata".into()));
+        }
+        let mut value = doc;
+        value.as_object_mut().map(|m| m.shift_remove("sops"));
+        let mut secrets = SecretPaths::new();
+        encrypted_leaves(&value, "", &mut secrets);
+        // An encrypted tenant_id cannot be compared with the file name without the key.
+        if secrets.remove("/tenant_id") {
+            value["tenant_id"] = serde_json::Value::String(f.stem.clone());
+        }
+        (value, secrets, Some(recipients))
+    } else if sops::is_encrypted(&doc) {
+        let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
+            sops::SopsError::Value { ref pointer, .. } => {
+                vec![
+                    Issue::new(&f.path, e.to_string())
+                        .at(pointer.clone())
+                        .line(crate::domain::json::locate_line(text, pointer)),
+                ]
+            }
+            other => err(other.to_string()),
+        })?;
+        // tenant_id is the file's name: never a secret, whatever the encryption rules said.
+        let secrets: SecretPaths = d.encrypted.into_iter().filter(|p| p != "/tenant_id").collect();
+        (d.value, secrets, Some(d.recipients))
+    } else if opts.allow_plaintext {
+        (doc, SecretPaths::new(), None)
+    } else {
+        return Err(err(
+            "is not encrypted (no sops metadata); encrypt it with `frostbyte-gitops secrets encrypt`, or set allow_plaintext in dev mode".into(),
+        ));
+    };
+    let mut issues = Vec::new();
+    if let (true, Some(recipients), Some(own)) = (opts.require_tenant_recipient, &recipients, value.get("age_public_key").and_then(|v| v.as_str()))
+        && crate::domain::tenant::is_age_recipient(own)
+        && !recipients.iter().any(|r| r.trim() == own)
+    {
+        issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
+    }
+    let encrypted = (!opts.decrypt).then(|| secrets.clone());
+    match check_document(&f.path, &f.stem, text, value, secrets) {
+        Ok(t) if issues.is_empty() => Ok(t),
+        Ok(_) => Err(issues),
+        Err(mut more) => {
+            // Without the key an encrypted value's type and content are unknown: only problems
+            // elsewhere count.
+            if let Some(encrypted) = &encrypted {
+                more.retain(|i| {
+                    i.pointer
+                        .as_ref()
+                        .is_none_or(|p| !encrypted.iter().any(|e| crate::domain::json::is_within(p, e)))
+                });
+            }
+            issues.append(&mut more);
+            if issues.is_empty() {
+                return Err(vec![]);
+            }
+            Err(issues)
+        }
+    }
+}
+
+/// Pointers of the values still encrypted (`ENC[...]` strings) in a document read without its key.
+fn encrypted_leaves(v: &serde_json::Value, pointer: &str, out: &mut SecretPaths) {
+    match v {
+        serde_json::Value::Object(m) => m.iter().for_each(|(k, v)| encrypted_leaves(v, &crate::domain::json::child(pointer, k), out)),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| encrypted_leaves(v, &crate::domain::json::child(pointer, &i.to_string()), out)),
+        serde_json::Value::String(s) if s.starts_with("ENC[") => {
+            out.insert(pointer.to_string());
+        }
+        _ => {}
+    }
+}
+
+/// Opens the source and reads the desired state at the configured revision (or `rev`).
+/// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
+pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
+    let mut snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
+    source.read_bodies(&mut snapshot, None)?;
+    let opts = ReadOptions {
+        decrypt,
+        ..ReadOptions::from_ctx(ctx)
+    };
+    Ok(read_snapshot(snapshot, &opts))
+}

@@ -1,0 +1,312 @@
+//! What a run reads: the rows of its source and the files that can differ from what it last
+//! applied, decoded before the apply lock.
+
+use super::ports::{TenantSource, TenantStore};
+use super::{Ctx, Desired, ReadOptions, SyncError, blocking, read_snapshot_subset};
+use crate::config::SourceConfig;
+use crate::domain::commit::CommitId;
+use crate::domain::issue::Issue;
+use crate::domain::plan::ActualTenant;
+use crate::domain::tenant::DesiredTenant;
+use crate::source::{Snapshot, SourceError};
+use crate::store;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A tenant whose file git did not change since the last applied commit and whose row did not
+/// change since the agent wrote it: it is as git says, without being read.
+pub struct Unchanged {
+    pub tenant_id: String,
+    pub file: String,
+    pub config_version: i64,
+    pub digest: String,
+}
+
+/// What a run works from.
+pub(super) struct State {
+    /// The files that may differ from what was applied, decrypted and checked.
+    pub desired: Desired,
+    /// The rows of every tenant that is not `unchanged` (orphans included), in full.
+    pub actual: Vec<ActualTenant>,
+    pub unchanged: Vec<Unchanged>,
+    /// The tenants this source owns, with the file each was claimed from.
+    pub owned: BTreeMap<String, String>,
+    /// Files of tenants that exist and nobody owns yet: this source claims them when it applies.
+    pub claims: Vec<(String, String)>,
+}
+
+/// What a run must read: only what can differ from what the agent last applied, i.e. the files git
+/// changed since the last applied commit and those of tenants without a record or whose row moved
+/// since. So a sync's cost follows what changed, not the number of tenants. Without a usable last
+/// commit (the first run, a rewritten history, the work tree) everything is read.
+pub(super) struct Selection {
+    /// Files to decode; None: all of them.
+    read: Option<BTreeSet<String>>,
+    /// The rows of this source's tenants to load in full.
+    rows: Vec<String>,
+    unchanged: Vec<Unchanged>,
+    /// The tenants this source owns, with the file each was claimed from.
+    owned: BTreeMap<String, String>,
+    /// Files of tenants that exist and nobody owns yet: this source claims them when it applies.
+    claims: Vec<(String, String)>,
+}
+
+/// Which rows a run over one source works on.
+pub(super) struct Scope<'a> {
+    id: &'a str,
+    name: &'a str,
+    adopts_unowned: bool,
+    /// Tenants other sources own.
+    foreign: BTreeMap<String, store::Owner>,
+}
+
+fn stems(snapshot: &Snapshot) -> Vec<&str> {
+    snapshot.files.iter().map(|f| f.stem.as_str()).collect()
+}
+
+impl Scope<'_> {
+    /// The index of this source's rows, and of the unowned ones it reports or claims.
+    pub(super) async fn index(&self, client: &impl TenantStore, snapshot: &Snapshot) -> Result<Vec<store::RowIndex>, SyncError> {
+        let unowned = (!self.adopts_unowned).then(|| stems(snapshot));
+        Ok(client.index(self.id, unowned.as_deref()).await?)
+    }
+
+    /// A file here whose tenant another source owns is refused, naming both.
+    fn claims_refused(&self, snapshot: &Snapshot) -> Vec<Issue> {
+        snapshot
+            .files
+            .iter()
+            .filter_map(|f| {
+                let o = self.foreign.get(&f.stem)?;
+                Some(Issue::new(
+                    &f.path,
+                    format!(
+                        "tenant_id {:?} belongs to source {o} (file {}); this file in source {} ({}) claims it too: nothing of it changes. Delete one, or move the tenant with `frostbyte-gitops tenant move {} --to {}`",
+                        f.stem,
+                        if o.file.is_empty() { "not recorded" } else { &o.file },
+                        self.name,
+                        self.id,
+                        f.stem,
+                        self.name
+                    ),
+                ))
+            })
+            .collect()
+    }
+}
+
+pub(super) fn select(
+    source: &impl TenantSource,
+    snapshot: &Snapshot,
+    scope: &Scope<'_>,
+    last: Option<&CommitId>,
+    index: Vec<store::RowIndex>,
+    full: bool,
+) -> Result<Selection, SyncError> {
+    let stems: BTreeMap<&str, &str> = snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect();
+    let mine = |r: &store::RowIndex| match &r.owner {
+        Some(o) => o.source == scope.id,
+        None => scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str()),
+    };
+    let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
+    let owned: BTreeMap<String, String> = index
+        .iter()
+        .filter_map(|r| r.owner.as_ref().map(|o| (r.tenant_id.clone(), o.file.clone())))
+        .collect();
+    let claims: Vec<(String, String)> = index
+        .iter()
+        .filter(|r| r.owner.is_none())
+        .filter_map(|r| stems.get(r.tenant_id.as_str()).map(|f| (r.tenant_id.clone(), f.to_string())))
+        .collect();
+    let new = snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id));
+    let changed = match (new, last) {
+        _ if full => None,
+        (Some(new), Some(last)) => blocking(|| -> Result<_, SourceError> {
+            if source.descends_from(&new, last)? {
+                source.changed_files(last, &new)
+            } else {
+                Ok(None)
+            }
+        })?,
+        _ => None,
+    };
+    let Some(changed) = changed else {
+        return Ok(Selection {
+            read: None,
+            rows: index.into_iter().map(|r| r.tenant_id).collect(),
+            unchanged: vec![],
+            owned,
+            claims,
+        });
+    };
+    let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
+    let trusted = trusted_records(source, &index, last.expect("a last applied commit when there is a diff"))?;
+    let mut read = BTreeSet::new();
+    let mut unchanged = Vec::new();
+    for f in &snapshot.files {
+        let same = by_id.get(f.stem.as_str()).and_then(|r| {
+            let (file, version, digest) = r.applied.as_ref()?;
+            let from_here = r.applied_from.as_ref().is_some_and(|(_, commit)| trusted.contains(commit.as_str()));
+            (from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
+                tenant_id: r.tenant_id.clone(),
+                file: file.clone(),
+                config_version: r.config_version,
+                digest: digest.clone(),
+            })
+        });
+        match same {
+            Some(u) => unchanged.push(u),
+            None => {
+                read.insert(f.path.clone());
+            }
+        }
+    }
+    let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
+    let rows = index
+        .iter()
+        .filter(|r| !skip.contains(r.tenant_id.as_str()))
+        .map(|r| r.tenant_id.clone())
+        .collect();
+    tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
+    Ok(Selection {
+        read: Some(read),
+        rows,
+        unchanged,
+        owned,
+        claims,
+    })
+}
+
+/// The commits of applied records that can stand for what git has without a read: records this
+/// source wrote from the last applied commit or one of its ancestors. A record from the work tree
+/// (`apply --worktree`), another source or a history that was rewritten is not trusted.
+fn trusted_records<'a>(source: &impl TenantSource, index: &'a [store::RowIndex], last: &CommitId) -> Result<BTreeSet<&'a str>, SyncError> {
+    let commits: BTreeSet<&str> = index
+        .iter()
+        .filter_map(|r| r.applied_from.as_ref())
+        .filter(|(from, _)| from == source.id())
+        .map(|(_, commit)| commit.as_str())
+        .collect();
+    let mut trusted = BTreeSet::new();
+    for commit in commits {
+        let Some(id) = CommitId::parse(commit) else { continue };
+        if id == *last || blocking(|| source.descends_from(last, &id))? {
+            trusted.insert(commit);
+        }
+    }
+    Ok(trusted)
+}
+
+/// The tenant files decoded so far in a run.
+#[derive(Default)]
+pub(super) struct Decoded {
+    all: bool,
+    files: BTreeSet<String>,
+    tenants: Vec<DesiredTenant>,
+}
+
+impl Decoded {
+    /// Decodes the files `selection` needs that are not decoded yet. Any problem in any of them
+    /// ends the run: nothing is applied.
+    pub(super) fn extend(&mut self, ctx: &Ctx, source: &impl TenantSource, snapshot: &Snapshot, selection: &Selection) -> Result<(), SyncError> {
+        if self.covers(selection) {
+            return Ok(());
+        }
+        let missing: Option<BTreeSet<String>> = selection.read.as_ref().map(|r| r.difference(&self.files).cloned().collect());
+        tracing::debug!(files = missing.as_ref().map_or(snapshot.files.len(), BTreeSet::len), "decoding tenant files");
+        let mut files = snapshot.clone();
+        blocking(|| source.read_bodies(&mut files, missing.as_ref()))?;
+        let desired = blocking(|| read_snapshot_subset(files, &ReadOptions::from_ctx(ctx), missing.as_ref()));
+        if !desired.issues.is_empty() {
+            return Err(SyncError::Invalid {
+                at: desired.at(),
+                issues: desired.issues,
+            });
+        }
+        match missing {
+            None => {
+                self.all = true;
+                self.tenants = desired.tenants;
+            }
+            Some(missing) => {
+                self.files.extend(missing);
+                self.tenants.extend(desired.tenants);
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn covers(&self, selection: &Selection) -> bool {
+        self.all || selection.read.as_ref().is_some_and(|r| r.is_subset(&self.files))
+    }
+
+    /// The state a run plans from: the decoded tenants the selection reads, and their rows.
+    pub(super) async fn state(&self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection) -> Result<State, SyncError> {
+        let mut tenants: Vec<DesiredTenant> = self
+            .tenants
+            .iter()
+            .filter(|t| selection.read.as_ref().is_none_or(|r| r.contains(&t.file)))
+            .cloned()
+            .collect();
+        tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+        let actual = client.rows(&selection.rows).await?;
+        // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
+        Ok(State {
+            desired: Desired {
+                commit: snapshot.commit.clone(),
+                tenants,
+                issues: vec![],
+                files: snapshot.files.len(),
+            },
+            actual,
+            unchanged: selection.unchanged,
+            owned: selection.owned,
+            claims: selection.claims,
+        })
+    }
+}
+
+/// The rows a run over `src` works on, as the database has them now; a file claiming a tenant
+/// another source owns is a problem of the run.
+pub(super) async fn scope_of<'a>(
+    ctx: &Ctx,
+    src: &'a SourceConfig,
+    source: &'a impl TenantSource,
+    snapshot: &Snapshot,
+    client: &impl TenantStore,
+) -> Result<Scope<'a>, SyncError> {
+    let scope = Scope {
+        id: source.id(),
+        name: &src.name,
+        adopts_unowned: ctx.adopts_unowned(src),
+        foreign: client.foreign_owners(source.id(), &stems(snapshot)).await?,
+    };
+    let refused = scope.claims_refused(snapshot);
+    if !refused.is_empty() {
+        return Err(SyncError::Invalid {
+            at: snapshot
+                .commit
+                .as_ref()
+                .map_or_else(|| "the work tree".into(), |c| format!("commit {}", &c.id[..12])),
+            issues: refused,
+        });
+    }
+    Ok(scope)
+}
+
+/// The state without the apply lock, for reports.
+pub(super) async fn read_state(
+    ctx: &Ctx,
+    src: &SourceConfig,
+    source: &impl TenantSource,
+    snapshot: &Snapshot,
+    client: &impl TenantStore,
+    full: bool,
+) -> Result<State, SyncError> {
+    let last = client.last_applied(source.id()).await?;
+    let scope = scope_of(ctx, src, source, snapshot, client).await?;
+    let index = scope.index(client, snapshot).await?;
+    let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
+    let mut decoded = Decoded::default();
+    decoded.extend(ctx, source, snapshot, &selection)?;
+    decoded.state(client, snapshot, selection).await
+}
