@@ -253,15 +253,17 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     let mut round = 0;
     let locked = loop {
         round += 1;
-        attempts.prepare(&**client).await?;
+        attempts.verify(&**client).await?;
         let tx = client.transaction().await.map_err(|e| StoreError::Query {
             context: "starting a transaction".into(),
             source: e,
         })?;
-        if let Some(locked) = attempts.lock(tx).await? {
-            break locked;
+        match attempts.lock(tx).await? {
+            Round::Locked(locked) => break locked,
+            Round::Decode(selection) => attempts.decode(&selection)?,
+            Round::Reverify => {}
         }
-        if round == 3 {
+        if round == 4 {
             return Err(SyncError::Usage(
                 "other runs kept changing the database while this one decoded files; nothing was applied (try again)".into(),
             ));
@@ -347,10 +349,11 @@ struct Locked<'c> {
     verified: Verified,
 }
 
-/// Decrypting and checking files is the slow part, and a hostile file can make it slower: it
-/// happens before the apply lock, from what the database held then. Under the lock the selection
-/// is made again; if another run moved the database meanwhile so that a file not yet decoded is
-/// needed, the lock is let go and the missing files are decoded outside it (three rounds at most).
+/// Decrypting and checking files is the slow part, and a hostile file can make it slower, so it
+/// never happens under the apply lock. A round takes the lock, reads the index and chooses what to
+/// read; when every file it needs is decoded (always, for a run with nothing to do) it goes on
+/// under the lock, and otherwise it lets go, decodes what is missing, and tries again (another run
+/// may have moved the database meanwhile).
 struct Attempts<'r> {
     ctx: &'r Ctx,
     src: &'r SourceConfig,
@@ -363,11 +366,10 @@ struct Attempts<'r> {
 }
 
 impl Attempts<'_> {
-    /// Before the lock: check the signature and decode what the database says is needed.
-    async fn prepare(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
-        let Attempts {
-            ctx, src, source, snapshot, ..
-        } = *self;
+    /// Before the lock: the commit's signature, against the last applied commit (strict mode
+    /// walks every commit since it).
+    async fn verify(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
+        let Attempts { ctx, source, snapshot, .. } = *self;
         let last = client.last_applied(&source.id).await?;
         self.verified = Some(match self.verified.take() {
             Some(v) if v.holds_for(ctx, last.as_ref()) => v,
@@ -376,15 +378,12 @@ impl Attempts<'_> {
         if let (false, Some(Verified { result: Err(refused), .. })) = (matches!(self.run, Run::Plan), &self.verified) {
             return Err(refused.clone().into());
         }
-        let scope = scope_of(ctx, src, source, snapshot, client).await?;
-        let index = scope.index(client, snapshot).await?;
-        let selection = select(source, snapshot, &scope, last.as_ref(), index, self.full)?;
-        self.decoded.extend(ctx, source, snapshot, &selection)
+        Ok(())
     }
 
-    /// Under the lock: the state, or None (rolled back) when what was decoded or verified no
-    /// longer covers what the database now needs.
-    async fn lock<'c>(&mut self, tx: deadpool_postgres::Transaction<'c>) -> Result<Option<Locked<'c>>, SyncError> {
+    /// Under the lock: the state, or (rolled back) what must be decoded first, or None when the
+    /// signature check no longer holds for the last applied commit.
+    async fn lock<'c>(&mut self, tx: deadpool_postgres::Transaction<'c>) -> Result<Round<'c>, SyncError> {
         let Attempts {
             ctx,
             src,
@@ -420,14 +419,28 @@ impl Attempts<'_> {
         if self.decoded.covers(&selection) && holds {
             let state = self.decoded.state(&*tx, snapshot, selection).await?;
             let verified = self.verified.take().expect("checked above");
-            return Ok(Some(Locked { tx, last, state, verified }));
+            return Ok(Round::Locked(Locked { tx, last, state, verified }));
         }
         tx.rollback().await.map_err(|e| StoreError::Query {
             context: "rolling back".into(),
             source: e,
         })?;
-        Ok(None)
+        Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
     }
+
+    /// Outside the lock: decodes what a round found missing.
+    fn decode(&mut self, selection: &select::Selection) -> Result<(), SyncError> {
+        self.decoded.extend(self.ctx, self.source, self.snapshot, selection)
+    }
+}
+
+/// How a round under the lock ended.
+enum Round<'c> {
+    Locked(Locked<'c>),
+    /// Rolled back: these files must be decoded first.
+    Decode(select::Selection),
+    /// Rolled back: the last applied commit moved, and strict verification must run again.
+    Reverify,
 }
 
 /// The plan of a locked run: the fresh plan, the unchanged tenants, prune and its safety limit,
