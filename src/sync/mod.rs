@@ -259,7 +259,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             source: e,
         })?;
         match attempts.lock(tx).await? {
-            Round::Locked(locked) => break locked,
+            Round::Locked(locked) => break *locked,
             Round::Decode(selection) => attempts.decode(&selection)?,
             Round::Reverify => {}
         }
@@ -419,7 +419,7 @@ impl Attempts<'_> {
         if self.decoded.covers(&selection) && holds {
             let state = self.decoded.state(&*tx, snapshot, selection).await?;
             let verified = self.verified.take().expect("checked above");
-            return Ok(Round::Locked(Locked { tx, last, state, verified }));
+            return Ok(Round::Locked(Box::new(Locked { tx, last, state, verified })));
         }
         tx.rollback().await.map_err(|e| StoreError::Query {
             context: "rolling back".into(),
@@ -436,7 +436,7 @@ impl Attempts<'_> {
 
 /// How a round under the lock ended.
 enum Round<'c> {
-    Locked(Locked<'c>),
+    Locked(Box<Locked<'c>>),
     /// Rolled back: these files must be decoded first.
     Decode(select::Selection),
     /// Rolled back: the last applied commit moved, and strict verification must run again.
