@@ -43,5 +43,14 @@ fn main() {
         report("  parse alone", parse, n);
         report("  decryption alone (data key + values + MAC)", decrypt, n);
         report("  validate: parse + decrypt + schema + checks", total, n);
+        against("  validate against decryption alone", total, decrypt);
     }
+    let m = cli(repo.dir.path(), None, &["validate"]);
+    println!(
+        "{:<48} {:>9.1} ms   {:>9.0} files/s   peak RSS {:.0} MiB",
+        "`validate` process (git, decode, checks, output)",
+        m.wall.as_secs_f64() * 1e3,
+        n as f64 / m.wall.as_secs_f64(),
+        m.peak_rss_mib
+    );
 }

@@ -513,7 +513,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
             for src in &sources {
                 let read = frostbyte_gitops::source::Source::open(&ctx.source_spec(src))
                     .map_err(sync::SyncError::from)
-                    .and_then(|source| sync::read_desired(&source, src, ctx, ctx.cfg.worktree, !no_decrypt));
+                    .and_then(|source| sync::validate(&source, src, ctx, ctx.cfg.worktree, !no_decrypt));
                 let d = match read {
                     Ok(d) => d,
                     Err(e) => {

@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "004_audit_chain.sql", include_str!("../migrations/004_audit_chain.sql")),
     (5, "005_tenant_lifecycle.sql", include_str!("../migrations/005_tenant_lifecycle.sql")),
     (6, "006_sources.sql", include_str!("../migrations/006_sources.sql")),
+    (7, "007_audit_batch.sql", include_str!("../migrations/007_audit_batch.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
@@ -512,8 +513,8 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
     })
 }
 
-/// The one code path that writes audit events, inside the caller's transaction: each event goes
-/// through the `emit_audit_event` SQL function, in order, in one statement.
+/// The one code path that writes audit events, inside the caller's transaction: all of them, in
+/// order, through `emit_audit_events`, the set-based variant of `emit_audit_event` (migration 007).
 pub async fn emit_audit_events(tx: &Transaction<'_>, events: &[AuditEvent]) -> Result<Vec<uuid::Uuid>, StoreError> {
     if events.is_empty() {
         return Ok(vec![]);
@@ -524,9 +525,7 @@ pub async fn emit_audit_events(tx: &Transaction<'_>, events: &[AuditEvent]) -> R
     let details: Vec<&serde_json::Value> = events.iter().map(|e| &e.details).collect();
     let rows = tx
         .query(
-            "SELECT emit_audit_event(e.tenant_id, e.event_type, e.actor, e.details)
-               FROM (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::jsonb[]) WITH ORDINALITY
-                       AS u(tenant_id, event_type, actor, details, n) ORDER BY n) e",
+            "SELECT emit_audit_events($1::text[], $2::text[], $3::text[], $4::jsonb[])",
             &[&tenants, &types, &actors, &details],
         )
         .await
@@ -566,6 +565,36 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         })?;
         changes.push((change, *d));
     }
+    // In chunks: the parameters of a statement are copies of the documents, and a cold sync of
+    // every tenant at once would hold all of them twice over.
+    for chunk in changes.chunks(APPLY_CHUNK) {
+        write_changes(tx, chunk, ctx).await?;
+    }
+    claim(tx, &changes, ctx).await?;
+    decommission(tx, plan, ctx).await?;
+    if ctx.record_commit {
+        let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
+            .ok()
+            .map(|t| t.with_timezone(&chrono::Utc));
+        // Only when it moves: a sync of the applied commit writes nothing.
+        tx.execute(
+            "INSERT INTO gitops_sources (source, last_applied_commit, commit_time) VALUES ($1, $2, $3)
+             ON CONFLICT (source) DO UPDATE SET last_applied_commit = EXCLUDED.last_applied_commit,
+                 commit_time = EXCLUDED.commit_time, applied_at = now()
+             WHERE gitops_sources.last_applied_commit IS DISTINCT FROM EXCLUDED.last_applied_commit",
+            &[&ctx.source, &ctx.commit.id, &commit_time],
+        )
+        .await
+        .map_err(q("recording the applied commit"))?;
+    }
+    Ok(changes.len() + plan.decommissions().count())
+}
+
+/// Tenants written per statement.
+const APPLY_CHUNK: usize = 1000;
+
+/// Inserts and updates the rows of `changes` with their audit events and applied records.
+async fn write_changes(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     let (creates, updates): (Vec<_>, Vec<_>) = changes.iter().partition(|(c, _)| c.action == Action::Create);
     let cols = |list: &[&(&TenantPlan, &DesiredTenant)]| {
         let ids: Vec<String> = list.iter().map(|(_, d)| d.tenant_id.clone()).collect();
@@ -631,6 +660,7 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .flat_map(|(c, _)| events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer))
         .collect();
     emit_audit_events(tx, &events).await?;
+    drop(events);
 
     if !changes.is_empty() {
         let ids: Vec<&str> = changes.iter().map(|(_, d)| d.tenant_id.as_str()).collect();
@@ -655,24 +685,7 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .await
         .map_err(q("recording what was applied"))?;
     }
-    claim(tx, &changes, ctx).await?;
-    decommission(tx, plan, ctx).await?;
-    if ctx.record_commit {
-        let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
-            .ok()
-            .map(|t| t.with_timezone(&chrono::Utc));
-        // Only when it moves: a sync of the applied commit writes nothing.
-        tx.execute(
-            "INSERT INTO gitops_sources (source, last_applied_commit, commit_time) VALUES ($1, $2, $3)
-             ON CONFLICT (source) DO UPDATE SET last_applied_commit = EXCLUDED.last_applied_commit,
-                 commit_time = EXCLUDED.commit_time, applied_at = now()
-             WHERE gitops_sources.last_applied_commit IS DISTINCT FROM EXCLUDED.last_applied_commit",
-            &[&ctx.source, &ctx.commit.id, &commit_time],
-        )
-        .await
-        .map_err(q("recording the applied commit"))?;
-    }
-    Ok(changes.len() + plan.decommissions().count())
+    Ok(())
 }
 
 /// Records this source as the owner of what it writes and of the unowned tenants it has files
@@ -776,6 +789,7 @@ pub async fn grant_app_role(client: &impl GenericClient, role: &str) -> Result<(
          GRANT SELECT, INSERT ON gitops_settings TO {r};
          GRANT SELECT ON schema_migrations, audit_events, audit_chain_head TO {r};
          GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};
+         GRANT EXECUTE ON FUNCTION emit_audit_events(text[], text[], text[], jsonb[]) TO {r};
          GRANT EXECUTE ON FUNCTION transition_tenant_state(text, text, text, jsonb) TO {r};"
     );
     client.batch_execute(&sql).await.map_err(q(format!("granting role {role}")))

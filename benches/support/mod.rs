@@ -270,3 +270,53 @@ pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
         took
     })
 }
+
+/// What one run of the real binary cost: wall time and its peak resident set.
+pub struct Measured {
+    pub wall: Duration,
+    pub peak_rss_mib: f64,
+    pub stdout: String,
+}
+
+/// Runs `frostbyte-gitops ARGS` on `repo` as a user would, and measures it: the peak RSS is the
+/// child's own (wait4's rusage), not this process's.
+pub fn cli(repo: &Path, database_url: Option<&str>, args: &[&str]) -> Measured {
+    use std::os::unix::process::ExitStatusExt;
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_frostbyte-gitops"));
+    c.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", repo)
+        .env("FROSTBYTE_GITOPS_REPO", repo)
+        .env("FROSTBYTE_DATA_DIR", repo.join(".frostbyte"))
+        .env("SOPS_AGE_KEY_FILE", fixtures().join("keys/test.agekey"))
+        .env("FROSTBYTE_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(url) = database_url {
+        c.env("FROSTBYTE_CONTROL_DB_URL", url);
+    }
+    let start = Instant::now();
+    let mut child = c.spawn().unwrap();
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let (mut o, mut e) = (String::new(), String::new());
+        std::io::Read::read_to_string(&mut out, &mut o).unwrap();
+        std::io::Read::read_to_string(&mut err, &mut e).unwrap();
+        (o, e)
+    });
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child; status and usage are valid for writes.
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    let wall = start.elapsed();
+    assert_eq!(pid, child.id() as libc::pid_t);
+    let (stdout, stderr) = reader.join().unwrap();
+    let code = std::process::ExitStatus::from_raw(status).code();
+    assert!(matches!(code, Some(0) | Some(2)), "{args:?} exited {code:?}:\n{stdout}\n{stderr}");
+    Measured {
+        wall,
+        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        stdout,
+    }
+}

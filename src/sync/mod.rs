@@ -23,7 +23,7 @@ mod select;
 
 pub use audit::{AuditReport, VersionMismatch, verify_audit};
 use ports::{TenantSource, TenantStore};
-pub use read::{ReadOptions, decode_file, read_desired, read_snapshot, read_snapshot_subset};
+pub use read::{ReadOptions, decode_file, decode_from, read_desired, read_snapshot, read_snapshot_subset, validate};
 pub use select::Unchanged;
 use select::{Decoded, State, read_state, scope_of, select};
 
@@ -590,10 +590,7 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
     }
     let base_commit = source.resolve(Some(base_rev))?;
     let base = match source.snapshot(base_commit) {
-        Ok(mut s) => {
-            source.read_bodies(&mut s, None)?;
-            read_snapshot(s, &ReadOptions::from_ctx(ctx))
-        }
+        Ok(s) => decode_from(&source, s, &ReadOptions::from_ctx(ctx), None)?,
         // A base without the tenant directory (the PR adds it) has no tenants.
         Err(SourceError::NoTenantDir { .. }) => Desired {
             commit: None,

@@ -7,7 +7,9 @@ use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
 use crate::domain::tenant::{DesiredTenant, check_document};
 use crate::sops::{self, AgeKeys, Format};
-use crate::source::{Body, Snapshot, Source, SourceFile};
+use super::ports::TenantSource;
+use crate::domain::audit::CommitInfo;
+use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::IsTerminal;
@@ -20,6 +22,8 @@ pub struct ReadOptions<'a> {
     pub allow_plaintext: bool,
     pub require_tenant_recipient: bool,
     pub progress: bool,
+    /// Keep each decoded document (false for `validate`, which reports problems only).
+    pub keep_documents: bool,
 }
 
 impl<'a> ReadOptions<'a> {
@@ -30,6 +34,7 @@ impl<'a> ReadOptions<'a> {
             allow_plaintext: ctx.cfg.allow_plaintext && ctx.cfg.mode == Mode::Dev,
             require_tenant_recipient: ctx.cfg.require_tenant_recipient,
             progress: ctx.progress,
+            keep_documents: true,
         }
     }
 }
@@ -40,56 +45,109 @@ pub fn read_snapshot(snapshot: Snapshot, opts: &ReadOptions<'_>) -> Desired {
 }
 
 /// As [`read_snapshot`], decrypting only the files in `only` (all when None); the checks across
-/// files still see every file.
+/// files still see every file. The files' bodies must have been read.
 pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Desired {
-    let to_read: Vec<&SourceFile> = snapshot.files.iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
-    let bar = (opts.progress && to_read.len() > 20 && std::io::stderr().is_terminal()).then(|| {
-        let pb = indicatif::ProgressBar::new(to_read.len() as u64);
+    let listing = Listing::of(&snapshot);
+    let to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
+    let bar = progress(opts, to_read.len());
+    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref());
+    listing.finish(snapshot.commit, tenants, issues, bar)
+}
+
+/// Files read from git per round of [`decode_from`]: only this many bodies are held at once.
+const READ_CHUNK: usize = 512;
+
+/// As [`read_snapshot_subset`], reading the bodies from `source` a chunk at a time: what a run
+/// holds is the decoded documents, never every file's bytes as well.
+pub fn decode_from(source: &impl TenantSource, snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Result<Desired, SourceError> {
+    let listing = Listing::of(&snapshot);
+    let mut to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
+    let bar = progress(opts, to_read.len());
+    let (mut tenants, mut issues) = (Vec::new(), Vec::new());
+    while !to_read.is_empty() {
+        let rest = to_read.split_off(READ_CHUNK.min(to_read.len()));
+        let mut chunk = Snapshot {
+            commit: None,
+            files: std::mem::replace(&mut to_read, rest),
+        };
+        source.read_bodies(&mut chunk, None)?;
+        let (mut t, mut i) = decode_files(chunk.files, opts, bar.as_ref());
+        tenants.append(&mut t);
+        issues.append(&mut i);
+    }
+    Ok(listing.finish(snapshot.commit, tenants, issues, bar))
+}
+
+fn progress(opts: &ReadOptions<'_>, files: usize) -> Option<indicatif::ProgressBar> {
+    (opts.progress && files > 20 && std::io::stderr().is_terminal()).then(|| {
+        let pb = indicatif::ProgressBar::new(files as u64);
         pb.set_style(indicatif::ProgressStyle::with_template("{spinner} decrypting {pos}/{len} tenant files {bar:40} {eta}").expect("valid template"));
         pb
-    });
-    let results: Vec<Result<DesiredTenant, Vec<Issue>>> = to_read
-        .par_iter()
+    })
+}
+
+/// Decodes files on all cores, each body dropped once decoded; documents are kept only when
+/// `opts.keep_documents` (validate needs the problems, not the documents).
+fn decode_files(files: Vec<SourceFile>, opts: &ReadOptions<'_>, bar: Option<&indicatif::ProgressBar>) -> (Vec<DesiredTenant>, Vec<Issue>) {
+    let results: Vec<Result<Option<DesiredTenant>, Vec<Issue>>> = files
+        .into_par_iter()
         .map(|f| {
-            let r = decode_file(f, opts);
-            if let Some(b) = &bar {
+            let r = decode_file(&f, opts).map(|t| opts.keep_documents.then_some(t));
+            if let Some(b) = bar {
                 b.inc(1);
             }
             r
         })
         .collect();
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let mut tenants = Vec::new();
     let mut issues = Vec::new();
     for r in results {
         match r {
-            Ok(t) => tenants.push(t),
+            Ok(t) => tenants.extend(t),
             Err(mut i) => issues.append(&mut i),
         }
     }
-    // One tenant, one file: `acme.toml` and `acme.json` would both claim `acme`.
-    let mut by_stem: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for f in &snapshot.files {
-        by_stem.entry(f.stem.as_str()).or_default().push(f.path.as_str());
-    }
-    for (stem, paths) in by_stem.iter().filter(|(_, p)| p.len() > 1) {
-        for p in paths {
-            let others: Vec<&str> = paths.iter().filter(|o| *o != p).copied().collect();
-            issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
+    (tenants, issues)
+}
+
+/// Every file's path and stem: what the checks across files need.
+struct Listing {
+    files: Vec<(String, String)>,
+}
+
+impl Listing {
+    fn of(snapshot: &Snapshot) -> Listing {
+        Listing {
+            files: snapshot.files.iter().map(|f| (f.stem.clone(), f.path.clone())).collect(),
         }
     }
-    collapse_configuration_problems(&mut issues);
-    let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
-    tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
-    tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    issues.sort();
-    Desired {
-        commit: snapshot.commit,
-        tenants,
-        issues,
-        files: snapshot.files.len(),
+
+    /// One tenant, one file: `acme.toml` and `acme.json` (or `eu/acme.toml`) would both claim `acme`.
+    fn finish(self, commit: Option<CommitInfo>, mut tenants: Vec<DesiredTenant>, mut issues: Vec<Issue>, bar: Option<indicatif::ProgressBar>) -> Desired {
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
+        let mut by_stem: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for (stem, path) in &self.files {
+            by_stem.entry(stem.as_str()).or_default().push(path.as_str());
+        }
+        for (stem, paths) in by_stem.iter().filter(|(s, p)| p.len() > 1 && !s.is_empty()) {
+            for p in paths {
+                let others: Vec<&str> = paths.iter().filter(|o| *o != p).copied().collect();
+                issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
+            }
+        }
+        collapse_configuration_problems(&mut issues);
+        let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
+        tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
+        tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+        issues.sort();
+        Desired {
+            commit,
+            tenants,
+            issues,
+            files: self.files.len(),
+        }
     }
 }
 
@@ -219,11 +277,21 @@ fn encrypted_leaves(v: &serde_json::Value, pointer: &str, out: &mut SecretPaths)
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
 /// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
 pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
-    let mut snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
-    source.read_bodies(&mut snapshot, None)?;
     let opts = ReadOptions {
         decrypt,
         ..ReadOptions::from_ctx(ctx)
     };
-    Ok(read_snapshot(snapshot, &opts))
+    let snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
+    Ok(decode_from(source, snapshot, &opts, None)?)
+}
+
+/// `validate`: every problem of every file, without keeping the documents.
+pub fn validate(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
+    let opts = ReadOptions {
+        decrypt,
+        keep_documents: false,
+        ..ReadOptions::from_ctx(ctx)
+    };
+    let snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
+    Ok(decode_from(source, snapshot, &opts, None)?)
 }

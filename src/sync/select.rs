@@ -2,7 +2,7 @@
 //! applied, decoded before the apply lock.
 
 use super::ports::{TenantSource, TenantStore};
-use super::{Ctx, Desired, ReadOptions, SyncError, blocking, read_snapshot_subset};
+use super::{Ctx, Desired, ReadOptions, SyncError, blocking, decode_from};
 use crate::config::SourceConfig;
 use crate::domain::commit::CommitId;
 use crate::domain::issue::Issue;
@@ -213,9 +213,7 @@ impl Decoded {
         }
         let missing: Option<BTreeSet<String>> = selection.read.as_ref().map(|r| r.difference(&self.files).cloned().collect());
         tracing::debug!(files = missing.as_ref().map_or(snapshot.files.len(), BTreeSet::len), "decoding tenant files");
-        let mut files = snapshot.clone();
-        blocking(|| source.read_bodies(&mut files, missing.as_ref()))?;
-        let desired = blocking(|| read_snapshot_subset(files, &ReadOptions::from_ctx(ctx), missing.as_ref()));
+        let desired = blocking(|| decode_from(source, snapshot.clone(), &ReadOptions::from_ctx(ctx), missing.as_ref()))?;
         if !desired.issues.is_empty() {
             return Err(SyncError::Invalid {
                 at: desired.at(),
@@ -240,12 +238,11 @@ impl Decoded {
     }
 
     /// The state a run plans from: the decoded tenants the selection reads, and their rows.
-    pub(super) async fn state(&self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection) -> Result<State, SyncError> {
-        let mut tenants: Vec<DesiredTenant> = self
-            .tenants
-            .iter()
+    /// Moves the documents out (they are the largest thing a run holds): a run plans once.
+    pub(super) async fn state(&mut self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection) -> Result<State, SyncError> {
+        let mut tenants: Vec<DesiredTenant> = std::mem::take(&mut self.tenants)
+            .into_iter()
             .filter(|t| selection.read.as_ref().is_none_or(|r| r.contains(&t.file)))
-            .cloned()
             .collect();
         tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
         let actual = client.rows(&selection.rows).await?;

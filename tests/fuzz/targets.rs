@@ -39,6 +39,7 @@ pub fn decode(data: &[u8]) {
         allow_plaintext: selector & 0x80 != 0,
         require_tenant_recipient: selector & 0x40 != 0,
         progress: false,
+        keep_documents: true,
     };
     if let Err(issues) = decode_file(&file, &opts) {
         assert!(!issues.is_empty());
