@@ -297,6 +297,8 @@ pub fn cli(repo: &Path, database_url: Option<&str>, args: &[&str]) -> Measured {
         c.env("FROSTBYTE_CONTROL_DB_URL", url);
     }
     let start = Instant::now();
+    // Reaped by wait4 below, which also reports its peak RSS.
+    #[allow(clippy::zombie_processes)]
     let mut child = c.spawn().unwrap();
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
     let reader = std::thread::spawn(move || {
