@@ -5,7 +5,6 @@ mod support;
 use frostbyte_gitops::sync::{self, Run};
 use support::*;
 
-
 fn main() {
     let n = tenants();
     let changed = (n / 100).max(1);

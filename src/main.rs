@@ -843,12 +843,7 @@ fn report_applied(o: &sync::Outcome, format: OutFormat) {
                     }
                 );
             } else {
-                print!(
-                    "{}",
-                    render::plan_text(&o.plan, &o.header, false)
-                        .replace("Plan for", "Applied")
-                        .replace("\nPlan: ", "\nApplied: ")
-                );
+                print!("{}", render::applied_text(&o.plan, &o.header));
             }
         }
     }

@@ -29,7 +29,8 @@ fn events(db: &TestDb, kind: &str) -> i64 {
 fn create_then_edit_then_nothing_to_do() {
     let (repo, db) = three_tenants();
     let out = sync(&repo, &db);
-    assert!(out.stdout.contains("Applied: 3 to create, 0 to update, 0 orphaned"), "{}", out.stdout);
+    assert!(out.stdout.contains("Applied: 3 created, 0 updated, 0 orphaned"), "{}", out.stdout);
+    assert!(out.stdout.contains("+ alpha created (version 1)  tenants/alpha.toml"), "{}", out.stdout);
     assert_eq!(db.count("SELECT 1 FROM tenants WHERE config_version = 1 AND state = 'pending'"), 3);
     assert_eq!(events(&db, "TENANT_CREATED"), 3);
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 3);
@@ -47,7 +48,13 @@ fn create_then_edit_then_nothing_to_do() {
     let plan = run(&repo, Some(&db), &["plan"]);
     assert_eq!(plan.code, 2, "{}", plan.all());
     assert!(plan.stdout.contains("0 to create, 1 to update, 0 orphaned"), "{}", plan.stdout);
-    sync(&repo, &db);
+    let applied = sync(&repo, &db);
+    assert!(applied.stdout.contains("~ bravo updated (1 -> 2)  tenants/bravo.json"), "{}", applied.stdout);
+    assert!(
+        applied.stdout.contains("Applied: 0 created, 1 updated, 0 orphaned (2 unchanged)."),
+        "{}",
+        applied.stdout
+    );
     assert_eq!(db.scalar("SELECT config_version FROM tenants WHERE tenant_id = 'bravo'"), json!(2));
     assert_eq!(db.scalar("SELECT config_version FROM tenants WHERE tenant_id = 'alpha'"), json!(1));
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 4);
@@ -273,7 +280,7 @@ fn a_backend_killed_during_apply_leaves_nothing_half_applied() {
     assert_eq!(db.count("SELECT 1 FROM tenants"), 0, "the insert before the kill was rolled back");
     assert_eq!(db.count("SELECT 1 FROM gitops_applied"), 0);
     let out = sync(&repo, &db);
-    assert!(out.stdout.contains("3 to create"), "{}", out.stdout);
+    assert!(out.stdout.contains("3 created"), "{}", out.stdout);
     assert_eq!(db.count("SELECT 1 FROM tenants WHERE config_version = 1"), 3);
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 3);
 }
@@ -419,7 +426,7 @@ fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     repo.commit("bravo");
     let out = sync(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=2"), "{}", out.stderr);
-    assert!(out.stdout.contains("0 to create, 1 to update"), "{}", out.stdout);
+    assert!(out.stdout.contains("0 created, 1 updated"), "{}", out.stdout);
     // A row changed by hand is read again even though its file did not change.
     db.exec("UPDATE tenants SET endpoints = '{}' WHERE tenant_id = 'alpha'");
     let out = sync(&repo, &db);
@@ -431,7 +438,7 @@ fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     // A deleted row too.
     db.exec("DELETE FROM tenants WHERE tenant_id = 'charlie'");
     let out = sync(&repo, &db);
-    assert!(out.stdout.contains("1 to create"), "{}", out.stdout);
+    assert!(out.stdout.contains("1 created"), "{}", out.stdout);
 }
 
 #[test]
@@ -446,7 +453,7 @@ fn a_remote_url_is_cloned_and_fetched_on_every_run() {
     };
     let out = remote_run(&["sync"]);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert!(out.stdout.contains("3 to create"), "{}", out.stdout);
+    assert!(out.stdout.contains("3 created"), "{}", out.stdout);
     assert!(elsewhere.path().join(".frostbyte/git-cache").is_dir(), "cloned into the cache");
 
     let mut doc = tenant_doc("alpha");
@@ -455,7 +462,7 @@ fn a_remote_url_is_cloned_and_fetched_on_every_run() {
     let commit = origin.commit("upstream change");
     let out = remote_run(&["sync"]);
     assert_eq!(out.code, 0, "{}", out.all());
-    assert!(out.stdout.contains("0 to create, 1 to update"), "fetched: {}", out.stdout);
+    assert!(out.stdout.contains("0 created, 1 updated"), "fetched: {}", out.stdout);
     assert_eq!(
         db.scalar("SELECT details->>'commit' AS c FROM audit_events ORDER BY event_seq DESC LIMIT 1"),
         json!(commit)

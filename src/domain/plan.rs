@@ -260,6 +260,21 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// The same counts, said of a plan that was applied.
+    pub fn past_line(&self) -> String {
+        let mut parts = vec![format!("{} created", self.create), format!("{} updated", self.update)];
+        if self.decommission > 0 {
+            parts.push(format!("{} decommissioned", self.decommission));
+        }
+        parts.push(format!("{} orphaned", self.orphaned));
+        if self.conflict > 0 {
+            parts.push(format!("{} in conflict (left alone)", self.conflict));
+        }
+        parts.join(", ")
+    }
+}
+
 /// Why a prune may not go ahead: it would decommission more than `max_fraction` of the `owned`
 /// tenants of a source, or all of them (an emptied or mis-pointed directory looks just like that).
 pub fn mass_prune_refusal(decommission: usize, owned: usize, max_fraction: f64) -> Option<String> {

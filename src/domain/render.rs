@@ -144,10 +144,28 @@ fn version_span(t: &TenantPlan) -> String {
     }
 }
 
+/// Whether a plan is shown before it is applied ("will be created") or after ("created").
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Tense {
+    Plan,
+    Applied,
+}
+
 pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
+    plan_text_in(plan, header, color, Tense::Plan)
+}
+
+/// What `apply` and `sync` did, in the past tense.
+pub fn applied_text(plan: &Plan, header: &Header) -> String {
+    plan_text_in(plan, header, false, Tense::Applied)
+}
+
+fn plan_text_in(plan: &Plan, header: &Header, color: bool, tense: Tense) -> String {
     let p = Paint(color);
     let mut out = String::new();
-    let _ = writeln!(out, "Plan for {} against {}:", short(&header.commit), text(&header.against));
+    let title = if tense == Tense::Plan { "Plan for" } else { "Applied" };
+    let will = if tense == Tense::Plan { "will be " } else { "" };
+    let _ = writeln!(out, "{title} {} against {}:", short(&header.commit), text(&header.against));
     if let Some(sig) = &header.signature {
         let _ = writeln!(out, "Signature: {}", text(sig));
     }
@@ -162,15 +180,14 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
                 } else {
                     ("33", "~", "updated")
                 };
-                let _ = writeln!(out, "  {} {} will be {verb} ({})  {}", p.c(code, sign), p.c("1", &id), version_span(t), file);
+                let span = match (tense, t.current_version, t.next_version) {
+                    (Tense::Applied, Some(a), Some(b)) => format!("{a} -> {b}"),
+                    _ => version_span(t),
+                };
+                let _ = writeln!(out, "  {} {} {will}{verb} ({span})  {}", p.c(code, sign), p.c("1", &id), file);
             }
             Action::Decommission => {
-                let _ = writeln!(
-                    out,
-                    "  {} {} will be decommissioned (its file {file} was deleted)",
-                    p.c("31", "-"),
-                    p.c("1", &id)
-                );
+                let _ = writeln!(out, "  {} {} {will}decommissioned (its file {file} was deleted)", p.c("31", "-"), p.c("1", &id));
             }
             Action::Orphaned => {
                 let _ = writeln!(
@@ -221,7 +238,13 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
     if !plan.has_changes() && s.orphaned == 0 && s.conflict == 0 {
         let _ = writeln!(out, "No changes. The database matches {} ({} tenant(s)).", short(&header.commit), s.unchanged);
     } else {
-        let _ = writeln!(out, "\nPlan: {} ({} unchanged).", s.line(), s.unchanged);
+        let line = if tense == Tense::Plan { s.line() } else { s.past_line() };
+        let _ = writeln!(
+            out,
+            "\n{}: {line} ({} unchanged).",
+            if tense == Tense::Plan { "Plan" } else { "Applied" },
+            s.unchanged
+        );
     }
     out
 }

@@ -1,14 +1,14 @@
 //! Tenant files to desired state: decrypt, parse and check each file (on all cores), then the
 //! checks across files.
 
+use super::ports::TenantSource;
 use super::{Ctx, Desired, SyncError, snapshot_of};
 use crate::config::{Mode, SourceConfig};
+use crate::domain::audit::CommitInfo;
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
 use crate::domain::tenant::{DesiredTenant, check_document};
 use crate::sops::{self, AgeKeys, Format};
-use super::ports::TenantSource;
-use crate::domain::audit::CommitInfo;
 use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
