@@ -279,7 +279,7 @@ pub struct Measured {
 }
 
 /// Runs `frostbyte-gitops ARGS` on `repo` as a user would, and measures it: the peak RSS is the
-/// child's own (wait4's rusage), not this process's.
+/// child's own (its VmHWM, sampled), not this process's.
 pub fn cli(repo: &Path, database_url: Option<&str>, args: &[&str]) -> Measured {
     use std::os::unix::process::ExitStatusExt;
     let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_frostbyte-gitops"));
@@ -297,7 +297,7 @@ pub fn cli(repo: &Path, database_url: Option<&str>, args: &[&str]) -> Measured {
         c.env("FROSTBYTE_CONTROL_DB_URL", url);
     }
     let start = Instant::now();
-    // Reaped by wait4 below, which also reports its peak RSS.
+    // Reaped by waitpid below (a zombie keeps /proc/PID until then, so its samples name it).
     #[allow(clippy::zombie_processes)]
     let mut child = c.spawn().unwrap();
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
@@ -307,18 +307,38 @@ pub fn cli(repo: &Path, database_url: Option<&str>, args: &[&str]) -> Measured {
         std::io::Read::read_to_string(&mut err, &mut e).unwrap();
         (o, e)
     });
+    // The child's own high-water mark, sampled until it exits. (wait4's ru_maxrss would not do:
+    // a child spawned with vfork counts this process's resident set from before its exec.)
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let status_path = format!("/proc/{}/status", child.id());
+    let sampler = std::thread::spawn(move || {
+        let mut peak_kib = 0u64;
+        loop {
+            if let Some(kib) = std::fs::read_to_string(&status_path).ok().and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+            }) {
+                peak_kib = peak_kib.max(kib);
+            }
+            if done_rx.recv_timeout(Duration::from_millis(2)).is_ok() {
+                return peak_kib;
+            }
+        }
+    });
     let mut status = 0;
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: waits for our own child; status and usage are valid for writes.
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    // SAFETY: waits for our own child; status is valid for writes.
+    let pid = unsafe { libc::waitpid(child.id() as libc::pid_t, &mut status, 0) };
     let wall = start.elapsed();
+    done_tx.send(()).unwrap();
+    let peak_kib = sampler.join().unwrap();
     assert_eq!(pid, child.id() as libc::pid_t);
     let (stdout, stderr) = reader.join().unwrap();
     let code = std::process::ExitStatus::from_raw(status).code();
     assert!(matches!(code, Some(0) | Some(2)), "{args:?} exited {code:?}:\n{stdout}\n{stderr}");
     Measured {
         wall,
-        peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+        peak_rss_mib: peak_kib as f64 / 1024.0,
         stdout,
     }
 }
