@@ -81,11 +81,20 @@ pub enum SecretChange {
     Removed,
 }
 
+/// The RFC 6902 operations a plan uses.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Add,
+    Remove,
+    Replace,
+}
+
 /// One RFC 6902 operation. Secret values are replaced by [`json::REDACTED`]; `secret` says what
 /// happened to a secret leaf (a member RFC 6902 tells appliers to ignore).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct PatchOp {
-    pub op: String,
+    pub op: Op,
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Value>,
@@ -396,7 +405,7 @@ pub fn create_patch(d: &DesiredTenant) -> Vec<PatchOp> {
         .map(|(k, v)| {
             let path = child("", k);
             PatchOp {
-                op: "add".into(),
+                op: Op::Add,
                 secret: d.secrets.contains(&path).then_some(SecretChange::Added),
                 value: Some(redact(v, &path, &d.secrets)),
                 path,
@@ -413,7 +422,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                 let p = child(ptr, k);
                 match a.get(k) {
                     None => ops.push(PatchOp {
-                        op: "add".into(),
+                        op: Op::Add,
                         secret: to_secrets.contains(&p).then_some(SecretChange::Added),
                         value: Some(redact(vb, &p, to_secrets)),
                         path: p,
@@ -425,7 +434,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
             for k in a.keys().filter(|k| !b.contains_key(*k)) {
                 let p = child(ptr, k);
                 ops.push(PatchOp {
-                    op: "remove".into(),
+                    op: Op::Remove,
                     secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
                     value: None,
                     path: p,
@@ -446,7 +455,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                 None
             };
             ops.push(PatchOp {
-                op: "replace".into(),
+                op: Op::Replace,
                 path: ptr.to_string(),
                 value: Some(redact(b, ptr, to_secrets)),
                 secret,
@@ -605,7 +614,7 @@ mod tests {
         assert_eq!(
             b.patch,
             [PatchOp {
-                op: "replace".into(),
+                op: Op::Replace,
                 path: "/config/plan".into(),
                 value: Some(json!("enterprise")),
                 secret: None

@@ -3,7 +3,7 @@
 use super::drift::{DriftClass, TenantDrift, counts};
 use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
-use super::plan::{Action, Effective, EffectiveFrom, PatchOp, Plan, SecretChange, TenantPlan};
+use super::plan::{Action, Effective, EffectiveFrom, Op, PatchOp, Plan, SecretChange, TenantPlan};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::fmt::Write;
@@ -90,8 +90,8 @@ impl Paint {
 /// The lines one operation shows as: an added object is shown leaf by leaf, as Terraform shows
 /// a new resource's attributes.
 fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
-    match (&op.op[..], &op.value, op.secret) {
-        ("add", Some(v @ Value::Object(m)), None) if !m.is_empty() => {
+    match (op.op, &op.value, op.secret) {
+        (Op::Add, Some(v @ Value::Object(m)), None) if !m.is_empty() => {
             let mut leaves = Vec::new();
             crate::domain::json::leaves(v, &op.path, &mut leaves);
             leaves
@@ -111,9 +111,9 @@ fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
 }
 
 fn op_line(op: &PatchOp) -> (char, String) {
-    let sign = match op.op.as_str() {
-        "add" => '+',
-        "remove" => '-',
+    let sign = match op.op {
+        Op::Add => '+',
+        Op::Remove => '-',
         _ => '~',
     };
     let text = match (op.secret, &op.value) {
@@ -435,7 +435,7 @@ mod tests {
                     next_version: Some(2),
                     patch: (0..20)
                         .map(|j| PatchOp {
-                            op: "replace".into(),
+                            op: Op::Replace,
                             path: format!("/config/limits/field_{j}"),
                             value: Some(json!(j)),
                             secret: None,
