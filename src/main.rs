@@ -87,6 +87,9 @@ struct Global {
     /// Only this configured source (default: every one, each planned and applied on its own).
     #[arg(long, global = true)]
     source: Option<String>,
+    /// JSON output as format_version 1 (no old values in patches), for one release.
+    #[arg(long, global = true, default_value_t = render::JSON_FORMAT_VERSION, value_parser = clap::value_parser!(u32).range(1..=2))]
+    json_format_version: u32,
 }
 
 #[derive(Args, Clone, Copy)]
@@ -386,6 +389,7 @@ fn init_logging(cfg: &Config) {
 }
 
 fn real_main(cli: Cli) -> Result<u8> {
+    let _ = JSON_VERSION.set(cli.global.json_format_version);
     let cfg = resolve_config(&cli.global)?;
     init_logging(&cfg);
     if let Cmd::Config = cli.cmd {
@@ -454,8 +458,13 @@ fn real_main(cli: Cli) -> Result<u8> {
     rt.block_on(dispatch(&ctx, cli.cmd, cli.global.source.as_deref()))
 }
 
+/// The JSON format version asked for with --json-format-version.
+static JSON_VERSION: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+    let version = JSON_VERSION.get().copied().unwrap_or(render::JSON_FORMAT_VERSION);
+    let v = render::json_format_version(v.clone(), version);
+    println!("{}", serde_json::to_string_pretty(&v).expect("serialisable"));
 }
 
 async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
@@ -525,7 +534,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 match format {
                     OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
                     OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
-                    OutFormat::Json => print!("{}", render::issues_json(d.files, &d.issues)),
+                    OutFormat::Json => print_json(&render::issues_value(d.files, &d.issues)),
                 }
                 code = worst(code, if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR });
             }
@@ -615,7 +624,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
             };
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
             let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
-            if saved.format_version != render::JSON_FORMAT_VERSION {
+            if !(1..=render::JSON_FORMAT_VERSION).contains(&saved.format_version) {
                 return Err(anyhow!(
                     "{}: saved plan format {} is not supported (expected {})",
                     path.display(),

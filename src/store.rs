@@ -375,7 +375,7 @@ pub async fn load_actual(client: &impl GenericClient) -> Result<Vec<ActualTenant
     let rows = client
         .query(
             "SELECT t.tenant_id, t.state, t.config_version, t.age_public_key, t.endpoints, t.config,
-                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path
+                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path, t.updated_at
                FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
               ORDER BY t.tenant_id",
             &[],
@@ -390,7 +390,7 @@ pub async fn load_actual_for(client: &impl GenericClient, ids: &[String]) -> Res
     let rows = client
         .query(
             "SELECT t.tenant_id, t.state, t.config_version, t.age_public_key, t.endpoints, t.config,
-                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path
+                    a.commit_id, a.config_version, a.document_digest, a.sealed_document, a.secret_paths, a.file_path, t.updated_at
                FROM tenants t LEFT JOIN gitops_applied a USING (tenant_id)
               WHERE t.tenant_id = ANY($1)
               ORDER BY t.tenant_id",
@@ -503,7 +503,9 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
             })
         }
     };
+    let updated_at: Option<chrono::DateTime<chrono::Utc>> = row.try_get(12).map_err(bad)?;
     Ok(ActualTenant {
+        updated_at: updated_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         known_secrets: applied.as_ref().map(|a| a.secret_paths.clone()).unwrap_or_default(),
         state: row.try_get(1).map_err(bad)?,
         config_version: row.try_get(2).map_err(bad)?,

@@ -101,6 +101,15 @@ fn every_class_is_told_apart() {
     );
     assert_eq!(classes(&report, "bravo"), ["pending"]);
     assert_eq!(tenant(&report, "bravo")["pending_paths"], json!(["/config/plan"]));
+    // What git has and what the database has, a secret only as differing, and when the row changed.
+    assert_eq!(
+        tenant(&report, "alpha")["modified"],
+        json!([
+            {"path": "/config/limits/max_users", "git": 50, "database": 999},
+            {"path": "/config/secrets/db_password", "secret": true}
+        ])
+    );
+    assert!(tenant(&report, "alpha")["updated_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{report}");
     assert_eq!(classes(&report, "charlie"), ["pending", "modified"]);
     assert_eq!(tenant(&report, "charlie")["modified_paths"], json!(["/endpoints/api"]));
     assert_eq!(classes(&report, "delta"), ["orphaned"]);
@@ -113,11 +122,18 @@ fn every_class_is_told_apart() {
     let text = run(&repo, Some(&db), &["drift"]);
     assert_eq!(text.code, 2);
     assert!(text.stdout.contains("charlie: pending + modified"), "{}", text.stdout);
-    assert!(text.stdout.contains("modified /config/secrets/db_password"), "{}", text.stdout);
+    assert!(text.stdout.contains("modified /config/secrets/db_password (secret differs)"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("modified /config/limits/max_users: git 50, database 999"),
+        "{}",
+        text.stdout
+    );
+    assert!(text.stdout.contains("alpha: modified (row last changed "), "{}", text.stdout);
     let md = run(&repo, Some(&db), &["drift", "--format", "markdown"]);
     assert_eq!(md.code, 2);
     assert!(
-        md.stdout.contains("| `charlie` | pending + modified | `/config/region` | `/endpoints/api` |"),
+        md.stdout.lines().any(|l| l.starts_with("| `charlie` | pending + modified (row last changed ")
+            && l.ends_with(" | `/config/region` | /endpoints/api: git \"https://charlie.api.example.com\", database \"https://moved.example.com\" |")),
         "{}",
         md.stdout
     );

@@ -67,8 +67,8 @@ fn create_then_edit_then_nothing_to_do() {
     assert_eq!(
         last["patch"],
         json!([
-            {"op": "replace", "path": "/config/plan", "value": "enterprise"},
-            {"op": "replace", "path": "/config/features/beta", "value": true}
+            {"op": "replace", "path": "/config/plan", "value": "enterprise", "old": "pro"},
+            {"op": "replace", "path": "/config/features/beta", "value": true, "old": false}
         ])
     );
 
@@ -155,7 +155,7 @@ fn a_secret_change_is_only_ever_called_changed() {
     let ops = &json_plan["tenants"][0]["patch"];
     assert_eq!(
         ops[0],
-        json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed"})
+        json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed", "old": "[REDACTED]"})
     );
     // The sync writes the new secret as a query parameter: no FROSTBYTE_LOG can bring it to a log.
     let mut c = command(repo.path(), Some(&db));
@@ -361,7 +361,7 @@ fn plan_against_a_ref_needs_no_database() {
     assert_eq!(out.code, 2, "{}", out.all());
     let md = &out.stdout;
     assert!(md.contains("1 to create, 1 to update, 1 orphaned"), "{md}");
-    assert!(md.contains("~ /config/region = \"us-east-1\""), "{md}");
+    assert!(md.contains("~ /config/region: \"eu-west-1\" -> \"us-east-1\""), "{md}");
     assert!(md.contains("~ /config/secrets/api_key (secret changed)"), "{md}");
     assert!(!md.contains("rotated-api-key-xyz"));
     let same = run(&repo, None, &["plan", "--against-ref", "HEAD"]);

@@ -1,9 +1,10 @@
 //! Drift: how the database differs from git and from what the agent last wrote.
 
-use super::json::SecretPaths;
+use super::json::{SecretPaths, is_within, redact};
 use super::plan::{ActualTenant, PatchOp, diff, digest, modified_paths, seal};
 use super::tenant::DesiredTenant;
 use serde::Serialize;
+use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::str::FromStr;
 
@@ -61,6 +62,27 @@ pub struct TenantDrift {
     /// Paths git would change.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_paths: Vec<String>,
+    /// For each modified path, what git has and what the database has.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub modified: Vec<FieldDrift>,
+    /// When the row last changed, for a modified tenant (the database records no author).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<String>,
+}
+
+/// One field changed outside git.
+#[derive(Serialize, Clone, Debug, PartialEq)]
+pub struct FieldDrift {
+    pub path: String,
+    /// What git has there (none: absent); secrets inside it as `[REDACTED]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub git: Option<Value>,
+    /// What the database has there (none: absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<Value>,
+    /// The field is a secret: the values differ, and neither is shown.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub secret: bool,
 }
 
 impl TenantDrift {
@@ -78,6 +100,8 @@ impl TenantDrift {
             last_applied_commit: None,
             modified_paths: vec![],
             pending_paths: vec![],
+            modified: vec![],
+            updated_at: None,
         }
     }
 }
@@ -98,6 +122,8 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
                 last_applied_commit: a.and_then(|a| a.applied.as_ref()).map(|r| r.commit_id.clone()),
                 modified_paths: vec![],
                 pending_paths: vec![],
+                modified: vec![],
+                updated_at: None,
             };
             match (d, a) {
                 (Some(_), None) => t.classes.push(DriftClass::Missing),
@@ -110,6 +136,8 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
                     t.modified_paths = modified_paths(a, key);
                     if !t.modified_paths.is_empty() {
                         t.classes.push(DriftClass::Modified);
+                        t.modified = t.modified_paths.iter().map(|p| field_drift(p, d, a)).collect();
+                        t.updated_at = a.updated_at.clone();
                     }
                 }
                 (None, None) => unreachable!(),
@@ -120,6 +148,34 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
             t
         })
         .collect()
+}
+
+/// What git and the database have at `path`, secrets withheld.
+fn field_drift(path: &str, d: &DesiredTenant, a: &ActualTenant) -> FieldDrift {
+    if path == "/config_version" {
+        return FieldDrift {
+            path: path.into(),
+            git: a.applied.as_ref().map(|r| Value::from(r.config_version)),
+            database: Some(Value::from(a.config_version)),
+            secret: false,
+        };
+    }
+    let secrets: SecretPaths = d.secrets.union(&a.known_secrets).cloned().collect();
+    if secrets.iter().any(|s| is_within(path, s)) {
+        return FieldDrift {
+            path: path.into(),
+            git: None,
+            database: None,
+            secret: true,
+        };
+    }
+    let at = |doc: &Value| doc.pointer(path).map(|v| redact(v, path, &secrets));
+    FieldDrift {
+        path: path.into(),
+        git: at(&d.document),
+        database: at(&a.document),
+        secret: false,
+    }
 }
 
 /// Paths where git differs from what was last applied (or, with no record, from the row).
@@ -185,6 +241,7 @@ mod tests {
                 secret_paths: t.secrets.clone(),
             }),
             known_secrets: t.secrets.clone(),
+            updated_at: None,
         }
     }
 

@@ -32,6 +32,8 @@ pub struct ActualTenant {
     pub applied: Option<AppliedRecord>,
     /// Paths known to hold secrets: from the applied record, or from the base revision's file.
     pub known_secrets: SecretPaths,
+    /// When the row last changed (RFC 3339), where known.
+    pub updated_at: Option<String>,
 }
 
 /// Secret leaves replaced by an HMAC of their value, so that documents can be compared and stored
@@ -100,6 +102,9 @@ pub struct PatchOp {
     pub value: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretChange>,
+    /// For `replace` and `remove`: the value it had, redacted like `value` (format_version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Value>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -408,6 +413,7 @@ pub fn create_patch(d: &DesiredTenant) -> Vec<PatchOp> {
                 op: Op::Add,
                 secret: d.secrets.contains(&path).then_some(SecretChange::Added),
                 value: Some(redact(v, &path, &d.secrets)),
+                old: None,
                 path,
             }
         })
@@ -425,24 +431,29 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                         op: Op::Add,
                         secret: to_secrets.contains(&p).then_some(SecretChange::Added),
                         value: Some(redact(vb, &p, to_secrets)),
+                        old: None,
                         path: p,
                     }),
                     Some(va) if va != vb => diff(va, vb, &p, from_secrets, to_secrets, ops),
                     Some(_) => {}
                 }
             }
-            for k in a.keys().filter(|k| !b.contains_key(*k)) {
+            for (k, va) in a.iter().filter(|(k, _)| !b.contains_key(*k)) {
                 let p = child(ptr, k);
                 ops.push(PatchOp {
                     op: Op::Remove,
                     secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
                     value: None,
+                    old: Some(redact(va, &p, from_secrets)),
                     path: p,
                 });
             }
         }
+        (Value::Array(a), Value::Array(b)) if a != b && !to_secrets.contains(ptr) && !from_secrets.contains(ptr) => {
+            diff_arrays(a, b, ptr, from_secrets, to_secrets, ops);
+        }
         (a, b) if a == b => {}
-        (_, b) => {
+        (a, b) => {
             let secret = if to_secrets.contains(ptr) {
                 Some(if from_secrets.contains(ptr) {
                     SecretChange::Changed
@@ -459,8 +470,53 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                 path: ptr.to_string(),
                 value: Some(redact(b, ptr, to_secrets)),
                 secret,
+                old: Some(redact(a, ptr, from_secrets)),
             });
         }
+    }
+}
+
+/// Arrays by element where that reads better than replacing them: entries inserted or removed in
+/// one place (a contact added: one added line), or the same length (each changed element diffed).
+/// The operations apply in order (removals from the highest index down), as RFC 6902 requires.
+fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, to_secrets: &SecretPaths, ops: &mut Vec<PatchOp>) {
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let suffix = a[prefix..].iter().rev().zip(b[prefix..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let at = |i: usize| child(ptr, &i.to_string());
+    if prefix + suffix == a.len() {
+        for (i, v) in b.iter().enumerate().take(b.len() - suffix).skip(prefix) {
+            let p = at(i);
+            ops.push(PatchOp {
+                op: Op::Add,
+                secret: to_secrets.contains(&p).then_some(SecretChange::Added),
+                value: Some(redact(v, &p, to_secrets)),
+                old: None,
+                path: p,
+            });
+        }
+    } else if prefix + suffix == b.len() {
+        for i in (prefix..a.len() - suffix).rev() {
+            let p = at(i);
+            ops.push(PatchOp {
+                op: Op::Remove,
+                secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
+                value: None,
+                old: Some(redact(&a[i], &p, from_secrets)),
+                path: p,
+            });
+        }
+    } else if a.len() == b.len() {
+        for (i, (x, y)) in a.iter().zip(b).enumerate().filter(|(_, (x, y))| x != y) {
+            diff(x, y, &at(i), from_secrets, to_secrets, ops);
+        }
+    } else {
+        ops.push(PatchOp {
+            op: Op::Replace,
+            path: ptr.to_string(),
+            value: Some(redact(&Value::Array(b.to_vec()), ptr, to_secrets)),
+            secret: None,
+            old: Some(redact(&Value::Array(a.to_vec()), ptr, from_secrets)),
+        });
     }
 }
 
@@ -579,6 +635,7 @@ mod tests {
                 secret_paths: d.secrets.clone(),
             }),
             known_secrets: d.secrets.clone(),
+            updated_at: None,
         }
     }
 
@@ -617,7 +674,8 @@ mod tests {
                 op: Op::Replace,
                 path: "/config/plan".into(),
                 value: Some(json!("enterprise")),
-                secret: None
+                secret: None,
+                old: Some(json!("pro")),
             }]
         );
     }

@@ -1,6 +1,6 @@
 //! Text, Markdown and JSON views of validation results, plans and drift reports.
 
-use super::drift::{DriftClass, TenantDrift, counts};
+use super::drift::{DriftClass, FieldDrift, TenantDrift, counts};
 use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
 use super::plan::{Action, Effective, EffectiveFrom, Op, PatchOp, Plan, SecretChange, TenantPlan};
@@ -12,7 +12,21 @@ use std::fmt::Write;
 pub const MARKDOWN_LIMIT: usize = 65_000;
 
 /// Version of the JSON layouts below; bumped on any incompatible change.
-pub const JSON_FORMAT_VERSION: u32 = 1;
+pub const JSON_FORMAT_VERSION: u32 = 2;
+
+/// JSON documents as an earlier format_version had them, for consumers not yet moved (selectable
+/// for one release): version 1 has no `old` values in patches.
+pub fn json_format_version(mut v: Value, version: u32) -> Value {
+    if version == 1 {
+        v["format_version"] = json!(1);
+        if let Some(tenants) = v.get_mut("tenants").and_then(Value::as_array_mut) {
+            for op in tenants.iter_mut().filter_map(|t| t.get_mut("patch")).filter_map(Value::as_array_mut).flatten() {
+                op.as_object_mut().map(|o| o.remove("old"));
+            }
+        }
+    }
+    v
+}
 
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Header {
@@ -73,8 +87,11 @@ pub fn issues_markdown(files: usize, issues: &[Issue]) -> String {
 }
 
 pub fn issues_json(files: usize, issues: &[Issue]) -> String {
-    let v = json!({"format_version": JSON_FORMAT_VERSION, "files": files, "valid": issues.is_empty(), "issues": issues});
-    serde_json::to_string_pretty(&v).expect("serialisable") + "\n"
+    serde_json::to_string_pretty(&issues_value(files, issues)).expect("serialisable") + "\n"
+}
+
+pub fn issues_value(files: usize, issues: &[Issue]) -> Value {
+    json!({"format_version": JSON_FORMAT_VERSION, "files": files, "valid": issues.is_empty(), "issues": issues})
 }
 
 // ---------- plans ----------
@@ -101,7 +118,7 @@ fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
                     if leaf.as_str() == Some(crate::domain::json::REDACTED) {
                         ('+', format!("{} (secret)", text(&p)))
                     } else {
-                        ('+', text(&format!("{p} = {leaf}")).into_owned())
+                        ('+', text(&format!("{p} = {}", shown(&leaf))).into_owned())
                     }
                 })
                 .collect()
@@ -114,17 +131,33 @@ fn op_line(op: &PatchOp) -> (char, String) {
     let sign = match op.op {
         Op::Add => '+',
         Op::Remove => '-',
-        _ => '~',
+        Op::Replace => '~',
     };
-    let text = match (op.secret, &op.value) {
-        (Some(SecretChange::Added), _) => format!("{} (secret added)", op.path),
-        (Some(SecretChange::Changed), _) => format!("{} (secret changed)", op.path),
-        (Some(SecretChange::Removed), Some(v)) => format!("{} = {} (was a secret)", op.path, v),
-        (Some(SecretChange::Removed), None) => format!("{} (secret removed)", op.path),
-        (None, Some(v)) => format!("{} = {}", op.path, v),
-        (None, None) => op.path.clone(),
+    let text = match (op.secret, &op.old, &op.value) {
+        (Some(SecretChange::Added), _, _) => format!("{} (secret added)", op.path),
+        (Some(SecretChange::Changed), _, _) => format!("{} (secret changed)", op.path),
+        (Some(SecretChange::Removed), _, Some(v)) => format!("{} = {} (was a secret)", op.path, shown(v)),
+        (Some(SecretChange::Removed), _, None) => format!("{} (secret removed)", op.path),
+        (None, Some(old), Some(new)) => format!("{}: {} -> {}", op.path, shown(old), shown(new)),
+        (None, Some(old), None) => format!("{} = {}", op.path, shown(old)),
+        (None, None, Some(v)) => format!("{} = {}", op.path, shown(v)),
+        (None, None, None) => op.path.clone(),
     };
     (sign, self::text(&text).into_owned())
+}
+
+/// Values longer than this many characters are shortened in plans.
+pub const SHOWN_VALUE_CHARS: usize = 80;
+
+/// A value as a plan shows it: JSON, shortened with an ellipsis past [`SHOWN_VALUE_CHARS`].
+fn shown(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= SHOWN_VALUE_CHARS {
+        return s;
+    }
+    let mut cut: String = s.chars().take(SHOWN_VALUE_CHARS - 1).collect();
+    cut.push('…');
+    cut
 }
 
 fn effective(e: &Effective) -> String {
@@ -368,16 +401,26 @@ pub fn drift_text(report: &[TenantDrift], header: &Header) -> String {
     }
     for t in report.iter().filter(|t| !t.in_sync()) {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
-        let _ = writeln!(out, "  {}: {}", text(&t.tenant_id), classes.join(" + "));
+        let when = t.updated_at.as_deref().map(|u| format!(" (row last changed {})", text(u))).unwrap_or_default();
+        let _ = writeln!(out, "  {}: {}{when}", text(&t.tenant_id), classes.join(" + "));
         for p in &t.pending_paths {
             let _ = writeln!(out, "      pending  {}", text(p));
         }
-        for p in &t.modified_paths {
-            let _ = writeln!(out, "      modified {}", text(p));
+        for f in &t.modified {
+            let _ = writeln!(out, "      modified {}", field_drift(f));
         }
     }
     let _ = writeln!(out, "\n{}", drift_summary(report));
     out
+}
+
+/// `/config/plan: git "pro", database "enterprise"`; a secret only says that it differs.
+fn field_drift(f: &FieldDrift) -> String {
+    if f.secret {
+        return format!("{} (secret differs)", text(&f.path));
+    }
+    let v = |v: &Option<Value>| v.as_ref().map_or_else(|| "(absent)".to_string(), shown);
+    text(&format!("{}: git {}, database {}", f.path, v(&f.git), v(&f.database))).into_owned()
 }
 
 fn drift_summary(report: &[TenantDrift]) -> String {
@@ -403,13 +446,19 @@ pub fn drift_markdown(report: &[TenantDrift], header: &Header) -> String {
     for t in drifted {
         let classes: Vec<&str> = t.classes.iter().map(|c| c.as_str()).collect();
         let code = |v: &[String]| v.iter().map(|p| md_code(p)).collect::<Vec<_>>().join(", ");
+        let modified: Vec<String> = t.modified.iter().map(|f| md_cell(&field_drift(f))).collect();
+        let when = t
+            .updated_at
+            .as_deref()
+            .map(|u| format!(" (row last changed {})", md_cell(u)))
+            .unwrap_or_default();
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} |",
+            "| {} | {}{when} | {} | {} |",
             md_code(&t.tenant_id),
             classes.join(" + "),
             code(&t.pending_paths),
-            code(&t.modified_paths)
+            modified.join("<br>")
         );
     }
     out
@@ -423,6 +472,116 @@ pub fn drift_json(report: &[TenantDrift], header: &Header) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// hooli moves from enterprise to pro, gains a contact, loses a feature, gets a long display
+    /// name and a new secret value: the plan a reviewer reads, whole.
+    fn reviewed_plan() -> Plan {
+        use crate::domain::plan::{ActualTenant, PlanOptions, plan};
+        use crate::domain::tenant::DesiredTenant;
+        let doc = |config: Value| json!({"age_public_key": "age1x", "endpoints": {}, "config": config});
+        let secrets: crate::domain::json::SecretPaths = ["/config/secrets/db_password".to_string()].into();
+        let old = doc(json!({
+            "plan": "enterprise",
+            "display_name": "Hooli",
+            "features": {"sso": true, "beta": true},
+            "contacts": [{"name": "Ops", "email": "ops@hooli.example"}],
+            "secrets": {"db_password": "old-pw-1"}
+        }));
+        let new = doc(json!({
+            "plan": "pro",
+            "display_name": "Hooli XYZ, the company formerly known as Hooli, now with a display name far longer than any screen",
+            "features": {"sso": true},
+            "contacts": [{"name": "Ops", "email": "ops@hooli.example"}, {"name": "Sec", "email": "sec@hooli.example"}],
+            "secrets": {"db_password": "new-pw-2"}
+        }));
+        let desired = DesiredTenant {
+            tenant_id: "hooli".into(),
+            file: "tenants/hooli.toml".into(),
+            document: new,
+            secrets: secrets.clone(),
+        };
+        let actual = ActualTenant {
+            tenant_id: "hooli".into(),
+            state: "active".into(),
+            config_version: 4,
+            document: old,
+            applied: None,
+            known_secrets: secrets,
+            updated_at: None,
+        };
+        plan(
+            &[desired],
+            &[actual],
+            PlanOptions {
+                key: b"k",
+                correct_drift: true,
+            },
+        )
+    }
+
+    fn header() -> Header {
+        Header {
+            commit: Some("377f5f3efb2413fb8e9181a28ba48503dfdd2db3".into()),
+            against: "the database".into(),
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn text_plans_show_old_and_new_values_and_never_a_secret() {
+        let text = plan_text(&reviewed_plan(), &header(), false);
+        let expected = "Plan for 377f5f3efb24 against the database:
+
+  ~ hooli will be updated (version 4 -> 5)  tenants/hooli.toml
+      ~ /config/plan: \"enterprise\" -> \"pro\"
+      ~ /config/display_name: \"Hooli\" -> \"Hooli XYZ, the company formerly known as Hooli, now with a display name far lo…
+      - /config/features/beta = true
+      + /config/contacts/1/name = \"Sec\"
+      + /config/contacts/1/email = \"sec@hooli.example\"
+      ~ /config/secrets/db_password (secret changed)
+
+Plan: 0 to create, 1 to update, 0 orphaned (0 unchanged).
+";
+        assert_eq!(text, expected);
+        assert!(!text.contains("pw-"), "{text}");
+    }
+
+    #[test]
+    fn markdown_plans_show_the_same_lines_in_a_collapsed_block() {
+        let md = plan_markdown(&reviewed_plan(), &header());
+        for line in [
+            "| `hooli` | update | version 4 -> 5 | `tenants/hooli.toml` |",
+            "<details><summary><code>hooli</code>: update, 5 change(s)</summary>",
+            "~ /config/plan: \"enterprise\" -> \"pro\"",
+            "+ /config/contacts/1/email = \"sec@hooli.example\"",
+            "~ /config/secrets/db_password (secret changed)",
+            "- /config/features/beta = true",
+        ] {
+            assert!(md.contains(line), "missing {line:?} in\n{md}");
+        }
+        assert!(md.find("| Tenant |").unwrap() < md.find("<details>").unwrap(), "summary table first");
+        assert!(!md.contains("pw-"), "{md}");
+    }
+
+    #[test]
+    fn json_plans_keep_the_patch_and_add_old_values_beside_it() {
+        let v = plan_json(&reviewed_plan(), &header());
+        assert_eq!(v["format_version"], json!(JSON_FORMAT_VERSION));
+        let patch = &v["tenants"][0]["patch"];
+        assert_eq!(patch[0], json!({"op": "replace", "path": "/config/plan", "value": "pro", "old": "enterprise"}));
+        assert_eq!(patch[2], json!({"op": "remove", "path": "/config/features/beta", "old": true}));
+        assert_eq!(
+            patch[3],
+            json!({"op": "add", "path": "/config/contacts/1", "value": {"name": "Sec", "email": "sec@hooli.example"}})
+        );
+        assert_eq!(
+            patch[4],
+            json!({"op": "replace", "path": "/config/secrets/db_password", "value": "[REDACTED]", "secret": "changed", "old": "[REDACTED]"})
+        );
+        let v1 = json_format_version(v, 1);
+        assert_eq!(v1["format_version"], json!(1));
+        assert_eq!(v1["tenants"][0]["patch"][0], json!({"op": "replace", "path": "/config/plan", "value": "pro"}));
+    }
 
     fn big_plan(n: usize) -> Plan {
         Plan {
@@ -439,6 +598,7 @@ mod tests {
                             path: format!("/config/limits/field_{j}"),
                             value: Some(json!(j)),
                             secret: None,
+                            old: Some(json!(j + 1)),
                         })
                         .collect(),
                     out_of_band: vec![],

@@ -616,6 +616,7 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
             document: t.document,
             applied: None,
             known_secrets: t.secrets,
+            updated_at: None,
         })
         .collect();
     // Digests never leave this process here, so any key will do.

@@ -88,6 +88,7 @@ pub fn render(data: &[u8]) {
         document: b,
         applied: None,
         known_secrets: SecretPaths::new(),
+        updated_at: None,
     };
     let p = plan(
         std::slice::from_ref(&desired),
