@@ -92,6 +92,7 @@ pub struct Config {
     pub embedding_endpoint: Option<String>,
     /// Where tenant files come from: never empty.
     pub sources: Vec<SourceConfig>,
+    pub notifications: Vec<NotificationConfig>,
     /// Every setting with its (masked) value and origin, for `frostbyte-gitops config`.
     pub shown: Vec<Shown>,
 }
@@ -110,6 +111,49 @@ pub struct SourceConfig {
     /// A run that would decommission more than this fraction of the source's tenants is refused
     /// unless `--allow-mass-prune` is given.
     pub prune_max_fraction: f64,
+}
+
+/// A receiver of notifications (`[[notifications]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotificationConfig {
+    pub url: String,
+    /// The HMAC key for `X-Frostbyte-Signature-256`, read at start-up.
+    pub secret_file: Option<PathBuf>,
+    pub events: Vec<NotifyEvent>,
+    pub format: NotifyFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyEvent {
+    /// A sync or apply wrote something.
+    Applied,
+    /// A run failed (invalid files, a database or git error).
+    Failed,
+    /// A run was refused on policy: an untrusted commit, a rewritten history, a mass prune.
+    Refused,
+    /// A drift report found tenants out of sync.
+    Drift,
+}
+
+impl NotifyEvent {
+    pub const ALL: [NotifyEvent; 4] = [Self::Applied, Self::Failed, Self::Refused, Self::Drift];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::Drift => "drift",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotifyFormat {
+    Generic,
+    /// A Slack incoming-webhook body (`{"text": ...}`).
+    Slack,
 }
 
 pub const DEFAULT_SOURCE: &str = "default";
@@ -413,6 +457,67 @@ fn parse_sources(file: &str, v: &toml::Value, top: &SourceConfig) -> Result<Vec<
     if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
+/// `[[notifications]]`: every entry checked, every problem reported.
+fn parse_notifications(file: &str, v: &toml::Value, mode: Mode) -> Result<Vec<NotificationConfig>, Vec<String>> {
+    let Some(list) = v.as_array() else {
+        return Err(vec![format!(
+            "config file {file}: notifications must be an array of tables ([[notifications]])"
+        )]);
+    };
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("config file {file}: notifications[{i}]");
+        let Some(t) = entry.as_table() else {
+            errors.push(format!("{at}: not a table"));
+            continue;
+        };
+        for key in t.keys().filter(|k| !["url", "secret_file", "events", "format"].contains(&k.as_str())) {
+            errors.push(format!("{at}: unknown key {key:?} (known: url, secret_file, events, format)"));
+        }
+        let url = t.get("url").and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        if let Err(e) = check_endpoint(&url, mode) {
+            errors.push(format!("{at}: url {}: {e}", crate::notify::shown_url(&url)));
+        }
+        let events = match t.get("events") {
+            None => NotifyEvent::ALL.to_vec(),
+            Some(v) => {
+                let names: Vec<&str> = v.as_array().map(|a| a.iter().filter_map(|e| e.as_str()).collect()).unwrap_or_default();
+                let events: Vec<NotifyEvent> = names.iter().filter_map(|n| NotifyEvent::ALL.into_iter().find(|e| e.as_str() == *n)).collect();
+                if events.len() != v.as_array().map_or(usize::MAX, Vec::len) || events.is_empty() {
+                    errors.push(format!("{at}: events must be a non-empty list of applied, failed, refused, drift"));
+                }
+                events
+            }
+        };
+        let format = match t.get("format").map(|v| v.as_str()) {
+            None | Some(Some("generic")) => NotifyFormat::Generic,
+            Some(Some("slack")) => NotifyFormat::Slack,
+            _ => {
+                errors.push(format!("{at}: format must be generic or slack"));
+                NotifyFormat::Generic
+            }
+        };
+        let secret_file = match t.get("secret_file") {
+            None => None,
+            Some(v) => match v.as_str() {
+                Some(p) => Some(PathBuf::from(p)),
+                None => {
+                    errors.push(format!("{at}: secret_file must be a path"));
+                    None
+                }
+            },
+        };
+        out.push(NotificationConfig {
+            url,
+            secret_file,
+            events,
+            format,
+        });
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
 pub fn is_source_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
@@ -439,7 +544,7 @@ impl Config {
         };
         if let Some((path, _)) = file {
             for key in table.keys() {
-                if !DEFS.iter().any(|d| d.name == key) && key != "sources" {
+                if !DEFS.iter().any(|d| d.name == key) && key != "sources" && key != "notifications" {
                     errors.push(format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")));
                 }
             }
@@ -587,6 +692,13 @@ impl Config {
                 key_file_origin = Origin::Default;
             }
         }
+        let notifications = match table.get("notifications") {
+            None => vec![],
+            Some(v) => parse_notifications(file.map_or("", |f| f.0), v, mode).unwrap_or_else(|mut e| {
+                errors.append(&mut e);
+                vec![]
+            }),
+        };
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
@@ -641,6 +753,7 @@ impl Config {
                 known_hosts: get("git_known_hosts").map(PathBuf::from),
             },
             sources,
+            notifications,
             shown,
         })
     }
@@ -649,6 +762,16 @@ impl Config {
         let w = self.shown.iter().map(|s| s.name.len()).max().unwrap_or(0);
         let vw = self.shown.iter().map(|s| s.value.len()).max().unwrap_or(0).min(60);
         let mut out: String = self.shown.iter().map(|s| format!("{:w$}  {:vw$}  ({})\n", s.name, s.value, s.origin)).collect();
+        for n in &self.notifications {
+            let events: Vec<&str> = n.events.iter().map(|e| e.as_str()).collect();
+            out.push_str(&format!(
+                "notification: {} events {} format {:?}, {}\n",
+                crate::notify::shown_url(&n.url),
+                events.join(","),
+                n.format,
+                if n.secret_file.is_some() { "signed" } else { "unsigned" }
+            ));
+        }
         for src in &self.sources {
             out.push_str(&format!(
                 "source {}: repo {}, ref {}, path {}, prune {} (max fraction {})\n",
@@ -786,6 +909,24 @@ mod tests {
         ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
+    }
+
+    #[test]
+    fn notifications_are_checked_and_shown_without_their_path() {
+        let file = "[[notifications]]\nurl = \"https://hooks.slack.com/services/T0/B0/XYZSECRET\"\nformat = \"slack\"\nevents = [\"failed\", \"refused\"]\nsecret_file = \"/run/key\"\n\n[[notifications]]\nurl = \"ftp://x\"\nevents = [\"applied\", \"exploded\"]\nformat = \"teams\"\n";
+        let err = Config::resolve(&Flags::default(), &env_of(&[]), Some(("f.toml", file)), None).unwrap_err();
+        for needle in ["notifications[1]: url", "notifications[1]: events", "notifications[1]: format"] {
+            assert!(err.contains(needle), "missing {needle:?} in {err}");
+        }
+        let ok = "[[notifications]]\nurl = \"https://hooks.slack.com/services/T0/B0/XYZSECRET\"\nformat = \"slack\"\nevents = [\"failed\", \"refused\"]\n";
+        let c = Config::resolve(&Flags::default(), &env_of(&[]), Some(("f.toml", ok)), None).unwrap();
+        assert_eq!(c.notifications[0].events, [NotifyEvent::Failed, NotifyEvent::Refused]);
+        let text = c.render();
+        assert!(
+            text.contains("notification: https://hooks.slack.com events failed,refused format Slack"),
+            "{text}"
+        );
+        assert!(!text.contains("XYZSECRET"), "{text}");
     }
 
     #[test]

@@ -2,13 +2,15 @@
 //! tenant files in git.
 //!
 //! `domain` is the pure core; `source` (git), `sops` (decryption), `store` (PostgreSQL) and
-//! `localpg` (a local cluster) are adapters; `sync` wires them together for the CLI in `main.rs`.
+//! `localpg` (a local cluster) and `notify` (webhooks) are adapters; `sync` wires them together for
+//! the CLI in `main.rs`.
 
 pub mod agent;
 pub mod config;
 pub mod domain;
 pub mod files;
 pub mod localpg;
+pub mod notify;
 pub mod parse;
 pub mod sops;
 pub mod source;

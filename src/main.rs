@@ -3,6 +3,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use frostbyte_gitops::config::{Config, Flags, LogFormat, SourceConfig};
 use frostbyte_gitops::domain::drift::DriftClass;
 use frostbyte_gitops::domain::render;
+use frostbyte_gitops::notify::Notification;
 use frostbyte_gitops::sops::AgeKeys;
 use frostbyte_gitops::sync::{self, Ctx, Run, SavedPlan};
 use frostbyte_gitops::{files, localpg, store};
@@ -447,7 +448,14 @@ fn real_main(cli: Cli) -> Result<u8> {
         Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
     );
     let signers = load_signers(&cfg)?;
-    let ctx = Ctx { cfg, keys, signers, progress };
+    let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&cfg.notifications)?);
+    let ctx = Ctx {
+        cfg,
+        keys,
+        signers,
+        progress,
+        notifier,
+    };
     if let Cmd::Run = cli.cmd {
         return rt.block_on(async {
             let db = sync::connect(&ctx.cfg).await?;
@@ -674,6 +682,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db).await?;
             let mut code = EXIT_OK;
+            let mut notes = Vec::new();
             for src in &sources {
                 let (header, report) = match sync::drift_report(ctx, &db.pool, src, full).await {
                     Ok(r) => r,
@@ -690,7 +699,11 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 }
                 let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
                 code = worst(code, if drifted { EXIT_CHANGES } else { EXIT_OK });
+                if report.iter().any(|t| !t.in_sync()) {
+                    notes.push(Notification::drift(&src.name, header.commit.as_deref(), &report));
+                }
             }
+            notify(ctx, notes).await;
             Ok(code)
         }
     }
@@ -713,11 +726,14 @@ fn worst(a: u8, b: u8) -> u8 {
 
 /// Reports a source that failed (naming it when there are several); the others go on.
 fn failed(sources: &[&SourceConfig], src: &SourceConfig, e: sync::SyncError) -> u8 {
-    let e = anyhow::Error::from(e);
+    failed_text(sources, src, &format!("{:#}", anyhow::Error::from(e)))
+}
+
+fn failed_text(sources: &[&SourceConfig], src: &SourceConfig, e: &str) -> u8 {
     if sources.len() == 1 {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {e}");
     } else {
-        eprintln!("error: source {}: {e:#}", src.name);
+        eprintln!("error: source {}: {e}", src.name);
     }
     EXIT_ERROR
 }
@@ -809,6 +825,7 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
         allow_mass_prune: prune.allow_mass_prune,
     };
     let mut code = EXIT_OK;
+    let mut notes = Vec::new();
     for src in &sources {
         if frostbyte_gitops::source::is_url(&src.repo) {
             tracing::info!(source = %src.name, repo = %frostbyte_gitops::source::shown_repo(&src.repo), "fetching");
@@ -816,10 +833,16 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
         let o = match sync::run(ctx, &db.pool, src, run(), opts).await {
             Ok(o) => o,
             Err(e) => {
-                code = worst(code, failed(&sources, src, e));
+                let event = e.notify_event();
+                let text = format!("{:#}", anyhow::Error::from(e));
+                notes.push(Notification::failed(event, &src.name, &text));
+                code = worst(code, failed_text(&sources, src, &text));
                 continue;
             }
         };
+        if o.applied > 0 {
+            notes.push(Notification::applied(&src.name, o.header.commit.as_deref(), &o.plan));
+        }
         print!("{}", group_header(&sources, src, format));
         report_applied(&o, format);
         let conflicts = o.plan.summary().conflict;
@@ -828,7 +851,22 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
             code = worst(code, EXIT_CHANGES);
         }
     }
+    notify(ctx, notes).await;
     Ok(code)
+}
+
+/// Delivers what the run has to say; a receiver that is down costs at most about ten seconds and
+/// never the exit code.
+async fn notify(ctx: &Ctx, notes: Vec<Notification>) {
+    if ctx.notifier.is_empty() {
+        return;
+    }
+    let sends = notes.iter().map(|n| ctx.notifier.send(n));
+    let outcomes: Vec<_> = futures_util::future::join_all(sends).await.into_iter().flatten().collect();
+    let failed = outcomes.iter().filter(|d| **d == frostbyte_gitops::notify::Delivery::Failed).count();
+    if failed > 0 {
+        eprintln!("warning: {failed} of {} notification(s) could not be delivered", outcomes.len());
+    }
 }
 
 fn report_applied(o: &sync::Outcome, format: OutFormat) {

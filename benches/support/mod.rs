@@ -153,6 +153,7 @@ impl Repo {
             keys: keys("test.agekey"),
             signers: Default::default(),
             progress: false,
+            notifier: std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&[]).unwrap()),
         }
     }
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub lease_checked: bool,
     /// Per configured source, by name.
     pub sources: BTreeMap<String, SourceMetrics>,
+    /// Notification deliveries by outcome: delivered, failed, dropped.
+    pub notifications: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -41,6 +43,10 @@ pub struct SourceMetrics {
     pub applied: u64,
     pub last_success: Option<i64>,
     pub last_duration: f64,
+    /// The last error, so that a failure is announced once, not at every retry.
+    pub last_error: Option<String>,
+    /// The drifted tenants last announced, so that unchanged drift is not announced again.
+    pub last_drift: String,
 }
 
 impl Metrics {
@@ -125,6 +131,17 @@ impl Metrics {
         );
         let _ = writeln!(o, "frostbyte_leader {}", u8::from(self.leader));
         self.render_sources(&mut o);
+        let _ = writeln!(
+            o,
+            "# HELP frostbyte_notifications_total Notification deliveries by outcome.\n# TYPE frostbyte_notifications_total counter"
+        );
+        for outcome in ["delivered", "failed", "dropped"] {
+            let _ = writeln!(
+                o,
+                "frostbyte_notifications_total{{outcome=\"{outcome}\"}} {}",
+                self.notifications.get(outcome).copied().unwrap_or(0)
+            );
+        }
         o
     }
 

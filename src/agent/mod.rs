@@ -8,6 +8,7 @@ pub mod schedule;
 
 use crate::config::DriftPolicy;
 use crate::domain::drift::counts;
+use crate::notify::Notification;
 use crate::source::Source;
 use crate::sync::{self, Ctx, Database, Run, SyncError};
 use metrics::Metrics;
@@ -80,7 +81,7 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
 async fn reconcile_once(
     ctx: &Ctx,
     db: &Database,
-    metrics: &Mutex<Metrics>,
+    metrics: &Arc<Mutex<Metrics>>,
     lease: &tokio::sync::Mutex<lease::Leases>,
     prepared: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
@@ -140,9 +141,11 @@ async fn reconcile_once(
             .await
         {
             Ok(o) => {
+                announce_success(ctx, metrics, &src.name, &o);
                 let mut m = metrics.lock().expect("metrics lock");
                 let sm = m.sources.entry(src.name.clone()).or_default();
                 sm.runs_ok += 1;
+                sm.last_error = None;
                 sm.applied += o.applied as u64;
                 sm.last_success = Some(chrono::Utc::now().timestamp());
                 sm.last_duration = one.elapsed().as_secs_f64();
@@ -165,7 +168,17 @@ async fn reconcile_once(
                 }
             }
             Err(e) => {
+                let event = e.notify_event();
                 let text = record_failure(metrics, Some(&src.name), one, e);
+                // Once per distinct error, not at every retry.
+                let repeated = {
+                    let mut m = metrics.lock().expect("metrics lock");
+                    let sm = m.sources.entry(src.name.clone()).or_default();
+                    sm.last_error.replace(text.clone()).as_ref() == Some(&text)
+                };
+                if !repeated {
+                    announce(ctx, metrics, Notification::failed(event, &src.name, &text));
+                }
                 first_error.get_or_insert(format!("source {}: {text}", src.name));
             }
         }
@@ -201,6 +214,53 @@ async fn reconcile_once(
             m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
             Err(e)
         }
+    }
+}
+
+/// Deliveries in flight at once; past this a notification is dropped (and counted), so that a
+/// receiver that is down never holds the agent's memory or its loop.
+static IN_FLIGHT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(16);
+
+/// Sends `n` in the background: the loop goes on whatever the receivers do.
+fn announce(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, n: Notification) {
+    if ctx.notifier.is_empty() {
+        return;
+    }
+    let Ok(permit) = IN_FLIGHT.try_acquire() else {
+        tracing::warn!(event = n.event.as_str(), "too many notifications in flight: one dropped");
+        *metrics.lock().expect("metrics lock").notifications.entry("dropped").or_default() += 1;
+        return;
+    };
+    let (notifier, metrics) = (ctx.notifier.clone(), metrics.clone());
+    tokio::spawn(async move {
+        let outcomes = notifier.send(&n).await;
+        drop(permit);
+        let mut m = metrics.lock().expect("metrics lock");
+        for d in outcomes {
+            *m.notifications.entry(d.as_str()).or_default() += 1;
+        }
+    });
+}
+
+/// What a successful sync of one source has to say: that it applied, and drift that changed.
+fn announce_success(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, o: &sync::Outcome) {
+    if o.applied > 0 {
+        announce(ctx, metrics, Notification::applied(source, o.header.commit.as_deref(), &o.plan));
+    }
+    let Some(report) = &o.drift else { return };
+    let drifted: Vec<(String, Vec<&str>)> = report
+        .iter()
+        .filter(|t| !t.in_sync())
+        .map(|t| (t.tenant_id.clone(), t.classes.iter().map(|c| c.as_str()).collect()))
+        .collect();
+    let key = format!("{drifted:?}");
+    let changed = {
+        let mut m = metrics.lock().expect("metrics lock");
+        let sm = m.sources.entry(source.to_string()).or_default();
+        std::mem::replace(&mut sm.last_drift, key.clone()) != key
+    };
+    if changed && !drifted.is_empty() {
+        announce(ctx, metrics, Notification::drift(source, o.header.commit.as_deref(), report));
     }
 }
 

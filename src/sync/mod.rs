@@ -65,6 +65,19 @@ pub struct Ctx {
     pub signers: crate::verify::TrustedSigners,
     /// Show a progress bar on a terminal.
     pub progress: bool,
+    /// The receivers of `[[notifications]]`, keys read.
+    pub notifier: std::sync::Arc<crate::notify::Notifier>,
+}
+
+impl SyncError {
+    /// A run declined on policy (an untrusted commit, a rewritten history, a mass prune) is
+    /// `refused`; anything else that stopped it is `failed`.
+    pub fn notify_event(&self) -> crate::config::NotifyEvent {
+        match self {
+            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::MassPrune { .. } => crate::config::NotifyEvent::Refused,
+            _ => crate::config::NotifyEvent::Failed,
+        }
+    }
 }
 
 impl Ctx {

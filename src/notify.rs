@@ -1,0 +1,301 @@
+//! Notifications: a signed JSON POST to each configured receiver when a sync applied, failed or
+//! was refused, or a drift report found drift. Bodies are built from plans and error lines, which
+//! carry no secret; receivers are shown by host only (a Slack webhook's path is its credential).
+//! Delivery is retried with backoff and bounded in time, and its failure never fails a run.
+
+use crate::config::{NotificationConfig, NotifyEvent, NotifyFormat};
+use crate::domain::plan::{Action, Plan};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Attempts per delivery, the wait before each retry, and the time one attempt may take: a
+/// delivery is over within about 10 seconds whatever the receiver does.
+const ATTEMPTS: u32 = 3;
+const BACKOFF: [Duration; 2] = [Duration::from_millis(500), Duration::from_millis(1500)];
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Tenants named in one body; the rest are counted.
+const MAX_TENANTS: usize = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    #[error("notifications[{index}] secret_file {path}")]
+    SecretFile {
+        index: usize,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("notifications[{index}] secret_file {path} is empty")]
+    EmptySecret { index: usize, path: String },
+    #[error("building the HTTP client")]
+    Client(#[source] reqwest::Error),
+}
+
+/// What happened, for the receivers.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub event: NotifyEvent,
+    pub source: String,
+    pub commit: Option<String>,
+    pub counts: BTreeMap<String, usize>,
+    /// (tenant_id, action), at most [`MAX_TENANTS`] of them.
+    pub tenants: Vec<(String, String)>,
+    pub more_tenants: usize,
+    /// The first line of the error, for `failed` and `refused`.
+    pub error: Option<String>,
+}
+
+impl Notification {
+    /// A run that wrote: what it did to which tenants.
+    pub fn applied(source: &str, commit: Option<&str>, plan: &Plan) -> Notification {
+        let s = plan.summary();
+        let counts = [
+            ("created", s.create),
+            ("updated", s.update),
+            ("decommissioned", s.decommission),
+            ("orphaned", s.orphaned),
+        ];
+        let changed: Vec<(String, String)> = plan
+            .tenants
+            .iter()
+            .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission))
+            .map(|t| (t.tenant_id.clone(), format!("{:?}", t.action).to_lowercase()))
+            .collect();
+        Notification::new(NotifyEvent::Applied, source, commit, &counts, changed)
+    }
+
+    pub fn failed(event: NotifyEvent, source: &str, error: &str) -> Notification {
+        let mut n = Notification::new(event, source, None, &[], vec![]);
+        n.error = Some(error.lines().next().unwrap_or_default().chars().take(500).collect());
+        n
+    }
+
+    /// A drift report that found tenants out of sync: the classes counted, the drifted tenants named.
+    pub fn drift(source: &str, commit: Option<&str>, report: &[crate::domain::drift::TenantDrift]) -> Notification {
+        let counts: Vec<(&str, usize)> = crate::domain::drift::counts(report).into_iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let drifted = report
+            .iter()
+            .filter(|t| !t.in_sync())
+            .map(|t| (t.tenant_id.clone(), t.classes.iter().map(|c| c.as_str()).collect::<Vec<_>>().join("+")))
+            .collect();
+        Notification::new(NotifyEvent::Drift, source, commit, &counts, drifted)
+    }
+
+    fn new(event: NotifyEvent, source: &str, commit: Option<&str>, counts: &[(&str, usize)], mut tenants: Vec<(String, String)>) -> Notification {
+        let more_tenants = tenants.len().saturating_sub(MAX_TENANTS);
+        tenants.truncate(MAX_TENANTS);
+        Notification {
+            event,
+            source: source.to_string(),
+            commit: commit.map(str::to_string),
+            counts: counts.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            tenants,
+            more_tenants,
+            error: None,
+        }
+    }
+
+    pub fn body(&self, format: NotifyFormat) -> Value {
+        match format {
+            NotifyFormat::Generic => json!({
+                "event": self.event,
+                "source": self.source,
+                "commit": self.commit,
+                "counts": self.counts,
+                "tenants": self.tenants.iter().map(|(id, action)| json!({"tenant_id": id, "action": action})).collect::<Vec<_>>(),
+                "more_tenants": self.more_tenants,
+                "error": self.error,
+            }),
+            NotifyFormat::Slack => json!({"text": self.slack_text()}),
+        }
+    }
+
+    fn slack_text(&self) -> String {
+        let commit = self.commit.as_deref().map(|c| format!(" at `{}`", &c[..c.len().min(12)])).unwrap_or_default();
+        let mut text = format!("frostbyte-gitops: *{}* for source `{}`{commit}", self.event.as_str(), self.source);
+        if !self.counts.is_empty() {
+            let counts: Vec<String> = self.counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            text.push_str(&format!(": {}", counts.join(", ")));
+        }
+        if let Some(e) = &self.error {
+            text.push_str(&format!("\n> {e}"));
+        }
+        for (id, action) in &self.tenants {
+            text.push_str(&format!("\n• `{id}` {action}"));
+        }
+        if self.more_tenants > 0 {
+            text.push_str(&format!("\n… and {} more", self.more_tenants));
+        }
+        text
+    }
+}
+
+/// `sha256=<hex>`: HMAC-SHA256 of the body under the receiver's key, as GitHub signs webhooks.
+pub fn signature(key: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+struct Receiver {
+    url: String,
+    /// Scheme and host: what logs and errors show.
+    shown: String,
+    key: Option<Vec<u8>>,
+    events: Vec<NotifyEvent>,
+    format: NotifyFormat,
+}
+
+/// How one delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    Failed,
+}
+
+impl Delivery {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Delivered => "delivered",
+            Delivery::Failed => "failed",
+        }
+    }
+}
+
+pub struct Notifier {
+    receivers: Vec<Receiver>,
+    client: reqwest::Client,
+}
+
+impl Notifier {
+    /// Reads each receiver's key file; an unreadable or empty one is refused, naming it.
+    pub fn new(configs: &[NotificationConfig]) -> Result<Notifier, NotifyError> {
+        let mut receivers = Vec::new();
+        for (index, c) in configs.iter().enumerate() {
+            let key = match &c.secret_file {
+                None => None,
+                Some(path) => {
+                    let shown = path.display().to_string();
+                    let text = std::fs::read(path).map_err(|source| NotifyError::SecretFile {
+                        index,
+                        path: shown.clone(),
+                        source,
+                    })?;
+                    let key = text.trim_ascii().to_vec();
+                    if key.is_empty() {
+                        return Err(NotifyError::EmptySecret { index, path: shown });
+                    }
+                    Some(key)
+                }
+            };
+            receivers.push(Receiver {
+                shown: shown_url(&c.url),
+                url: c.url.clone(),
+                key,
+                events: c.events.clone(),
+                format: c.format,
+            });
+        }
+        let client = reqwest::Client::builder()
+            .timeout(ATTEMPT_TIMEOUT)
+            .connect_timeout(ATTEMPT_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(NotifyError::Client)?;
+        Ok(Notifier { receivers, client })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.receivers.is_empty()
+    }
+
+    /// Sends `n` to every receiver that asked for its event, all at once; each delivery retried and
+    /// bounded. Returns how each ended.
+    pub async fn send(&self, n: &Notification) -> Vec<Delivery> {
+        let sends = self.receivers.iter().filter(|r| r.events.contains(&n.event)).map(|r| self.deliver(r, n));
+        futures_util::future::join_all(sends).await
+    }
+
+    async fn deliver(&self, r: &Receiver, n: &Notification) -> Delivery {
+        let body = serde_json::to_vec(&n.body(r.format)).expect("serialisable");
+        let signature = r.key.as_ref().map(|k| signature(k, &body));
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(BACKOFF[(attempt - 1) as usize]).await;
+            }
+            let mut req = self
+                .client
+                .post(&r.url)
+                .header("content-type", "application/json")
+                .header("user-agent", crate::sync::ACTOR)
+                .header("x-frostbyte-event", n.event.as_str())
+                .body(body.clone());
+            if let Some(s) = &signature {
+                req = req.header("x-frostbyte-signature-256", s);
+            }
+            match req.send().await {
+                Ok(resp) if resp.status().is_success() => {
+                    tracing::debug!(receiver = %r.shown, event = n.event.as_str(), "notification delivered");
+                    return Delivery::Delivered;
+                }
+                Ok(resp) => tracing::warn!(receiver = %r.shown, status = resp.status().as_u16(), attempt = attempt + 1, "notification refused"),
+                // Without the URL: a Slack webhook's path is its credential.
+                Err(e) => tracing::warn!(receiver = %r.shown, error = %e.without_url(), attempt = attempt + 1, "notification not delivered"),
+            }
+        }
+        tracing::warn!(receiver = %r.shown, event = n.event.as_str(), "notification given up after {ATTEMPTS} attempts");
+        Delivery::Failed
+    }
+}
+
+/// Scheme, host and port of a URL: never its path, query or userinfo.
+pub fn shown_url(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            format!("{scheme}://{host}")
+        }
+        None => "(not a URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_signature_is_hmac_sha256_of_the_body() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn receivers_are_shown_without_path_or_credentials() {
+        assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/secret"), "https://hooks.slack.com");
+        assert_eq!(shown_url("http://user:pw@localhost:9000/x?token=1"), "http://localhost:9000");
+    }
+
+    #[test]
+    fn bodies_name_at_most_a_hundred_tenants() {
+        let tenants: Vec<(String, String)> = (0..150).map(|i| (format!("t{i}"), "create".to_string())).collect();
+        let n = Notification::new(NotifyEvent::Applied, "eu", Some("377f5f3efb2413fb"), &[("created", 150)], tenants);
+        let body = n.body(NotifyFormat::Generic);
+        assert_eq!(body["tenants"].as_array().unwrap().len(), 100);
+        assert_eq!(body["more_tenants"], json!(50));
+        assert_eq!(body["event"], json!("applied"));
+        let slack = n.body(NotifyFormat::Slack);
+        assert!(
+            slack["text"]
+                .as_str()
+                .unwrap()
+                .contains("*applied* for source `eu` at `377f5f3efb24`: 150 created")
+        );
+    }
+}
