@@ -564,6 +564,75 @@ Plan: 0 to create, 1 to update, 0 orphaned (0 unchanged).
     }
 
     #[test]
+    fn drift_reports_show_git_and_database_values_and_withhold_secrets() {
+        use crate::domain::drift::{DriftClass, FieldDrift};
+        let long = "x".repeat(200);
+        let report = vec![TenantDrift {
+            tenant_id: "globex".into(),
+            classes: vec![DriftClass::Pending, DriftClass::Modified],
+            file: Some("tenants/globex.toml".into()),
+            config_version: Some(3),
+            last_applied_commit: None,
+            modified_paths: vec![
+                "/config/plan".into(),
+                "/config/notes".into(),
+                "/config/secrets/api_key".into(),
+                "/config/region".into(),
+            ],
+            pending_paths: vec!["/config/limits/max_users".into()],
+            modified: vec![
+                FieldDrift {
+                    path: "/config/plan".into(),
+                    git: Some(json!("pro")),
+                    database: Some(json!("enterprise")),
+                    secret: false,
+                },
+                FieldDrift {
+                    path: "/config/notes".into(),
+                    git: None,
+                    database: Some(json!(long)),
+                    secret: false,
+                },
+                FieldDrift {
+                    path: "/config/secrets/api_key".into(),
+                    git: None,
+                    database: None,
+                    secret: true,
+                },
+                FieldDrift {
+                    path: "/config/region".into(),
+                    git: Some(json!("eu-west-1")),
+                    database: None,
+                    secret: false,
+                },
+            ],
+            updated_at: Some("2026-11-27T10:04:00Z".into()),
+        }];
+        let text = drift_text(&report, &header());
+        let expected = format!(
+            "Drift of the database against 377f5f3efb24:
+
+  globex: pending + modified (row last changed 2026-11-27T10:04:00Z)
+      pending  /config/limits/max_users
+      modified /config/plan: git \"pro\", database \"enterprise\"
+      modified /config/notes: git (absent), database \"{}…
+      modified /config/secrets/api_key (secret differs)
+      modified /config/region: git \"eu-west-1\", database (absent)
+
+1 tenant(s): 0 in-sync, 1 pending, 1 modified, 0 missing, 0 orphaned
+",
+            "x".repeat(78)
+        );
+        assert_eq!(text, expected);
+        let md = drift_markdown(&report, &header());
+        assert!(
+            md.contains("| `globex` | pending + modified (row last changed 2026-11-27T10:04:00Z) | `/config/limits/max_users` | /config/plan: git \"pro\", database \"enterprise\"<br>"),
+            "{md}"
+        );
+        assert!(md.contains("<br>/config/secrets/api_key (secret differs)<br>"), "{md}");
+    }
+
+    #[test]
     fn json_plans_keep_the_patch_and_add_old_values_beside_it() {
         let v = plan_json(&reviewed_plan(), &header());
         assert_eq!(v["format_version"], json!(JSON_FORMAT_VERSION));
