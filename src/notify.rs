@@ -62,7 +62,10 @@ impl Notification {
             .tenants
             .iter()
             .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission))
-            .map(|t| (t.tenant_id.clone(), format!("{:?}", t.action).to_lowercase()))
+            .map(|t| {
+                let action = serde_json::to_value(t.action).expect("serialisable");
+                (t.tenant_id.clone(), action.as_str().unwrap_or_default().to_string())
+            })
             .collect();
         Notification::new(NotifyEvent::Applied, source, commit, &counts, changed)
     }
@@ -167,7 +170,9 @@ impl Delivery {
 
 pub struct Notifier {
     receivers: Vec<Receiver>,
-    client: reqwest::Client,
+    /// Built only when there is a receiver: loading the TLS roots is start-up cost every command
+    /// would otherwise pay.
+    client: Option<reqwest::Client>,
 }
 
 impl Notifier {
@@ -199,13 +204,19 @@ impl Notifier {
                 format: c.format,
             });
         }
+        if receivers.is_empty() {
+            return Ok(Notifier { receivers, client: None });
+        }
         let client = reqwest::Client::builder()
             .timeout(ATTEMPT_TIMEOUT)
             .connect_timeout(ATTEMPT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(NotifyError::Client)?;
-        Ok(Notifier { receivers, client })
+        Ok(Notifier {
+            receivers,
+            client: Some(client),
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -220,14 +231,14 @@ impl Notifier {
     }
 
     async fn deliver(&self, r: &Receiver, n: &Notification) -> Delivery {
+        let client = self.client.as_ref().expect("a client whenever there is a receiver");
         let body = serde_json::to_vec(&n.body(r.format)).expect("serialisable");
         let signature = r.key.as_ref().map(|k| signature(k, &body));
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(BACKOFF[(attempt - 1) as usize]).await;
             }
-            let mut req = self
-                .client
+            let mut req = client
                 .post(&r.url)
                 .header("content-type", "application/json")
                 .header("user-agent", crate::sync::ACTOR)
