@@ -22,6 +22,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (5, "005_tenant_lifecycle.sql", include_str!("../migrations/005_tenant_lifecycle.sql")),
     (6, "006_sources.sql", include_str!("../migrations/006_sources.sql")),
     (7, "007_audit_batch.sql", include_str!("../migrations/007_audit_batch.sql")),
+    (8, "008_audit_head.sql", include_str!("../migrations/008_audit_head.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.

@@ -115,6 +115,30 @@ fn reordered_events_are_found() {
     assert_eq!(report["broken"]["seq"], json!(second), "{report}");
 }
 
+/// The head moves once per batch (emit_audit_events) and at commit for single events
+/// (emit_audit_event): in either order, and whatever a caller set frostbyte.audit_batch to, it
+/// ends on the newest event.
+#[test]
+fn the_head_follows_single_and_batched_events_in_any_order() {
+    let (repo, db) = synced();
+    let single = |id: &str| format!("SELECT emit_audit_event('{id}', 'TENANT_SUSPENDED', 'test', '{{}}');");
+    let batch = "SELECT emit_audit_events(ARRAY['alpha', 'bravo'], ARRAY['TENANT_SUSPENDED', 'TENANT_RESUMED'], ARRAY['test', 'test'], ARRAY['{}', '{}']::jsonb[]);";
+    for (k, sql) in [
+        format!("BEGIN; SET LOCAL frostbyte.audit_batch = 'on'; {} {batch} {} COMMIT;", single("alpha"), single("charlie")),
+        format!("BEGIN; {} {batch} COMMIT;", single("bravo")),
+        format!("BEGIN; {batch} {batch} COMMIT;"),
+        format!("BEGIN; SET LOCAL frostbyte.audit_batch = 'off'; {batch} COMMIT;"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        db.exec(sql);
+        let (code, report) = verify(&repo, &db, &[]);
+        assert_eq!(code, 0, "round {k}: {report}");
+        assert_eq!(report["head_seq"], db.scalar("SELECT max(event_seq) AS s FROM audit_events"), "round {k}");
+    }
+}
+
 #[test]
 fn the_newest_events_deleted_are_found_by_the_head() {
     let (repo, db) = synced();
