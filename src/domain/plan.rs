@@ -3,6 +3,7 @@
 use super::json::{self, SecretPaths, child, redact};
 use super::tenant::DesiredTenant;
 use hmac::{Hmac, Mac};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -39,21 +40,19 @@ pub struct ActualTenant {
 /// Secret leaves replaced by an HMAC of their value, so that documents can be compared and stored
 /// for drift detection without keeping or showing a secret. The key never leaves the database.
 pub fn seal(key: &[u8], doc: &Value, secrets: &SecretPaths) -> Value {
-    fn walk(key: &[u8], v: &Value, ptr: &str, secrets: &SecretPaths) -> Value {
-        if secrets.contains(ptr) {
+    let mut sealed = doc.clone();
+    // In order, so that a secret object is sealed whole before any path inside it is looked at
+    // (which then no longer resolves).
+    for pointer in secrets {
+        if let Some(v) = sealed.pointer_mut(pointer) {
             let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
-            mac.update(ptr.as_bytes());
+            mac.update(pointer.as_bytes());
             mac.update(&[0]);
             mac.update(json::canonical(v).as_bytes());
-            return Value::String(format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes())));
-        }
-        match v {
-            Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), walk(key, v, &child(ptr, k), secrets))).collect()),
-            Value::Array(a) => Value::Array(a.iter().enumerate().map(|(i, v)| walk(key, v, &child(ptr, &i.to_string()), secrets)).collect()),
-            other => other.clone(),
+            *v = Value::String(format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes())));
         }
     }
-    walk(key, doc, "", secrets)
+    sealed
 }
 
 pub fn digest(key: &[u8], doc: &Value, secrets: &SecretPaths) -> String {
@@ -317,8 +316,10 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
     let want: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
     let have: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
     let ids: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
+    // Each tenant's plan stands alone (digests and patches are most of a cold sync's planning).
+    let ids: Vec<&str> = ids.into_iter().collect();
     let tenants = ids
-        .into_iter()
+        .into_par_iter()
         .map(|id| match (want.get(id), have.get(id)) {
             (Some(d), None) => TenantPlan {
                 tenant_id: id.to_string(),
