@@ -143,12 +143,12 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     if !issues.is_empty() {
         return Err(issues);
     }
-    let document = Value::Object(
+    let document = json::compact(Value::Object(
         DOCUMENT_FIELDS
             .iter()
             .filter_map(|f| map.shift_remove(*f).map(|v| (f.to_string(), v)))
             .collect::<Map<_, _>>(),
-    );
+    ));
     Ok(DesiredTenant {
         tenant_id,
         file: file.to_string(),
