@@ -17,3 +17,12 @@ pub mod source;
 pub mod store;
 pub mod sync;
 pub mod verify;
+
+/// Runs CPU-bound or blocking work from async code: on the multi-threaded runtime the worker hands
+/// its other tasks (the database connections among them) to another thread meanwhile.
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}

@@ -122,9 +122,14 @@ fn reordered_events_are_found() {
 fn the_head_follows_single_and_batched_events_in_any_order() {
     let (repo, db) = synced();
     let single = |id: &str| format!("SELECT emit_audit_event('{id}', 'TENANT_SUSPENDED', 'test', '{{}}');");
-    let batch = "SELECT emit_audit_events(ARRAY['alpha', 'bravo'], ARRAY['TENANT_SUSPENDED', 'TENANT_RESUMED'], ARRAY['test', 'test'], ARRAY['{}', '{}']::jsonb[]);";
+    let batch =
+        "SELECT emit_audit_events(ARRAY['alpha', 'bravo'], ARRAY['TENANT_SUSPENDED', 'TENANT_RESUMED'], ARRAY['test', 'test'], ARRAY['{}', '{}']::jsonb[]);";
     for (k, sql) in [
-        format!("BEGIN; SET LOCAL frostbyte.audit_batch = 'on'; {} {batch} {} COMMIT;", single("alpha"), single("charlie")),
+        format!(
+            "BEGIN; SET LOCAL frostbyte.audit_batch = 'on'; {} {batch} {} COMMIT;",
+            single("alpha"),
+            single("charlie")
+        ),
         format!("BEGIN; {} {batch} COMMIT;", single("bravo")),
         format!("BEGIN; {batch} {batch} COMMIT;"),
         format!("BEGIN; SET LOCAL frostbyte.audit_batch = 'off'; {batch} COMMIT;"),

@@ -1,5 +1,6 @@
 //! Orchestration: snapshot -> decrypt -> validate -> load actual -> plan -> apply.
 
+use crate::blocking;
 use crate::config::{Config, DriftPolicy, Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::commit::CommitId;
@@ -509,13 +510,6 @@ async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &State, applie
         state.actual.clone()
     };
     Ok(with_unchanged(drift(&state.desired.tenants, &after, key), &state.unchanged))
-}
-
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
 }
 
 fn snapshot_of(source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {

@@ -2,7 +2,8 @@
 //! applied, decoded before the apply lock.
 
 use super::ports::{TenantSource, TenantStore};
-use super::{Ctx, Desired, ReadOptions, SyncError, blocking, decode_from};
+use super::{Ctx, Desired, ReadOptions, SyncError, decode_from};
+use crate::blocking;
 use crate::config::SourceConfig;
 use crate::domain::commit::CommitId;
 use crate::domain::issue::Issue;

@@ -1,8 +1,8 @@
 //! PostgreSQL: migrations, the tenants table, audit events and the agent's own records.
 
-use crate::domain::audit::{AuditEvent, CommitInfo, events_for};
+use crate::domain::audit::{AuditEvent, CommitInfo};
 use crate::domain::json::SecretPaths;
-use crate::domain::plan::{Action, ActualTenant, AppliedRecord, Plan, TenantPlan, seal};
+use crate::domain::plan::{ActualTenant, AppliedRecord, Plan, TenantPlan};
 use crate::domain::tenant::DesiredTenant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
@@ -12,17 +12,19 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use tokio_postgres::{GenericClient, Transaction};
 
+mod write;
+
 /// Migrations in the order they apply. Their text is part of the binary so that a deployed agent
 /// cannot drift from the files it was built with.
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "001_tenant_registry.sql", include_str!("../migrations/001_tenant_registry.sql")),
-    (2, "002_audit_events.sql", include_str!("../migrations/002_audit_events.sql")),
-    (3, "003_gitops_state.sql", include_str!("../migrations/003_gitops_state.sql")),
-    (4, "004_audit_chain.sql", include_str!("../migrations/004_audit_chain.sql")),
-    (5, "005_tenant_lifecycle.sql", include_str!("../migrations/005_tenant_lifecycle.sql")),
-    (6, "006_sources.sql", include_str!("../migrations/006_sources.sql")),
-    (7, "007_audit_batch.sql", include_str!("../migrations/007_audit_batch.sql")),
-    (8, "008_audit_head.sql", include_str!("../migrations/008_audit_head.sql")),
+    (1, "001_tenant_registry.sql", include_str!("../../migrations/001_tenant_registry.sql")),
+    (2, "002_audit_events.sql", include_str!("../../migrations/002_audit_events.sql")),
+    (3, "003_gitops_state.sql", include_str!("../../migrations/003_gitops_state.sql")),
+    (4, "004_audit_chain.sql", include_str!("../../migrations/004_audit_chain.sql")),
+    (5, "005_tenant_lifecycle.sql", include_str!("../../migrations/005_tenant_lifecycle.sql")),
+    (6, "006_sources.sql", include_str!("../../migrations/006_sources.sql")),
+    (7, "007_audit_batch.sql", include_str!("../../migrations/007_audit_batch.sql")),
+    (8, "008_audit_head.sql", include_str!("../../migrations/008_audit_head.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
@@ -516,6 +518,8 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
     })
 }
 
+const EMIT_AUDIT_EVENTS: &str = "SELECT emit_audit_events($1::text[], $2::text[], $3::text[], $4::jsonb[])";
+
 /// The one code path that writes audit events, inside the caller's transaction: all of them, in
 /// order, through `emit_audit_events`, the set-based variant of `emit_audit_event` (migration 007).
 pub async fn emit_audit_events(tx: &Transaction<'_>, events: &[AuditEvent]) -> Result<Vec<uuid::Uuid>, StoreError> {
@@ -527,10 +531,7 @@ pub async fn emit_audit_events(tx: &Transaction<'_>, events: &[AuditEvent]) -> R
     let actors: Vec<&str> = events.iter().map(|e| e.actor.as_str()).collect();
     let details: Vec<&serde_json::Value> = events.iter().map(|e| &e.details).collect();
     let rows = tx
-        .query(
-            "SELECT emit_audit_events($1::text[], $2::text[], $3::text[], $4::jsonb[])",
-            &[&tenants, &types, &actors, &details],
-        )
+        .query(EMIT_AUDIT_EVENTS, &[&tenants, &types, &actors, &details])
         .await
         .map_err(q(format!("writing {} audit event(s)", events.len())))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
@@ -568,11 +569,7 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         })?;
         changes.push((change, *d));
     }
-    // In chunks: the parameters of a statement are copies of the documents, and a cold sync of
-    // every tenant at once would hold all of them twice over.
-    for chunk in changes.chunks(APPLY_CHUNK) {
-        write_changes(tx, chunk, ctx).await?;
-    }
+    write::changes(tx, &changes, ctx).await?;
     claim(tx, &changes, ctx).await?;
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
@@ -591,104 +588,6 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
         .map_err(q("recording the applied commit"))?;
     }
     Ok(changes.len() + plan.decommissions().count())
-}
-
-/// Tenants written per statement.
-const APPLY_CHUNK: usize = 1000;
-
-/// Inserts and updates the rows of `changes` with their audit events and applied records.
-async fn write_changes(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
-    let (creates, updates): (Vec<_>, Vec<_>) = changes.iter().partition(|(c, _)| c.action == Action::Create);
-    let cols = |list: &[&(&TenantPlan, &DesiredTenant)]| {
-        let ids: Vec<String> = list.iter().map(|(_, d)| d.tenant_id.clone()).collect();
-        let configs: Vec<Value> = list.iter().map(|(_, d)| d.document["config"].clone()).collect();
-        let keys: Vec<String> = list
-            .iter()
-            .map(|(_, d)| d.document["age_public_key"].as_str().unwrap_or_default().to_string())
-            .collect();
-        let endpoints: Vec<Value> = list.iter().map(|(_, d)| d.document["endpoints"].clone()).collect();
-        (ids, configs, keys, endpoints)
-    };
-
-    if !creates.is_empty() {
-        let (ids, configs, keys, endpoints) = cols(&creates);
-        let created: Vec<String> = tx
-            .query(
-                "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
-                 SELECT u.id, 'pending', u.config, 1, u.key, u.endpoints
-                   FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[]) AS u(id, config, key, endpoints)
-                 ON CONFLICT (tenant_id) DO NOTHING
-                 RETURNING tenant_id",
-                &[&ids, &configs, &keys, &endpoints],
-            )
-            .await
-            .map_err(q(format!("creating {} tenant(s)", ids.len())))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if let Some(taken) = ids.iter().find(|id| !created.contains(id)) {
-            return Err(StoreError::Conflict {
-                tenant: taken.clone(),
-                message: "it was created by someone else".into(),
-            });
-        }
-    }
-    if !updates.is_empty() {
-        let (ids, configs, keys, endpoints) = cols(&updates);
-        let versions: Vec<i64> = updates.iter().map(|(c, _)| c.current_version.unwrap_or(0)).collect();
-        let updated: Vec<String> = tx
-            .query(
-                "UPDATE tenants t SET config = u.config, age_public_key = u.key, endpoints = u.endpoints,
-                        config_version = t.config_version + 1
-                   FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[], $5::bigint[]) AS u(id, config, key, endpoints, version)
-                  WHERE t.tenant_id = u.id AND t.config_version = u.version
-                 RETURNING t.tenant_id",
-                &[&ids, &configs, &keys, &endpoints, &versions],
-            )
-            .await
-            .map_err(q(format!("updating {} tenant(s)", ids.len())))?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        if let Some((c, _)) = updates.iter().find(|(c, _)| !updated.contains(&c.tenant_id)) {
-            return Err(StoreError::Conflict {
-                tenant: c.tenant_id.clone(),
-                message: format!("its config_version is no longer {}", c.current_version.unwrap_or(0)),
-            });
-        }
-    }
-
-    let events: Vec<AuditEvent> = changes
-        .iter()
-        .flat_map(|(c, _)| events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer))
-        .collect();
-    emit_audit_events(tx, &events).await?;
-    drop(events);
-
-    if !changes.is_empty() {
-        let ids: Vec<&str> = changes.iter().map(|(_, d)| d.tenant_id.as_str()).collect();
-        let files: Vec<&str> = changes.iter().map(|(_, d)| d.file.as_str()).collect();
-        let versions: Vec<i64> = changes.iter().map(|(c, _)| c.next_version.unwrap_or(1)).collect();
-        let digests: Vec<String> = changes.iter().map(|(c, _)| c.desired_digest.clone().unwrap_or_default()).collect();
-        let sealed: Vec<Value> = changes.iter().map(|(_, d)| seal(ctx.key, &d.document, &d.secrets)).collect();
-        // text[][] must be rectangular; the paths travel as one JSON array per tenant instead.
-        let secret_paths: Vec<Value> = changes.iter().map(|(_, d)| json!(d.secrets)).collect();
-        // clock_timestamp(), not now(): taken after the rows were written, so a later hand edit
-        // (whose trigger stamps updated_at) is always newer than applied_at.
-        tx.execute(
-            "INSERT INTO gitops_applied (tenant_id, source, commit_id, file_path, config_version, document_digest, sealed_document, secret_paths, applied_at)
-             SELECT u.id, $6, $7, u.file, u.version, u.digest, u.sealed, ARRAY(SELECT jsonb_array_elements_text(u.paths)), clock_timestamp()
-               FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $8::jsonb[]) AS u(id, file, version, digest, sealed, paths)
-             ON CONFLICT (tenant_id) DO UPDATE SET source = EXCLUDED.source, commit_id = EXCLUDED.commit_id,
-                 file_path = EXCLUDED.file_path, config_version = EXCLUDED.config_version,
-                 document_digest = EXCLUDED.document_digest, sealed_document = EXCLUDED.sealed_document,
-                 secret_paths = EXCLUDED.secret_paths, applied_at = EXCLUDED.applied_at",
-            &[&ids, &files, &versions, &digests, &sealed, &ctx.source, &ctx.commit.id, &secret_paths],
-        )
-        .await
-        .map_err(q("recording what was applied"))?;
-    }
-    Ok(())
 }
 
 /// Records this source as the owner of what it writes and of the unowned tenants it has files

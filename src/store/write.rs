@@ -1,0 +1,237 @@
+//! A run's writes, a chunk of tenants at a time. A chunk's statements go out together (one round
+//! trip, not one per statement), and the next chunk's rows are built on this side while the
+//! server writes the chunk before: the client's work and the server's overlap.
+
+use super::{ApplyContext, EMIT_AUDIT_EVENTS, StoreError, q};
+use crate::domain::audit::events_for;
+use crate::domain::plan::{Action, TenantPlan, seal};
+use crate::domain::tenant::DesiredTenant;
+use futures_util::{StreamExt, TryStreamExt};
+use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
+use tokio_postgres::{Statement, Transaction};
+
+/// Tenants per chunk: a chunk's parameters are copies of its documents, and a cold sync of every
+/// tenant at once would hold all of them twice over.
+const CHUNK: usize = 500;
+
+/// Inserts and updates the rows of `changes` with their audit events and applied records.
+pub async fn changes(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let statements = &Statements::prepare(tx).await?;
+    // Two chunks in flight: while the server writes one, the next is built (off the runtime's
+    // worker, so that the connection's task keeps reading replies) and sent behind it.
+    futures_util::stream::iter(changes.chunks(CHUNK))
+        .map(|chunk| crate::blocking(|| Rows::of(chunk, ctx)))
+        .map(|rows| async move { rows.write(tx, statements).await })
+        .buffered(2)
+        .try_collect()
+        .await
+}
+
+struct Statements {
+    create: Statement,
+    update: Statement,
+    emit: Statement,
+    applied: Statement,
+}
+
+impl Statements {
+    async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
+        let p = |sql| async move { tx.prepare(sql).await.map_err(q("preparing the writes")) };
+        let (create, update, emit, applied) = futures_util::try_join!(p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD))?;
+        Ok(Statements { create, update, emit, applied })
+    }
+}
+
+const CREATE: &str = "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
+     SELECT u.id, 'pending', u.config, 1, u.key, u.endpoints
+       FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[]) AS u(id, config, key, endpoints)
+     ON CONFLICT (tenant_id) DO NOTHING
+     RETURNING tenant_id";
+
+const UPDATE: &str = "UPDATE tenants t SET config = u.config, age_public_key = u.key, endpoints = u.endpoints,
+            config_version = t.config_version + 1
+       FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[], $5::bigint[]) AS u(id, config, key, endpoints, version)
+      WHERE t.tenant_id = u.id AND t.config_version = u.version
+     RETURNING t.tenant_id";
+
+// clock_timestamp(), not now(): taken after the rows were written, so a later hand edit (whose
+// trigger stamps updated_at) is always newer than applied_at. text[][] must be rectangular; the
+// secret paths travel as one JSON array per tenant instead.
+const RECORD: &str =
+    "INSERT INTO gitops_applied (tenant_id, source, commit_id, file_path, config_version, document_digest, sealed_document, secret_paths, applied_at)
+     SELECT u.id, $6, $7, u.file, u.version, u.digest, u.sealed, ARRAY(SELECT jsonb_array_elements_text(u.paths)), clock_timestamp()
+       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::jsonb[], $8::jsonb[]) AS u(id, file, version, digest, sealed, paths)
+     ON CONFLICT (tenant_id) DO UPDATE SET source = EXCLUDED.source, commit_id = EXCLUDED.commit_id,
+         file_path = EXCLUDED.file_path, config_version = EXCLUDED.config_version,
+         document_digest = EXCLUDED.document_digest, sealed_document = EXCLUDED.sealed_document,
+         secret_paths = EXCLUDED.secret_paths, applied_at = EXCLUDED.applied_at";
+
+/// The columns of `tenants` a create or an update writes, borrowed from the documents.
+#[derive(Default)]
+struct Tenants<'a> {
+    ids: Vec<&'a str>,
+    configs: Vec<Jsonb>,
+    keys: Vec<&'a str>,
+    endpoints: Vec<Jsonb>,
+    /// For an update: the version it expects to find.
+    versions: Vec<i64>,
+}
+
+impl<'a> Tenants<'a> {
+    fn push(&mut self, c: &TenantPlan, d: &'a DesiredTenant) {
+        self.ids.push(&d.tenant_id);
+        self.configs.push(Jsonb::of(&d.document["config"]));
+        self.keys.push(d.document["age_public_key"].as_str().unwrap_or_default());
+        self.endpoints.push(Jsonb::of(&d.document["endpoints"]));
+        self.versions.push(c.current_version.unwrap_or(0));
+    }
+}
+
+/// The parameters of one chunk's statements.
+struct Rows<'a> {
+    creates: Tenants<'a>,
+    updates: Tenants<'a>,
+    event_tenants: Vec<String>,
+    event_types: Vec<&'static str>,
+    event_actors: Vec<String>,
+    event_details: Vec<Jsonb>,
+    ids: Vec<&'a str>,
+    files: Vec<&'a str>,
+    versions: Vec<i64>,
+    digests: Vec<&'a str>,
+    sealed: Vec<Jsonb>,
+    secret_paths: Vec<Jsonb>,
+    source: &'a str,
+    commit: &'a str,
+}
+
+impl<'a> Rows<'a> {
+    fn of(chunk: &[(&'a TenantPlan, &'a DesiredTenant)], ctx: &ApplyContext<'a>) -> Rows<'a> {
+        let mut rows = Rows {
+            creates: Tenants::default(),
+            updates: Tenants::default(),
+            event_tenants: vec![],
+            event_types: vec![],
+            event_actors: vec![],
+            event_details: vec![],
+            ids: vec![],
+            files: vec![],
+            versions: vec![],
+            digests: vec![],
+            sealed: vec![],
+            secret_paths: vec![],
+            source: ctx.source,
+            commit: &ctx.commit.id,
+        };
+        for &(c, d) in chunk {
+            match c.action {
+                Action::Create => rows.creates.push(c, d),
+                _ => rows.updates.push(c, d),
+            }
+            for e in events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer) {
+                rows.event_tenants.push(e.tenant_id);
+                rows.event_types.push(e.event_type);
+                rows.event_actors.push(e.actor);
+                rows.event_details.push(Jsonb::of(&e.details));
+            }
+            rows.ids.push(&d.tenant_id);
+            rows.files.push(&d.file);
+            rows.versions.push(c.next_version.unwrap_or(1));
+            rows.digests.push(c.desired_digest.as_deref().unwrap_or_default());
+            rows.sealed.push(Jsonb::of(&seal(ctx.key, &d.document, &d.secrets)));
+            rows.secret_paths.push(Jsonb::of(&d.secrets));
+        }
+        rows
+    }
+
+    /// The chunk's statements, sent together; a tenant created or changed by someone else since
+    /// the plan fails the run.
+    async fn write(&self, tx: &Transaction<'_>, st: &Statements) -> Result<(), StoreError> {
+        let (c, u) = (&self.creates, &self.updates);
+        let created = async {
+            match c.ids.is_empty() {
+                true => Ok(vec![]),
+                false => tx
+                    .query(&st.create, &[&c.ids, &c.configs, &c.keys, &c.endpoints])
+                    .await
+                    .map_err(q(format!("creating {} tenant(s)", c.ids.len()))),
+            }
+        };
+        let updated = async {
+            match u.ids.is_empty() {
+                true => Ok(vec![]),
+                false => tx
+                    .query(&st.update, &[&u.ids, &u.configs, &u.keys, &u.endpoints, &u.versions])
+                    .await
+                    .map_err(q(format!("updating {} tenant(s)", u.ids.len()))),
+            }
+        };
+        let events = async {
+            tx.query(&st.emit, &[&self.event_tenants, &self.event_types, &self.event_actors, &self.event_details])
+                .await
+                .map_err(q(format!("writing {} audit event(s)", self.event_tenants.len())))
+        };
+        let recorded = async {
+            tx.execute(
+                &st.applied,
+                &[
+                    &self.ids,
+                    &self.files,
+                    &self.versions,
+                    &self.digests,
+                    &self.sealed,
+                    &self.source,
+                    &self.commit,
+                    &self.secret_paths,
+                ],
+            )
+            .await
+            .map_err(q("recording what was applied"))
+        };
+        let (created, updated, _, _) = futures_util::try_join!(created, updated, events, recorded)?;
+        let returned = |rows: Vec<tokio_postgres::Row>| rows.iter().map(|r| r.get::<_, String>(0)).collect::<std::collections::BTreeSet<_>>();
+        let created = returned(created);
+        if let Some(taken) = c.ids.iter().find(|id| !created.contains(**id)) {
+            return Err(StoreError::Conflict {
+                tenant: taken.to_string(),
+                message: "it was created by someone else".into(),
+            });
+        }
+        let updated = returned(updated);
+        if let Some((id, version)) = u.ids.iter().zip(&u.versions).find(|(id, _)| !updated.contains(**id)) {
+            return Err(StoreError::Conflict {
+                tenant: id.to_string(),
+                message: format!("its config_version is no longer {version}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A jsonb parameter serialised when its chunk is built, not when the statement is sent: the
+/// encoding is client work, and this way it overlaps with the server's.
+#[derive(Debug)]
+struct Jsonb(Vec<u8>);
+
+impl Jsonb {
+    fn of(v: &impl serde::Serialize) -> Jsonb {
+        Jsonb(serde_json::to_vec(v).expect("a JSON value always serialises"))
+    }
+}
+
+impl ToSql for Jsonb {
+    fn to_sql(&self, ty: &Type, out: &mut bytes::BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // jsonb's binary format: a version byte, then the JSON text.
+        if *ty == Type::JSONB {
+            out.extend_from_slice(&[1]);
+        }
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    accepts!(JSON, JSONB);
+    to_sql_checked!();
+}
