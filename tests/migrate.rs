@@ -78,6 +78,48 @@ fn creates_both_tables_with_their_columns_constraints_and_indexes() {
             .unwrap_err()
             .contains("tenants_age_public_key_x25519")
     );
+    // Migration 009 rewrote two checks for speed: they accept exactly what the first ones did.
+    let long = "a".repeat(61);
+    let k = &key[4..];
+    let ids = [
+        "abc",
+        "ab",
+        "a",
+        "a-b",
+        "-ab",
+        "ab-",
+        "a--b",
+        "Abc",
+        "a_b",
+        "a.b",
+        "0-9",
+        "abc\\n",
+        &format!("a{long}b"),
+        &format!("a{long}bc"),
+    ];
+    let keys = [
+        format!("age1{}", &k[1..]),
+        format!("{key}q"),
+        format!("age1{}", k.to_uppercase()),
+        format!("age2{k}"),
+        format!("age1b{}", &k[1..]),
+        format!("age1{k}\\n"),
+    ];
+    let first = |v: &str, pattern: &str| db.scalar(&format!("SELECT E'{v}' ~ '{pattern}' AS m")) == json!(true);
+    let accepts = |id: &str, key: &str| {
+        db.try_exec(&format!("INSERT INTO tenants (tenant_id, age_public_key) VALUES (E'{id}', E'{key}')"))
+            .is_ok()
+    };
+    for id in ids {
+        let accepted = accepts(id, &key);
+        assert_eq!(accepted, first(id, "^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$"), "tenant_id {id:?}");
+        db.exec("DELETE FROM tenants");
+    }
+    for bad in &keys {
+        let accepted = accepts("key-test", bad);
+        assert_eq!(accepted, first(bad, "^age1[qpzry9x8gf2tvdw0s3jn54khce6mua7l]{58}$"), "age_public_key {bad:?}");
+        db.exec("DELETE FROM tenants");
+    }
     db.exec(&format!("INSERT INTO tenants (tenant_id, age_public_key) VALUES ('good-id', '{key}')"));
     assert_eq!(db.scalar("SELECT state FROM tenants"), json!("pending"));
     assert_eq!(db.scalar("SELECT config_version FROM tenants"), json!(0));
