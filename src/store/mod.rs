@@ -114,13 +114,15 @@ pub fn session_config(url: &str, tls_policy: TlsPolicy) -> Result<tokio_postgres
 
 pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
     let cfg = session_config(url, tls_policy)?;
-    let mgr = Manager::from_config(
-        cfg,
-        tls()?,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    // Loading the system's roots takes tens of milliseconds, and a unix socket never uses them.
+    let tcp = cfg.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    let mgr = match tcp {
+        true => Manager::from_config(cfg, tls()?, manager),
+        false => Manager::from_config(cfg, tokio_postgres::NoTls, manager),
+    };
     Pool::builder(mgr).max_size(4).build().map_err(|e| StoreError::Url(e.to_string()))
 }
 
