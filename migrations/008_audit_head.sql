@@ -16,7 +16,9 @@ ALTER TABLE audit_events ENABLE ALWAYS TRIGGER audit_chain_head_follow;
 
 ALTER FUNCTION emit_audit_event(text, text, text, jsonb) SET frostbyte.audit_batch = 'off';
 
--- As in 007, and the head moved at the end.
+-- As in 007, with the head moved at the end, and a config event's stored predecessor found by one
+-- backward index probe per config event with no predecessor in the call, instead of a
+-- scan of every listed tenant's config events.
 CREATE OR REPLACE FUNCTION emit_audit_events(p_tenant_ids text[], p_event_types text[], p_actors text[], p_details jsonb[])
 RETURNS SETOF uuid LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, public SET frostbyte.audit_batch = 'on' AS $$
@@ -54,19 +56,21 @@ BEGIN
     v_ids := ARRAY(SELECT gen_random_uuid() FROM generate_series(1, n));
     -- A config event's predecessor: the tenant's previous config event in this call, else its
     -- newest one in the table.
+    -- A config event's predecessor: the tenant's previous config event in this call, else its
+    -- newest one in the table (one backward index probe, only for events that need it).
     WITH u AS (
         SELECT * FROM unnest(p_tenant_ids, p_event_types, v_ids) WITH ORDINALITY AS u(tenant_id, event_type, id, i)
     ), in_call AS (
         SELECT i, lag(id) OVER (PARTITION BY tenant_id ORDER BY i) AS prev FROM u WHERE event_type = 'TENANT_CONFIG_UPDATED'
-    ), stored AS (
-        SELECT DISTINCT ON (tenant_id) tenant_id, event_id
-          FROM public.audit_events
-         WHERE tenant_id = ANY(p_tenant_ids) AND event_type = 'TENANT_CONFIG_UPDATED'
-         ORDER BY tenant_id, event_seq DESC
     )
-    SELECT array_agg(CASE WHEN u.event_type = 'TENANT_CONFIG_UPDATED' THEN coalesce(in_call.prev, stored.event_id) END ORDER BY u.i)
+    SELECT array_agg(CASE WHEN u.event_type = 'TENANT_CONFIG_UPDATED' THEN coalesce(c.prev, s.event_id) END ORDER BY u.i)
       INTO v_prevs
-      FROM u LEFT JOIN in_call USING (i) LEFT JOIN stored USING (tenant_id);
+      FROM u LEFT JOIN in_call c USING (i)
+      LEFT JOIN LATERAL (
+          SELECT e.event_id FROM public.audit_events e
+           WHERE u.event_type = 'TENANT_CONFIG_UPDATED' AND c.prev IS NULL
+             AND e.tenant_id = u.tenant_id AND e.event_type = 'TENANT_CONFIG_UPDATED'
+           ORDER BY e.event_seq DESC LIMIT 1) s ON true;
     FOR i IN 1..n LOOP
         v_details := v_details || coalesce(p_details[i], '{}'::jsonb);
         -- audit_event_content(), inlined: the same length-prefixed fields in the same order.

@@ -234,7 +234,7 @@ pub fn against(label: &str, d: Duration, floor: Duration) {
 }
 
 /// The write floor of what a sync wrote: the very rows of `tables`, copied (binary COPY) into
-/// tables of the same shape and indexes, in one transaction.
+/// tables of the same columns, constraints and indexes, in one transaction.
 pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
     use futures_util::{SinkExt, TryStreamExt};
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -244,7 +244,7 @@ pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
         let mut data = Vec::new();
         for t in tables {
             c.batch_execute(&format!(
-                "DROP TABLE IF EXISTS floor_{t}; CREATE TABLE floor_{t} (LIKE {t} INCLUDING DEFAULTS INCLUDING INDEXES)"
+                "DROP TABLE IF EXISTS floor_{t}; CREATE TABLE floor_{t} (LIKE {t} INCLUDING ALL)"
             ))
             .await
             .unwrap();
