@@ -11,30 +11,47 @@ fn main() {
     println!("sync: {n} tenants, {changed} changed in the last step");
     let (repo, setup) = time(|| Repo::generate(n));
     println!("{:<48} {:>9.1} ms", "setup: generate, encrypt and commit", setup.as_secs_f64() * 1e3);
-    let url = database();
+    // The binary, as cron runs it: validate, then the first sync, each beside its floor. This
+    // machine's speed wanders by 20% from one second to the next: each is the best of three (the
+    // first sync on a fresh database each time, migrated beforehand as production's `migrate` step
+    // does), the floors measured between them, the peak RSS the highest seen.
+    let mut validate = cli(repo.dir.path(), None, &["validate"]);
+    let (mut first, mut copy, mut url) = (None::<Measured>, std::time::Duration::MAX, String::new());
+    for _ in 0..3 {
+        let v = cli(repo.dir.path(), None, &["validate"]);
+        validate.peak_rss_mib = validate.peak_rss_mib.max(v.peak_rss_mib);
+        validate.wall = validate.wall.min(v.wall);
+        url = database();
+        cli(repo.dir.path(), Some(&url), &["migrate"]);
+        let mut s = cli(repo.dir.path(), Some(&url), &["sync"]);
+        let summary = s.stdout.lines().rev().find(|l| l.starts_with("Applied:")).unwrap_or_default();
+        assert!(summary.starts_with(&format!("Applied: {n} created")), "{summary}");
+        copy = copy.min(copy_floor(&url, &["tenants", "audit_events", "gitops_applied", "gitops_owners"]));
+        if let Some(best) = &first {
+            s.peak_rss_mib = s.peak_rss_mib.max(best.peak_rss_mib);
+            if best.wall < s.wall {
+                s.wall = best.wall;
+            }
+        }
+        first = Some(s);
+    }
+    let first = first.expect("three runs");
+    against("first sync, `sync` process (every tenant created)", first.wall, validate.wall + copy);
+    println!(
+        "    floor = `validate` process {:.1} ms + COPY of the rows it wrote {:.1} ms (best of 3 each)",
+        validate.wall.as_secs_f64() * 1e3,
+        copy.as_secs_f64() * 1e3
+    );
+    println!("    peak RSS: validate {:.0} MiB, sync {:.0} MiB", validate.peak_rss_mib, first.peak_rss_mib);
+
     let ctx = repo.ctx(Some(&url));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
-    rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
     let src = &ctx.cfg.sources[0];
     let apply = || {
         rt.block_on(sync::run(&ctx, &db.pool, src, Run::Apply { allow_non_fast_forward: false }, Default::default()))
             .unwrap()
     };
-
-    // The binary, as cron runs it: validate, then the first sync; each beside its floor.
-    let validate = cli(repo.dir.path(), None, &["validate"]);
-    let first = cli(repo.dir.path(), Some(&url), &["sync"]);
-    let summary = first.stdout.lines().rev().find(|l| l.starts_with("Applied:")).unwrap_or_default();
-    assert!(summary.starts_with(&format!("Applied: {n} created")), "{summary}");
-    let copy = copy_floor(&url, &["tenants", "audit_events", "gitops_applied", "gitops_owners"]);
-    against("first sync, `sync` process (every tenant created)", first.wall, validate.wall + copy);
-    println!(
-        "    floor = `validate` process {:.1} ms + COPY of the rows it wrote {:.1} ms",
-        validate.wall.as_secs_f64() * 1e3,
-        copy.as_secs_f64() * 1e3
-    );
-    println!("    peak RSS: validate {:.0} MiB, sync {:.0} MiB", validate.peak_rss_mib, first.peak_rss_mib);
 
     let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(src)).unwrap();
     let listing = || {

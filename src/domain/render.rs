@@ -206,7 +206,8 @@ fn plan_text_in(plan: &Plan, header: &Header, color: bool, tense: Tense) -> Stri
     out.push('\n');
     // Each tenant's lines stand alone: a cold sync's 10,000 blocks are rendered on all cores.
     let blocks: Vec<String> = plan.tenants.par_iter().map(|t| tenant_text(t, p, tense)).collect();
-    blocks.iter().for_each(|b| out.push_str(b));
+    out.reserve_exact(blocks.iter().map(String::len).sum::<usize>() + 200);
+    blocks.into_iter().for_each(|b| out.push_str(&b));
     let s = plan.summary();
     if !plan.has_changes() && s.orphaned == 0 && s.conflict == 0 {
         let _ = writeln!(out, "No changes. The database matches {} ({} tenant(s)).", short(&header.commit), s.unchanged);
