@@ -243,11 +243,9 @@ pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
         tokio::spawn(conn);
         let mut data = Vec::new();
         for t in tables {
-            c.batch_execute(&format!(
-                "DROP TABLE IF EXISTS floor_{t}; CREATE TABLE floor_{t} (LIKE {t} INCLUDING ALL)"
-            ))
-            .await
-            .unwrap();
+            c.batch_execute(&format!("DROP TABLE IF EXISTS floor_{t}; CREATE TABLE floor_{t} (LIKE {t} INCLUDING ALL)"))
+                .await
+                .unwrap();
             let out = c.copy_out(&format!("COPY {t} TO STDOUT (FORMAT binary)")).await.unwrap();
             let chunks: Vec<_> = out.try_collect().await.unwrap();
             data.push(chunks.iter().flat_map(|b| b.iter().copied()).collect::<Vec<u8>>());
