@@ -226,6 +226,27 @@ pub struct Rules {
     pub mac_only_encrypted: bool,
 }
 
+/// A rule's regex, compiled once per thread and pattern: the files of a repository nearly always
+/// carry the same rules, and compiling them for every file was 7% of a run's CPU time.
+fn compiled_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    const KEPT: usize = 8;
+    thread_local! {
+        static SEEN: std::cell::RefCell<Vec<(String, Regex)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    SEEN.with(|seen| {
+        let mut seen = seen.borrow_mut();
+        if let Some((_, r)) = seen.iter().find(|(p, _)| p == pattern) {
+            return Ok(r.clone());
+        }
+        let r = Regex::new(pattern)?;
+        if seen.len() == KEPT {
+            seen.remove(0);
+        }
+        seen.push((pattern.to_string(), r.clone()));
+        Ok(r)
+    })
+}
+
 struct CompiledRules {
     rules: Rules,
     unencrypted_regex: Option<Regex>,
@@ -237,7 +258,7 @@ impl CompiledRules {
         let compile = |r: &Option<String>, name: &str| {
             r.as_deref()
                 .filter(|s| !s.is_empty())
-                .map(|s| Regex::new(s).map_err(|e| SopsError::Metadata(format!("{name}: {e}"))))
+                .map(|s| compiled_regex(s).map_err(|e| SopsError::Metadata(format!("{name}: {e}"))))
                 .transpose()
         };
         Ok(CompiledRules {
