@@ -414,20 +414,24 @@ pub struct RowIndex {
     pub config_version: i64,
     /// From the applied record: file, config_version and document digest.
     pub applied: Option<(String, i64, String)>,
-    /// The source and commit the applied record came from.
-    pub applied_from: Option<(String, String)>,
+    /// The commit the applied record came from, when this source wrote it.
+    pub applied_commit: Option<String>,
     /// Changed since the agent wrote it (its trigger-kept updated_at is newer).
     pub touched: bool,
-    /// The source that owns it (none: made by hand, or before sources were recorded).
-    pub owner: Option<Owner>,
+    /// The file this source owns it by (none: nobody owns it; made by hand, or before sources
+    /// were recorded). The index holds no rows another source owns.
+    pub owned_file: Option<String>,
 }
 
 /// The index of the rows a run over `source` works on: those it owns, and those nobody owns
 /// (all of them, or only those of `unowned_ids`). Driven from the owner index, so a run's cost
 /// follows its own source's size, not the table's.
 pub async fn load_index(client: &impl GenericClient, source: &str, unowned_ids: Option<&[&str]>) -> Result<Vec<RowIndex>, StoreError> {
+    // Compared here rather than sent: at 100,000 rows every column is megabytes to read. An owner
+    // is always this source, and its file is nearly always the applied record's.
     const COLUMNS: &str = "t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
-        (a.applied_at IS NULL OR t.updated_at > a.applied_at), a.source, a.commit_id, o.source, o.file_path";
+        (a.applied_at IS NULL OR t.updated_at > a.applied_at), CASE WHEN a.source = $1 THEN a.commit_id END,
+        o.source IS NOT NULL, NULLIF(o.file_path, a.file_path)";
     let rows = match unowned_ids {
         // Every unowned row: one pass over the table (an anti-join costs twice as much).
         None => {
@@ -458,20 +462,16 @@ pub async fn load_index(client: &impl GenericClient, source: &str, unowned_ids: 
                 message: e.to_string(),
             };
             let file: Option<String> = r.try_get(2).map_err(bad)?;
+            let owned: bool = r.try_get(7).map_err(bad)?;
+            let other_file: Option<String> = r.try_get(8).map_err(bad)?;
+            let owned_file = owned.then(|| other_file.or_else(|| file.clone()).unwrap_or_default());
             let applied = match file {
                 Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
                 None => None,
             };
-            let source: Option<String> = r.try_get(6).map_err(bad)?;
-            let commit: Option<String> = r.try_get(7).map_err(bad)?;
-            let owner: Option<String> = r.try_get(8).map_err(bad)?;
             Ok(RowIndex {
-                owner: owner.map(|source| Owner {
-                    source,
-                    name: None,
-                    file: r.get::<_, Option<String>>(9).unwrap_or_default(),
-                }),
-                applied_from: source.zip(commit),
+                owned_file,
+                applied_commit: r.try_get(6).map_err(bad)?,
                 config_version: r.try_get(1).map_err(bad)?,
                 touched: r.try_get(5).map_err(bad)?,
                 applied,

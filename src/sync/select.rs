@@ -104,18 +104,15 @@ pub(super) fn select(
     full: bool,
 ) -> Result<Selection, SyncError> {
     let stems: BTreeMap<&str, &str> = snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect();
-    let mine = |r: &store::RowIndex| match &r.owner {
-        Some(o) => o.source == scope.id,
-        None => scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str()),
-    };
+    let mine = |r: &store::RowIndex| r.owned_file.is_some() || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
     let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
     let owned: BTreeMap<String, String> = index
         .iter()
-        .filter_map(|r| r.owner.as_ref().map(|o| (r.tenant_id.clone(), o.file.clone())))
+        .filter_map(|r| r.owned_file.as_ref().map(|f| (r.tenant_id.clone(), f.clone())))
         .collect();
     let claims: Vec<(String, String)> = index
         .iter()
-        .filter(|r| r.owner.is_none())
+        .filter(|r| r.owned_file.is_none())
         .filter_map(|r| stems.get(r.tenant_id.as_str()).map(|f| (r.tenant_id.clone(), f.to_string())))
         .collect();
     let new = snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id));
@@ -146,7 +143,7 @@ pub(super) fn select(
     for f in &snapshot.files {
         let same = by_id.get(f.stem.as_str()).and_then(|r| {
             let (file, version, digest) = r.applied.as_ref()?;
-            let from_here = r.applied_from.as_ref().is_some_and(|(_, commit)| trusted.contains(commit.as_str()));
+            let from_here = r.applied_commit.as_ref().is_some_and(|commit| trusted.contains(commit.as_str()));
             (from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
                 tenant_id: r.tenant_id.clone(),
                 file: file.clone(),
@@ -181,12 +178,7 @@ pub(super) fn select(
 /// source wrote from the last applied commit or one of its ancestors. A record from the work tree
 /// (`apply --worktree`), another source or a history that was rewritten is not trusted.
 fn trusted_records<'a>(source: &impl TenantSource, index: &'a [store::RowIndex], last: &CommitId) -> Result<BTreeSet<&'a str>, SyncError> {
-    let commits: BTreeSet<&str> = index
-        .iter()
-        .filter_map(|r| r.applied_from.as_ref())
-        .filter(|(from, _)| from == source.id())
-        .map(|(_, commit)| commit.as_str())
-        .collect();
+    let commits: BTreeSet<&str> = index.iter().filter_map(|r| r.applied_commit.as_deref()).collect();
     let mut trusted = BTreeSet::new();
     for commit in commits {
         let Some(id) = CommitId::parse(commit) else { continue };
