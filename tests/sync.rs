@@ -193,6 +193,25 @@ fn a_secret_change_is_only_ever_called_changed() {
 }
 
 #[test]
+fn a_row_the_database_refuses_is_named_without_its_values() {
+    // PostgreSQL's DETAIL for a violated CHECK quotes the whole row, decrypted config included.
+    let (repo, db) = three_tenants();
+    assert_eq!(run(&repo, Some(&db), &["migrate"]).code, 0);
+    db.exec("ALTER TABLE tenants ADD CONSTRAINT no_pro_plan CHECK (config->>'plan' <> 'pro')");
+    let mut c = command(repo.path(), Some(&db));
+    c.env("FROSTBYTE_LOG", "trace").arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("no_pro_plan"), "the constraint is named: {}", out.stderr);
+    assert!(out.stderr.contains("SQLSTATE 23514"), "{}", out.stderr);
+    for secret in ["pw-alpha-s3cret", "key-alpha-hidden", "pw-bravo-s3cret", "pw-charlie-s3cret", "Failing row"] {
+        assert!(!out.all().contains(secret), "the error quotes the row ({secret}):\n{}", out.all());
+    }
+    assert_eq!(db.count("SELECT 1 FROM tenants"), 0);
+    assert_eq!(db.count("SELECT 1 FROM audit_events"), 0);
+}
+
+#[test]
 fn a_saved_plan_applies_exactly_and_a_stale_one_is_refused() {
     let (repo, db) = three_tenants();
     let dir = tempfile::tempdir().unwrap();

@@ -45,7 +45,7 @@ pub enum StoreError {
     Query {
         context: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: DbFailure,
     },
     #[error(
         "migration {name} was changed after it was applied (checksum {applied} in the database, {now} in this build); restore it and add a new migration instead"
@@ -68,7 +68,57 @@ pub enum StoreError {
 
 fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     let context = context.into();
-    move |source| StoreError::Query { context, source }
+    move |source| StoreError::Query {
+        context,
+        source: source.into(),
+    }
+}
+
+/// A driver error as people see it. The server's DETAIL and WHERE are left out: for a violated
+/// constraint or a bad value they quote the row (`Failing row contains (...)`), and a tenant's row
+/// holds its decrypted config.
+pub struct DbFailure(tokio_postgres::Error);
+
+impl From<tokio_postgres::Error> for DbFailure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbFailure(e)
+    }
+}
+
+impl std::fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => {
+                write!(f, "{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code())?;
+                match db.hint() {
+                    Some(hint) => write!(f, "; hint: {hint}"),
+                    None => Ok(()),
+                }
+            }
+            None => self.0.fmt(f),
+        }
+    }
+}
+
+/// The derived Debug would print every field of the server's error, DETAIL included.
+impl std::fmt::Debug for DbFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DbFailure({self})")
+    }
+}
+
+impl std::error::Error for DbFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // A server error's own source is the full DbError; anything else (I/O, TLS) is safe to chain.
+        match self.0.as_db_error() {
+            Some(_) => None,
+            None => std::error::Error::source(&self.0),
+        }
+    }
+}
+
+fn any_tcp_host(cfg: &tokio_postgres::Config) -> bool {
+    cfg.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)))
 }
 
 /// TLS for TCP connections (`sslmode=prefer` by default, `require` to insist; unix sockets never
@@ -105,7 +155,7 @@ pub fn session_config(url: &str, tls_policy: TlsPolicy) -> Result<tokio_postgres
     if cfg.get_options().is_none() {
         cfg.options(SESSION_OPTIONS);
     }
-    let tcp = cfg.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    let tcp = any_tcp_host(&cfg);
     if tls_policy == TlsPolicy::RequireForTcp && tcp && !url.to_ascii_lowercase().contains("sslmode") {
         cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
     }
@@ -118,7 +168,7 @@ pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
         recycling_method: RecyclingMethod::Fast,
     };
     // Loading the system's roots takes tens of milliseconds, and a unix socket never uses them.
-    let tcp = cfg.get_hosts().iter().any(|h| matches!(h, tokio_postgres::config::Host::Tcp(_)));
+    let tcp = any_tcp_host(&cfg);
     let mgr = match tcp {
         true => Manager::from_config(cfg, tls()?, manager),
         false => Manager::from_config(cfg, tokio_postgres::NoTls, manager),
@@ -789,7 +839,7 @@ pub async fn transition_tenant_state(
             }
             _ => StoreError::Query {
                 context: format!("moving tenant {tenant} to {to_state}"),
-                source: e,
+                source: e.into(),
             },
         })?;
     tx.commit().await.map_err(q("committing"))?;
@@ -810,7 +860,7 @@ pub async fn create_database(admin: &impl GenericClient, name: &str) -> Result<(
         {
             return Err(StoreError::Query {
                 context: format!("creating database {name}"),
-                source: e,
+                source: e.into(),
             });
         }
     }

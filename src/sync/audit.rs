@@ -41,7 +41,7 @@ pub async fn verify_audit(pool: &Pool, anchor: Option<(i64, Vec<u8>)>) -> Result
         .await
         .map_err(|e| StoreError::Query {
             context: "starting a read-only transaction".into(),
-            source: e,
+            source: e.into(),
         })?;
     let mut verifier = ChainVerifier::new(anchor);
     let mut broken: Option<ChainBreak> = None;

@@ -270,7 +270,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         attempts.verify(&**client).await?;
         let tx = client.transaction().await.map_err(|e| StoreError::Query {
             context: "starting a transaction".into(),
-            source: e,
+            source: e.into(),
         })?;
         match attempts.lock(tx).await? {
             Round::Locked(locked) => break *locked,
@@ -320,7 +320,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     };
     tx.commit().await.map_err(|e| StoreError::Query {
         context: "committing".into(),
-        source: e,
+        source: e.into(),
     })?;
     if applied > 0 {
         tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
@@ -437,7 +437,7 @@ impl Attempts<'_> {
         }
         tx.rollback().await.map_err(|e| StoreError::Query {
             context: "rolling back".into(),
-            source: e,
+            source: e.into(),
         })?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
     }
