@@ -11,7 +11,7 @@ use crate::domain::tenant::{DesiredTenant, check_document};
 use crate::sops::{self, AgeKeys, Format};
 use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
 use rayon::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io::IsTerminal;
 
 pub struct ReadOptions<'a> {
@@ -61,15 +61,17 @@ const READ_CHUNK: usize = 512;
 /// holds is the decoded documents, never every file's bytes as well.
 pub fn decode_from(source: &impl TenantSource, snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Result<Desired, SourceError> {
     let listing = Listing::of(&snapshot);
-    let mut to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
+    let to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
     let bar = progress(opts, to_read.len());
     let (mut tenants, mut issues) = (Vec::new(), Vec::new());
-    while !to_read.is_empty() {
-        let rest = to_read.split_off(READ_CHUNK.min(to_read.len()));
-        let mut chunk = Snapshot {
-            commit: None,
-            files: std::mem::replace(&mut to_read, rest),
-        };
+    // Taken from the front a chunk at a time: splitting the rest off would copy it every round.
+    let mut to_read = to_read.into_iter();
+    loop {
+        let files: Vec<SourceFile> = to_read.by_ref().take(READ_CHUNK).collect();
+        if files.is_empty() {
+            break;
+        }
+        let mut chunk = Snapshot { commit: None, files };
         source.read_bodies(&mut chunk, None)?;
         let (mut t, mut i) = decode_files(chunk.files, opts, bar.as_ref());
         tenants.append(&mut t);
@@ -110,43 +112,54 @@ fn decode_files(files: Vec<SourceFile>, opts: &ReadOptions<'_>, bar: Option<&ind
     (tenants, issues)
 }
 
-/// Every file's path and stem: what the checks across files need.
+/// What the checks across files found, taken from the listing before its files are decoded (so
+/// that no copy of every path is held while they are).
 struct Listing {
-    files: Vec<(String, String)>,
+    files: usize,
+    /// Stems claimed by more than one file, and the problems that say so.
+    duplicated: BTreeSet<String>,
+    issues: Vec<Issue>,
 }
 
 impl Listing {
+    /// One tenant, one file: `acme.toml` and `acme.json` (or `eu/acme.toml`) would both claim `acme`.
     fn of(snapshot: &Snapshot) -> Listing {
+        // Sorted pairs, not a map of lists: no allocation per file.
+        let mut by_stem: Vec<(&str, &str)> = snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect();
+        by_stem.sort_unstable();
+        let (mut issues, mut duplicated) = (Vec::new(), BTreeSet::new());
+        for group in by_stem.chunk_by(|a, b| a.0 == b.0).filter(|g| g.len() > 1) {
+            let stem = group[0].0;
+            duplicated.insert(stem.to_string());
+            if stem.is_empty() {
+                continue;
+            }
+            for (_, p) in group {
+                let others: Vec<&str> = group.iter().map(|(_, o)| *o).filter(|o| o != p).collect();
+                issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
+            }
+        }
         Listing {
-            files: snapshot.files.iter().map(|f| (f.stem.clone(), f.path.clone())).collect(),
+            files: snapshot.files.len(),
+            duplicated,
+            issues,
         }
     }
 
-    /// One tenant, one file: `acme.toml` and `acme.json` (or `eu/acme.toml`) would both claim `acme`.
     fn finish(self, commit: Option<CommitInfo>, mut tenants: Vec<DesiredTenant>, mut issues: Vec<Issue>, bar: Option<indicatif::ProgressBar>) -> Desired {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
-        let mut by_stem: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-        for (stem, path) in &self.files {
-            by_stem.entry(stem.as_str()).or_default().push(path.as_str());
-        }
-        for (stem, paths) in by_stem.iter().filter(|(s, p)| p.len() > 1 && !s.is_empty()) {
-            for p in paths {
-                let others: Vec<&str> = paths.iter().filter(|o| *o != p).copied().collect();
-                issues.push(Issue::new(*p, format!("duplicate tenant_id {stem:?}: also defined in {}", others.join(", "))));
-            }
-        }
+        issues.extend(self.issues);
         collapse_configuration_problems(&mut issues);
-        let dup: BTreeSet<&str> = by_stem.iter().filter(|(_, p)| p.len() > 1).map(|(s, _)| *s).collect();
-        tenants.retain(|t| !dup.contains(t.tenant_id.as_str()));
+        tenants.retain(|t| !self.duplicated.contains(&t.tenant_id));
         tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
         issues.sort();
         Desired {
             commit,
             tenants,
             issues,
-            files: self.files.len(),
+            files: self.files,
         }
     }
 }
