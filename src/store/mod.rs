@@ -26,6 +26,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "007_audit_batch.sql", include_str!("../../migrations/007_audit_batch.sql")),
     (8, "008_audit_head.sql", include_str!("../../migrations/008_audit_head.sql")),
     (9, "009_cheaper_checks.sql", include_str!("../../migrations/009_cheaper_checks.sql")),
+    (10, "010_covering_keys.sql", include_str!("../../migrations/010_covering_keys.sql")),
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
