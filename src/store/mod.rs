@@ -335,6 +335,15 @@ impl std::fmt::Display for Owner {
 
 /// Which of `ids` other sources own (rows deleted by hand included).
 pub async fn foreign_owners(client: &impl GenericClient, source: &str, ids: &[&str]) -> Result<BTreeMap<String, Owner>, StoreError> {
+    // Most databases have one source: two probes of the source index say so, where sending every
+    // id of a large source costs the server a parse of the whole array (70 ms at 100,000).
+    let others = client
+        .query_one("SELECT EXISTS (SELECT 1 FROM gitops_owners WHERE source < $1 OR source > $1)", &[&source])
+        .await
+        .map_err(q("reading gitops_owners"))?;
+    if !others.get::<_, bool>(0) {
+        return Ok(BTreeMap::new());
+    }
     let rows = client
         .query(
             "SELECT tenant_id, source, source_name, file_path FROM gitops_owners WHERE tenant_id = ANY($2) AND source <> $1",
@@ -483,53 +492,62 @@ pub async fn load_index(client: &impl GenericClient, source: &str, unowned_ids: 
     const COLUMNS: &str = "t.tenant_id, t.config_version, a.file_path, a.config_version, a.document_digest,
         (a.applied_at IS NULL OR t.updated_at > a.applied_at), CASE WHEN a.source = $1 THEN a.commit_id END,
         o.source IS NOT NULL, NULLIF(o.file_path, a.file_path)";
-    let rows = match unowned_ids {
+    use futures_util::TryStreamExt;
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let (sql, params): (String, Vec<Param<'_>>) = match &unowned_ids {
         // Every unowned row: one pass over the table (an anti-join costs twice as much).
-        None => {
-            let sql = format!(
+        None => (
+            format!(
                 "SELECT {COLUMNS} FROM tenants t LEFT JOIN gitops_owners o USING (tenant_id) LEFT JOIN gitops_applied a USING (tenant_id)
                   WHERE o.source = $1 OR o.source IS NULL"
-            );
-            client.query(&sql, &[&source]).await
-        }
+            ),
+            vec![&source],
+        ),
         // Its own rows through the owner index, and the unowned rows it has files for.
-        Some(ids) => {
-            let sql = format!(
+        Some(ids) => (
+            format!(
                 "SELECT {COLUMNS} FROM gitops_owners o JOIN tenants t USING (tenant_id) LEFT JOIN gitops_applied a USING (tenant_id)
                   WHERE o.source = $1
                  UNION ALL
                  SELECT {COLUMNS} FROM tenants t LEFT JOIN gitops_owners o USING (tenant_id) LEFT JOIN gitops_applied a USING (tenant_id)
                   WHERE t.tenant_id = ANY($2) AND o.source IS NULL"
-            );
-            client.query(&sql, &[&source, &ids]).await
-        }
+            ),
+            vec![&source, ids],
+        ),
+    };
+    // Streamed: each row becomes its index entry as it arrives, instead of every row's message
+    // being held until the last one has.
+    let rows = client.query_raw(&sql, params).await.map_err(q("indexing tenants"))?;
+    futures_util::pin_mut!(rows);
+    let mut index = Vec::new();
+    while let Some(r) = rows.try_next().await.map_err(q("indexing tenants"))? {
+        index.push(index_from_row(&r)?);
     }
-    .map_err(q("indexing tenants"))?;
-    rows.iter()
-        .map(|r| {
-            let tenant_id: String = r.get(0);
-            let bad = |e: tokio_postgres::Error| StoreError::BadRow {
-                tenant: tenant_id.clone(),
-                message: e.to_string(),
-            };
-            let file: Option<String> = r.try_get(2).map_err(bad)?;
-            let owned: bool = r.try_get(7).map_err(bad)?;
-            let other_file: Option<String> = r.try_get(8).map_err(bad)?;
-            let owned_file = owned.then(|| other_file.or_else(|| file.clone()).unwrap_or_default());
-            let applied = match file {
-                Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
-                None => None,
-            };
-            Ok(RowIndex {
-                owned_file,
-                applied_commit: r.try_get(6).map_err(bad)?,
-                config_version: r.try_get(1).map_err(bad)?,
-                touched: r.try_get(5).map_err(bad)?,
-                applied,
-                tenant_id: tenant_id.clone(),
-            })
-        })
-        .collect()
+    Ok(index)
+}
+
+fn index_from_row(r: &tokio_postgres::Row) -> Result<RowIndex, StoreError> {
+    let tenant_id: String = r.get(0);
+    let bad = |e: tokio_postgres::Error| StoreError::BadRow {
+        tenant: tenant_id.clone(),
+        message: e.to_string(),
+    };
+    let file: Option<String> = r.try_get(2).map_err(bad)?;
+    let owned: bool = r.try_get(7).map_err(bad)?;
+    let other_file: Option<String> = r.try_get(8).map_err(bad)?;
+    let owned_file = owned.then(|| other_file.or_else(|| file.clone()).unwrap_or_default());
+    let applied = match file {
+        Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
+        None => None,
+    };
+    Ok(RowIndex {
+        owned_file,
+        applied_commit: r.try_get(6).map_err(bad)?,
+        config_version: r.try_get(1).map_err(bad)?,
+        touched: r.try_get(5).map_err(bad)?,
+        applied,
+        tenant_id: tenant_id.clone(),
+    })
 }
 
 fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError> {

@@ -477,7 +477,9 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
             .iter()
             .map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())),
     );
-    fresh.tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    // One entry per tenant, so an unstable sort gives the same order, without a buffer the size
+    // of the plan.
+    fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     if src.prune || opts.prune {
         let states: BTreeMap<&str, &str> = actual.iter().map(|a| (a.tenant_id.as_str(), a.state.as_str())).collect();
