@@ -58,13 +58,28 @@ fn main() {
         let ((), d) = time(|| drop(source.snapshot(source.resolve(None).unwrap()).unwrap()));
         d
     };
-    let mut best = std::time::Duration::MAX;
-    for _ in 1..=3 {
-        let (o, noop) = time(apply);
-        assert_eq!(o.applied, 0);
-        best = best.min(noop);
-    }
-    against("sync with nothing to do (best of 3)", best, listing());
+    let noop = || {
+        let mut best = std::time::Duration::MAX;
+        for _ in 1..=3 {
+            let (o, d) = time(apply);
+            assert_eq!(o.applied, 0);
+            best = best.min(d);
+        }
+        best
+    };
+    against("sync with nothing to do, right after (best of 3)", noop(), listing());
+    // Steady state: autovacuum visits a table within a minute of a bulk insert and marks its pages
+    // all-visible, which the index's index-only scans need.
+    rt.block_on(async {
+        db.pool
+            .get()
+            .await
+            .unwrap()
+            .batch_execute("VACUUM (ANALYZE) tenants, gitops_applied, gitops_owners")
+            .await
+    })
+    .unwrap();
+    against("sync with nothing to do, once vacuumed (best of 3)", noop(), listing());
     println!("    floor = listing the tenant tree at the commit");
     for round in 1..=3 {
         repo.write((0..changed).map(|k| (k * 97 + round) % n).collect(), round as u32);
