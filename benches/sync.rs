@@ -67,7 +67,7 @@ fn main() {
         }
         best
     };
-    against("sync with nothing to do, right after (best of 3)", noop(), listing());
+    against("no-op sync, right after it (best of 3)", noop(), listing());
     // Steady state: autovacuum visits a table within a minute of a bulk insert and marks its pages
     // all-visible, which the index's index-only scans need.
     rt.block_on(async {
@@ -79,7 +79,7 @@ fn main() {
             .await
     })
     .unwrap();
-    against("sync with nothing to do, once vacuumed (best of 3)", noop(), listing());
+    against("no-op sync, once vacuumed (best of 3)", noop(), listing());
     println!("    floor = listing the tenant tree at the commit");
     for round in 1..=3 {
         repo.write((0..changed).map(|k| (k * 97 + round) % n).collect(), round as u32);
