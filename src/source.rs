@@ -441,24 +441,40 @@ impl Source {
         let Ok(old) = Oid::from_str(old) else { return Ok(None) };
         let Ok(old_commit) = self.repo.find_commit(old) else { return Ok(None) };
         let new_commit = self.repo.find_commit(new).map_err(self.git_err("reading commit"))?;
-        let (a, b) = (
-            old_commit.tree().map_err(self.git_err("reading tree"))?,
-            new_commit.tree().map_err(self.git_err("reading tree"))?,
-        );
-        let mut opts = git2::DiffOptions::new();
-        opts.pathspec(self.tenant_dir());
+        let (a, b) = (self.tenant_tree_id(&old_commit)?, self.tenant_tree_id(&new_commit)?);
+        let mut out = BTreeSet::new();
+        // The tenant directories themselves, not the whole trees under a pathspec: matching a
+        // pathspec costs a pattern match for every file, and a directory git did not change is
+        // one object id compared, without reading it.
+        if a == b {
+            return Ok(Some(out));
+        }
+        let tree = |id: Option<Oid>| id.map(|id| self.repo.find_tree(id)).transpose().map_err(self.git_err("reading tree"));
+        let (a, b) = (tree(a)?, tree(b)?);
         let diff = self
             .repo
-            .diff_tree_to_tree(Some(&a), Some(&b), Some(&mut opts))
+            .diff_tree_to_tree(a.as_ref(), b.as_ref(), None)
             .map_err(self.git_err("diffing trees"))?;
-        let strip = self.root.len();
-        let mut out = BTreeSet::new();
         for d in diff.deltas() {
             for f in [d.old_file().path(), d.new_file().path()].into_iter().flatten() {
-                out.insert(f.to_string_lossy()[strip..].to_string());
+                out.insert(format!("{}/{}", self.path, f.to_string_lossy()));
             }
         }
         Ok(Some(out))
+    }
+
+    /// The id of the tenant directory's tree at `commit`, if it has one.
+    fn tenant_tree_id(&self, commit: &git2::Commit<'_>) -> Result<Option<Oid>, SourceError> {
+        let root = commit.tree().map_err(self.git_err("reading tree"))?;
+        let dir = self.tenant_dir();
+        if dir.is_empty() {
+            return Ok(Some(root.id()));
+        }
+        Ok(root
+            .get_path(Path::new(&dir))
+            .ok()
+            .filter(|e| e.kind() == Some(git2::ObjectType::Tree))
+            .map(|e| e.id()))
     }
 
     /// Whether `new` passes signature verification under `mode`, `last` being the last applied

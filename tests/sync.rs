@@ -492,3 +492,31 @@ fn a_remote_url_is_cloned_and_fetched_on_every_run() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("cannot resolve revision \"does-not-exist\""), "{}", out.stderr);
 }
+
+#[test]
+fn the_incremental_read_follows_nested_files_and_ignores_the_rest_of_the_repository() {
+    let (repo, db) = three_tenants();
+    let nested = tenant_doc("delta");
+    repo.write("tenants/eu/de/delta.yaml", encrypt(&nested, Format::Yaml));
+    repo.commit("delta, nested");
+    sync(&repo, &db);
+    // The tenant directory did not change: nothing is decrypted.
+    repo.write("docs/notes.md", "not a tenant");
+    repo.commit("docs");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=0 unchanged=4"), "{}", out.stderr);
+    // A nested file's change is the one file read.
+    let mut doc = nested.clone();
+    doc["config"]["plan"] = json!("starter");
+    repo.write("tenants/eu/de/delta.yaml", encrypt(&doc, Format::Yaml));
+    repo.commit("delta starter");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=1 unchanged=3"), "{}", out.stderr);
+    assert!(out.stdout.contains("~ delta updated (1 -> 2)  tenants/eu/de/delta.yaml"), "{}", out.stdout);
+    // A file moved to another directory is read at its new path.
+    repo.remove("tenants/eu/de/delta.yaml");
+    repo.write("tenants/us/de/delta.yaml", encrypt(&doc, Format::Yaml));
+    repo.commit("delta moves");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=1 unchanged=3"), "{}", out.stderr);
+}

@@ -103,9 +103,10 @@ pub(super) fn select(
     index: Vec<store::RowIndex>,
     full: bool,
 ) -> Result<Selection, SyncError> {
-    let stems: BTreeMap<&str, &str> = snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect();
+    // Looked up only for rows nobody owns: when every row has its owner it is never built.
+    let stems = std::cell::LazyCell::new(|| snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect::<BTreeMap<_, _>>());
     let mine = |r: &store::RowIndex| r.owned_file.is_some() || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
-    let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
+    let mut index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
     let owned: BTreeMap<String, String> = index
         .iter()
         .filter_map(|r| r.owned_file.as_ref().map(|f| (r.tenant_id.clone(), f.clone())))
@@ -136,34 +137,40 @@ pub(super) fn select(
             claims,
         });
     };
-    let by_id: BTreeMap<&str, &store::RowIndex> = index.iter().map(|r| (r.tenant_id.as_str(), r)).collect();
     let trusted = trusted_records(source, &index, last.expect("a last applied commit when there is a diff"))?;
+    // Sorted and searched rather than put in a map: a no-op run of a large source does this for
+    // every file.
+    index.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+    let mut taken = vec![false; index.len()];
     let mut read = BTreeSet::new();
     let mut unchanged = Vec::new();
     for f in &snapshot.files {
-        let same = by_id.get(f.stem.as_str()).and_then(|r| {
-            let (file, version, digest) = r.applied.as_ref()?;
-            let from_here = r.applied_commit.as_ref().is_some_and(|commit| trusted.contains(commit.as_str()));
-            (from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version).then(|| Unchanged {
-                tenant_id: r.tenant_id.clone(),
-                file: file.clone(),
-                config_version: r.config_version,
-                digest: digest.clone(),
-            })
+        let pos = index.binary_search_by(|r| r.tenant_id.as_str().cmp(&f.stem)).ok().filter(|p| !taken[*p]);
+        let same = pos.filter(|p| {
+            let r = &index[*p];
+            let from_here = r.applied_commit.as_ref().is_some_and(|commit| trusted.contains(commit));
+            r.applied
+                .as_ref()
+                .is_some_and(|(file, version, _)| from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
         });
         match same {
-            Some(u) => unchanged.push(u),
+            Some(p) => {
+                taken[p] = true;
+                let r = &mut index[p];
+                let (file, config_version, digest) = r.applied.take().expect("checked above");
+                unchanged.push(Unchanged {
+                    tenant_id: r.tenant_id.clone(),
+                    file,
+                    config_version,
+                    digest,
+                });
+            }
             None => {
                 read.insert(f.path.clone());
             }
         }
     }
-    let skip: BTreeSet<&str> = unchanged.iter().map(|u| u.tenant_id.as_str()).collect();
-    let rows = index
-        .iter()
-        .filter(|r| !skip.contains(r.tenant_id.as_str()))
-        .map(|r| r.tenant_id.clone())
-        .collect();
+    let rows = index.into_iter().zip(taken).filter(|(_, t)| !t).map(|(r, _)| r.tenant_id).collect();
     tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
     Ok(Selection {
         read: Some(read),
@@ -177,13 +184,13 @@ pub(super) fn select(
 /// The commits of applied records that can stand for what git has without a read: records this
 /// source wrote from the last applied commit or one of its ancestors. A record from the work tree
 /// (`apply --worktree`), another source or a history that was rewritten is not trusted.
-fn trusted_records<'a>(source: &impl TenantSource, index: &'a [store::RowIndex], last: &CommitId) -> Result<BTreeSet<&'a str>, SyncError> {
+fn trusted_records(source: &impl TenantSource, index: &[store::RowIndex], last: &CommitId) -> Result<BTreeSet<String>, SyncError> {
     let commits: BTreeSet<&str> = index.iter().filter_map(|r| r.applied_commit.as_deref()).collect();
     let mut trusted = BTreeSet::new();
     for commit in commits {
         let Some(id) = CommitId::parse(commit) else { continue };
         if id == *last || blocking(|| source.descends_from(last, &id))? {
-            trusted.insert(commit);
+            trusted.insert(commit.to_string());
         }
     }
     Ok(trusted)
