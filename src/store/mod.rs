@@ -67,7 +67,8 @@ pub enum StoreError {
     Transition(String),
 }
 
-fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+/// The error of a statement, with what it was doing.
+pub(crate) fn q(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     let context = context.into();
     move |source| StoreError::Query {
         context,

@@ -1,7 +1,7 @@
 //! `audit verify`: the chain recomputed outside the database.
 
 use super::SyncError;
-use crate::store::{self, StoreError};
+use crate::store;
 use deadpool_postgres::Pool;
 use serde::Serialize;
 
@@ -39,10 +39,7 @@ pub async fn verify_audit(pool: &Pool, anchor: Option<(i64, Vec<u8>)>) -> Result
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
-        .map_err(|e| StoreError::Query {
-            context: "starting a read-only transaction".into(),
-            source: e.into(),
-        })?;
+        .map_err(store::q("starting a read-only transaction"))?;
     let mut verifier = ChainVerifier::new(anchor);
     let mut broken: Option<ChainBreak> = None;
     store::for_each_audit_event(&**client, |row| {

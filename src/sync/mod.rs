@@ -268,10 +268,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     let locked = loop {
         round += 1;
         attempts.verify(&**client).await?;
-        let tx = client.transaction().await.map_err(|e| StoreError::Query {
-            context: "starting a transaction".into(),
-            source: e.into(),
-        })?;
+        let tx = client.transaction().await.map_err(store::q("starting a transaction"))?;
         match attempts.lock(tx).await? {
             Round::Locked(locked) => break *locked,
             Round::Decode(selection) => attempts.decode(&selection)?,
@@ -318,10 +315,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         true => Some(drift_after(&tx, &state, applied, &key).await?),
         false => None,
     };
-    tx.commit().await.map_err(|e| StoreError::Query {
-        context: "committing".into(),
-        source: e.into(),
-    })?;
+    tx.commit().await.map_err(store::q("committing"))?;
     if applied > 0 {
         tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
     }
@@ -435,10 +429,7 @@ impl Attempts<'_> {
             let verified = self.verified.take().expect("checked above");
             return Ok(Round::Locked(Box::new(Locked { tx, last, state, verified })));
         }
-        tx.rollback().await.map_err(|e| StoreError::Query {
-            context: "rolling back".into(),
-            source: e.into(),
-        })?;
+        tx.rollback().await.map_err(store::q("rolling back"))?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
     }
 
