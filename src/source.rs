@@ -381,24 +381,19 @@ impl Source {
     /// Reads the blobs of the listed files (those in `only`, or all), refusing any over the size
     /// limit before reading it. A sync reads only what it will decrypt.
     pub fn read_bodies(&self, snapshot: &mut Snapshot, only: Option<&BTreeSet<String>>) -> Result<(), SourceError> {
-        let odb = self.repo.odb().map_err(self.git_err("opening the object database"))?;
         for f in snapshot.files.iter_mut().filter(|f| only.is_none_or(|o| o.contains(&f.path))) {
-            if let Body::Unread(oid) = f.body {
-                let (size, _) = odb.read_header(oid).map_err(self.git_err(format!("reading {}", f.path)))?;
-                f.body = if size as u64 > MAX_FILE_BYTES {
-                    Body::TooLarge(size as u64)
-                } else {
-                    Body::Bytes(
-                        self.repo
-                            .find_blob(oid)
-                            .map_err(self.git_err(format!("reading {}", f.path)))?
-                            .content()
-                            .to_vec(),
-                    )
-                };
-            }
+            read_body(&self.repo, &self.label, f)?;
         }
         Ok(())
+    }
+
+    /// A reader of the listed files' blobs that the threads decoding them share.
+    pub fn body_reader(&self) -> BodyReader {
+        BodyReader {
+            git_dir: self.repo.path().to_path_buf(),
+            label: self.label.clone(),
+            spare: std::sync::Mutex::new(Vec::new()),
+        }
     }
 
     /// The tenant files as they are on disk (`--worktree`).
@@ -696,6 +691,54 @@ fn fetch(repo: &Repository, url: &RemoteUrl, auth: &GitAuth) -> Result<(), Sourc
             let _ = repo.reference_symbolic("refs/remotes/origin/HEAD", &target, true, "default branch");
         }
     }
+    Ok(())
+}
+
+/// Reads blobs for many threads at once. A git2 repository handle must not be shared between
+/// threads, so each read borrows a handle of its own from a pool that grows to the number of
+/// threads reading: the thread that decodes a file reads it, and no chunk of bodies waits for
+/// one thread to read it while the others idle.
+pub struct BodyReader {
+    git_dir: PathBuf,
+    label: String,
+    spare: std::sync::Mutex<Vec<Repository>>,
+}
+
+impl BodyReader {
+    /// Reads `f`'s blob if it is listed but unread, under the size limit.
+    pub fn read(&self, f: &mut SourceFile) -> Result<(), SourceError> {
+        if !matches!(f.body, Body::Unread(_)) {
+            return Ok(());
+        }
+        let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+        let repo = match spare {
+            Some(r) => r,
+            None => Repository::open(&self.git_dir).map_err(|source| SourceError::Git {
+                what: "opening the repository for a reader thread".into(),
+                repo: self.label.clone(),
+                source,
+            })?,
+        };
+        let read = read_body(&repo, &self.label, f);
+        self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(repo);
+        read
+    }
+}
+
+/// Reads an unread file's blob, refusing it unread when its header says it is over the limit.
+fn read_body(repo: &Repository, label: &str, f: &mut SourceFile) -> Result<(), SourceError> {
+    let Body::Unread(oid) = f.body else { return Ok(()) };
+    let git_err = |source| SourceError::Git {
+        what: format!("reading {}", f.path),
+        repo: label.to_string(),
+        source,
+    };
+    let (size, _) = repo.odb().and_then(|odb| odb.read_header(oid)).map_err(git_err)?;
+    f.body = if size as u64 > MAX_FILE_BYTES {
+        Body::TooLarge(size as u64)
+    } else {
+        Body::Bytes(repo.find_blob(oid).map_err(git_err)?.content().to_vec())
+    };
     Ok(())
 }
 

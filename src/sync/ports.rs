@@ -5,7 +5,7 @@
 
 use crate::domain::commit::CommitId;
 use crate::domain::plan::ActualTenant;
-use crate::source::{Snapshot, Source, SourceError};
+use crate::source::{BodyReader, Source, SourceError, SourceFile};
 use crate::store::{self, Owner, RowIndex, StoreError};
 use crate::verify::{CommitSigner, Refused, TrustedSigners, VerifyMode};
 use git2::Oid;
@@ -14,14 +14,26 @@ use std::collections::{BTreeMap, BTreeSet};
 pub trait TenantSource {
     /// Stable identity: the repository without credentials, '#', the tenant path.
     fn id(&self) -> &str;
-    /// Reads the bodies of the listed files (those in `only`, or all), under the size limit.
-    fn read_bodies(&self, snapshot: &mut Snapshot, only: Option<&BTreeSet<String>>) -> Result<(), SourceError>;
+    /// Reads the bodies of listed files, under the size limit, for every thread that decodes them.
+    fn body_reader(&self) -> impl ReadBody;
     /// Whether `new` is `old` or descends from it; a commit the source does not have is not.
     fn descends_from(&self, new: &CommitId, old: &CommitId) -> Result<bool, SourceError>;
     /// The tenant files that differ between two commits; None when `old` is unknown.
     fn changed_files(&self, old: &CommitId, new: &CommitId) -> Result<Option<BTreeSet<String>>, SourceError>;
     /// Whether `new` passes signature verification, `last` being the last applied commit.
     fn verify(&self, mode: VerifyMode, last: Option<&CommitId>, new: &CommitId, signers: &TrustedSigners) -> Result<Option<CommitSigner>, Refused>;
+}
+
+/// Fills in a listed file's body (a file read already is left as it is); shared by the threads
+/// decoding files.
+pub trait ReadBody: Sync {
+    fn read(&self, file: &mut SourceFile) -> Result<(), SourceError>;
+}
+
+impl ReadBody for BodyReader {
+    fn read(&self, file: &mut SourceFile) -> Result<(), SourceError> {
+        BodyReader::read(self, file)
+    }
 }
 
 fn oid(c: &CommitId) -> Oid {
@@ -33,8 +45,8 @@ impl TenantSource for Source {
         &self.id
     }
 
-    fn read_bodies(&self, snapshot: &mut Snapshot, only: Option<&BTreeSet<String>>) -> Result<(), SourceError> {
-        Source::read_bodies(self, snapshot, only)
+    fn body_reader(&self) -> impl ReadBody {
+        Source::body_reader(self)
     }
 
     fn descends_from(&self, new: &CommitId, old: &CommitId) -> Result<bool, SourceError> {

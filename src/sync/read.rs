@@ -1,7 +1,7 @@
 //! Tenant files to desired state: decrypt, parse and check each file (on all cores), then the
 //! checks across files.
 
-use super::ports::TenantSource;
+use super::ports::{ReadBody, TenantSource};
 use super::{Ctx, Desired, SyncError, snapshot_of};
 use crate::config::{Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
@@ -50,33 +50,19 @@ pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Op
     let listing = Listing::of(&snapshot);
     let to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
     let bar = progress(opts, to_read.len());
-    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref());
+    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |_| Ok(())).expect("no file is read");
     listing.finish(snapshot.commit, tenants, issues, bar)
 }
 
-/// Files read from git per round of [`decode_from`]: only this many bodies are held at once.
-const READ_CHUNK: usize = 512;
-
-/// As [`read_snapshot_subset`], reading the bodies from `source` a chunk at a time: what a run
-/// holds is the decoded documents, never every file's bytes as well.
+/// As [`read_snapshot_subset`], each file's body read from `source` by the thread that decodes it
+/// and dropped once decoded: what a run holds is the decoded documents, never every file's bytes
+/// as well, and reading git overlaps with decrypting.
 pub fn decode_from(source: &impl TenantSource, snapshot: Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Result<Desired, SourceError> {
     let listing = Listing::of(&snapshot);
     let to_read: Vec<SourceFile> = snapshot.files.into_iter().filter(|f| only.is_none_or(|o| o.contains(&f.path))).collect();
     let bar = progress(opts, to_read.len());
-    let (mut tenants, mut issues) = (Vec::new(), Vec::new());
-    // Taken from the front a chunk at a time: splitting the rest off would copy it every round.
-    let mut to_read = to_read.into_iter();
-    loop {
-        let files: Vec<SourceFile> = to_read.by_ref().take(READ_CHUNK).collect();
-        if files.is_empty() {
-            break;
-        }
-        let mut chunk = Snapshot { commit: None, files };
-        source.read_bodies(&mut chunk, None)?;
-        let (mut t, mut i) = decode_files(chunk.files, opts, bar.as_ref());
-        tenants.append(&mut t);
-        issues.append(&mut i);
-    }
+    let reader = source.body_reader();
+    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |f| reader.read(f))?;
     Ok(listing.finish(snapshot.commit, tenants, issues, bar))
 }
 
@@ -88,19 +74,26 @@ fn progress(opts: &ReadOptions<'_>, files: usize) -> Option<indicatif::ProgressB
     })
 }
 
-/// Decodes files on all cores, each body dropped once decoded; documents are kept only when
-/// `opts.keep_documents` (validate needs the problems, not the documents).
-fn decode_files(files: Vec<SourceFile>, opts: &ReadOptions<'_>, bar: Option<&indicatif::ProgressBar>) -> (Vec<DesiredTenant>, Vec<Issue>) {
+/// Decodes files on all cores, each read by `read` first and its body dropped once decoded;
+/// documents are kept only when `opts.keep_documents` (validate needs the problems, not the
+/// documents). A file that cannot be read at all (a git error) ends the whole read.
+fn decode_files(
+    files: Vec<SourceFile>,
+    opts: &ReadOptions<'_>,
+    bar: Option<&indicatif::ProgressBar>,
+    read: impl Fn(&mut SourceFile) -> Result<(), SourceError> + Sync,
+) -> Result<(Vec<DesiredTenant>, Vec<Issue>), SourceError> {
     let results: Vec<Result<Option<DesiredTenant>, Vec<Issue>>> = files
         .into_par_iter()
-        .map(|f| {
+        .map(|mut f| {
+            read(&mut f)?;
             let r = decode_file(&f, opts).map(|t| opts.keep_documents.then_some(t));
             if let Some(b) = bar {
                 b.inc(1);
             }
-            r
+            Ok(r)
         })
-        .collect();
+        .collect::<Result<_, SourceError>>()?;
     let mut tenants = Vec::new();
     let mut issues = Vec::new();
     for r in results {
@@ -109,7 +102,7 @@ fn decode_files(files: Vec<SourceFile>, opts: &ReadOptions<'_>, bar: Option<&ind
             Err(mut i) => issues.append(&mut i),
         }
     }
-    (tenants, issues)
+    Ok((tenants, issues))
 }
 
 /// What the checks across files found, taken from the listing before its files are decoded (so
