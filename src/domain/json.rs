@@ -2,6 +2,7 @@
 
 use serde_json::{Map, Value};
 use std::collections::BTreeSet;
+use std::fmt::Write;
 
 /// What a secret value is replaced with wherever a document leaves the process.
 pub const REDACTED: &str = "[REDACTED]";
@@ -116,19 +117,31 @@ pub fn compact(value: Value) -> Value {
 }
 
 /// Every leaf pointer below `pointer` (objects and arrays are walked, empty ones are leaves).
-pub fn leaves(value: &Value, pointer: &str, out: &mut Vec<String>) {
+/// Calls `f` with the pointer and the value of every leaf under `value` (found at `pointer`), in
+/// document order; an empty object or array is a leaf. One pointer buffer is grown and cut back
+/// on the way, not a string per level.
+pub fn for_each_leaf(value: &Value, pointer: &mut String, f: &mut impl FnMut(&str, &Value)) {
+    let len = pointer.len();
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                leaves(v, &child(pointer, k), out);
+                pointer.push('/');
+                match k.contains(['~', '/']) {
+                    true => pointer.push_str(&escape_token(k)),
+                    false => pointer.push_str(k),
+                }
+                for_each_leaf(v, pointer, f);
+                pointer.truncate(len);
             }
         }
         Value::Array(items) if !items.is_empty() => {
             for (i, v) in items.iter().enumerate() {
-                leaves(v, &child(pointer, &i.to_string()), out);
+                let _ = write!(pointer, "/{i}");
+                for_each_leaf(v, pointer, f);
+                pointer.truncate(len);
             }
         }
-        _ => out.push(pointer.to_string()),
+        _ => f(pointer, value),
     }
 }
 
@@ -239,6 +252,24 @@ mod tests {
     fn canonical_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": null}});
         assert_eq!(canonical(&a), r#"{"a":{"c":null,"d":[1,{"x":1,"y":2}]},"b":1}"#);
+    }
+
+    #[test]
+    fn every_leaf_is_visited_in_order_with_its_escaped_pointer() {
+        let doc = json!({"a/b": {"c~d": 1, "e": [true, {}]}, "f": [], "g": "x"});
+        let mut seen = Vec::new();
+        for_each_leaf(&doc, &mut "/root".to_string(), &mut |p, v| seen.push((p.to_string(), v.clone())));
+        let want = [
+            ("/root/a~1b/c~0d", json!(1)),
+            ("/root/a~1b/e/0", json!(true)),
+            ("/root/a~1b/e/1", json!({})),
+            ("/root/f", json!([])),
+            ("/root/g", json!("x")),
+        ];
+        assert_eq!(seen, want.map(|(p, v)| (p.to_string(), v)));
+        for (p, v) in &seen {
+            assert_eq!(doc.pointer(&p["/root".len()..]), Some(v), "{p} resolves to its value");
+        }
     }
 
     #[test]

@@ -101,31 +101,46 @@ pub fn issues_value(files: usize, issues: &[Issue]) -> Value {
 struct Paint(bool);
 
 impl Paint {
-    fn c(&self, code: &str, s: &str) -> String {
-        if self.0 { format!("\x1b[{code}m{s}\x1b[0m") } else { s.to_string() }
+    fn c<'a>(&self, code: &'a str, s: &'a str) -> Painted<'a> {
+        Painted { on: self.0, code, s }
     }
 }
 
-/// The lines one operation shows as: an added object is shown leaf by leaf, as Terraform shows
-/// a new resource's attributes.
-fn op_lines(op: &PatchOp) -> Vec<(char, String)> {
+/// Text in a colour when colour is on; written where it is used, not copied first.
+struct Painted<'a> {
+    on: bool,
+    code: &'a str,
+    s: &'a str,
+}
+
+impl std::fmt::Display for Painted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.on {
+            true => write!(f, "\x1b[{}m{}\x1b[0m", self.code, self.s),
+            false => f.write_str(self.s),
+        }
+    }
+}
+
+/// The lines one operation shows as, each given to `line` with its sign, escaped: an added object
+/// is shown leaf by leaf, as Terraform shows a new resource's attributes.
+fn op_lines(op: &PatchOp, mut line: impl FnMut(char, &str)) {
     match (op.op, &op.value, op.secret) {
         (Op::Add, Some(v @ Value::Object(m)), None) if !m.is_empty() => {
-            let mut leaves = Vec::new();
-            crate::domain::json::leaves(v, &op.path, &mut leaves);
-            leaves
-                .into_iter()
-                .map(|p| {
-                    let leaf = v.pointer(&p[op.path.len()..]).unwrap_or(&Value::Null);
-                    if leaf.as_str() == Some(crate::domain::json::REDACTED) {
-                        ('+', format!("{} (secret)", text(&p)))
-                    } else {
-                        ('+', text(&format!("{p} = {}", shown(leaf))).into_owned())
-                    }
-                })
-                .collect()
+            let mut buf = String::new();
+            crate::domain::json::for_each_leaf(v, &mut op.path.clone(), &mut |p, leaf| {
+                buf.clear();
+                let _ = match leaf.as_str() == Some(crate::domain::json::REDACTED) {
+                    true => write!(buf, "{p} (secret)"),
+                    false => write!(buf, "{p} = {}", shown(leaf)),
+                };
+                line('+', &text(&buf));
+            });
         }
-        _ => vec![op_line(op)],
+        _ => {
+            let (sign, s) = op_line(op);
+            line(sign, &s);
+        }
     }
 }
 
@@ -204,8 +219,17 @@ fn plan_text_in(plan: &Plan, header: &Header, color: bool, tense: Tense) -> Stri
         let _ = writeln!(out, "Signature: {}", text(sig));
     }
     out.push('\n');
-    // Each tenant's lines stand alone: a cold sync's 10,000 blocks are rendered on all cores.
-    let blocks: Vec<String> = plan.tenants.par_iter().map(|t| tenant_text(t, p, tense)).collect();
+    // Each tenant's lines stand alone: a cold sync's 10,000 blocks are rendered on all cores, a
+    // batch of tenants into one buffer.
+    let blocks: Vec<String> = plan
+        .tenants
+        .par_chunks(64)
+        .map(|batch| {
+            let mut b = String::new();
+            batch.iter().for_each(|t| tenant_text(&mut b, t, p, tense));
+            b
+        })
+        .collect();
     out.reserve_exact(blocks.iter().map(String::len).sum::<usize>() + 200);
     blocks.into_iter().for_each(|b| out.push_str(&b));
     let s = plan.summary();
@@ -223,9 +247,8 @@ fn plan_text_in(plan: &Plan, header: &Header, color: bool, tense: Tense) -> Stri
     out
 }
 
-/// One tenant's lines of a plan or of what was applied.
-fn tenant_text(t: &TenantPlan, p: Paint, tense: Tense) -> String {
-    let mut out = String::new();
+/// Appends one tenant's lines of a plan or of what was applied.
+fn tenant_text(out: &mut String, t: &TenantPlan, p: Paint, tense: Tense) {
     let will = if tense == Tense::Plan { "will be " } else { "" };
     let file = text(t.file.as_deref().unwrap_or(""));
     let id = text(&t.tenant_id);
@@ -272,24 +295,25 @@ fn tenant_text(t: &TenantPlan, p: Paint, tense: Tense) -> String {
                     text(&t.out_of_band.join(", "))
                 );
             }
-            return out;
+            return;
         }
     }
     if let Some(e) = &t.embedding_endpoint {
         let _ = writeln!(out, "      embedding endpoint: {}", effective(e));
     }
-    for (sign, text) in t.patch.iter().flat_map(op_lines) {
-        let code = match sign {
-            '+' => "32",
-            '-' => "31",
-            _ => "33",
-        };
-        let _ = writeln!(out, "      {} {}", p.c(code, &sign.to_string()), text);
+    for op in &t.patch {
+        op_lines(op, |sign, text| {
+            let code = match sign {
+                '+' => "32",
+                '-' => "31",
+                _ => "33",
+            };
+            let _ = writeln!(out, "      {} {text}", p.c(code, sign.encode_utf8(&mut [0; 4])));
+        });
     }
     if t.action == Action::Update && !t.out_of_band.is_empty() {
         let _ = writeln!(out, "      (overwrites changes made outside git: {})", text(&t.out_of_band.join(", ")));
     }
-    out
 }
 
 pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
@@ -358,8 +382,10 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
         }
         // Every line starts with its sign and holds no line break (op_lines escapes them), so no
         // line of a file's making can close the fence.
-        for (sign, line) in t.patch.iter().flat_map(op_lines) {
-            let _ = writeln!(b, "{sign} {line}");
+        for op in &t.patch {
+            op_lines(op, |sign, line| {
+                let _ = writeln!(b, "{sign} {line}");
+            });
         }
         for path in &t.out_of_band {
             let _ = writeln!(b, "! {} (changed outside git)", text(path));
