@@ -118,10 +118,11 @@ pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
     }
 }
 
-/// The age identities the agent decrypts with.
+/// The age identities the agent decrypts with, each beside its recipient: deriving a recipient
+/// is a scalar multiplication, and every file's data key is matched against them.
 #[derive(Clone, Default)]
 pub struct AgeKeys {
-    identities: Vec<age::x25519::Identity>,
+    identities: Vec<(age::x25519::Identity, String)>,
 }
 
 impl std::fmt::Debug for AgeKeys {
@@ -140,7 +141,8 @@ impl AgeKeys {
                 continue;
             }
             let id = age::x25519::Identity::from_str(line).map_err(|e| format!("{origin}, line {}: not an age X25519 identity ({e})", n + 1))?;
-            self.identities.push(id);
+            let recipient = id.to_public().to_string();
+            self.identities.push((id, recipient));
         }
         Ok(())
     }
@@ -150,31 +152,35 @@ impl AgeKeys {
     }
 
     pub fn recipients(&self) -> Vec<String> {
-        self.identities.iter().map(|i| i.to_public().to_string()).collect()
+        self.identities.iter().map(|(_, r)| r.clone()).collect()
     }
 
     /// A new identity and its recipient (for tests and tools).
     pub fn generate() -> (Self, String) {
         let id = age::x25519::Identity::generate();
         let public = id.to_public().to_string();
-        (AgeKeys { identities: vec![id] }, public)
+        (
+            AgeKeys {
+                identities: vec![(id, public.clone())],
+            },
+            public,
+        )
     }
 
     /// The identities as an age key file holds them. Secret: for writing a key file, never a log.
     pub fn secret_text(&self) -> String {
         use age::secrecy::ExposeSecret;
-        self.identities.iter().map(|i| i.to_string().expose_secret().to_string() + "\n").collect()
+        self.identities.iter().map(|(i, _)| i.to_string().expose_secret().to_string() + "\n").collect()
     }
 
     fn unwrap_data_key(&self, stanzas: &[(String, String)]) -> Result<Vec<u8>, SopsError> {
         if self.identities.is_empty() {
             return Err(SopsError::NoIdentities);
         }
-        let ours: Vec<(String, &age::x25519::Identity)> = self.identities.iter().map(|i| (i.to_public().to_string(), i)).collect();
         let mut last_error = None;
         // Match on the recipient first: one X25519 operation instead of one per identity and stanza.
         for (recipient, enc) in stanzas {
-            for (public, id) in &ours {
+            for (id, public) in &self.identities {
                 if public == recipient.trim() {
                     match decrypt_age(enc, id) {
                         Ok(key) => return Ok(key),
