@@ -19,7 +19,20 @@ pub fn unescape_token(token: &str) -> String {
 }
 
 pub fn child(pointer: &str, token: &str) -> String {
-    format!("{pointer}/{}", escape_token(token))
+    let mut out = String::with_capacity(pointer.len() + 1 + token.len());
+    out.push_str(pointer);
+    push_token(&mut out, token);
+    out
+}
+
+/// Appends `/token` to `pointer`, escaped; one allocation at most, none for a plain token (this
+/// runs for every node of every document a run reads, seals, redacts or diffs).
+fn push_token(pointer: &mut String, token: &str) {
+    pointer.push('/');
+    match token.contains(['~', '/']) {
+        true => pointer.push_str(&escape_token(token)),
+        false => pointer.push_str(token),
+    }
 }
 
 /// Whether `pointer` names `prefix` itself or something below it.
@@ -125,11 +138,7 @@ pub fn for_each_leaf(value: &Value, pointer: &mut String, f: &mut impl FnMut(&st
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                pointer.push('/');
-                match k.contains(['~', '/']) {
-                    true => pointer.push_str(&escape_token(k)),
-                    false => pointer.push_str(k),
-                }
+                push_token(pointer, k);
                 for_each_leaf(v, pointer, f);
                 pointer.truncate(len);
             }
@@ -252,6 +261,13 @@ mod tests {
     fn canonical_sorts_keys_at_every_level() {
         let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": null}});
         assert_eq!(canonical(&a), r#"{"a":{"c":null,"d":[1,{"x":1,"y":2}]},"b":1}"#);
+    }
+
+    #[test]
+    fn a_child_pointer_escapes_its_token() {
+        assert_eq!(child("/a", "b"), "/a/b");
+        assert_eq!(child("", "x/y~z"), "/x~1y~0z");
+        assert_eq!(unescape_token(&child("", "~1/")[1..]), "~1/");
     }
 
     #[test]
