@@ -261,6 +261,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         snapshot: &snapshot,
         run: &run,
         full: opts.full,
+        prunes: src.prune || opts.prune,
         decoded: Decoded::default(),
         verified: None,
     };
@@ -369,6 +370,7 @@ struct Attempts<'r> {
     snapshot: &'r Snapshot,
     run: &'r Run,
     full: bool,
+    prunes: bool,
     decoded: Decoded,
     verified: Option<Verified>,
 }
@@ -399,6 +401,7 @@ impl Attempts<'_> {
             snapshot,
             run,
             full,
+            prunes,
             ..
         } = *self;
         if !matches!(run, Run::Plan) {
@@ -420,7 +423,7 @@ impl Attempts<'_> {
                 old: old.to_string(),
             });
         }
-        let scope = scope_of(ctx, src, source, snapshot, &*tx).await?;
+        let scope = scope_of(ctx, src, source, snapshot, &*tx, prunes).await?;
         let index = scope.index(&*tx, snapshot).await?;
         let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
         let holds = self.verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_ref()));
@@ -472,7 +475,7 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
     // of the plan.
     fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
-    if src.prune || opts.prune {
+    if let Some(owned) = owned {
         let states: BTreeMap<&str, &str> = actual.iter().map(|a| (a.tenant_id.as_str(), a.state.as_str())).collect();
         fresh.prune(|id| owned.get(id).cloned(), |id| states.get(id).map(|s| s.to_string()));
         let refusal = crate::domain::plan::mass_prune_refusal(fresh.summary().decommission, owned.len(), src.prune_max_fraction);

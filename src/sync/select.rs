@@ -29,8 +29,9 @@ pub(super) struct State {
     /// The rows of every tenant that is not `unchanged` (orphans included), in full.
     pub actual: Vec<ActualTenant>,
     pub unchanged: Vec<Unchanged>,
-    /// The tenants this source owns, with the file each was claimed from.
-    pub owned: BTreeMap<String, String>,
+    /// The tenants this source owns, with the file each was claimed from; only for a run that
+    /// prunes (a map of every row, which nothing else reads).
+    pub owned: Option<BTreeMap<String, String>>,
     /// Files of tenants that exist and nobody owns yet: this source claims them when it applies.
     pub claims: Vec<(String, String)>,
 }
@@ -45,8 +46,8 @@ pub(super) struct Selection {
     /// The rows of this source's tenants to load in full.
     rows: Vec<String>,
     unchanged: Vec<Unchanged>,
-    /// The tenants this source owns, with the file each was claimed from.
-    owned: BTreeMap<String, String>,
+    /// As in [`State`].
+    owned: Option<BTreeMap<String, String>>,
     /// Files of tenants that exist and nobody owns yet: this source claims them when it applies.
     claims: Vec<(String, String)>,
 }
@@ -56,6 +57,8 @@ pub(super) struct Scope<'a> {
     id: &'a str,
     name: &'a str,
     adopts_unowned: bool,
+    /// Whether the run prunes the tenants whose files were deleted.
+    prunes: bool,
     /// Tenants other sources own.
     foreign: BTreeMap<String, store::Owner>,
 }
@@ -107,10 +110,12 @@ pub(super) fn select(
     let stems = std::cell::LazyCell::new(|| snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect::<BTreeMap<_, _>>());
     let mine = |r: &store::RowIndex| r.owned_file.is_some() || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
     let mut index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
-    let owned: BTreeMap<String, String> = index
-        .iter()
-        .filter_map(|r| r.owned_file.as_ref().map(|f| (r.tenant_id.clone(), f.clone())))
-        .collect();
+    let owned = scope.prunes.then(|| {
+        index
+            .iter()
+            .filter_map(|r| r.owned_file.as_ref().map(|f| (r.tenant_id.clone(), f.clone())))
+            .collect()
+    });
     let claims: Vec<(String, String)> = index
         .iter()
         .filter(|r| r.owned_file.is_none())
@@ -270,11 +275,13 @@ pub(super) async fn scope_of<'a>(
     source: &'a impl TenantSource,
     snapshot: &Snapshot,
     client: &impl TenantStore,
+    prunes: bool,
 ) -> Result<Scope<'a>, SyncError> {
     let scope = Scope {
         id: source.id(),
         name: &src.name,
         adopts_unowned: ctx.adopts_unowned(src),
+        prunes,
         foreign: client.foreign_owners(source.id(), &stems(snapshot)).await?,
     };
     let refused = scope.claims_refused(snapshot);
@@ -300,7 +307,7 @@ pub(super) async fn read_state(
     full: bool,
 ) -> Result<State, SyncError> {
     let last = client.last_applied(source.id()).await?;
-    let scope = scope_of(ctx, src, source, snapshot, client).await?;
+    let scope = scope_of(ctx, src, source, snapshot, client, false).await?;
     let index = scope.index(client, snapshot).await?;
     let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
     let mut decoded = Decoded::default();
