@@ -129,7 +129,6 @@ pub fn compact(value: Value) -> Value {
     }
 }
 
-/// Every leaf pointer below `pointer` (objects and arrays are walked, empty ones are leaves).
 /// Calls `f` with the pointer and the value of every leaf under `value` (found at `pointer`), in
 /// document order; an empty object or array is a leaf. One pointer buffer is grown and cut back
 /// on the way, not a string per level.
