@@ -6,6 +6,7 @@ use crate::domain::plan::{ActualTenant, AppliedRecord, Plan, TenantPlan};
 use crate::domain::tenant::DesiredTenant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
+use rayon::prelude::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -449,7 +450,7 @@ pub async fn load_actual(client: &impl GenericClient) -> Result<Vec<ActualTenant
         )
         .await
         .map_err(q("loading tenants"))?;
-    rows.iter().map(actual_from_row).collect()
+    actual_from_rows(&rows)
 }
 
 /// The rows of `ids` in full.
@@ -465,7 +466,7 @@ pub async fn load_actual_for(client: &impl GenericClient, ids: &[String]) -> Res
         )
         .await
         .map_err(q("loading tenants"))?;
-    rows.iter().map(actual_from_row).collect()
+    actual_from_rows(&rows)
 }
 
 /// A row's bookkeeping, without its documents: enough to tell that it is as the agent left it.
@@ -549,6 +550,12 @@ fn index_from_row(r: &tokio_postgres::Row) -> Result<RowIndex, StoreError> {
         applied,
         tenant_id: tenant_id.clone(),
     })
+}
+
+/// Each row is two documents to parse (its config, and the sealed copy last applied), most of the
+/// time a full read takes: they are parsed on every core.
+fn actual_from_rows(rows: &[tokio_postgres::Row]) -> Result<Vec<ActualTenant>, StoreError> {
+    crate::blocking(|| rows.par_iter().map(actual_from_row).collect())
 }
 
 fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError> {
