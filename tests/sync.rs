@@ -513,6 +513,18 @@ fn the_incremental_read_follows_nested_files_and_ignores_the_rest_of_the_reposit
     let out = sync(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=3"), "{}", out.stderr);
     assert!(out.stdout.contains("~ delta updated (1 -> 2)  tenants/eu/de/delta.yaml"), "{}", out.stdout);
+    // Decoded before the lock was first taken: one round under it, one read of the index.
+    assert_eq!(out.stderr.matches("incremental read").count(), 1, "{}", out.stderr);
+    // A row edited by hand is found under the lock: its file is decoded in a second round.
+    db.exec("UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'");
+    doc["config"]["plan"] = json!("pro");
+    repo.write("tenants/eu/de/delta.yaml", encrypt(&doc, Format::Yaml));
+    repo.commit("delta pro");
+    let out = sync(&repo, &db);
+    assert_eq!(out.stderr.matches("incremental read").count(), 2, "{}", out.stderr);
+    assert!(out.stderr.contains("incremental read decrypting=2 unchanged=2"), "{}", out.stderr);
+    assert!(out.stdout.contains("~ alpha updated (1 -> 2)"), "{}", out.stdout);
+    assert!(out.stdout.contains("~ delta updated (2 -> 3)"), "{}", out.stdout);
     // A file moved to another directory is read at its new path.
     repo.remove("tenants/eu/de/delta.yaml");
     repo.write("tenants/us/de/delta.yaml", encrypt(&doc, Format::Yaml));

@@ -265,6 +265,8 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         decoded: Decoded::default(),
         verified: None,
     };
+    attempts.verify(&**client).await?;
+    attempts.decode_likely(&**client).await?;
     let mut round = 0;
     let locked = loop {
         round += 1;
@@ -359,10 +361,11 @@ struct Locked<'c> {
 }
 
 /// Decrypting and checking files is the slow part, and a hostile file can make it slower, so it
-/// never happens under the apply lock. A round takes the lock, reads the index and chooses what to
-/// read; when every file it needs is decoded (always, for a run with nothing to do) it goes on
-/// under the lock, and otherwise it lets go, decodes what is missing, and tries again (another run
-/// may have moved the database meanwhile).
+/// never happens under the apply lock. First the files git changed since the last applied commit
+/// are decoded; then a round takes the lock, reads the index and chooses what to read. When every
+/// file it needs is decoded (nearly always: only rows edited since they were applied add files) it
+/// goes on under the lock, and otherwise it lets go, decodes what is missing, and tries again
+/// (another run may have moved the database meanwhile).
 struct Attempts<'r> {
     ctx: &'r Ctx,
     src: &'r SourceConfig,
@@ -434,6 +437,17 @@ impl Attempts<'_> {
         }
         tx.rollback().await.map_err(store::q("rolling back"))?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
+    }
+
+    /// Before the first round, once the commit is verified: what git changed since the last
+    /// applied commit, so that a run whose rows are as it left them takes the lock and reads the
+    /// index once.
+    async fn decode_likely(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
+        let last = client.last_applied(&self.source.id).await?;
+        match select::likely(self.source, self.snapshot, last.as_ref(), self.full)? {
+            Some(selection) => self.decode(&selection),
+            None => Ok(()),
+        }
     }
 
     /// Outside the lock: decodes what a round found missing.

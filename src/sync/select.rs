@@ -186,6 +186,32 @@ pub(super) fn select(
     })
 }
 
+/// The files a run will most likely decode, known before the lock is taken and without the index:
+/// those git changed since the last applied commit (every file for a first run, `--full` or the
+/// work tree). The round under the lock reads the index and decodes more only if rows moved since
+/// they were applied. None when the commit does not descend from the last applied one: that round
+/// decides, and refuses a rewritten history unless asked not to, before anything is decoded.
+pub(super) fn likely(source: &impl TenantSource, snapshot: &Snapshot, last: Option<&CommitId>, full: bool) -> Result<Option<Selection>, SyncError> {
+    let new = snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id));
+    let read = match (new, last) {
+        (Some(new), Some(last)) if !full => {
+            if !blocking(|| source.descends_from(&new, last))? {
+                return Ok(None);
+            }
+            blocking(|| source.changed_files(last, &new))?
+                .map(|changed| snapshot.files.iter().filter(|f| changed.contains(&f.path)).map(|f| f.path.clone()).collect())
+        }
+        _ => None,
+    };
+    Ok(Some(Selection {
+        read,
+        rows: vec![],
+        unchanged: vec![],
+        owned: None,
+        claims: vec![],
+    }))
+}
+
 /// The commits of applied records that can stand for what git has without a read: records this
 /// source wrote from the last applied commit or one of its ancestors. A record from the work tree
 /// (`apply --worktree`), another source or a history that was rewritten is not trusted.
