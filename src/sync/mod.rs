@@ -263,6 +263,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         full: opts.full,
         prunes: src.prune || opts.prune,
         decoded: Decoded::default(),
+        changes: select::Changes::default(),
         verified: None,
     };
     attempts.verify(&**client).await?;
@@ -375,6 +376,7 @@ struct Attempts<'r> {
     full: bool,
     prunes: bool,
     decoded: Decoded,
+    changes: select::Changes,
     verified: Option<Verified>,
 }
 
@@ -428,7 +430,7 @@ impl Attempts<'_> {
         }
         let scope = scope_of(ctx, src, source, snapshot, &*tx, prunes).await?;
         let index = scope.index(&*tx, snapshot).await?;
-        let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
+        let selection = select(source, snapshot, &scope, last.as_ref(), index, full, &mut self.changes)?;
         let holds = self.verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_ref()));
         if self.decoded.covers(&selection) && holds {
             let state = self.decoded.state(&*tx, snapshot, selection).await?;
@@ -444,7 +446,7 @@ impl Attempts<'_> {
     /// index once.
     async fn decode_likely(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
         let last = client.last_applied(&self.source.id).await?;
-        match select::likely(self.source, self.snapshot, last.as_ref(), self.full)? {
+        match select::likely(self.source, self.snapshot, last.as_ref(), self.full, &mut self.changes)? {
             Some(selection) => self.decode(&selection),
             None => Ok(()),
         }

@@ -98,6 +98,32 @@ impl Scope<'_> {
     }
 }
 
+/// The tenant files git changed between a last applied commit and the snapshot's, worked out once
+/// for each last applied commit a run is compared with (a diff of a large tenant directory's trees
+/// is a tenth of a second).
+#[derive(Default)]
+pub(super) struct Changes(Option<(CommitId, Option<BTreeSet<String>>)>);
+
+impl Changes {
+    /// None when they cannot be told from git: the work tree, a commit that does not descend from
+    /// `last`, or `last` unknown here.
+    fn since(&mut self, source: &impl TenantSource, snapshot: &Snapshot, last: &CommitId) -> Result<Option<&BTreeSet<String>>, SyncError> {
+        if self.0.as_ref().is_none_or(|(seen, _)| seen != last) {
+            let changed = match snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id)) {
+                Some(new) => blocking(|| -> Result<_, SourceError> {
+                    match source.descends_from(&new, last)? {
+                        true => source.changed_files(last, &new),
+                        false => Ok(None),
+                    }
+                })?,
+                None => None,
+            };
+            self.0 = Some((last.clone(), changed));
+        }
+        Ok(self.0.as_ref().and_then(|(_, changed)| changed.as_ref()))
+    }
+}
+
 pub(super) fn select(
     source: &impl TenantSource,
     snapshot: &Snapshot,
@@ -105,6 +131,7 @@ pub(super) fn select(
     last: Option<&CommitId>,
     index: Vec<store::RowIndex>,
     full: bool,
+    changes: &mut Changes,
 ) -> Result<Selection, SyncError> {
     // Looked up only for rows nobody owns: when every row has its owner it is never built.
     let stems = std::cell::LazyCell::new(|| snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect::<BTreeMap<_, _>>());
@@ -121,16 +148,8 @@ pub(super) fn select(
         .filter(|r| r.owned_file.is_none())
         .filter_map(|r| stems.get(r.tenant_id.as_str()).map(|f| (r.tenant_id.clone(), f.to_string())))
         .collect();
-    let new = snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id));
-    let changed = match (new, last) {
-        _ if full => None,
-        (Some(new), Some(last)) => blocking(|| -> Result<_, SourceError> {
-            if source.descends_from(&new, last)? {
-                source.changed_files(last, &new)
-            } else {
-                Ok(None)
-            }
-        })?,
+    let changed = match last {
+        Some(last) if !full => changes.since(source, snapshot, last)?,
         _ => None,
     };
     let Some(changed) = changed else {
@@ -191,16 +210,18 @@ pub(super) fn select(
 /// work tree). The round under the lock reads the index and decodes more only if rows moved since
 /// they were applied. None when the commit does not descend from the last applied one: that round
 /// decides, and refuses a rewritten history unless asked not to, before anything is decoded.
-pub(super) fn likely(source: &impl TenantSource, snapshot: &Snapshot, last: Option<&CommitId>, full: bool) -> Result<Option<Selection>, SyncError> {
-    let new = snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id));
-    let read = match (new, last) {
-        (Some(new), Some(last)) if !full => {
-            if !blocking(|| source.descends_from(&new, last))? {
-                return Ok(None);
-            }
-            blocking(|| source.changed_files(last, &new))?
-                .map(|changed| snapshot.files.iter().filter(|f| changed.contains(&f.path)).map(|f| f.path.clone()).collect())
-        }
+pub(super) fn likely(
+    source: &impl TenantSource,
+    snapshot: &Snapshot,
+    last: Option<&CommitId>,
+    full: bool,
+    changes: &mut Changes,
+) -> Result<Option<Selection>, SyncError> {
+    let read = match last {
+        Some(last) if !full && snapshot.commit.is_some() => match changes.since(source, snapshot, last)? {
+            Some(changed) => Some(snapshot.files.iter().filter(|f| changed.contains(&f.path)).map(|f| f.path.clone()).collect()),
+            None => return Ok(None),
+        },
         _ => None,
     };
     Ok(Some(Selection {
@@ -335,7 +356,7 @@ pub(super) async fn read_state(
     let last = client.last_applied(source.id()).await?;
     let scope = scope_of(ctx, src, source, snapshot, client, false).await?;
     let index = scope.index(client, snapshot).await?;
-    let selection = select(source, snapshot, &scope, last.as_ref(), index, full)?;
+    let selection = select(source, snapshot, &scope, last.as_ref(), index, full, &mut Changes::default())?;
     let mut decoded = Decoded::default();
     decoded.extend(ctx, source, snapshot, &selection)?;
     decoded.state(client, snapshot, selection).await
