@@ -266,12 +266,13 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         changes: select::Changes::default(),
         verified: None,
     };
-    attempts.verify(&**client).await?;
-    attempts.decode_likely(&**client).await?;
     let mut round = 0;
     let locked = loop {
         round += 1;
-        attempts.verify(&**client).await?;
+        let last = attempts.verify(&**client).await?;
+        if round == 1 {
+            attempts.decode_likely(last.as_ref())?;
+        }
         let tx = client.transaction().await.map_err(store::q("starting a transaction"))?;
         match attempts.lock(tx).await? {
             Round::Locked(locked) => break *locked,
@@ -382,8 +383,8 @@ struct Attempts<'r> {
 
 impl Attempts<'_> {
     /// Before the lock: the commit's signature, against the last applied commit (strict mode
-    /// walks every commit since it).
-    async fn verify(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
+    /// walks every commit since it), which it returns.
+    async fn verify(&mut self, client: &impl TenantStore) -> Result<Option<CommitId>, SyncError> {
         let Attempts { ctx, source, snapshot, .. } = *self;
         let last = client.last_applied(&source.id).await?;
         self.verified = Some(match self.verified.take() {
@@ -393,7 +394,7 @@ impl Attempts<'_> {
         if let (false, Some(Verified { result: Err(refused), .. })) = (matches!(self.run, Run::Plan), &self.verified) {
             return Err(refused.clone().into());
         }
-        Ok(())
+        Ok(last)
     }
 
     /// Under the lock: the state, or (rolled back) what must be decoded first, or None when the
@@ -441,12 +442,10 @@ impl Attempts<'_> {
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
     }
 
-    /// Before the first round, once the commit is verified: what git changed since the last
-    /// applied commit, so that a run whose rows are as it left them takes the lock and reads the
-    /// index once.
-    async fn decode_likely(&mut self, client: &impl TenantStore) -> Result<(), SyncError> {
-        let last = client.last_applied(&self.source.id).await?;
-        match select::likely(self.source, self.snapshot, last.as_ref(), self.full, &mut self.changes)? {
+    /// Before the first round, once the commit is verified against `last`: what git changed since
+    /// it, so that a run whose rows are as it left them takes the lock and reads the index once.
+    fn decode_likely(&mut self, last: Option<&CommitId>) -> Result<(), SyncError> {
+        match select::likely(self.source, self.snapshot, last, self.full, &mut self.changes)? {
             Some(selection) => self.decode(&selection),
             None => Ok(()),
         }
