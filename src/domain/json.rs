@@ -45,6 +45,98 @@ pub fn touches_secret(pointer: &str, secrets: &SecretPaths) -> bool {
     secrets.iter().any(|s| is_within(s, pointer) || is_within(pointer, s))
 }
 
+/// A JSON value kept as its compact text. A plan holds one per operation, and a created tenant's
+/// operations carry its whole document: as a tree that is five times the memory of the text, and
+/// the plan of a first sync of 10,000 tenants held 42 MB of them.
+#[derive(Clone, Debug)]
+pub struct JsonText(Box<serde_json::value::RawValue>);
+
+impl JsonText {
+    pub fn of(value: &Value) -> JsonText {
+        JsonText(serde_json::value::to_raw_value(value).expect("a Value serialises"))
+    }
+
+    /// `value` (found at `pointer`) with every secret leaf written as [`REDACTED`], without an
+    /// intermediate copy.
+    pub fn redacted(value: &Value, pointer: &str, secrets: &SecretPaths) -> JsonText {
+        let r = Redacted {
+            value,
+            pointer: pointer.to_string(),
+            secrets,
+        };
+        JsonText(serde_json::value::to_raw_value(&r).expect("a Value serialises"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.0.get()).expect("written by serde_json")
+    }
+}
+
+/// Equal values, whatever their text (key order, number spelling).
+impl PartialEq for JsonText {
+    fn eq(&self, other: &JsonText) -> bool {
+        self.as_str() == other.as_str() || self.value() == other.value()
+    }
+}
+
+/// As the value it holds, not its text verbatim: a pretty-printed plan indents it like the rest.
+impl serde::Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.value().serialize(s)
+    }
+}
+
+/// Through a `Value`: a saved plan may be read from a tree, which a raw value cannot borrow from.
+impl<'de> serde::Deserialize<'de> for JsonText {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonText, D::Error> {
+        Ok(JsonText::of(&Value::deserialize(d)?))
+    }
+}
+
+struct Redacted<'a> {
+    value: &'a Value,
+    pointer: String,
+    secrets: &'a SecretPaths,
+}
+
+impl serde::Serialize for Redacted<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        if self.secrets.contains(&self.pointer) {
+            return s.serialize_str(REDACTED);
+        }
+        if !self.secrets.iter().any(|p| is_within(p, &self.pointer)) {
+            return self.value.serialize(s);
+        }
+        let at = |value, pointer| Redacted {
+            value,
+            pointer,
+            secrets: self.secrets,
+        };
+        match self.value {
+            Value::Object(map) => {
+                let mut m = s.serialize_map(Some(map.len()))?;
+                for (k, v) in map {
+                    m.serialize_entry(k, &at(v, child(&self.pointer, k)))?;
+                }
+                m.end()
+            }
+            Value::Array(items) => {
+                let mut q = s.serialize_seq(Some(items.len()))?;
+                for (i, v) in items.iter().enumerate() {
+                    q.serialize_element(&at(v, child(&self.pointer, &i.to_string())))?;
+                }
+                q.end()
+            }
+            other => other.serialize(s),
+        }
+    }
+}
+
 /// A copy of `value` (found at `pointer`) with every secret leaf replaced by [`REDACTED`].
 pub fn redact(value: &Value, pointer: &str, secrets: &SecretPaths) -> Value {
     if secrets.is_empty() {
@@ -293,6 +385,22 @@ mod tests {
         let doc = json!({"config": {"secrets": {"token": "s3cret", "other": "x"}}, "list": ["a", "b"]});
         let red = redact(&doc, "", &secrets);
         assert_eq!(red, json!({"config": {"secrets": {"token": REDACTED, "other": "x"}}, "list": ["a", REDACTED]}));
+    }
+
+    #[test]
+    fn text_is_written_redacted_in_the_order_of_the_tree() {
+        let secrets: SecretPaths = ["/d/config/a~1b".to_string(), "/d/list/1/k".to_string(), "/d/whole".to_string()].into();
+        let doc = json!({"z": 1, "config": {"a/b": "s3cret", "c": [1.5, null]}, "list": ["a", {"k": "s", "j": true}], "whole": {"x": "y"}});
+        let text = JsonText::redacted(&doc, "/d", &secrets);
+        assert_eq!(text.as_str(), JsonText::of(&redact(&doc, "/d", &secrets)).as_str());
+        assert!(!text.as_str().contains("s3cret") && !text.as_str().contains(r#""s""#), "{}", text.as_str());
+        assert_eq!(
+            text.as_str(),
+            r#"{"z":1,"config":{"a/b":"[REDACTED]","c":[1.5,null]},"list":["a",{"k":"[REDACTED]","j":true}],"whole":"[REDACTED]"}"#
+        );
+        let back: JsonText = serde_json::from_value(json!({"b": 1, "a": 2})).unwrap();
+        assert_eq!(back, JsonText::of(&json!({"a": 2, "b": 1})));
+        assert_eq!(serde_json::to_value(&back).unwrap(), json!({"a": 2, "b": 1}));
     }
 
     #[test]

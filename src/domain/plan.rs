@@ -1,6 +1,6 @@
 //! Desired state against actual state: what a sync would do, as data.
 
-use super::json::{self, SecretPaths, child, redact};
+use super::json::{self, JsonText, SecretPaths, child};
 use super::tenant::DesiredTenant;
 use hmac::{Hmac, Mac};
 use rayon::prelude::*;
@@ -98,12 +98,12 @@ pub struct PatchOp {
     pub op: Op,
     pub path: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<Value>,
+    pub value: Option<JsonText>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret: Option<SecretChange>,
     /// For `replace` and `remove`: the value it had, redacted like `value` (format_version 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old: Option<Value>,
+    pub old: Option<JsonText>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -413,7 +413,7 @@ pub fn create_patch(d: &DesiredTenant) -> Vec<PatchOp> {
             PatchOp {
                 op: Op::Add,
                 secret: d.secrets.contains(&path).then_some(SecretChange::Added),
-                value: Some(redact(v, &path, &d.secrets)),
+                value: Some(JsonText::redacted(v, &path, &d.secrets)),
                 old: None,
                 path,
             }
@@ -431,7 +431,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                     None => ops.push(PatchOp {
                         op: Op::Add,
                         secret: to_secrets.contains(&p).then_some(SecretChange::Added),
-                        value: Some(redact(vb, &p, to_secrets)),
+                        value: Some(JsonText::redacted(vb, &p, to_secrets)),
                         old: None,
                         path: p,
                     }),
@@ -445,7 +445,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                     op: Op::Remove,
                     secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
                     value: None,
-                    old: Some(redact(va, &p, from_secrets)),
+                    old: Some(JsonText::redacted(va, &p, from_secrets)),
                     path: p,
                 });
             }
@@ -469,9 +469,9 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
             ops.push(PatchOp {
                 op: Op::Replace,
                 path: ptr.to_string(),
-                value: Some(redact(b, ptr, to_secrets)),
+                value: Some(JsonText::redacted(b, ptr, to_secrets)),
                 secret,
-                old: Some(redact(a, ptr, from_secrets)),
+                old: Some(JsonText::redacted(a, ptr, from_secrets)),
             });
         }
     }
@@ -490,7 +490,7 @@ fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, 
             ops.push(PatchOp {
                 op: Op::Add,
                 secret: to_secrets.contains(&p).then_some(SecretChange::Added),
-                value: Some(redact(v, &p, to_secrets)),
+                value: Some(JsonText::redacted(v, &p, to_secrets)),
                 old: None,
                 path: p,
             });
@@ -502,7 +502,7 @@ fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, 
                 op: Op::Remove,
                 secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
                 value: None,
-                old: Some(redact(&a[i], &p, from_secrets)),
+                old: Some(JsonText::redacted(&a[i], &p, from_secrets)),
                 path: p,
             });
         }
@@ -514,9 +514,9 @@ fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, 
         ops.push(PatchOp {
             op: Op::Replace,
             path: ptr.to_string(),
-            value: Some(redact(&Value::Array(b.to_vec()), ptr, to_secrets)),
+            value: Some(JsonText::redacted(&Value::Array(b.to_vec()), ptr, to_secrets)),
             secret: None,
-            old: Some(redact(&Value::Array(a.to_vec()), ptr, from_secrets)),
+            old: Some(JsonText::redacted(&Value::Array(a.to_vec()), ptr, from_secrets)),
         });
     }
 }
@@ -674,9 +674,9 @@ mod tests {
             [PatchOp {
                 op: Op::Replace,
                 path: "/config/plan".into(),
-                value: Some(json!("enterprise")),
+                value: Some(JsonText::of(&json!("enterprise"))),
                 secret: None,
-                old: Some(json!("pro")),
+                old: Some(JsonText::of(&json!("pro"))),
             }]
         );
     }
@@ -717,7 +717,7 @@ mod tests {
         let ops: Vec<Value> = p.tenants[0].patch.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
         let mut doc = json!({});
         json::apply_patch(&mut doc, &ops).unwrap();
-        assert_eq!(doc, redact(&d.document, "", &d.secrets));
+        assert_eq!(doc, json::redact(&d.document, "", &d.secrets));
     }
 
     #[test]

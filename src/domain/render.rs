@@ -3,6 +3,7 @@
 use super::drift::{DriftClass, FieldDrift, TenantDrift, counts};
 use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
+use super::json::JsonText;
 use super::plan::{Action, Effective, EffectiveFrom, Op, PatchOp, Plan, SecretChange, TenantPlan};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -125,14 +126,19 @@ impl std::fmt::Display for Painted<'_> {
 /// The lines one operation shows as, each given to `line` with its sign, escaped: an added object
 /// is shown leaf by leaf, as Terraform shows a new resource's attributes.
 fn op_lines(op: &PatchOp, mut line: impl FnMut(char, &str)) {
-    match (op.op, &op.value, op.secret) {
-        (Op::Add, Some(v @ Value::Object(m)), None) if !m.is_empty() => {
+    let object = op
+        .value
+        .as_ref()
+        .filter(|v| v.as_str().starts_with('{') && v.as_str() != "{}")
+        .map(JsonText::value);
+    match (op.op, object, op.secret) {
+        (Op::Add, Some(v), None) => {
             let mut buf = String::new();
-            crate::domain::json::for_each_leaf(v, &mut op.path.clone(), &mut |p, leaf| {
+            crate::domain::json::for_each_leaf(&v, &mut op.path.clone(), &mut |p, leaf| {
                 buf.clear();
                 let _ = match leaf.as_str() == Some(crate::domain::json::REDACTED) {
                     true => write!(buf, "{p} (secret)"),
-                    false => write!(buf, "{p} = {}", shown(leaf)),
+                    false => write!(buf, "{p} = {}", shown(&leaf.to_string())),
                 };
                 line('+', &text(&buf));
             });
@@ -153,11 +159,11 @@ fn op_line(op: &PatchOp) -> (char, String) {
     let text = match (op.secret, &op.old, &op.value) {
         (Some(SecretChange::Added), _, _) => format!("{} (secret added)", op.path),
         (Some(SecretChange::Changed), _, _) => format!("{} (secret changed)", op.path),
-        (Some(SecretChange::Removed), _, Some(v)) => format!("{} = {} (was a secret)", op.path, shown(v)),
+        (Some(SecretChange::Removed), _, Some(v)) => format!("{} = {} (was a secret)", op.path, shown(v.as_str())),
         (Some(SecretChange::Removed), _, None) => format!("{} (secret removed)", op.path),
-        (None, Some(old), Some(new)) => format!("{}: {} -> {}", op.path, shown(old), shown(new)),
-        (None, Some(old), None) => format!("{} = {}", op.path, shown(old)),
-        (None, None, Some(v)) => format!("{} = {}", op.path, shown(v)),
+        (None, Some(old), Some(new)) => format!("{}: {} -> {}", op.path, shown(old.as_str()), shown(new.as_str())),
+        (None, Some(old), None) => format!("{} = {}", op.path, shown(old.as_str())),
+        (None, None, Some(v)) => format!("{} = {}", op.path, shown(v.as_str())),
         (None, None, None) => op.path.clone(),
     };
     (sign, self::text(&text).into_owned())
@@ -166,11 +172,10 @@ fn op_line(op: &PatchOp) -> (char, String) {
 /// Values longer than this many characters are shortened in plans.
 pub const SHOWN_VALUE_CHARS: usize = 80;
 
-/// A value as a plan shows it: JSON, shortened with an ellipsis past [`SHOWN_VALUE_CHARS`].
-fn shown(v: &Value) -> String {
-    let s = v.to_string();
+/// A value as a plan shows it: its JSON, shortened with an ellipsis past [`SHOWN_VALUE_CHARS`].
+fn shown(s: &str) -> String {
     if s.chars().count() <= SHOWN_VALUE_CHARS {
-        return s;
+        return s.to_string();
     }
     let mut cut: String = s.chars().take(SHOWN_VALUE_CHARS - 1).collect();
     cut.push('…');
@@ -455,7 +460,7 @@ fn field_drift(f: &FieldDrift) -> String {
     if f.secret {
         return format!("{} (secret differs)", text(&f.path));
     }
-    let v = |v: &Option<Value>| v.as_ref().map_or_else(|| "(absent)".to_string(), shown);
+    let v = |v: &Option<Value>| v.as_ref().map_or_else(|| "(absent)".to_string(), |v| shown(&v.to_string()));
     text(&format!("{}: git {}, database {}", f.path, v(&f.git), v(&f.database))).into_owned()
 }
 
@@ -701,9 +706,9 @@ Plan: 0 to create, 1 to update, 0 orphaned (0 unchanged).
                         .map(|j| PatchOp {
                             op: Op::Replace,
                             path: format!("/config/limits/field_{j}"),
-                            value: Some(json!(j)),
+                            value: Some(JsonText::of(&json!(j))),
                             secret: None,
-                            old: Some(json!(j + 1)),
+                            old: Some(JsonText::of(&json!(j + 1))),
                         })
                         .collect(),
                     out_of_band: vec![],
