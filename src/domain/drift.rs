@@ -129,14 +129,15 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
                 (Some(_), None) => t.classes.push(DriftClass::Missing),
                 (None, Some(_)) => t.classes.push(DriftClass::Orphaned),
                 (Some(d), Some(a)) => {
-                    t.pending_paths = pending_paths(d, a, key);
+                    let doc = d.document.value();
+                    t.pending_paths = pending_paths(d, &doc, a, key);
                     if !t.pending_paths.is_empty() {
                         t.classes.push(DriftClass::Pending);
                     }
                     t.modified_paths = modified_paths(a, key);
                     if !t.modified_paths.is_empty() {
                         t.classes.push(DriftClass::Modified);
-                        t.modified = t.modified_paths.iter().map(|p| field_drift(p, d, a)).collect();
+                        t.modified = t.modified_paths.iter().map(|p| field_drift(p, d, &doc, a)).collect();
                         t.updated_at = a.updated_at.clone();
                     }
                 }
@@ -151,7 +152,7 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
 }
 
 /// What git and the database have at `path`, secrets withheld.
-fn field_drift(path: &str, d: &DesiredTenant, a: &ActualTenant) -> FieldDrift {
+fn field_drift(path: &str, d: &DesiredTenant, doc: &Value, a: &ActualTenant) -> FieldDrift {
     if path == "/config_version" {
         return FieldDrift {
             path: path.into(),
@@ -172,27 +173,20 @@ fn field_drift(path: &str, d: &DesiredTenant, a: &ActualTenant) -> FieldDrift {
     let at = |doc: &Value| doc.pointer(path).map(|v| redact(v, path, &secrets));
     FieldDrift {
         path: path.into(),
-        git: at(&d.document),
+        git: at(doc),
         database: at(&a.document),
         secret: false,
     }
 }
 
 /// Paths where git differs from what was last applied (or, with no record, from the row).
-fn pending_paths(d: &DesiredTenant, a: &ActualTenant, key: &[u8]) -> Vec<String> {
+fn pending_paths(d: &DesiredTenant, doc: &Value, a: &ActualTenant, key: &[u8]) -> Vec<String> {
     let mut ops: Vec<PatchOp> = Vec::new();
     let none = SecretPaths::new();
     match &a.applied {
-        Some(rec) if rec.digest == digest(key, &d.document, &d.secrets) => {}
-        Some(rec) => diff(&rec.sealed, &seal(key, &d.document, &d.secrets), "", &none, &none, &mut ops),
-        None if d.document != a.document => diff(
-            &seal(key, &a.document, &d.secrets),
-            &seal(key, &d.document, &d.secrets),
-            "",
-            &none,
-            &none,
-            &mut ops,
-        ),
+        Some(rec) if rec.digest == digest(key, doc, &d.secrets) => {}
+        Some(rec) => diff(&rec.sealed, &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
+        None if *doc != a.document => diff(&seal(key, &a.document, &d.secrets), &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
         None => {}
     }
     ops.into_iter().map(|o| o.path).collect()
@@ -218,12 +212,12 @@ mod tests {
     const KEY: &[u8] = b"k";
 
     fn d(id: &str, config: Value) -> DesiredTenant {
-        DesiredTenant {
-            tenant_id: id.into(),
-            file: format!("tenants/{id}.json"),
-            document: json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
-            secrets: ["/config/secrets/k".to_string()].into(),
-        }
+        DesiredTenant::new(
+            id.into(),
+            format!("tenants/{id}.json"),
+            &json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
+            ["/config/secrets/k".to_string()].into(),
+        )
     }
 
     fn applied(t: &DesiredTenant) -> ActualTenant {
@@ -231,13 +225,13 @@ mod tests {
             tenant_id: t.tenant_id.clone(),
             state: "pending".into(),
             config_version: 1,
-            document: t.document.clone(),
+            document: t.document.value(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: t.file.clone(),
                 config_version: 1,
-                digest: digest(KEY, &t.document, &t.secrets),
-                sealed: seal(KEY, &t.document, &t.secrets),
+                digest: digest(KEY, &t.document.value(), &t.secrets),
+                sealed: seal(KEY, &t.document.value(), &t.secrets),
                 secret_paths: t.secrets.clone(),
             }),
             known_secrets: t.secrets.clone(),

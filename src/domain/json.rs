@@ -196,31 +196,6 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     }
 }
 
-/// The same value in no more memory than it needs: parsers grow maps, arrays and strings as they
-/// go, and a run holds every decoded document at once.
-pub fn compact(value: Value) -> Value {
-    match value {
-        Value::Object(map) => Value::Object(
-            map.into_iter()
-                .map(|(mut k, v)| {
-                    k.shrink_to_fit();
-                    (k, compact(v))
-                })
-                .collect(),
-        ),
-        Value::Array(items) => {
-            let mut items: Vec<Value> = items.into_iter().map(compact).collect();
-            items.shrink_to_fit();
-            Value::Array(items)
-        }
-        Value::String(mut s) => {
-            s.shrink_to_fit();
-            Value::String(s)
-        }
-        scalar => scalar,
-    }
-}
-
 /// Calls `f` with the pointer and the value of every leaf under `value` (found at `pointer`), in
 /// document order; an empty object or array is a leaf. One pointer buffer is grown and cut back
 /// on the way, not a string per level.

@@ -156,10 +156,7 @@ pub fn annotate_embedding(plan: &mut Plan, desired: &[DesiredTenant], platform_d
         .iter_mut()
         .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Conflict))
     {
-        let own = by_id
-            .get(t.tenant_id.as_str())
-            .and_then(|d| d.document.pointer("/config/embedding/endpoint"))
-            .and_then(Value::as_str);
+        let own = by_id.get(t.tenant_id.as_str()).and_then(|d| d.embedding_endpoint.as_deref());
         t.embedding_endpoint = match (own, platform_default) {
             (Some(v), _) => Some(Effective {
                 value: v.to_string(),
@@ -321,18 +318,21 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
     let tenants = ids
         .into_par_iter()
         .map(|id| match (want.get(id), have.get(id)) {
-            (Some(d), None) => TenantPlan {
-                tenant_id: id.to_string(),
-                action: Action::Create,
-                file: Some(d.file.clone()),
-                current_version: None,
-                next_version: Some(1),
-                patch: create_patch(d),
-                out_of_band: vec![],
-                desired_digest: Some(digest(opts.key, &d.document, &d.secrets)),
-                actual_digest: None,
-                embedding_endpoint: None,
-            },
+            (Some(d), None) => {
+                let doc = d.document.value();
+                TenantPlan {
+                    tenant_id: id.to_string(),
+                    action: Action::Create,
+                    file: Some(d.file.clone()),
+                    current_version: None,
+                    next_version: Some(1),
+                    patch: create_patch(&doc, &d.secrets),
+                    out_of_band: vec![],
+                    desired_digest: Some(digest(opts.key, &doc, &d.secrets)),
+                    actual_digest: None,
+                    embedding_endpoint: None,
+                }
+            }
             (None, Some(a)) => TenantPlan {
                 tenant_id: id.to_string(),
                 action: Action::Orphaned,
@@ -353,10 +353,11 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
 }
 
 fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {
-    let desired_digest = digest(opts.key, &d.document, &d.secrets);
+    let doc = d.document.value();
+    let desired_digest = digest(opts.key, &doc, &d.secrets);
     let out_of_band = modified_paths(a, opts.key);
     let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
-    let differs = d.document != a.document;
+    let differs = doc != a.document;
     let action = if !differs {
         Action::Unchanged
     } else if opts.correct_drift {
@@ -372,7 +373,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
     let mut patch = Vec::new();
     if matches!(action, Action::Update | Action::Conflict) {
         let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
-        diff(&a.document, &d.document, "", &from_secrets, &d.secrets, &mut patch);
+        diff(&a.document, &doc, "", &from_secrets, &d.secrets, &mut patch);
     }
     TenantPlan {
         tenant_id: d.tenant_id.clone(),
@@ -405,15 +406,15 @@ pub fn modified_paths(a: &ActualTenant, key: &[u8]) -> Vec<String> {
 }
 
 /// The patch that builds a new tenant's document from nothing.
-pub fn create_patch(d: &DesiredTenant) -> Vec<PatchOp> {
-    let Value::Object(map) = &d.document else { return vec![] };
+pub fn create_patch(document: &Value, secrets: &SecretPaths) -> Vec<PatchOp> {
+    let Value::Object(map) = document else { return vec![] };
     map.iter()
         .map(|(k, v)| {
             let path = child("", k);
             PatchOp {
                 op: Op::Add,
-                secret: d.secrets.contains(&path).then_some(SecretChange::Added),
-                value: Some(JsonText::redacted(v, &path, &d.secrets)),
+                secret: secrets.contains(&path).then_some(SecretChange::Added),
+                value: Some(JsonText::redacted(v, &path, secrets)),
                 old: None,
                 path,
             }
@@ -613,12 +614,12 @@ mod tests {
     const KEY: &[u8] = b"test-key";
 
     fn desired(id: &str, config: Value, secrets: &[&str]) -> DesiredTenant {
-        DesiredTenant {
-            tenant_id: id.into(),
-            file: format!("tenants/{id}.toml"),
-            document: json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
-            secrets: secrets.iter().map(|s| s.to_string()).collect(),
-        }
+        DesiredTenant::new(
+            id.into(),
+            format!("tenants/{id}.toml"),
+            &json!({"age_public_key": "age1x", "endpoints": {}, "config": config}),
+            secrets.iter().map(|s| s.to_string()).collect(),
+        )
     }
 
     fn actual_from(d: &DesiredTenant, version: i64) -> ActualTenant {
@@ -626,13 +627,13 @@ mod tests {
             tenant_id: d.tenant_id.clone(),
             state: "pending".into(),
             config_version: version,
-            document: d.document.clone(),
+            document: d.document.value(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: d.file.clone(),
                 config_version: version,
-                digest: digest(KEY, &d.document, &d.secrets),
-                sealed: seal(KEY, &d.document, &d.secrets),
+                digest: digest(KEY, &d.document.value(), &d.secrets),
+                sealed: seal(KEY, &d.document.value(), &d.secrets),
                 secret_paths: d.secrets.clone(),
             }),
             known_secrets: d.secrets.clone(),
@@ -717,7 +718,7 @@ mod tests {
         let ops: Vec<Value> = p.tenants[0].patch.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
         let mut doc = json!({});
         json::apply_patch(&mut doc, &ops).unwrap();
-        assert_eq!(doc, json::redact(&d.document, "", &d.secrets));
+        assert_eq!(doc, json::redact(&d.document.value(), "", &d.secrets));
     }
 
     #[test]

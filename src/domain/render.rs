@@ -535,12 +535,7 @@ mod tests {
             "contacts": [{"name": "Ops", "email": "ops@hooli.example"}, {"name": "Sec", "email": "sec@hooli.example"}],
             "secrets": {"db_password": "new-pw-2"}
         }));
-        let desired = DesiredTenant {
-            tenant_id: "hooli".into(),
-            file: "tenants/hooli.toml".into(),
-            document: new,
-            secrets: secrets.clone(),
-        };
+        let desired = DesiredTenant::new("hooli".into(), "tenants/hooli.toml".into(), &new, secrets.clone());
         let actual = ActualTenant {
             tenant_id: "hooli".into(),
             state: "active".into(),

@@ -74,18 +74,18 @@ const RECORD: &str =
 struct Tenants<'a> {
     ids: Vec<&'a str>,
     configs: Vec<Jsonb>,
-    keys: Vec<&'a str>,
+    keys: Vec<String>,
     endpoints: Vec<Jsonb>,
     /// For an update: the version it expects to find.
     versions: Vec<i64>,
 }
 
 impl<'a> Tenants<'a> {
-    fn push(&mut self, c: &TenantPlan, d: &'a DesiredTenant) {
+    fn push(&mut self, c: &TenantPlan, d: &'a DesiredTenant, doc: &serde_json::Value) {
         self.ids.push(&d.tenant_id);
-        self.configs.push(Jsonb::of(&d.document["config"]));
-        self.keys.push(d.document["age_public_key"].as_str().unwrap_or_default());
-        self.endpoints.push(Jsonb::of(&d.document["endpoints"]));
+        self.configs.push(Jsonb::of(&doc["config"]));
+        self.keys.push(doc["age_public_key"].as_str().unwrap_or_default().to_string());
+        self.endpoints.push(Jsonb::of(&doc["endpoints"]));
         self.versions.push(c.current_version.unwrap_or(0));
     }
 }
@@ -127,9 +127,10 @@ impl<'a> Rows<'a> {
             commit: &ctx.commit.id,
         };
         for &(c, d) in chunk {
+            let doc = d.document.value();
             match c.action {
-                Action::Create => rows.creates.push(c, d),
-                _ => rows.updates.push(c, d),
+                Action::Create => rows.creates.push(c, d, &doc),
+                _ => rows.updates.push(c, d, &doc),
             }
             for e in events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer) {
                 rows.event_tenants.push(e.tenant_id);
@@ -141,7 +142,7 @@ impl<'a> Rows<'a> {
             rows.files.push(&d.file);
             rows.versions.push(c.next_version.unwrap_or(1));
             rows.digests.push(c.desired_digest.as_deref().unwrap_or_default());
-            rows.sealed.push(Jsonb::of(&seal(ctx.key, &d.document, &d.secrets)));
+            rows.sealed.push(Jsonb::of(&seal(ctx.key, &doc, &d.secrets)));
             rows.secret_paths.push(Jsonb::of(&d.secrets));
         }
         rows

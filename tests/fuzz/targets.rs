@@ -75,12 +75,7 @@ pub fn render(data: &[u8]) {
     let (Ok(a), Ok(b)) = (frostbyte_gitops::parse::json(a), frostbyte_gitops::parse::json(b)) else {
         return;
     };
-    let desired = DesiredTenant {
-        tenant_id: "fuzz|`\u{1b}".into(),
-        file: "tenants/fu`zz|.json".into(),
-        document: a,
-        secrets: SecretPaths::new(),
-    };
+    let desired = DesiredTenant::new("fuzz|`\u{1b}".into(), "tenants/fu`zz|.json".into(), &a, SecretPaths::new());
     let actual = ActualTenant {
         tenant_id: desired.tenant_id.clone(),
         state: "active".into(),
