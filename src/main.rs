@@ -606,7 +606,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 };
                 print!("{}", group_header(&sources, src, format));
                 match format {
-                    OutFormat::Text => print!("{}", render::plan_text(&plan, &header, color)),
+                    OutFormat::Text => print_plan_text(&plan, &header, color, render::Tense::Plan),
                     OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
                     OutFormat::Json => print_json(&with_source(render::plan_json(&plan, &header), src)),
                 }
@@ -869,6 +869,14 @@ async fn notify(ctx: &Ctx, notes: Vec<Notification>) {
     }
 }
 
+/// A plan's text, written to stdout as it is rendered: a first sync of 100,000 tenants prints 94 MB.
+fn print_plan_text(plan: &frostbyte_gitops::domain::plan::Plan, header: &render::Header, color: bool, tense: render::Tense) {
+    let out = &mut std::io::BufWriter::new(std::io::stdout().lock());
+    if let Err(e) = render::write_plan_text(out, plan, header, color, tense).and_then(|()| std::io::Write::flush(out)) {
+        eprintln!("error: writing to stdout: {e}");
+    }
+}
+
 fn report_applied(o: &sync::Outcome, format: OutFormat) {
     match format {
         OutFormat::Json => {
@@ -890,7 +898,7 @@ fn report_applied(o: &sync::Outcome, format: OutFormat) {
                     }
                 );
             } else {
-                print!("{}", render::applied_text(&o.plan, &o.header));
+                print_plan_text(&o.plan, &o.header, false, render::Tense::Applied);
             }
         }
     }
