@@ -129,15 +129,15 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
                 (Some(_), None) => t.classes.push(DriftClass::Missing),
                 (None, Some(_)) => t.classes.push(DriftClass::Orphaned),
                 (Some(d), Some(a)) => {
-                    let doc = d.document.value();
-                    t.pending_paths = pending_paths(d, &doc, a, key);
+                    let (doc, actual) = (d.document.value(), a.document.value());
+                    t.pending_paths = pending_paths(d, &doc, a, &actual, key);
                     if !t.pending_paths.is_empty() {
                         t.classes.push(DriftClass::Pending);
                     }
-                    t.modified_paths = modified_paths(a, key);
+                    t.modified_paths = modified_paths(a, &actual, key);
                     if !t.modified_paths.is_empty() {
                         t.classes.push(DriftClass::Modified);
-                        t.modified = t.modified_paths.iter().map(|p| field_drift(p, d, &doc, a)).collect();
+                        t.modified = t.modified_paths.iter().map(|p| field_drift(p, d, &doc, a, &actual)).collect();
                         t.updated_at = a.updated_at.clone();
                     }
                 }
@@ -152,7 +152,7 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
 }
 
 /// What git and the database have at `path`, secrets withheld.
-fn field_drift(path: &str, d: &DesiredTenant, doc: &Value, a: &ActualTenant) -> FieldDrift {
+fn field_drift(path: &str, d: &DesiredTenant, doc: &Value, a: &ActualTenant, actual: &Value) -> FieldDrift {
     if path == "/config_version" {
         return FieldDrift {
             path: path.into(),
@@ -174,19 +174,19 @@ fn field_drift(path: &str, d: &DesiredTenant, doc: &Value, a: &ActualTenant) -> 
     FieldDrift {
         path: path.into(),
         git: at(doc),
-        database: at(&a.document),
+        database: at(actual),
         secret: false,
     }
 }
 
 /// Paths where git differs from what was last applied (or, with no record, from the row).
-fn pending_paths(d: &DesiredTenant, doc: &Value, a: &ActualTenant, key: &[u8]) -> Vec<String> {
+fn pending_paths(d: &DesiredTenant, doc: &Value, a: &ActualTenant, actual: &Value, key: &[u8]) -> Vec<String> {
     let mut ops: Vec<PatchOp> = Vec::new();
     let none = SecretPaths::new();
     match &a.applied {
         Some(rec) if rec.digest == digest(key, doc, &d.secrets) => {}
-        Some(rec) => diff(&rec.sealed, &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
-        None if *doc != a.document => diff(&seal(key, &a.document, &d.secrets), &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
+        Some(rec) => diff(&rec.sealed.value(), &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
+        None if doc != actual => diff(&seal(key, actual, &d.secrets), &seal(key, doc, &d.secrets), "", &none, &none, &mut ops),
         None => {}
     }
     ops.into_iter().map(|o| o.path).collect()
@@ -206,6 +206,7 @@ pub fn counts(report: &[TenantDrift]) -> BTreeMap<DriftClass, usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::json::JsonText;
     use crate::domain::plan::AppliedRecord;
     use serde_json::{Value, json};
 
@@ -225,13 +226,13 @@ mod tests {
             tenant_id: t.tenant_id.clone(),
             state: "pending".into(),
             config_version: 1,
-            document: t.document.value(),
+            document: t.document.clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: t.file.clone(),
                 config_version: 1,
                 digest: digest(KEY, &t.document.value(), &t.secrets),
-                sealed: seal(KEY, &t.document.value(), &t.secrets),
+                sealed: JsonText::of(&seal(KEY, &t.document.value(), &t.secrets)),
                 secret_paths: t.secrets.clone(),
             }),
             known_secrets: t.secrets.clone(),
@@ -246,11 +247,11 @@ mod tests {
         let pend_new = d("pend", json!({"plan": "enterprise"}));
         let modi = d("modi", json!({"secrets": {"k": "v"}}));
         let mut modi_row = applied(&modi);
-        modi_row.document["config"]["secrets"]["k"] = json!("hand-edited");
+        modi_row.document = modi_row.document.edited(|v| v["config"]["secrets"]["k"] = json!("hand-edited"));
         let both_old = d("both", json!({"plan": "pro", "region": "eu-west-1"}));
         let both_new = d("both", json!({"plan": "free", "region": "eu-west-1"}));
         let mut both_row = applied(&both_old);
-        both_row.document["config"]["region"] = json!("us-east-1");
+        both_row.document = both_row.document.edited(|v| v["config"]["region"] = json!("us-east-1"));
         let miss = d("miss", json!({}));
         let orph = d("orph", json!({}));
         let report = drift(

@@ -67,12 +67,30 @@ impl JsonText {
         JsonText(serde_json::value::to_raw_value(&r).expect("a Value serialises"))
     }
 
+    /// Text already known to be JSON (from PostgreSQL's jsonb, say), checked without building a
+    /// tree.
+    pub fn from_text(text: String) -> Result<JsonText, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text).map(JsonText)
+    }
+
+    pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> JsonText {
+        JsonText(raw)
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.get()
     }
 
     pub fn value(&self) -> Value {
         serde_json::from_str(self.0.get()).expect("written by serde_json")
+    }
+
+    /// A copy with `f` applied to the value.
+    #[cfg(test)]
+    pub fn edited(&self, f: impl FnOnce(&mut Value)) -> JsonText {
+        let mut v = self.value();
+        f(&mut v);
+        JsonText::of(&v)
     }
 }
 

@@ -19,7 +19,7 @@ pub struct AppliedRecord {
     /// [`digest`] of the document it wrote.
     pub digest: String,
     /// [`seal`] of the document it wrote: secrets replaced by keyed digests.
-    pub sealed: Value,
+    pub sealed: JsonText,
     pub secret_paths: SecretPaths,
 }
 
@@ -29,7 +29,8 @@ pub struct ActualTenant {
     pub tenant_id: String,
     pub state: String,
     pub config_version: i64,
-    pub document: Value,
+    /// As JSON text, like [`DesiredTenant::document`]: a full read holds every row.
+    pub document: JsonText,
     pub applied: Option<AppliedRecord>,
     /// Paths known to hold secrets: from the applied record, or from the base revision's file.
     pub known_secrets: SecretPaths,
@@ -342,7 +343,7 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
                 patch: vec![],
                 out_of_band: vec![],
                 desired_digest: None,
-                actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+                actual_digest: Some(digest(opts.key, &a.document.value(), &a.known_secrets)),
                 embedding_endpoint: None,
             },
             (Some(d), Some(a)) => plan_both(d, a, opts),
@@ -354,10 +355,11 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
 
 fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {
     let doc = d.document.value();
+    let actual = a.document.value();
     let desired_digest = digest(opts.key, &doc, &d.secrets);
-    let out_of_band = modified_paths(a, opts.key);
+    let out_of_band = modified_paths(a, &actual, opts.key);
     let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
-    let differs = doc != a.document;
+    let differs = doc != actual;
     let action = if !differs {
         Action::Unchanged
     } else if opts.correct_drift {
@@ -373,7 +375,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
     let mut patch = Vec::new();
     if matches!(action, Action::Update | Action::Conflict) {
         let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
-        diff(&a.document, &doc, "", &from_secrets, &d.secrets, &mut patch);
+        diff(&actual, &doc, "", &from_secrets, &d.secrets, &mut patch);
     }
     TenantPlan {
         tenant_id: d.tenant_id.clone(),
@@ -384,19 +386,19 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
         patch,
         out_of_band,
         desired_digest: Some(desired_digest),
-        actual_digest: Some(digest(opts.key, &a.document, &a.known_secrets)),
+        actual_digest: Some(digest(opts.key, &actual, &a.known_secrets)),
         embedding_endpoint: None,
     }
 }
 
 /// Paths at which the row differs from what the agent last wrote (empty without a record).
-pub fn modified_paths(a: &ActualTenant, key: &[u8]) -> Vec<String> {
+pub fn modified_paths(a: &ActualTenant, actual: &Value, key: &[u8]) -> Vec<String> {
     let Some(rec) = &a.applied else { return vec![] };
     let mut paths = Vec::new();
-    if digest(key, &a.document, &rec.secret_paths) != rec.digest {
-        let now = seal(key, &a.document, &rec.secret_paths);
+    if digest(key, actual, &rec.secret_paths) != rec.digest {
+        let now = seal(key, actual, &rec.secret_paths);
         let mut ops = Vec::new();
-        diff(&rec.sealed, &now, "", &SecretPaths::new(), &SecretPaths::new(), &mut ops);
+        diff(&rec.sealed.value(), &now, "", &SecretPaths::new(), &SecretPaths::new(), &mut ops);
         paths.extend(ops.into_iter().map(|op| op.path));
     }
     if a.config_version != rec.config_version {
@@ -627,13 +629,13 @@ mod tests {
             tenant_id: d.tenant_id.clone(),
             state: "pending".into(),
             config_version: version,
-            document: d.document.value(),
+            document: d.document.clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: d.file.clone(),
                 config_version: version,
                 digest: digest(KEY, &d.document.value(), &d.secrets),
-                sealed: seal(KEY, &d.document.value(), &d.secrets),
+                sealed: JsonText::of(&seal(KEY, &d.document.value(), &d.secrets)),
                 secret_paths: d.secrets.clone(),
             }),
             known_secrets: d.secrets.clone(),
@@ -725,7 +727,7 @@ mod tests {
     fn drift_is_corrected_only_when_asked() {
         let d = desired("aaa", json!({"plan": "pro"}), &[]);
         let mut a = actual_from(&d, 2);
-        a.document["config"]["plan"] = json!("free");
+        a.document = a.document.edited(|v| v["config"]["plan"] = json!("free"));
         let warn = plan(
             std::slice::from_ref(&d),
             std::slice::from_ref(&a),
@@ -745,8 +747,8 @@ mod tests {
     fn a_hand_edited_secret_is_a_modified_path_without_its_value() {
         let d = desired("aaa", json!({"secrets": {"k": "v1"}}), &["/config/secrets/k"]);
         let mut a = actual_from(&d, 1);
-        a.document["config"]["secrets"]["k"] = json!("v2");
-        assert_eq!(modified_paths(&a, KEY), ["/config/secrets/k"]);
+        a.document = a.document.edited(|v| v["config"]["secrets"]["k"] = json!("v2"));
+        assert_eq!(modified_paths(&a, &a.document.value(), KEY), ["/config/secrets/k"]);
     }
 
     #[test]

@@ -543,7 +543,7 @@ mod tests {
             tenant_id: "hooli".into(),
             state: "active".into(),
             config_version: 4,
-            document: old,
+            document: JsonText::of(&old),
             applied: None,
             known_secrets: secrets,
             updated_at: None,

@@ -1,16 +1,18 @@
 //! PostgreSQL: migrations, the tenants table, audit events and the agent's own records.
 
 use crate::domain::audit::{AuditEvent, CommitInfo};
-use crate::domain::json::SecretPaths;
+use crate::domain::json::{JsonText, SecretPaths};
 use crate::domain::plan::{ActualTenant, AppliedRecord, Plan, TenantPlan};
 use crate::domain::tenant::DesiredTenant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
 use rayon::prelude::*;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
 mod write;
@@ -567,11 +569,20 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
         tenant: tenant.clone(),
         message: e.to_string(),
     };
-    let document = json!({
-        "age_public_key": row.try_get::<_, String>(3).map_err(bad)?,
-        "endpoints": row.try_get::<_, Value>(4).map_err(bad)?,
-        "config": row.try_get::<_, Value>(5).map_err(bad)?,
-    });
+    // Kept as text (a full read holds every row): jsonb's own text, checked, not parsed into trees.
+    let raw = |i| row.try_get::<_, Json<Box<RawValue>>>(i).map(|j| j.0).map_err(bad);
+    let text = |s: String| {
+        JsonText::from_text(s).map_err(|e| StoreError::BadRow {
+            tenant: tenant.clone(),
+            message: e.to_string(),
+        })
+    };
+    let key = Value::String(row.try_get::<_, String>(3).map_err(bad)?);
+    let document = text(format!(
+        r#"{{"age_public_key":{key},"endpoints":{},"config":{}}}"#,
+        raw(4)?.get(),
+        raw(5)?.get()
+    ))?;
     let applied = match row.try_get::<_, Option<String>>(6).map_err(bad)? {
         None => None,
         Some(commit_id) => {
@@ -581,7 +592,7 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
                 file: row.try_get(11).map_err(bad)?,
                 config_version: row.try_get(7).map_err(bad)?,
                 digest: row.try_get(8).map_err(bad)?,
-                sealed: row.try_get(9).map_err(bad)?,
+                sealed: JsonText::from_raw(raw(9)?),
                 secret_paths,
             })
         }

@@ -631,7 +631,7 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
             tenant_id: t.tenant_id,
             state: String::new(),
             config_version: 0,
-            document: t.document.value(),
+            document: t.document,
             applied: None,
             known_secrets: t.secrets,
             updated_at: None,

@@ -80,7 +80,7 @@ pub fn render(data: &[u8]) {
         tenant_id: desired.tenant_id.clone(),
         state: "active".into(),
         config_version: 1,
-        document: b,
+        document: frostbyte_gitops::domain::json::JsonText::of(&b),
         applied: None,
         known_secrets: SecretPaths::new(),
         updated_at: None,
