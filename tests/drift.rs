@@ -265,6 +265,24 @@ fn an_edit_with_triggers_off_is_missed_incrementally_and_found_by_full() {
     assert_eq!(drift_json(&repo, &db, &["--full"]).0, 0);
 }
 
+/// Rows are kept as jsonb's text and read into trees when planned: a row nested deeper than a tree
+/// can be read back is refused up front, the tenant named, not a panic halfway through a run.
+#[test]
+fn a_row_nested_too_deep_to_read_is_refused_with_its_tenant_named() {
+    let (repo, db) = synced();
+    let deep = format!("{}1{}", "[".repeat(130), "]".repeat(130));
+    psql(
+        &db,
+        &format!("UPDATE tenants SET config = jsonb_set(config, '{{deep}}', '{deep}') WHERE tenant_id = 'alpha'"),
+    );
+    for args in [&["drift", "--full"][..], &["sync", "--full"]] {
+        let out = run(&repo, Some(&db), args);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.all());
+        assert!(out.stderr.contains("tenant alpha: JSON nested 132 levels deep"), "{args:?}: {}", out.stderr);
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+    }
+}
+
 #[test]
 fn rows_written_from_the_work_tree_are_not_trusted_by_the_next_commit_sync() {
     let (repo, db) = synced();

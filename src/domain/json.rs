@@ -67,14 +67,18 @@ impl JsonText {
         JsonText(serde_json::value::to_raw_value(&r).expect("a Value serialises"))
     }
 
-    /// Text already known to be JSON (from PostgreSQL's jsonb, say), checked without building a
-    /// tree.
-    pub fn from_text(text: String) -> Result<JsonText, serde_json::Error> {
-        serde_json::value::RawValue::from_string(text).map(JsonText)
+    /// Text read from elsewhere (PostgreSQL's jsonb, say), checked without building a tree.
+    pub fn from_text(text: String) -> Result<JsonText, String> {
+        Self::from_raw(serde_json::value::RawValue::from_string(text).map_err(|e| e.to_string())?)
     }
 
-    pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> JsonText {
-        JsonText(raw)
+    /// A raw value serde_json accepted, which it checks with no depth limit: one nested deeper
+    /// than [`MAX_NESTING`] is refused here, since it could not be read back into a tree.
+    pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> Result<JsonText, String> {
+        match nesting(raw.get()) {
+            n if n > MAX_NESTING => Err(format!("JSON nested {n} levels deep (at most {MAX_NESTING} are read)")),
+            _ => Ok(JsonText(raw)),
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,6 +96,30 @@ impl JsonText {
         f(&mut v);
         JsonText::of(&v)
     }
+}
+
+/// The deepest nesting serde_json parses (its recursion limit).
+pub const MAX_NESTING: usize = 127;
+
+/// How deep arrays and objects nest in JSON text (strings skipped).
+fn nesting(text: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in text.as_bytes() {
+        match (in_string, escaped, b) {
+            (true, true, _) => escaped = false,
+            (true, false, b'\\') => escaped = true,
+            (true, false, b'"') => in_string = false,
+            (true, false, _) => {}
+            (false, _, b'"') => in_string = true,
+            (false, _, b'{' | b'[') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, _, b'}' | b']') => depth = depth.saturating_sub(1),
+            (false, _, _) => {}
+        }
+    }
+    deepest
 }
 
 /// Equal values, whatever their text (key order, number spelling).
@@ -394,6 +422,16 @@ mod tests {
         let back: JsonText = serde_json::from_value(json!({"b": 1, "a": 2})).unwrap();
         assert_eq!(back, JsonText::of(&json!({"a": 2, "b": 1})));
         assert_eq!(serde_json::to_value(&back).unwrap(), json!({"a": 2, "b": 1}));
+    }
+
+    #[test]
+    fn text_too_deep_to_read_back_is_refused() {
+        let deep = |d: usize| format!(r#"{{"s": "[[{{\"]}}", "v": {}1{}}}"#, "[".repeat(d - 1), "]".repeat(d - 1));
+        let ok = JsonText::from_text(deep(MAX_NESTING)).unwrap();
+        assert!(ok.value().is_object());
+        let err = JsonText::from_text(deep(MAX_NESTING + 1)).unwrap_err();
+        assert!(err.contains("nested 128 levels deep"), "{err}");
+        assert!(serde_json::from_str::<Value>(&deep(MAX_NESTING + 1)).is_err(), "the limit is serde_json's");
     }
 
     #[test]

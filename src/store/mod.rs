@@ -571,18 +571,18 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
     };
     // Kept as text (a full read holds every row): jsonb's own text, checked, not parsed into trees.
     let raw = |i| row.try_get::<_, Json<Box<RawValue>>>(i).map(|j| j.0).map_err(bad);
-    let text = |s: String| {
-        JsonText::from_text(s).map_err(|e| StoreError::BadRow {
+    let text = |s: Result<JsonText, String>| {
+        s.map_err(|message| StoreError::BadRow {
             tenant: tenant.clone(),
-            message: e.to_string(),
+            message,
         })
     };
     let key = Value::String(row.try_get::<_, String>(3).map_err(bad)?);
-    let document = text(format!(
+    let document = text(JsonText::from_text(format!(
         r#"{{"age_public_key":{key},"endpoints":{},"config":{}}}"#,
         raw(4)?.get(),
         raw(5)?.get()
-    ))?;
+    )))?;
     let applied = match row.try_get::<_, Option<String>>(6).map_err(bad)? {
         None => None,
         Some(commit_id) => {
@@ -592,7 +592,7 @@ fn actual_from_row(row: &tokio_postgres::Row) -> Result<ActualTenant, StoreError
                 file: row.try_get(11).map_err(bad)?,
                 config_version: row.try_get(7).map_err(bad)?,
                 digest: row.try_get(8).map_err(bad)?,
-                sealed: JsonText::from_raw(raw(9)?),
+                sealed: text(JsonText::from_raw(raw(9)?))?,
                 secret_paths,
             })
         }
