@@ -183,25 +183,15 @@ impl serde::Serialize for Redacted<'_> {
     }
 }
 
-/// A copy of `value` (found at `pointer`) with every secret leaf replaced by [`REDACTED`].
+/// A copy of `value` (found at `pointer`) with every secret leaf replaced by [`REDACTED`]: the
+/// same walk as [`JsonText::redacted`], into a tree.
 pub fn redact(value: &Value, pointer: &str, secrets: &SecretPaths) -> Value {
-    if secrets.is_empty() {
-        return value.clone();
-    }
-    if secrets.contains(pointer) {
-        return Value::String(REDACTED.to_string());
-    }
-    match value {
-        Value::Object(map) => Value::Object(map.iter().map(|(k, v)| (k.clone(), redact(v, &child(pointer, k), secrets))).collect()),
-        Value::Array(items) => Value::Array(
-            items
-                .iter()
-                .enumerate()
-                .map(|(i, v)| redact(v, &child(pointer, &i.to_string()), secrets))
-                .collect(),
-        ),
-        other => other.clone(),
-    }
+    let r = Redacted {
+        value,
+        pointer: pointer.to_string(),
+        secrets,
+    };
+    serde_json::to_value(&r).expect("a Value serialises")
 }
 
 /// Serialises with object keys sorted, so that equal documents give equal bytes whatever order
