@@ -265,6 +265,27 @@ fn an_edit_with_triggers_off_is_missed_incrementally_and_found_by_full() {
     assert_eq!(drift_json(&repo, &db, &["--full"]).0, 0);
 }
 
+/// A full read compares every row but keeps only those that differ from their files; what it
+/// reports of the others is what an incremental read reports without reading them.
+#[test]
+fn a_full_and_an_incremental_report_agree_tenant_by_tenant() {
+    let (repo, db) = synced();
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(config, '{plan}', '\"free\"') WHERE tenant_id = 'alpha'",
+    );
+    let (code, incremental) = drift_json(&repo, &db, &[]);
+    let (full_code, full) = drift_json(&repo, &db, &["--full"]);
+    assert_eq!((code, full_code), (2, 2));
+    assert_eq!(classes(&full, "alpha"), ["modified"]);
+    assert_eq!(incremental["tenants"], full["tenants"]);
+    assert_eq!(incremental["counts"], full["counts"]);
+    let commit = db.scalar("SELECT last_applied_commit FROM gitops_sources");
+    for id in ["alpha", "bravo", "echo"] {
+        assert_eq!(tenant(&full, id)["last_applied_commit"], commit, "{id}");
+    }
+}
+
 /// Rows are kept as jsonb's text and read into trees when planned: a row nested deeper than a tree
 /// can be read back is refused up front, the tenant named, not a panic halfway through a run.
 #[test]

@@ -90,14 +90,14 @@ impl TenantDrift {
         self.classes == [DriftClass::InSync]
     }
 
-    /// A tenant known to be in sync without reading it (see `TenantPlan::unchanged`).
-    pub fn known_in_sync(tenant_id: String, file: String, config_version: i64) -> Self {
+    /// A tenant known to be in sync without comparing its documents (see `TenantPlan::unchanged`).
+    pub fn known_in_sync(tenant_id: String, file: String, config_version: i64, last_applied_commit: Option<String>) -> Self {
         TenantDrift {
             tenant_id,
             classes: vec![DriftClass::InSync],
             file: Some(file),
             config_version: Some(config_version),
-            last_applied_commit: None,
+            last_applied_commit,
             modified_paths: vec![],
             pending_paths: vec![],
             modified: vec![],
@@ -237,6 +237,51 @@ mod tests {
             }),
             known_secrets: t.secrets.clone(),
             updated_at: None,
+        }
+    }
+
+    /// A full read keeps of a row in step only what planning and drift would say of it anyway.
+    #[test]
+    fn a_row_in_step_plans_and_drifts_as_an_unchanged_tenant() {
+        use crate::domain::plan::{PlanOptions, TenantPlan, in_step, plan};
+        let t = d("acme", json!({"plan": "pro", "secrets": {"k": "v"}}));
+        let a = applied(&t);
+        assert!(in_step(&t, &a, KEY));
+        let digest = a.applied.as_ref().map(|r| r.digest.clone()).unwrap();
+        for correct_drift in [false, true] {
+            let p = plan(std::slice::from_ref(&t), std::slice::from_ref(&a), PlanOptions { key: KEY, correct_drift });
+            assert_eq!(p.tenants, [TenantPlan::unchanged("acme".into(), t.file.clone(), 1, digest.clone())]);
+        }
+        assert_eq!(
+            drift(std::slice::from_ref(&t), std::slice::from_ref(&a), KEY),
+            [TenantDrift::known_in_sync("acme".into(), t.file.clone(), 1, Some("c1".into()))]
+        );
+
+        let with = |f: &dyn Fn(&mut ActualTenant)| {
+            let mut a = applied(&t);
+            f(&mut a);
+            a
+        };
+        let unsealed = DesiredTenant::new("acme".into(), t.file.clone(), &t.document.value(), Default::default());
+        let out_of_step = [
+            (
+                "edited by hand",
+                t.clone(),
+                with(&|a| a.document = a.document.edited(|v| v["config"]["plan"] = json!("free"))),
+            ),
+            (
+                "a secret edited by hand",
+                t.clone(),
+                with(&|a| a.document = a.document.edited(|v| v["config"]["secrets"]["k"] = json!("w"))),
+            ),
+            ("its version moved by hand", t.clone(), with(&|a| a.config_version = 2)),
+            ("never applied", t.clone(), with(&|a| a.applied = None)),
+            ("changed in git", d("acme", json!({"plan": "team", "secrets": {"k": "v"}})), applied(&t)),
+            ("a secret changed in git", d("acme", json!({"plan": "pro", "secrets": {"k": "w"}})), applied(&t)),
+            ("no longer a secret in git", unsealed, applied(&t)),
+        ];
+        for (why, t, a) in out_of_step {
+            assert!(!in_step(&t, &a, KEY), "{why}");
         }
     }
 

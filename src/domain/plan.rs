@@ -354,10 +354,23 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
 }
 
 fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {
-    let doc = d.document.value();
-    let actual = a.document.value();
-    let desired_digest = digest(opts.key, &doc, &d.secrets);
-    let out_of_band = modified_paths(a, &actual, opts.key);
+    plan_parsed(d, &d.document.value(), a, &a.document.value(), opts)
+}
+
+/// Whether a tenant's row holds its file's document, as the agent last wrote it: then [`plan`]
+/// says no more of it than [`TenantPlan::unchanged`] with the applied record's digest, and drift
+/// no more than `TenantDrift::known_in_sync`, so a run that reads every row need not keep it.
+pub fn in_step(d: &DesiredTenant, a: &ActualTenant, key: &[u8]) -> bool {
+    let Some(rec) = &a.applied else { return false };
+    let (doc, actual) = (d.document.value(), a.document.value());
+    // With the documents equal the action is `unchanged` under either drift policy.
+    let opts = PlanOptions { key, correct_drift: false };
+    doc == actual && plan_parsed(d, &doc, a, &actual, opts) == TenantPlan::unchanged(d.tenant_id.clone(), d.file.clone(), a.config_version, rec.digest.clone())
+}
+
+fn plan_parsed(d: &DesiredTenant, doc: &Value, a: &ActualTenant, actual: &Value, opts: PlanOptions<'_>) -> TenantPlan {
+    let desired_digest = digest(opts.key, doc, &d.secrets);
+    let out_of_band = modified_paths(a, actual, opts.key);
     let git_moved = a.applied.as_ref().is_none_or(|r| r.digest != desired_digest);
     let differs = doc != actual;
     let action = if !differs {
@@ -375,7 +388,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
     let mut patch = Vec::new();
     if matches!(action, Action::Update | Action::Conflict) {
         let from_secrets: SecretPaths = a.known_secrets.union(&d.secrets).cloned().collect();
-        diff(&actual, &doc, "", &from_secrets, &d.secrets, &mut patch);
+        diff(actual, doc, "", &from_secrets, &d.secrets, &mut patch);
     }
     TenantPlan {
         tenant_id: d.tenant_id.clone(),
@@ -386,7 +399,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
         patch,
         out_of_band,
         desired_digest: Some(desired_digest),
-        actual_digest: Some(digest(opts.key, &actual, &a.known_secrets)),
+        actual_digest: Some(digest(opts.key, actual, &a.known_secrets)),
         embedding_endpoint: None,
     }
 }

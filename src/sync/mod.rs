@@ -260,6 +260,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         source: &source,
         snapshot: &snapshot,
         run: &run,
+        key: &key,
         full: opts.full,
         prunes: src.prune || opts.prune,
         decoded: Decoded::default(),
@@ -374,6 +375,7 @@ struct Attempts<'r> {
     source: &'r Source,
     snapshot: &'r Snapshot,
     run: &'r Run,
+    key: &'r [u8],
     full: bool,
     prunes: bool,
     decoded: Decoded,
@@ -434,7 +436,7 @@ impl Attempts<'_> {
         let selection = select(source, snapshot, &scope, last.as_ref(), index, full, &mut self.changes)?;
         let holds = self.verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_ref()));
         if self.decoded.covers(&selection) && holds {
-            let state = self.decoded.state(&*tx, snapshot, selection).await?;
+            let state = self.decoded.state(&*tx, snapshot, selection, self.key).await?;
             let verified = self.verified.take().expect("checked above");
             return Ok(Round::Locked(Box::new(Locked { tx, last, state, verified })));
         }
@@ -590,7 +592,7 @@ fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<
     report.extend(
         unchanged
             .iter()
-            .map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version)),
+            .map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version, u.applied_commit.clone())),
     );
     report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     report
@@ -682,7 +684,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool
     let key = store::digest_key(&**client).await?;
     let State {
         desired, actual, unchanged, ..
-    } = read_state(ctx, src, &source, &snapshot, &**client, full).await?;
+    } = read_state(ctx, src, &source, &snapshot, &**client, full, &key).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
     Ok((
         Header {

@@ -7,19 +7,24 @@ use crate::blocking;
 use crate::config::SourceConfig;
 use crate::domain::commit::CommitId;
 use crate::domain::issue::Issue;
-use crate::domain::plan::ActualTenant;
+use crate::domain::plan::{ActualTenant, in_step};
 use crate::domain::tenant::DesiredTenant;
 use crate::source::{Snapshot, SourceError};
 use crate::store;
+use futures_util::StreamExt;
+use rayon::iter::{Either, IntoParallelIterator, ParallelIterator};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A tenant whose file git did not change since the last applied commit and whose row did not
-/// change since the agent wrote it: it is as git says, without being read.
+/// A tenant as git says, as the agent wrote it: its file did not change since the last applied
+/// commit and its row did not change since (known from the index, without reading either), or
+/// both were read and found in step.
 pub struct Unchanged {
     pub tenant_id: String,
     pub file: String,
     pub config_version: i64,
     pub digest: String,
+    /// The commit its applied record names.
+    pub applied_commit: Option<String>,
 }
 
 /// What a run works from.
@@ -187,6 +192,7 @@ pub(super) fn select(
                     file,
                     config_version,
                     digest,
+                    applied_commit: r.applied_commit.clone(),
                 });
             }
             None => {
@@ -290,14 +296,35 @@ impl Decoded {
     }
 
     /// The state a run plans from: the decoded tenants the selection reads, and their rows.
-    /// Moves the documents out (they are the largest thing a run holds): a run plans once.
-    pub(super) async fn state(&mut self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection) -> Result<State, SyncError> {
+    /// Moves the documents out (they are the largest thing a run holds): a run plans once. A row
+    /// [`in_step`] with its file is kept only as an [`Unchanged`], its document dropped with the
+    /// file's, so a run that reads every row holds those that differ, not all of them.
+    pub(super) async fn state(&mut self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection, key: &[u8]) -> Result<State, SyncError> {
         let mut tenants: Vec<DesiredTenant> = std::mem::take(&mut self.tenants)
             .into_iter()
             .filter(|t| selection.read.as_ref().is_none_or(|r| r.contains(&t.file)))
             .collect();
         tenants.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-        let actual = client.rows(&selection.rows).await?;
+        let Selection {
+            rows,
+            mut unchanged,
+            owned,
+            claims,
+            ..
+        } = selection;
+        let (mut actual, mut kept) = (Vec::new(), vec![true; tenants.len()]);
+        // The next chunk is on its way while this one is compared.
+        let mut chunks = futures_util::stream::iter(rows.chunks(ROWS_CHUNK)).map(|ids| client.rows(ids)).buffered(2);
+        while let Some(read) = chunks.next().await {
+            let read = read?;
+            let (steps, differ) = crate::blocking(|| fold(&tenants, read, key));
+            for (i, u) in steps {
+                kept[i] = false;
+                unchanged.push(u);
+            }
+            actual.extend(differ);
+        }
+        let tenants = tenants.into_iter().zip(kept).filter_map(|(t, k)| k.then_some(t)).collect();
         // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
         Ok(State {
             desired: Desired {
@@ -307,11 +334,47 @@ impl Decoded {
                 files: snapshot.files.len(),
             },
             actual,
-            unchanged: selection.unchanged,
-            owned: selection.owned,
-            claims: selection.claims,
+            unchanged,
+            owned,
+            claims,
         })
     }
+}
+
+/// Rows read in full come this many at a time: all at once, a full read of 100,000 held every
+/// row twice over (the database's reply, then the rows made of it).
+const ROWS_CHUNK: usize = 1_000;
+
+/// `rows` split into those in step with their files (with the position of the file in `tenants`,
+/// sorted by tenant), as [`Unchanged`], and the rest.
+fn fold(tenants: &[DesiredTenant], rows: Vec<ActualTenant>, key: &[u8]) -> (Vec<(usize, Unchanged)>, Vec<ActualTenant>) {
+    rows.into_par_iter().partition_map(|a| {
+        let file = tenants
+            .binary_search_by(|d| d.tenant_id.as_str().cmp(&a.tenant_id))
+            .ok()
+            .filter(|&i| in_step(&tenants[i], &a, key));
+        match (file, a) {
+            (
+                Some(i),
+                ActualTenant {
+                    tenant_id,
+                    config_version,
+                    applied: Some(rec),
+                    ..
+                },
+            ) => Either::Left((
+                i,
+                Unchanged {
+                    tenant_id,
+                    file: tenants[i].file.clone(),
+                    config_version,
+                    digest: rec.digest,
+                    applied_commit: Some(rec.commit_id),
+                },
+            )),
+            (_, a) => Either::Right(a),
+        }
+    })
 }
 
 /// The rows a run over `src` works on, as the database has them now; a file claiming a tenant
@@ -352,6 +415,7 @@ pub(super) async fn read_state(
     snapshot: &Snapshot,
     client: &impl TenantStore,
     full: bool,
+    key: &[u8],
 ) -> Result<State, SyncError> {
     let last = client.last_applied(source.id()).await?;
     let scope = scope_of(ctx, src, source, snapshot, client, false).await?;
@@ -359,5 +423,5 @@ pub(super) async fn read_state(
     let selection = select(source, snapshot, &scope, last.as_ref(), index, full, &mut Changes::default())?;
     let mut decoded = Decoded::default();
     decoded.extend(ctx, source, snapshot, &selection)?;
-    decoded.state(client, snapshot, selection).await
+    decoded.state(client, snapshot, selection, key).await
 }
