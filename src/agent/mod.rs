@@ -70,12 +70,27 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     let reconcile = || {
         let (ctx, db, metrics, lease, prepared) = (ctx.clone(), db.clone(), metrics.clone(), lease.clone(), prepared.clone());
         let span = tracing::info_span!("sync", commit = tracing::field::Empty);
-        async move { reconcile_once(&ctx, &db, &metrics, &lease, &prepared).await }.instrument(span)
+        async move {
+            let outcome = reconcile_once(&ctx, &db, &metrics, &lease, &prepared).await;
+            release_freed_memory();
+            outcome
+        }
+        .instrument(span)
     };
     reconcile_loop(timing, trigger_rx, stop_rx, reconcile).await;
     tracing::info!("stopping");
     let _ = server.await;
     Ok(())
+}
+
+/// A run frees what it read (at a full resync, every decoded file), but glibc keeps freed memory
+/// mapped until asked to return it: between runs an agent then holds its largest run's peak.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 async fn reconcile_once(
