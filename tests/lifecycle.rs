@@ -123,6 +123,67 @@ fn an_unknown_tenant_is_named() {
     assert!(out.stderr.contains("tenant nobody does not exist"), "{}", out.stderr);
 }
 
+/// A sync plans the tenants it creates as it writes them, the rest before: what it reports having
+/// applied is, tenant by tenant, what `plan` said it would do.
+#[test]
+fn a_sync_applies_what_its_plan_said_creates_and_updates_alike() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.put_tenant(&tenant_doc("delta"), Format::Yaml);
+    repo.commit("two tenants");
+    assert_eq!(run(&repo, Some(&db), &["sync"]).code, 0);
+    let mut changed = tenant_doc("alpha");
+    changed["config"]["plan"] = json!("enterprise");
+    changed["config"]["secrets"]["api_key"] = json!("rotated-k3y");
+    repo.put_tenant(&changed, Format::Toml);
+    let mut own = tenant_doc("bravo");
+    own["config"]["embedding"] = json!({"endpoint": "https://embed.bravo.example/v1", "model": "e5-small"});
+    repo.put_tenant(&own, Format::Json);
+    repo.put_tenant(&tenant_doc("charlie"), Format::Yaml);
+    repo.commit("alpha changed, bravo and charlie added");
+    let json = |args: &[&str], code: i32| {
+        let mut c = command(repo.path(), Some(&db));
+        c.env("FROSTBYTE_EMBEDDING_ENDPOINT", "https://embed.platform.example/v1")
+            .args(args)
+            .args(["--format", "json"]);
+        let out = output(c);
+        assert_eq!(out.code, code, "{}", out.all());
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let planned = json(&["plan"], 2);
+    let applied = json(&["sync"], 0);
+    assert_eq!(
+        applied["summary"],
+        json!({"create": 2, "update": 1, "unchanged": 1, "orphaned": 0, "conflict": 0, "decommission": 0})
+    );
+    assert_eq!(applied["tenants"], planned["tenants"]);
+    let ids: Vec<&str> = applied["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tenant_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["alpha", "bravo", "charlie", "delta"]);
+    assert_eq!(applied["tenants"][1]["embedding_endpoint"]["from"], json!("tenant_file"));
+    assert!(!applied.to_string().contains("rotated-k3y"));
+    // Events in tenant order, as before creates were planned while written.
+    let events: Vec<String> = db
+        .rows("SELECT tenant_id || ' ' || event_type AS e FROM audit_events WHERE event_seq > 4 ORDER BY event_seq")
+        .into_iter()
+        .map(|r| r["e"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "alpha TENANT_CONFIG_UPDATED",
+            "bravo TENANT_CREATED",
+            "bravo TENANT_CONFIG_UPDATED",
+            "charlie TENANT_CREATED",
+            "charlie TENANT_CONFIG_UPDATED"
+        ]
+    );
+}
+
 #[test]
 fn a_plan_says_which_embedding_endpoint_serves_each_tenant_and_the_default_is_not_written() {
     let (repo, db) = (TestRepo::new(), TestDb::new());

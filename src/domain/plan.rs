@@ -310,8 +310,8 @@ pub struct PlanOptions<'a> {
     pub correct_drift: bool,
 }
 
-pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOptions<'_>) -> Plan {
-    let want: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+pub fn plan<'d>(desired: impl IntoIterator<Item = &'d DesiredTenant>, actual: &[ActualTenant], opts: PlanOptions<'_>) -> Plan {
+    let want: BTreeMap<&str, &DesiredTenant> = desired.into_iter().map(|d| (d.tenant_id.as_str(), d)).collect();
     let have: BTreeMap<&str, &ActualTenant> = actual.iter().map(|a| (a.tenant_id.as_str(), a)).collect();
     let ids: BTreeSet<&str> = want.keys().chain(have.keys()).copied().collect();
     // Each tenant's plan stands alone (digests and patches are most of a cold sync's planning).
@@ -319,21 +319,7 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
     let tenants = ids
         .into_par_iter()
         .map(|id| match (want.get(id), have.get(id)) {
-            (Some(d), None) => {
-                let doc = d.document.value();
-                TenantPlan {
-                    tenant_id: id.to_string(),
-                    action: Action::Create,
-                    file: Some(d.file.clone()),
-                    current_version: None,
-                    next_version: Some(1),
-                    patch: create_patch(&doc, &d.secrets),
-                    out_of_band: vec![],
-                    desired_digest: Some(digest(opts.key, &doc, &d.secrets)),
-                    actual_digest: None,
-                    embedding_endpoint: None,
-                }
-            }
+            (Some(d), None) => create(d, &d.document.value(), opts.key),
             (None, Some(a)) => TenantPlan {
                 tenant_id: id.to_string(),
                 action: Action::Orphaned,
@@ -351,6 +337,22 @@ pub fn plan(desired: &[DesiredTenant], actual: &[ActualTenant], opts: PlanOption
         })
         .collect();
     Plan { tenants }
+}
+
+/// The plan of a tenant that has no row, `doc` being its document: every field added.
+pub fn create(d: &DesiredTenant, doc: &Value, key: &[u8]) -> TenantPlan {
+    TenantPlan {
+        tenant_id: d.tenant_id.clone(),
+        action: Action::Create,
+        file: Some(d.file.clone()),
+        current_version: None,
+        next_version: Some(1),
+        patch: create_patch(doc, &d.secrets),
+        out_of_band: vec![],
+        desired_digest: Some(digest(key, doc, &d.secrets)),
+        actual_digest: None,
+        embedding_endpoint: None,
+    }
 }
 
 fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {

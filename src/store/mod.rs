@@ -647,10 +647,18 @@ pub struct ApplyContext<'a> {
     pub claims: Vec<(String, String)>,
 }
 
-/// Writes every change of `plan` with its audit events, a statement per kind of write whatever
-/// the number of tenants. The caller holds the apply lock and commits; an error leaves the
-/// transaction to roll back, so a run applies all or nothing.
-pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant], ctx: &ApplyContext<'_>) -> Result<usize, StoreError> {
+/// Writes every change of `plan`, and creates the tenants of `creates` (planned here, chunk by
+/// chunk while the server writes the chunk before, into `created`), with their audit events, a
+/// statement per kind of write whatever the number of tenants. The caller holds the apply lock
+/// and commits; an error leaves the transaction to roll back, so a run applies all or nothing.
+pub async fn apply(
+    tx: &Transaction<'_>,
+    plan: &Plan,
+    desired: &[DesiredTenant],
+    creates: &[&DesiredTenant],
+    created: &mut Vec<TenantPlan>,
+    ctx: &ApplyContext<'_>,
+) -> Result<usize, StoreError> {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
     let mut changes = Vec::new();
     for change in plan.changes() {
@@ -658,9 +666,12 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
             tenant: change.tenant_id.clone(),
             message: "the plan changes a tenant that has no file".into(),
         })?;
-        changes.push((change, *d));
+        changes.push(Change::Planned(change, d));
     }
-    write::changes(tx, &changes, ctx).await?;
+    changes.extend(creates.iter().map(|d| Change::Create(d)));
+    // In tenant order, as the plan lists them: the audit trail gets its events in that order.
+    changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
+    write::changes(tx, &changes, ctx, created).await?;
     claim(tx, &changes, ctx).await?;
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
@@ -681,12 +692,26 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, desired: &[DesiredTenant],
     Ok(changes.len() + plan.decommissions().count())
 }
 
+/// A tenant a run writes: planned already, or a create planned as it is written.
+pub enum Change<'a> {
+    Planned(&'a TenantPlan, &'a DesiredTenant),
+    Create(&'a DesiredTenant),
+}
+
+impl<'a> Change<'a> {
+    fn desired(&self) -> &'a DesiredTenant {
+        match self {
+            Change::Planned(_, d) | Change::Create(d) => d,
+        }
+    }
+}
+
 /// Records this source as the owner of what it writes and of the unowned tenants it has files
 /// for; a tenant another source owns (claimed since the plan was made) fails the run.
-async fn claim(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+async fn claim(tx: &Transaction<'_>, changes: &[Change<'_>], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     // One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice in one statement.
     let mut all: BTreeMap<&str, &str> = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).collect();
-    all.extend(changes.iter().map(|(_, d)| (d.tenant_id.as_str(), d.file.as_str())));
+    all.extend(changes.iter().map(|c| c.desired()).map(|d| (d.tenant_id.as_str(), d.file.as_str())));
     let (ids, files): (Vec<&str>, Vec<&str>) = all.into_iter().unzip();
     if ids.is_empty() {
         return Ok(());

@@ -2,11 +2,12 @@
 //! trip, not one per statement), and the next chunk's rows are built on this side while the
 //! server writes the chunk before: the client's work and the server's overlap.
 
-use super::{ApplyContext, EMIT_AUDIT_EVENTS, StoreError, q};
+use super::{ApplyContext, Change, EMIT_AUDIT_EVENTS, StoreError, q};
 use crate::domain::audit::events_for;
-use crate::domain::plan::{Action, TenantPlan, seal};
+use crate::domain::plan::{self, Action, TenantPlan, seal};
 use crate::domain::tenant::DesiredTenant;
 use futures_util::{StreamExt, TryStreamExt};
+use std::borrow::Cow;
 use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
 use tokio_postgres::{Statement, Transaction};
 
@@ -14,20 +15,25 @@ use tokio_postgres::{Statement, Transaction};
 /// tenant at once would hold all of them twice over.
 const CHUNK: usize = 500;
 
-/// Inserts and updates the rows of `changes` with their audit events and applied records.
-pub async fn changes(tx: &Transaction<'_>, changes: &[(&TenantPlan, &DesiredTenant)], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+/// Inserts and updates the rows of `changes` with their audit events and applied records; the
+/// plans of the creates it made go to `created`.
+pub async fn changes(tx: &Transaction<'_>, changes: &[Change<'_>], ctx: &ApplyContext<'_>, created: &mut Vec<TenantPlan>) -> Result<(), StoreError> {
     if changes.is_empty() {
         return Ok(());
     }
     let statements = &Statements::prepare(tx).await?;
-    // Two chunks in flight: while the server writes one, the next is built (off the runtime's
-    // worker, so that the connection's task keeps reading replies) and sent behind it.
+    // Two chunks in flight: while the server writes one, the next is planned and built (off the
+    // runtime's worker, so that the connection's task keeps reading replies) and sent behind it.
     futures_util::stream::iter(changes.chunks(CHUNK))
         .map(|chunk| crate::blocking(|| Rows::of(chunk, ctx)))
-        .map(|rows| async move { rows.write(tx, statements).await })
+        .map(|rows| async move { rows.write(tx, statements).await.map(|()| rows.created) })
         .buffered(2)
-        .try_collect()
+        .try_fold(created, |created, chunk| async move {
+            created.extend(chunk);
+            Ok(created)
+        })
         .await
+        .map(|_| ())
 }
 
 struct Statements {
@@ -101,15 +107,17 @@ struct Rows<'a> {
     ids: Vec<&'a str>,
     files: Vec<&'a str>,
     versions: Vec<i64>,
-    digests: Vec<&'a str>,
+    digests: Vec<String>,
     sealed: Vec<Jsonb>,
     secret_paths: Vec<Jsonb>,
     source: &'a str,
     commit: &'a str,
+    /// The plans of this chunk's creates, made here.
+    created: Vec<TenantPlan>,
 }
 
 impl<'a> Rows<'a> {
-    fn of(chunk: &[(&'a TenantPlan, &'a DesiredTenant)], ctx: &ApplyContext<'a>) -> Rows<'a> {
+    fn of(chunk: &[Change<'a>], ctx: &ApplyContext<'a>) -> Rows<'a> {
         let mut rows = Rows {
             creates: Tenants::default(),
             updates: Tenants::default(),
@@ -125,14 +133,20 @@ impl<'a> Rows<'a> {
             secret_paths: vec![],
             source: ctx.source,
             commit: &ctx.commit.id,
+            created: vec![],
         };
-        for &(c, d) in chunk {
+        for change in chunk {
+            let d = change.desired();
             let doc = d.document.value();
+            let c = match change {
+                Change::Planned(c, _) => Cow::Borrowed(*c),
+                Change::Create(_) => Cow::Owned(plan::create(d, &doc, ctx.key)),
+            };
             match c.action {
-                Action::Create => rows.creates.push(c, d, &doc),
-                _ => rows.updates.push(c, d, &doc),
+                Action::Create => rows.creates.push(&c, d, &doc),
+                _ => rows.updates.push(&c, d, &doc),
             }
-            for e in events_for(c, ctx.commit, ctx.source, ctx.actor, &ctx.signer) {
+            for e in events_for(&c, ctx.commit, ctx.source, ctx.actor, &ctx.signer) {
                 rows.event_tenants.push(e.tenant_id);
                 rows.event_types.push(e.event_type);
                 rows.event_actors.push(e.actor);
@@ -141,9 +155,12 @@ impl<'a> Rows<'a> {
             rows.ids.push(&d.tenant_id);
             rows.files.push(&d.file);
             rows.versions.push(c.next_version.unwrap_or(1));
-            rows.digests.push(c.desired_digest.as_deref().unwrap_or_default());
+            rows.digests.push(c.desired_digest.clone().unwrap_or_default());
             rows.sealed.push(Jsonb::of(&seal(ctx.key, &doc, &d.secrets)));
             rows.secret_paths.push(Jsonb::of(&d.secrets));
+            if let Cow::Owned(c) = c {
+                rows.created.push(c);
+            }
         }
         rows
     }

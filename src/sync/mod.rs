@@ -286,7 +286,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             ));
         }
     };
-    let fresh = plan_run(ctx, src, &locked, &key, &run, opts)?;
+    let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, &run, opts)?;
     let Locked { tx, last, state, verified } = locked;
     let applied = match run {
         Run::Plan => 0,
@@ -314,7 +314,20 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
                     .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
                 claims: state.claims.clone(),
             };
-            store::apply(&tx, &fresh, &state.desired.tenants, &actx).await?
+            let creates: Vec<&DesiredTenant> = to_create.iter().map(|&i| &state.desired.tenants[i]).collect();
+            // Sized before the writes: grown during them, it would land above the memory they
+            // churn through, and the run's peak with it.
+            let mut created = Vec::with_capacity(creates.len());
+            let applied = store::apply(&tx, &fresh, &state.desired.tenants, &creates, &mut created, &actx).await?;
+            if !created.is_empty() {
+                match fresh.tenants.is_empty() {
+                    true => fresh.tenants = created,
+                    false => fresh.tenants.append(&mut created),
+                }
+                fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+                crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+            }
+            applied
         }
     };
     let drift_report = match opts.want_drift {
@@ -469,8 +482,10 @@ enum Round<'c> {
 }
 
 /// The plan of a locked run: the fresh plan, the unchanged tenants, prune and its safety limit,
-/// and a saved plan's staleness.
-fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run: &Run, opts: RunOptions) -> Result<Plan, SyncError> {
+/// and a saved plan's staleness. An apply leaves out the tenants it creates (returned by their
+/// position in the desired tenants): they are planned as they are written, a chunk at a time
+/// while the server writes the chunk before, instead of all of them before the first write.
+fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run: &Run, opts: RunOptions) -> Result<(Plan, Vec<usize>), SyncError> {
     let State {
         desired,
         actual,
@@ -482,7 +497,10 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
         key,
         correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
     };
-    let mut fresh = plan(&desired.tenants, actual, popts);
+    let rows: BTreeSet<&str> = actual.iter().map(|a| a.tenant_id.as_str()).collect();
+    let later = |d: &DesiredTenant| matches!(run, Run::Apply { .. }) && !rows.contains(d.tenant_id.as_str());
+    let to_create: Vec<usize> = (0..desired.tenants.len()).filter(|&i| later(&desired.tenants[i])).collect();
+    let mut fresh = plan(desired.tenants.iter().filter(|d| !later(d)), actual, popts);
     fresh.tenants.extend(
         unchanged
             .iter()
@@ -506,7 +524,7 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
             return Err(SyncError::Stale(reasons));
         }
     }
-    Ok(fresh)
+    Ok((fresh, to_create))
 }
 
 /// Drift as the run leaves it: the rows it wrote read again, in its transaction.
