@@ -693,7 +693,7 @@ pub async fn apply(
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
-pub enum Change<'a> {
+enum Change<'a> {
     Planned(&'a TenantPlan, &'a DesiredTenant),
     Create(&'a DesiredTenant),
 }
