@@ -325,11 +325,12 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
                     false => fresh.tenants.append(&mut created),
                 }
                 fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-                crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
             }
             applied
         }
     };
+    // Once every tenant is planned, the creates made while writing included.
+    crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     let drift_report = match opts.want_drift {
         true => Some(drift_after(&tx, &state, applied, &key).await?),
         false => None,
@@ -509,7 +510,6 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
     // One entry per tenant, so an unstable sort gives the same order, without a buffer the size
     // of the plan.
     fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-    crate::domain::plan::annotate_embedding(&mut fresh, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     if let Some(owned) = owned {
         let states: BTreeMap<&str, &str> = actual.iter().map(|a| (a.tenant_id.as_str(), a.state.as_str())).collect();
         fresh.prune(|id| owned.get(id).cloned(), |id| states.get(id).map(|s| s.to_string()));
