@@ -81,6 +81,11 @@ impl JsonText {
         }
     }
 
+    /// `null`, what a document moved out of its owner leaves behind.
+    pub fn null() -> JsonText {
+        JsonText(serde_json::value::RawValue::NULL.to_owned())
+    }
+
     pub fn as_str(&self) -> &str {
         self.0.get()
     }

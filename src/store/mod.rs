@@ -655,7 +655,7 @@ pub async fn apply(
     tx: &Transaction<'_>,
     plan: &Plan,
     desired: &[DesiredTenant],
-    creates: &[&DesiredTenant],
+    creates: Vec<Create<'_>>,
     created: &mut Vec<TenantPlan>,
     ctx: &ApplyContext<'_>,
 ) -> Result<usize, StoreError> {
@@ -668,11 +668,12 @@ pub async fn apply(
         })?;
         changes.push(Change::Planned(change, d));
     }
-    changes.extend(creates.iter().map(|d| Change::Create(d)));
+    changes.extend(creates.into_iter().map(Change::Create));
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
-    write::changes(tx, &changes, ctx, created).await?;
-    claim(tx, &changes, ctx).await?;
+    let written: Vec<&DesiredTenant> = changes.iter().map(Change::desired).collect();
+    write::changes(tx, changes, ctx, created).await?;
+    claim(tx, &written, ctx).await?;
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
@@ -689,29 +690,53 @@ pub async fn apply(
         .await
         .map_err(q("recording the applied commit"))?;
     }
-    Ok(changes.len() + plan.decommissions().count())
+    Ok(written.len() + plan.decommissions().count())
+}
+
+/// A tenant an apply creates, planned as it is written.
+pub struct Create<'a> {
+    pub tenant: &'a DesiredTenant,
+    /// Its document, when the caller moved it out of `tenant` because nothing reads it after the
+    /// write: it is dropped once its chunk's rows are built, so that a first sync does not hold
+    /// every decoded document beside every created tenant's plan.
+    pub document: Option<JsonText>,
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
 enum Change<'a> {
     Planned(&'a TenantPlan, &'a DesiredTenant),
-    Create(&'a DesiredTenant),
+    Create(Create<'a>),
 }
 
 impl<'a> Change<'a> {
     fn desired(&self) -> &'a DesiredTenant {
         match self {
-            Change::Planned(_, d) | Change::Create(d) => d,
+            Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => d,
+        }
+    }
+
+    fn planned(&self) -> Option<&'a TenantPlan> {
+        match self {
+            Change::Planned(c, _) => Some(c),
+            Change::Create(_) => None,
+        }
+    }
+
+    /// The document to write.
+    fn document(&self) -> serde_json::Value {
+        match self {
+            Change::Create(Create { document: Some(doc), .. }) => doc.value(),
+            _ => self.desired().document.value(),
         }
     }
 }
 
 /// Records this source as the owner of what it writes and of the unowned tenants it has files
 /// for; a tenant another source owns (claimed since the plan was made) fails the run.
-async fn claim(tx: &Transaction<'_>, changes: &[Change<'_>], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+async fn claim(tx: &Transaction<'_>, written: &[&DesiredTenant], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     // One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice in one statement.
     let mut all: BTreeMap<&str, &str> = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).collect();
-    all.extend(changes.iter().map(|c| c.desired()).map(|d| (d.tenant_id.as_str(), d.file.as_str())));
+    all.extend(written.iter().map(|d| (d.tenant_id.as_str(), d.file.as_str())));
     let (ids, files): (Vec<&str>, Vec<&str>) = all.into_iter().unzip();
     if ids.is_empty() {
         return Ok(());

@@ -6,6 +6,7 @@ use crate::domain::audit::CommitInfo;
 use crate::domain::commit::CommitId;
 use crate::domain::drift::{TenantDrift, drift};
 use crate::domain::issue::Issue;
+use crate::domain::json::JsonText;
 use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::DesiredTenant;
@@ -287,7 +288,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         }
     };
     let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, &run, opts)?;
-    let Locked { tx, last, state, verified } = locked;
+    let Locked { tx, last, mut state, verified } = locked;
     let applied = match run {
         Run::Plan => 0,
         _ => {
@@ -314,11 +315,24 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
                     .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
                 claims: state.claims.clone(),
             };
-            let creates: Vec<&DesiredTenant> = to_create.iter().map(|&i| &state.desired.tenants[i]).collect();
+            // Nothing reads a created tenant's document after its write unless drift is reported:
+            // then it stays, otherwise the write takes it and drops it once written.
+            let documents: Vec<Option<JsonText>> = to_create
+                .iter()
+                .map(|&i| (!opts.want_drift).then(|| std::mem::replace(&mut state.desired.tenants[i].document, JsonText::null())))
+                .collect();
+            let creates: Vec<store::Create> = to_create
+                .iter()
+                .zip(documents)
+                .map(|(&i, document)| store::Create {
+                    tenant: &state.desired.tenants[i],
+                    document,
+                })
+                .collect();
             // Sized before the writes: grown during them, it would land above the memory they
             // churn through, and the run's peak with it.
             let mut created = Vec::with_capacity(creates.len());
-            let applied = store::apply(&tx, &fresh, &state.desired.tenants, &creates, &mut created, &actx).await?;
+            let applied = store::apply(&tx, &fresh, &state.desired.tenants, creates, &mut created, &actx).await?;
             if !created.is_empty() {
                 match fresh.tenants.is_empty() {
                     true => fresh.tenants = created,
