@@ -19,9 +19,11 @@ pub struct DesiredTenant {
     pub tenant_id: String,
     /// Path of the file inside the repository, as shown to people.
     pub file: String,
-    /// `{"age_public_key", "endpoints", "config"}`, decrypted, as JSON text: a run holds every
-    /// decoded document until it commits, and as serde_json trees they were most of its memory
-    /// (about 6 KB a tenant for 1 KB of text). Whoever needs the tree parses it for the moment.
+    /// `{"age_public_key", "endpoints", "config"}`, decrypted, as JSON text: as serde_json trees
+    /// the documents were most of a run's memory (about 6 KB a tenant for 1 KB of text), so whoever
+    /// needs the tree parses it for the moment. A sync that reports no drift after applying takes
+    /// a created tenant's document out for the write and leaves `null` here: nothing after the
+    /// apply may read it.
     pub document: JsonText,
     /// Pointers into `document` of the values that were encrypted in the file.
     pub secrets: SecretPaths,

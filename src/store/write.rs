@@ -24,8 +24,10 @@ pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &Apply
     let statements = &Statements::prepare(tx).await?;
     let mut changes = changes.into_iter().peekable();
     let chunks = std::iter::from_fn(move || changes.peek().is_some().then(|| changes.by_ref().take(CHUNK).collect::<Vec<_>>()));
-    // Two chunks in flight: while the server writes one, the next is planned and built (off the
-    // runtime's worker, so that the connection's task keeps reading replies) and sent behind it.
+    // Two chunks in flight: while the server writes one, the next is planned and built (on rayon's
+    // threads, not the runtime's worker, so that the connection's task keeps reading replies, and
+    // where the documents were decoded, so that their memory returns to those threads' arenas)
+    // and sent behind it.
     futures_util::stream::iter(chunks)
         .map(|chunk| crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx))))
         .map(|rows| async move { rows.write(tx, statements).await.map(|()| rows.created) })
