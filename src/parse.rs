@@ -209,10 +209,9 @@ pub fn yaml(text: &str) -> Result<Value, ParseError> {
         })?;
         let line = Some(mark.line());
         let refuse = |p: Problem| from_problem(p, line);
-        let at = b.here();
         let plain = |message: &str| ParseError {
             line,
-            pointer: Some(at.clone()),
+            pointer: Some(b.here()),
             message: message.to_string(),
         };
         let is_key = expecting_key.last().copied().flatten().unwrap_or(false);

@@ -51,6 +51,10 @@ pub fn check_key(key: &str) -> Result<(), String> {
     if key.len() > MAX_KEY_BYTES {
         return Err(format!("a key name is {} bytes; the limit is {MAX_KEY_BYTES}", key.len()));
     }
+    // Printable ASCII, nearly every key, needs no decoding into chars.
+    if key.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Ok(());
+    }
     if let Some(c) = key.chars().find(|c| c.is_control()) {
         return Err(format!("key names may not contain control characters (found U+{:04X})", c as u32));
     }
@@ -72,22 +76,19 @@ pub fn number_from_f64(f: f64) -> Result<Number, String> {
     Number::from_f64(f).ok_or_else(|| "NaN and infinity are not allowed".to_string())
 }
 
+// No pointer is kept per frame: it is needed only for an error, and built then from the keys and
+// indexes on the stack (a string per collection and key was a tenth of parsing a file).
 enum Frame {
-    Map {
-        map: Map<String, Value>,
-        key: Option<String>,
-        pointer: String,
-    },
-    Seq {
-        items: Vec<Value>,
-        pointer: String,
-    },
+    Map { map: Map<String, Value>, key: Option<String> },
+    Seq { items: Vec<Value> },
 }
 
 impl Frame {
-    fn pointer(&self) -> &str {
+    /// The token of the value being built inside this collection.
+    fn push_token(&self, pointer: String) -> String {
         match self {
-            Frame::Map { pointer, .. } | Frame::Seq { pointer, .. } => pointer,
+            Frame::Map { key, .. } => child(&pointer, key.as_deref().unwrap_or("")),
+            Frame::Seq { items } => child(&pointer, &items.len().to_string()),
         }
     }
 }
@@ -109,11 +110,17 @@ impl TreeBuilder {
 
     /// The pointer of the next value.
     pub fn here(&self) -> String {
-        match self.stack.last() {
-            None => String::new(),
-            Some(Frame::Map { key, pointer, .. }) => child(pointer, key.as_deref().unwrap_or("")),
-            Some(Frame::Seq { items, pointer }) => child(pointer, &items.len().to_string()),
-        }
+        self.pointer_of(self.stack.len())
+    }
+
+    /// The pointer of the collection `depth` frames deep (0: the root's).
+    fn pointer_of(&self, depth: usize) -> String {
+        self.stack[..depth].iter().fold(String::new(), |pointer, f| f.push_token(pointer))
+    }
+
+    /// The pointer of the collection being built.
+    fn container(&self) -> String {
+        self.pointer_of(self.stack.len().saturating_sub(1))
     }
 
     fn count(&mut self, bytes: usize) -> Result<(), Problem> {
@@ -131,41 +138,36 @@ impl TreeBuilder {
         Ok(())
     }
 
-    fn open(&mut self, make: impl FnOnce(String) -> Frame) -> Result<(), Problem> {
-        let pointer = self.here();
+    fn open(&mut self, frame: Frame) -> Result<(), Problem> {
         if self.stack.len() >= MAX_DEPTH {
-            return Err(problem(&pointer, format!("nesting is deeper than {MAX_DEPTH} levels")));
+            return Err(problem(&self.here(), format!("nesting is deeper than {MAX_DEPTH} levels")));
         }
         self.count(0)?;
-        self.stack.push(make(pointer));
+        self.stack.push(frame);
         Ok(())
     }
 
     pub fn begin_map(&mut self) -> Result<(), Problem> {
-        self.open(|pointer| Frame::Map {
-            map: Map::new(),
-            key: None,
-            pointer,
-        })
+        self.open(Frame::Map { map: Map::new(), key: None })
     }
 
     pub fn begin_seq(&mut self) -> Result<(), Problem> {
-        self.open(|pointer| Frame::Seq { items: Vec::new(), pointer })
+        self.open(Frame::Seq { items: Vec::new() })
     }
 
     /// The next key of the mapping being built. Duplicates are refused in every format: the sops
     /// CLI keeps both, and two tools must never read two different documents from one file.
     pub fn key(&mut self, k: String) -> Result<(), Problem> {
-        let pointer = self.stack.last().map(|f| f.pointer().to_string()).unwrap_or_default();
-        check_key(&k).map_err(|m| problem(&pointer, m))?;
+        check_key(&k).map_err(|m| problem(&self.container(), m))?;
         self.bytes += k.len();
-        let Some(Frame::Map { map, key, .. }) = self.stack.last_mut() else {
-            return Err(problem(&pointer, "a key outside a mapping"));
-        };
-        if map.contains_key(&k) {
-            return Err(problem(&child(&pointer, &k), "duplicate key"));
+        match self.stack.last() {
+            Some(Frame::Map { map, .. }) if map.contains_key(&k) => return Err(problem(&child(&self.container(), &k), "duplicate key")),
+            Some(Frame::Map { .. }) => {}
+            _ => return Err(problem(&self.container(), "a key outside a mapping")),
         }
-        *key = Some(k);
+        if let Some(Frame::Map { key, .. }) = self.stack.last_mut() {
+            *key = Some(k);
+        }
         Ok(())
     }
 
@@ -196,10 +198,10 @@ impl TreeBuilder {
         match self.stack.last_mut() {
             None if self.root.is_none() => self.root = Some(v),
             None => return Err(problem("", "more than one document")),
-            Some(Frame::Seq { items, .. }) => items.push(v),
-            Some(Frame::Map { map, key, pointer }) => {
-                let k = key.take().ok_or_else(|| problem(pointer, "a value without a key"))?;
-                map.insert(k, v);
+            Some(Frame::Seq { items }) => items.push(v),
+            Some(Frame::Map { key: None, .. }) => return Err(problem(&self.container(), "a value without a key")),
+            Some(Frame::Map { map, key }) => {
+                map.insert(key.take().expect("matched above"), v);
             }
         }
         Ok(())
@@ -207,7 +209,7 @@ impl TreeBuilder {
 
     pub fn finish(self) -> Result<Value, Problem> {
         if !self.stack.is_empty() {
-            return Err(problem(self.stack.last().map_or("", |f| f.pointer()), "the document ends inside a collection"));
+            return Err(problem(&self.container(), "the document ends inside a collection"));
         }
         self.root.ok_or_else(|| problem("", "the file holds no document"))
     }
@@ -254,6 +256,20 @@ mod tests {
                     b.key("a".into())
                 }),
                 "/a",
+            ),
+            (
+                "duplicate, inside a list, under an escaped key",
+                Box::new(|b| {
+                    b.begin_map()?;
+                    b.key("x/y".into())?;
+                    b.begin_seq()?;
+                    b.scalar(json!(0))?;
+                    b.begin_map()?;
+                    b.key("a".into())?;
+                    b.scalar(json!(1))?;
+                    b.key("a".into())
+                }),
+                "/x~1y/1/a",
             ),
             (
                 "empty key",
