@@ -37,7 +37,7 @@ fn line(label: &str, d: Duration, floor: Duration, n: usize) {
 }
 
 fn main() {
-    let n: usize = std::env::var("FROSTBYTE_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    let n = env_count("FROSTBYTE_BENCH_EVENTS", 100_000);
     let url = database();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let pool = store::pool(&url, store::TlsPolicy::AsGiven).unwrap();

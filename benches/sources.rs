@@ -12,7 +12,7 @@ use support::*;
 
 fn main() {
     let n: usize = tenants_or(100_000);
-    let s: usize = std::env::var("FROSTBYTE_BENCH_SOURCES").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let s = env_count("FROSTBYTE_BENCH_SOURCES", 10);
     let (repo, made) = time(|| Repo::generate_sharded(n, s));
     println!(
         "sources: {n} tenants in {s} sources, nested two levels (generated in {:.1} s)",

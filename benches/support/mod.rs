@@ -15,7 +15,12 @@ pub fn tenants() -> usize {
 }
 
 pub fn tenants_or(default: usize) -> usize {
-    std::env::var("FROSTBYTE_BENCH_TENANTS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    env_count("FROSTBYTE_BENCH_TENANTS", default)
+}
+
+/// A count from the environment variable `name`, or `default`.
+pub fn env_count(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 pub fn fixtures() -> PathBuf {
@@ -212,6 +217,12 @@ pub fn report(label: &str, d: Duration, files: usize) {
         d.as_secs_f64() * 1e3,
         files as f64 / d.as_secs_f64()
     );
+}
+
+/// The middle of the durations (the upper one of an even count).
+pub fn median(ds: &mut [Duration]) -> Duration {
+    ds.sort_unstable();
+    ds[ds.len() / 2]
 }
 
 /// Peak resident set of this process so far (VmHWM), in MiB.
