@@ -435,6 +435,23 @@ fn production_mode_needs_a_database_url_to_sync() {
     assert!(!repo.path().join(".frostbyte/pgdata").exists(), "no local cluster in production");
 }
 
+/// git lists `delta-eu.json` before `delta.toml` ('-' sorts before '.'), the rows come in the
+/// other order: both are still known unchanged without a read.
+#[test]
+fn files_listed_out_of_their_tenant_ids_order_are_known_unchanged() {
+    let (repo, db) = three_tenants();
+    repo.put_tenant(&tenant_doc("delta-eu"), Format::Json);
+    repo.put_tenant(&tenant_doc("delta"), Format::Toml);
+    repo.commit("deltas");
+    sync(&repo, &db);
+    let mut doc = tenant_doc("bravo");
+    doc["config"]["plan"] = json!("starter");
+    repo.put_tenant(&doc, Format::Json);
+    repo.commit("bravo");
+    let out = sync(&repo, &db);
+    assert!(out.stderr.contains("incremental read decrypting=1 unchanged=4"), "{}", out.stderr);
+}
+
 #[test]
 fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     let (repo, db) = three_tenants();

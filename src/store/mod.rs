@@ -544,13 +544,14 @@ fn index_from_row(r: &tokio_postgres::Row) -> Result<RowIndex, StoreError> {
         Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
         None => None,
     };
+    let (applied_commit, config_version, touched) = (r.try_get(6).map_err(bad)?, r.try_get(1).map_err(bad)?, r.try_get(5).map_err(bad)?);
     Ok(RowIndex {
         owned_file,
-        applied_commit: r.try_get(6).map_err(bad)?,
-        config_version: r.try_get(1).map_err(bad)?,
-        touched: r.try_get(5).map_err(bad)?,
+        applied_commit,
+        config_version,
+        touched,
         applied,
-        tenant_id: tenant_id.clone(),
+        tenant_id,
     })
 }
 

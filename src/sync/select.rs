@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// A tenant as git says, as the agent wrote it: its file did not change since the last applied
 /// commit and its row did not change since (known from the index, without reading either), or
 /// both were read and found in step.
+#[derive(Clone)]
 pub struct Unchanged {
     pub tenant_id: String,
     pub file: String,
@@ -168,38 +169,53 @@ pub(super) fn select(
     };
     let trusted = trusted_records(source, &index, last.expect("a last applied commit when there is a diff"))?;
     // Sorted and searched rather than put in a map: a no-op run of a large source does this for
-    // every file.
+    // every file. Files come in git's order, which is nearly always the stems' order, so the row
+    // after the last one found is tried before a search.
     index.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     let mut taken = vec![false; index.len()];
     let mut read = BTreeSet::new();
-    let mut unchanged = Vec::new();
+    let mut same_rows = Vec::new();
+    let mut next = 0;
     for f in &snapshot.files {
-        let pos = index.binary_search_by(|r| r.tenant_id.as_str().cmp(&f.stem)).ok().filter(|p| !taken[*p]);
-        let same = pos.filter(|p| {
+        let pos = match index.get(next) {
+            Some(r) if r.tenant_id == f.stem => Ok(next),
+            _ => index.binary_search_by(|r| r.tenant_id.as_str().cmp(&f.stem)),
+        };
+        next = pos.map_or(next, |p| p + 1);
+        let same = pos.ok().filter(|p| {
             let r = &index[*p];
             let from_here = r.applied_commit.as_ref().is_some_and(|commit| trusted.contains(commit));
-            r.applied
-                .as_ref()
-                .is_some_and(|(file, version, _)| from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
+            !taken[*p]
+                && r.applied
+                    .as_ref()
+                    .is_some_and(|(file, version, _)| from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
         });
         match same {
             Some(p) => {
                 taken[p] = true;
-                let r = &mut index[p];
-                let (file, config_version, digest) = r.applied.take().expect("checked above");
-                unchanged.push(Unchanged {
-                    tenant_id: r.tenant_id.clone(),
-                    file,
-                    config_version,
-                    digest,
-                    applied_commit: r.applied_commit.clone(),
-                });
+                same_rows.push(p);
             }
             None => {
                 read.insert(f.path.clone());
             }
         }
     }
+    // Moved out once the searches are done (an emptied tenant_id would mislead them); a row taken
+    // here is left out of `rows` below.
+    let unchanged: Vec<Unchanged> = same_rows
+        .into_iter()
+        .map(|p| {
+            let r = &mut index[p];
+            let (file, config_version, digest) = r.applied.take().expect("checked above");
+            Unchanged {
+                tenant_id: std::mem::take(&mut r.tenant_id),
+                file,
+                config_version,
+                digest,
+                applied_commit: r.applied_commit.take(),
+            }
+        })
+        .collect();
     let rows = index.into_iter().zip(taken).filter(|(_, t)| !t).map(|(r, _)| r.tenant_id).collect();
     tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
     Ok(Selection {
