@@ -287,7 +287,13 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             ));
         }
     };
-    let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, &run, opts)?;
+    let mut locked = locked;
+    // Moved into the plan, unless the drift report after the apply needs them too.
+    let unchanged = match opts.want_drift {
+        true => locked.state.unchanged.clone(),
+        false => std::mem::take(&mut locked.state.unchanged),
+    };
+    let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, unchanged, &run, opts)?;
     let Locked { tx, last, mut state, verified } = locked;
     let applied = match run {
         Run::Plan => 0,
@@ -346,7 +352,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     // Once every tenant is planned, the creates made while writing included.
     crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     let drift_report = match opts.want_drift {
-        true => Some(drift_after(&tx, &state, applied, &key).await?),
+        true => Some(drift_after(&tx, &mut state, applied, &key).await?),
         false => None,
     };
     tx.commit().await.map_err(store::q("committing"))?;
@@ -500,14 +506,17 @@ enum Round<'c> {
 /// and a saved plan's staleness. An apply leaves out the tenants it creates (returned by their
 /// position in the desired tenants): they are planned as they are written, a chunk at a time
 /// while the server writes the chunk before, instead of all of them before the first write.
-fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run: &Run, opts: RunOptions) -> Result<(Plan, Vec<usize>), SyncError> {
-    let State {
-        desired,
-        actual,
-        unchanged,
-        owned,
-        ..
-    } = &locked.state;
+/// `unchanged` becomes the plan's entries for them.
+fn plan_run(
+    ctx: &Ctx,
+    src: &SourceConfig,
+    locked: &Locked<'_>,
+    key: &[u8],
+    unchanged: Vec<Unchanged>,
+    run: &Run,
+    opts: RunOptions,
+) -> Result<(Plan, Vec<usize>), SyncError> {
+    let State { desired, actual, owned, .. } = &locked.state;
     let popts = PlanOptions {
         key,
         correct_drift: ctx.cfg.drift_policy == DriftPolicy::Correct,
@@ -518,8 +527,8 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
     let mut fresh = plan(desired.tenants.iter().filter(|d| !later(d)), actual, popts);
     fresh.tenants.extend(
         unchanged
-            .iter()
-            .map(|u| TenantPlan::unchanged(u.tenant_id.clone(), u.file.clone(), u.config_version, u.digest.clone())),
+            .into_iter()
+            .map(|u| TenantPlan::unchanged(u.tenant_id, u.file, u.config_version, u.digest)),
     );
     // One entry per tenant, so an unstable sort gives the same order, without a buffer the size
     // of the plan.
@@ -542,7 +551,7 @@ fn plan_run(ctx: &Ctx, src: &SourceConfig, locked: &Locked<'_>, key: &[u8], run:
 }
 
 /// Drift as the run leaves it: the rows it wrote read again, in its transaction.
-async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &State, applied: usize, key: &[u8]) -> Result<Vec<TenantDrift>, SyncError> {
+async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &mut State, applied: usize, key: &[u8]) -> Result<Vec<TenantDrift>, SyncError> {
     let after = if applied > 0 {
         let ids: BTreeSet<String> = state
             .actual
@@ -554,7 +563,7 @@ async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &State, applie
     } else {
         state.actual.clone()
     };
-    Ok(with_unchanged(drift(&state.desired.tenants, &after, key), &state.unchanged))
+    Ok(with_unchanged(drift(&state.desired.tenants, &after, key), std::mem::take(&mut state.unchanged)))
 }
 
 fn snapshot_of(source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
@@ -620,11 +629,11 @@ pub fn signature_words(mode: crate::verify::VerifyMode, result: &Result<Option<c
     }
 }
 
-fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: &[Unchanged]) -> Vec<TenantDrift> {
+fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: Vec<Unchanged>) -> Vec<TenantDrift> {
     report.extend(
         unchanged
-            .iter()
-            .map(|u| TenantDrift::known_in_sync(u.tenant_id.clone(), u.file.clone(), u.config_version, u.applied_commit.clone())),
+            .into_iter()
+            .map(|u| TenantDrift::known_in_sync(u.tenant_id, u.file, u.config_version, u.applied_commit)),
     );
     report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     report
@@ -717,7 +726,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool
     let State {
         desired, actual, unchanged, ..
     } = read_state(ctx, src, &source, &snapshot, &**client, full, &key).await?;
-    let report = with_unchanged(drift(&desired.tenants, &actual, &key), &unchanged);
+    let report = with_unchanged(drift(&desired.tenants, &actual, &key), unchanged);
     Ok((
         Header {
             commit: desired.commit.map(|c| c.id),
