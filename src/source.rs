@@ -333,7 +333,9 @@ impl Source {
                 files.push(SourceFile::refused(format!("{dir}/{shown}"), "the file name is not valid UTF-8"));
                 continue;
             };
-            let path = format!("{dir}/{name}");
+            // Not format!: at 100,000 entries its machinery was a fifth of listing a tree.
+            let mut path = String::with_capacity(dir.len() + 1 + name.len());
+            path.extend([dir, "/", name]);
             let kind = e.kind();
             match (tenant_stem(name), kind) {
                 (Some(stem), Some(git2::ObjectType::Blob)) => {
