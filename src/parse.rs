@@ -40,7 +40,7 @@ fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())].iter().filter(|b| **b == b'\n').count() + 1
 }
 
-// ---------- JSON and TOML: serde drives a visitor that feeds the builder ----------
+// ---------- JSON: serde drives a visitor that feeds the builder ----------
 
 /// Where the builder's refusal waits while serde unwinds with a plain message.
 struct Seed<'b> {
@@ -66,9 +66,6 @@ impl Seed<'_> {
         self.builder.scalar(v).map_err(|p| self.fail(p))
     }
 }
-
-/// The field name under which the toml crate hands a datetime to `deserialize_any`.
-const TOML_DATETIME_FIELD: &str = "$__toml_private_datetime";
 
 impl<'de> DeserializeSeed<'de> for Seed<'_> {
     type Value = ();
@@ -119,10 +116,6 @@ impl<'de> Visitor<'de> for Seed<'_> {
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<(), A::Error> {
         let mut first = true;
         while let Some(key) = map.next_key::<String>()? {
-            if first && key == TOML_DATETIME_FIELD {
-                let text: String = map.next_value()?;
-                return self.scalar(Value::String(text));
-            }
             if first {
                 self.builder.begin_map().map_err(|p| self.fail(p))?;
                 first = false;
@@ -150,7 +143,7 @@ fn with_seed<E>(run: impl FnOnce(Seed<'_>) -> Result<(), E>, error: impl FnOnce(
     }
 }
 
-/// The text of an error from serde_json or toml, without its position (given as a line).
+/// The text of an error from serde_json, without its position (given as a line).
 fn bare(message: &str) -> String {
     message.split(" at line ").next().unwrap_or(message).trim().to_string()
 }
@@ -173,24 +166,69 @@ pub fn json(text: &str) -> Result<Value, ParseError> {
     )
 }
 
+/// TOML is walked in the `toml` crate's parsed tables, not through its serde layer (a quarter of
+/// parsing a SOPS TOML file went there). A refusal names the line of the key or value it is about.
 pub fn toml(text: &str) -> Result<Value, ParseError> {
-    with_seed(
-        |seed| {
-            let de = toml::de::Deserializer::parse(text)?;
-            seed.deserialize(de)
-        },
-        |e, refusal| {
-            let line = e.span().map(|s| line_of(text, s.start));
-            match refusal {
-                Some(p) => from_problem(p, line),
-                None => ParseError {
-                    line,
-                    pointer: None,
-                    message: e.message().trim().to_string(),
-                },
+    let root = toml::de::DeTable::parse(text).map_err(|e| ParseError {
+        line: e.span().map(|s| line_of(text, s.start)),
+        pointer: None,
+        message: e.message().trim().to_string(),
+    })?;
+    let mut b = TreeBuilder::new();
+    toml_table(&mut b, text, root.get_ref(), root.span())?;
+    b.finish().map_err(|p| from_problem(p, None))
+}
+
+/// The refusal of a TOML item whose text starts at `span.start`.
+fn toml_at(text: &str, span: std::ops::Range<usize>) -> impl FnOnce(Problem) -> ParseError {
+    move |p| from_problem(p, Some(line_of(text, span.start)))
+}
+
+fn toml_table(b: &mut TreeBuilder, text: &str, table: &toml::de::DeTable<'_>, span: std::ops::Range<usize>) -> Result<(), ParseError> {
+    b.begin_map().map_err(toml_at(text, span.clone()))?;
+    for (key, value) in table {
+        b.key(key.get_ref().to_string()).map_err(toml_at(text, key.span()))?;
+        toml_value(b, text, value)?;
+    }
+    b.end().map_err(toml_at(text, span))
+}
+
+fn toml_value(b: &mut TreeBuilder, text: &str, value: &toml::Spanned<toml::de::DeValue<'_>>) -> Result<(), ParseError> {
+    use toml::de::DeValue;
+    let at = || toml_at(text, value.span());
+    let scalar = match value.get_ref() {
+        DeValue::String(s) => Ok(Value::String(s.to_string())),
+        DeValue::Integer(i) => toml_integer(i).ok_or_else(|| "integer number overflowed".to_string()),
+        DeValue::Float(f) => f
+            .as_str()
+            .parse()
+            .map_err(|_| "not a number".to_string())
+            .and_then(number_from_f64)
+            .map(Value::Number),
+        DeValue::Boolean(v) => Ok(Value::Bool(*v)),
+        DeValue::Datetime(d) => Ok(Value::String(d.to_string())),
+        DeValue::Array(items) => {
+            b.begin_seq().map_err(at())?;
+            for item in items {
+                toml_value(b, text, item)?;
             }
-        },
-    )
+            return b.end().map_err(at());
+        }
+        DeValue::Table(t) => return toml_table(b, text, t, value.span()),
+    };
+    match scalar {
+        Ok(v) => b.scalar(v).map_err(at()),
+        Err(message) => Err(at()(Problem { pointer: b.here(), message })),
+    }
+}
+
+/// As the `toml` crate's serde layer reads an integer: an i64, else a u64.
+fn toml_integer(i: &toml::de::DeInteger<'_>) -> Option<Value> {
+    let (digits, radix) = (i.as_str(), i.radix());
+    i64::from_str_radix(digits, radix)
+        .map(Value::from)
+        .or_else(|_| u64::from_str_radix(digits, radix).map(Value::from))
+        .ok()
 }
 
 // ---------- YAML: events from yaml-rust2, pulled one at a time ----------
@@ -566,7 +604,30 @@ mod tests {
     }
 
     #[test]
+    fn toml_refusals_name_their_line_and_pointer() {
+        let e = toml("a = 1\n[b]\nc = [1, nan]\n").unwrap_err();
+        assert_eq!((e.line, e.pointer.as_deref()), (Some(3), Some("/b/c/1")), "{e:?}");
+        assert!(e.message.contains("NaN"), "{e:?}");
+        let e = toml("a = 1\n\"\" = 2\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e:?}");
+        let e = toml("a = 1\nb = 18446744073709551616\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.pointer.as_deref(), e.message.as_str()),
+            (Some(2), Some("/b"), "integer number overflowed")
+        );
+    }
+
+    #[test]
+    fn toml_integers_are_read_as_i64_or_u64() {
+        let v = toml("a = 18446744073709551615\nb = -9223372036854775808\nc = 0x1f\nd = 1_000\ne = 0o17\n").unwrap();
+        assert_eq!(v, json!({"a": 18446744073709551615u64, "b": i64::MIN, "c": 31, "d": 1000, "e": 15}));
+    }
+
+    #[test]
     fn toml_datetimes_become_strings() {
         assert_eq!(toml("t = 1979-05-27T07:32:00Z\n").unwrap(), json!({"t": "1979-05-27T07:32:00Z"}));
+        // The key the toml crate's serde layer hands a datetime under is an ordinary key in JSON.
+        let doc = json!({"t": {"$__toml_private_datetime": "1979-05-27T07:32:00Z"}});
+        assert_eq!(json(&doc.to_string()).unwrap(), doc);
     }
 }
