@@ -435,6 +435,15 @@ fn production_mode_needs_a_database_url_to_sync() {
     assert!(!repo.path().join(".frostbyte/pgdata").exists(), "no local cluster in production");
 }
 
+/// Moves bravo to another plan in a new commit, and syncs.
+fn sync_a_change_to_bravo(repo: &TestRepo, db: &TestDb) -> Out {
+    let mut doc = tenant_doc("bravo");
+    doc["config"]["plan"] = json!("starter");
+    repo.put_tenant(&doc, Format::Json);
+    repo.commit("bravo");
+    sync(repo, db)
+}
+
 /// git lists `delta-eu.json` before `delta.toml` ('-' sorts before '.'), the rows come in the
 /// other order: both are still known unchanged without a read.
 #[test]
@@ -444,11 +453,7 @@ fn files_listed_out_of_their_tenant_ids_order_are_known_unchanged() {
     repo.put_tenant(&tenant_doc("delta"), Format::Toml);
     repo.commit("deltas");
     sync(&repo, &db);
-    let mut doc = tenant_doc("bravo");
-    doc["config"]["plan"] = json!("starter");
-    repo.put_tenant(&doc, Format::Json);
-    repo.commit("bravo");
-    let out = sync(&repo, &db);
+    let out = sync_a_change_to_bravo(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=4"), "{}", out.stderr);
 }
 
@@ -456,11 +461,7 @@ fn files_listed_out_of_their_tenant_ids_order_are_known_unchanged() {
 fn a_sync_decrypts_only_what_changed_since_the_last_applied_commit() {
     let (repo, db) = three_tenants();
     sync(&repo, &db);
-    let mut doc = tenant_doc("bravo");
-    doc["config"]["plan"] = json!("starter");
-    repo.put_tenant(&doc, Format::Json);
-    repo.commit("bravo");
-    let out = sync(&repo, &db);
+    let out = sync_a_change_to_bravo(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=2"), "{}", out.stderr);
     assert!(out.stdout.contains("0 created, 1 updated"), "{}", out.stdout);
     // A row changed by hand is read again even though its file did not change.
