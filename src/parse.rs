@@ -166,8 +166,9 @@ pub fn json(text: &str) -> Result<Value, ParseError> {
     )
 }
 
-/// TOML is walked in the `toml` crate's parsed tables, not through its serde layer (a quarter of
-/// parsing a SOPS TOML file went there). A refusal names the line of the key or value it is about.
+/// TOML is walked in the `toml` crate's parsed tables, not through its serde layer: 2% fewer
+/// instructions, and the serde layer's datetime key no longer needs a case in the JSON visitor. A
+/// refusal names the line of the key or value it is about.
 pub fn toml(text: &str) -> Result<Value, ParseError> {
     let root = toml::de::DeTable::parse(text).map_err(|e| ParseError {
         line: e.span().map(|s| line_of(text, s.start)),
