@@ -233,9 +233,9 @@ mod tests {
                 config_version: 1,
                 digest: digest(KEY, &t.document.value(), &t.secrets),
                 sealed: JsonText::of(&seal(KEY, &t.document.value(), &t.secrets)),
-                secret_paths: t.secrets.clone(),
+                secret_paths: (*t.secrets).clone(),
             }),
-            known_secrets: t.secrets.clone(),
+            known_secrets: (*t.secrets).clone(),
             updated_at: None,
         }
     }

@@ -651,9 +651,9 @@ mod tests {
                 config_version: version,
                 digest: digest(KEY, &d.document.value(), &d.secrets),
                 sealed: JsonText::of(&seal(KEY, &d.document.value(), &d.secrets)),
-                secret_paths: d.secrets.clone(),
+                secret_paths: (*d.secrets).clone(),
             }),
-            known_secrets: d.secrets.clone(),
+            known_secrets: (*d.secrets).clone(),
             updated_at: None,
         }
     }

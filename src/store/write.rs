@@ -162,7 +162,7 @@ impl<'a> Rows<'a> {
             rows.versions.push(c.next_version.unwrap_or(1));
             rows.digests.push(c.desired_digest.clone().unwrap_or_default());
             rows.sealed.push(Jsonb::of(&seal(ctx.key, &doc, &d.secrets)));
-            rows.secret_paths.push(Jsonb::of(&d.secrets));
+            rows.secret_paths.push(Jsonb::of(&*d.secrets));
             if let Cow::Owned(c) = c {
                 rows.created.push(c);
             }

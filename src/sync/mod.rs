@@ -676,7 +676,7 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
             config_version: 0,
             document: t.document,
             applied: None,
-            known_secrets: t.secrets,
+            known_secrets: std::sync::Arc::unwrap_or_clone(t.secrets),
             updated_at: None,
         })
         .collect();

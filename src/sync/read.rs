@@ -7,7 +7,7 @@ use crate::config::{Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
-use crate::domain::tenant::{DesiredTenant, check_document};
+use crate::domain::tenant::{DesiredTenant, SharedPaths, check_document};
 use crate::sops::{self, AgeKeys, Format};
 use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
 use rayon::prelude::*;
@@ -86,6 +86,7 @@ fn decode_files(
     // Folded into each thread's lists as decoded, not collected into a slot per file first: for
     // `validate` of 100,000 files those slots were most of its memory.
     type Lists = (Vec<DesiredTenant>, Vec<Issue>);
+    let shared = SharedPaths::default();
     let join = |(mut t, mut i): Lists, (t2, i2): Lists| -> Result<Lists, SourceError> {
         t.extend(t2);
         i.extend(i2);
@@ -98,7 +99,10 @@ fn decode_files(
             |(mut tenants, mut issues): Lists, mut f| {
                 read(&mut f)?;
                 match decode_file(&f, opts) {
-                    Ok(t) if opts.keep_documents => tenants.push(t),
+                    Ok(mut t) if opts.keep_documents => {
+                        t.secrets = shared.share(t.secrets);
+                        tenants.push(t);
+                    }
                     Ok(_) => {}
                     Err(mut i) => issues.append(&mut i),
                 }
