@@ -2,6 +2,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use frostbyte_gitops::config::{Config, Flags, LogFormat, SourceConfig};
 use frostbyte_gitops::domain::drift::DriftClass;
+use frostbyte_gitops::domain::plan::Entries;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::notify::Notification;
 use frostbyte_gitops::sops::AgeKeys;
@@ -608,7 +609,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                 match format {
                     OutFormat::Text => print_plan_text(&plan, &header, color, render::Tense::Plan),
                     OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
-                    OutFormat::Json => print_json(&with_source(render::plan_json(&plan, &header), src)),
+                    OutFormat::Json => print_plan_json(&plan, &header, &[("source", serde_json::json!(src.name))]),
                 }
                 code = worst(
                     code,
@@ -841,11 +842,14 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
             }
         };
         if o.applied > 0 {
-            notes.push(Notification::applied(&src.name, o.header.commit.as_deref(), &o.plan));
+            match Notification::applied(&src.name, o.header.commit.as_deref(), &o.entries()) {
+                Ok(n) => notes.push(n),
+                Err(e) => eprintln!("error: reading back the created tenants' plans: {e}; no notification of this apply"),
+            }
         }
         print!("{}", group_header(&sources, src, format));
         report_applied(&o, format);
-        let conflicts = o.plan.summary().conflict;
+        let conflicts = o.entries().summary().conflict;
         if conflicts > 0 {
             eprintln!("{conflicts} tenant(s) in conflict were left alone: fix the rows or set drift_policy = correct");
             code = worst(code, EXIT_CHANGES);
@@ -870,24 +874,33 @@ async fn notify(ctx: &Ctx, notes: Vec<Notification>) {
 }
 
 /// A plan's text, written to stdout as it is rendered: a first sync of 100,000 tenants prints 94 MB.
-fn print_plan_text(plan: &frostbyte_gitops::domain::plan::Plan, header: &render::Header, color: bool, tense: render::Tense) {
+fn print_plan_text(plan: &impl Entries, header: &render::Header, color: bool, tense: render::Tense) {
     let out = &mut std::io::BufWriter::new(std::io::stdout().lock());
     if let Err(e) = render::write_plan_text(out, plan, header, color, tense).and_then(|()| std::io::Write::flush(out)) {
-        eprintln!("error: writing to stdout: {e}");
+        eprintln!("error: writing the plan to stdout: {e}");
+    }
+}
+
+/// A plan's JSON document, with `extra` members, written to stdout as it is serialised.
+fn print_plan_json(plan: &impl Entries, header: &render::Header, extra: &[(&str, serde_json::Value)]) {
+    let version = JSON_VERSION.get().copied().unwrap_or(render::JSON_FORMAT_VERSION);
+    let out = &mut std::io::BufWriter::new(std::io::stdout().lock());
+    if let Err(e) = render::write_plan_json(out, plan, header, extra, version).and_then(|()| std::io::Write::flush(out)) {
+        eprintln!("error: writing the plan to stdout: {e}");
     }
 }
 
 fn report_applied(o: &sync::Outcome, format: OutFormat) {
+    let plan = &o.entries();
     match format {
-        OutFormat::Json => {
-            let mut v = render::plan_json(&o.plan, &o.header);
-            v["applied"] = serde_json::json!(o.applied);
-            v["source"] = serde_json::json!(o.source_name);
-            print_json(&v);
-        }
+        OutFormat::Json => print_plan_json(
+            plan,
+            &o.header,
+            &[("applied", serde_json::json!(o.applied)), ("source", serde_json::json!(o.source_name))],
+        ),
         _ => {
             if o.applied == 0 {
-                let orphans = o.plan.summary().orphaned;
+                let orphans = plan.summary().orphaned;
                 println!(
                     "No changes: the database matches {}.{}",
                     o.header.commit.as_deref().unwrap_or("the work tree"),
@@ -898,7 +911,7 @@ fn report_applied(o: &sync::Outcome, format: OutFormat) {
                     }
                 );
             } else {
-                print_plan_text(&o.plan, &o.header, false, render::Tense::Applied);
+                print_plan_text(plan, &o.header, false, render::Tense::Applied);
             }
         }
     }

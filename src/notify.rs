@@ -4,7 +4,7 @@
 //! Delivery is retried with backoff and bounded in time, and its failure never fails a run.
 
 use crate::config::{NotificationConfig, NotifyEvent, NotifyFormat};
-use crate::domain::plan::{Action, Plan};
+use crate::domain::plan::{Action, Entries};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -50,7 +50,8 @@ pub struct Notification {
 
 impl Notification {
     /// A run that wrote: what it did to which tenants.
-    pub fn applied(source: &str, commit: Option<&str>, plan: &Plan) -> Notification {
+    /// What an apply did; the plan's entries are read for the tenants it changed.
+    pub fn applied(source: &str, commit: Option<&str>, plan: &impl Entries) -> std::io::Result<Notification> {
         let s = plan.summary();
         let counts = [
             ("created", s.create),
@@ -58,16 +59,18 @@ impl Notification {
             ("decommissioned", s.decommission),
             ("orphaned", s.orphaned),
         ];
-        let changed: Vec<(String, String)> = plan
-            .tenants
-            .iter()
-            .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission))
-            .map(|t| {
+        let mut changed: Vec<(String, String)> = Vec::with_capacity(s.create + s.update + s.decommission);
+        plan.try_for_each_window(&mut |window| {
+            let written = window
+                .iter()
+                .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission));
+            changed.extend(written.map(|t| {
                 let action = serde_json::to_value(t.action).expect("serialisable");
                 (t.tenant_id.clone(), action.as_str().unwrap_or_default().to_string())
-            })
-            .collect();
-        Notification::new(NotifyEvent::Applied, source, commit, &counts, changed)
+            }));
+            Ok(())
+        })?;
+        Ok(Notification::new(NotifyEvent::Applied, source, commit, &counts, changed))
     }
 
     pub fn failed(event: NotifyEvent, source: &str, error: &str) -> Notification {

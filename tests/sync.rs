@@ -304,6 +304,27 @@ fn a_backend_killed_during_apply_leaves_nothing_half_applied() {
     assert_eq!(events(&db, "TENANT_CONFIG_UPDATED"), 3);
 }
 
+/// The plans of created tenants wait in a temporary file until they are printed: where none can
+/// be made, the run fails before it commits, says why, and writes nothing.
+#[test]
+fn without_a_temporary_directory_a_first_sync_applies_nothing() {
+    let (repo, db) = three_tenants();
+    let mut c = command(repo.path(), Some(&db));
+    c.env("TMPDIR", repo.path().join("no-such-dir")).arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("keeping the created tenants' plans in a temporary file (TMPDIR); nothing was applied"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(db.count("SELECT 1 FROM tenants"), 0);
+    assert_eq!(db.count("SELECT 1 FROM audit_events"), 0);
+    let out = sync(&repo, &db);
+    assert!(out.stdout.contains("Applied: 3 created, 0 updated, 0 orphaned"), "{}", out.stdout);
+}
+
 #[test]
 fn an_invalid_file_stops_the_run_before_it_writes() {
     let (repo, db) = three_tenants();

@@ -8,6 +8,7 @@ pub mod schedule;
 
 use crate::config::DriftPolicy;
 use crate::domain::drift::counts;
+use crate::domain::plan::Entries;
 use crate::notify::Notification;
 use crate::source::Source;
 use crate::sync::{self, Ctx, Database, Run, SyncError};
@@ -165,7 +166,7 @@ async fn reconcile_once(
                 sm.last_success = Some(chrono::Utc::now().timestamp());
                 sm.last_duration = one.elapsed().as_secs_f64();
                 m.tenants_applied += o.applied as u64;
-                conflicts += o.plan.summary().conflict;
+                conflicts += o.entries().summary().conflict;
                 let commit_time = o
                     .commit_time
                     .as_deref()
@@ -260,7 +261,10 @@ fn announce(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, n: Notification) {
 /// What a successful sync of one source has to say: that it applied, and drift that changed.
 fn announce_success(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, o: &sync::Outcome) {
     if o.applied > 0 {
-        announce(ctx, metrics, Notification::applied(source, o.header.commit.as_deref(), &o.plan));
+        match Notification::applied(source, o.header.commit.as_deref(), &o.entries()) {
+            Ok(n) => announce(ctx, metrics, n),
+            Err(e) => tracing::error!(source, error = %e, "reading back the created tenants' plans: no notification of this apply"),
+        }
     }
     let Some(report) = &o.drift else { return };
     let drifted: Vec<(String, Vec<&str>)> = report

@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// What the agent recorded when it last wrote a tenant.
@@ -152,13 +153,20 @@ pub enum EffectiveFrom {
 /// platform default that readers fall back to (none when neither is set).
 pub fn annotate_embedding(plan: &mut Plan, desired: &[DesiredTenant], platform_default: Option<&str>) {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
-    for t in plan
-        .tenants
-        .iter_mut()
-        .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Conflict))
-    {
+    for t in plan.tenants.iter_mut() {
         let own = by_id.get(t.tenant_id.as_str()).and_then(|d| d.embedding_endpoint.as_deref());
-        t.embedding_endpoint = match (own, platform_default) {
+        t.annotate_embedding(own, platform_default);
+    }
+}
+
+impl TenantPlan {
+    /// The embedding endpoint that will serve this tenant, if the plan writes it: `own` (its
+    /// file's), else the platform default.
+    pub fn annotate_embedding(&mut self, own: Option<&str>, platform_default: Option<&str>) {
+        if !matches!(self.action, Action::Create | Action::Update | Action::Conflict) {
+            return;
+        }
+        self.embedding_endpoint = match (own, platform_default) {
             (Some(v), _) => Some(Effective {
                 value: v.to_string(),
                 from: EffectiveFrom::TenantFile,
@@ -170,9 +178,7 @@ pub fn annotate_embedding(plan: &mut Plan, desired: &[DesiredTenant], platform_d
             (None, None) => None,
         };
     }
-}
 
-impl TenantPlan {
     /// A tenant known to be as git says without reading it: its file did not change since the
     /// agent wrote the row, and the row did not change since.
     pub fn unchanged(tenant_id: String, file: String, config_version: i64, digest: String) -> Self {
@@ -211,24 +217,13 @@ pub struct Plan {
 impl Plan {
     pub fn summary(&self) -> Summary {
         let mut s = Summary::default();
-        for t in &self.tenants {
-            match t.action {
-                Action::Create => s.create += 1,
-                Action::Update => s.update += 1,
-                Action::Unchanged => s.unchanged += 1,
-                Action::Orphaned => s.orphaned += 1,
-                Action::Conflict => s.conflict += 1,
-                Action::Decommission => s.decommission += 1,
-            }
-        }
+        self.tenants.iter().for_each(|t| s.count(t.action));
         s
     }
 
     /// Whether applying would write anything. Orphans are only reported.
     pub fn has_changes(&self) -> bool {
-        self.tenants
-            .iter()
-            .any(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission))
+        self.summary().has_changes()
     }
 
     pub fn decommissions(&self) -> impl Iterator<Item = &TenantPlan> {
@@ -252,7 +247,79 @@ impl Plan {
     }
 }
 
+/// A plan's entries in tenant order, as the reports read them: held in memory, or read back a
+/// window at a time from wherever a run put them (the tenants an apply created go to a file as
+/// they are written, not into its memory).
+pub trait Entries {
+    fn summary(&self) -> Summary;
+    /// Calls `f` with consecutive windows of the entries, in tenant order.
+    fn try_for_each_window(&self, f: &mut dyn FnMut(&[Cow<'_, TenantPlan>]) -> std::io::Result<()>) -> std::io::Result<()>;
+}
+
+/// Plan entries as JSON lines, and their counts: how the plans of the tenants an apply creates
+/// leave its memory, serialised where they are made (on the threads that build the writes).
+#[derive(Default, Debug)]
+pub struct Packed {
+    pub lines: Vec<u8>,
+    pub summary: Summary,
+}
+
+impl Packed {
+    pub fn push(&mut self, t: &TenantPlan) {
+        serde_json::to_writer(&mut self.lines, t).expect("a plan serialises");
+        self.lines.push(b'\n');
+        self.summary.count(t.action);
+    }
+
+    /// One line of [`Packed::lines`], without its newline.
+    pub fn unpack(line: &[u8]) -> serde_json::Result<TenantPlan> {
+        serde_json::from_slice(line)
+    }
+}
+
+/// Entries per window: enough to render on every core, few enough to hold.
+pub const WINDOW: usize = 4096;
+
+impl Entries for Plan {
+    fn summary(&self) -> Summary {
+        Plan::summary(self)
+    }
+
+    fn try_for_each_window(&self, f: &mut dyn FnMut(&[Cow<'_, TenantPlan>]) -> std::io::Result<()>) -> std::io::Result<()> {
+        self.tenants
+            .chunks(WINDOW)
+            .try_for_each(|w| f(&w.iter().map(Cow::Borrowed).collect::<Vec<_>>()))
+    }
+}
+
+impl std::ops::AddAssign for Summary {
+    fn add_assign(&mut self, o: Summary) {
+        self.create += o.create;
+        self.update += o.update;
+        self.unchanged += o.unchanged;
+        self.orphaned += o.orphaned;
+        self.conflict += o.conflict;
+        self.decommission += o.decommission;
+    }
+}
+
 impl Summary {
+    pub fn count(&mut self, action: Action) {
+        match action {
+            Action::Create => self.create += 1,
+            Action::Update => self.update += 1,
+            Action::Unchanged => self.unchanged += 1,
+            Action::Orphaned => self.orphaned += 1,
+            Action::Conflict => self.conflict += 1,
+            Action::Decommission => self.decommission += 1,
+        }
+    }
+
+    /// Whether applying would write anything. Orphans are only reported.
+    pub fn has_changes(&self) -> bool {
+        self.create + self.update + self.decommission > 0
+    }
+
     pub fn line(&self) -> String {
         let conflicts = if self.conflict > 0 {
             format!(", {} in conflict (left alone)", self.conflict)

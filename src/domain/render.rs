@@ -4,7 +4,7 @@ use super::drift::{DriftClass, FieldDrift, TenantDrift, counts};
 use super::escape::{html, md_cell, md_code, text};
 use super::issue::Issue;
 use super::json::JsonText;
-use super::plan::{Action, Effective, EffectiveFrom, Op, PatchOp, Plan, SecretChange, TenantPlan};
+use super::plan::{Action, Effective, EffectiveFrom, Entries, Op, PatchOp, Plan, SecretChange, TenantPlan};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -22,12 +22,19 @@ pub fn json_format_version(mut v: Value, version: u32) -> Value {
     if version == 1 {
         v["format_version"] = json!(1);
         if let Some(tenants) = v.get_mut("tenants").and_then(Value::as_array_mut) {
-            for op in tenants.iter_mut().filter_map(|t| t.get_mut("patch")).filter_map(Value::as_array_mut).flatten() {
-                op.as_object_mut().map(|o| o.remove("old"));
-            }
+            tenants.iter_mut().for_each(|t| tenant_at_version(t, version));
         }
     }
     v
+}
+
+/// A plan's entry as `version` of the layout has it.
+fn tenant_at_version(t: &mut Value, version: u32) {
+    if version == 1 {
+        for op in t.get_mut("patch").and_then(Value::as_array_mut).into_iter().flatten() {
+            op.as_object_mut().map(|o| o.remove("old"));
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -212,13 +219,10 @@ pub fn plan_text(plan: &Plan, header: &Header, color: bool) -> String {
     String::from_utf8(out).expect("rendered as UTF-8")
 }
 
-/// Tenants rendered before their text is written out: the text of a first sync of 100,000
-/// tenants is 94 MB, and built whole it was held twice (blocks, then the joined string).
-const WINDOW: usize = 4096;
-
 /// A plan (or, in the past tense, what `apply` and `sync` did), written to `out` a window of
-/// tenants at a time.
-pub fn write_plan_text(out: &mut impl std::io::Write, plan: &Plan, header: &Header, color: bool, tense: Tense) -> std::io::Result<()> {
+/// tenants at a time: the text of a first sync of 100,000 tenants is 94 MB, and built whole it
+/// was held twice (blocks, then the joined string).
+pub fn write_plan_text(out: &mut impl std::io::Write, plan: &impl Entries, header: &Header, color: bool, tense: Tense) -> std::io::Result<()> {
     let p = Paint(color);
     let title = if tense == Tense::Plan { "Plan for" } else { "Applied" };
     writeln!(out, "{title} {} against {}:", short(&header.commit), text(&header.against))?;
@@ -228,7 +232,7 @@ pub fn write_plan_text(out: &mut impl std::io::Write, plan: &Plan, header: &Head
     writeln!(out)?;
     // Each tenant's lines stand alone: a window's blocks are rendered on all cores, a batch of
     // tenants into one buffer.
-    for window in plan.tenants.chunks(WINDOW) {
+    plan.try_for_each_window(&mut |window| {
         let blocks: Vec<String> = window
             .par_chunks(64)
             .map(|batch| {
@@ -237,11 +241,11 @@ pub fn write_plan_text(out: &mut impl std::io::Write, plan: &Plan, header: &Head
                 b
             })
             .collect();
-        blocks.iter().try_for_each(|b| out.write_all(b.as_bytes()))?;
-    }
+        blocks.iter().try_for_each(|b| out.write_all(b.as_bytes()))
+    })?;
     let mut tail = String::new();
     let s = plan.summary();
-    if !plan.has_changes() && s.orphaned == 0 && s.conflict == 0 {
+    if !s.has_changes() && s.orphaned == 0 && s.conflict == 0 {
         let _ = writeln!(tail, "No changes. The database matches {} ({} tenant(s)).", short(&header.commit), s.unchanged);
     } else {
         let line = if tense == Tense::Plan { s.line() } else { s.past_line() };
@@ -425,14 +429,55 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
 }
 
 pub fn plan_json(plan: &Plan, header: &Header) -> Value {
-    json!({
-        "format_version": JSON_FORMAT_VERSION,
-        "commit": header.commit,
-        "against": header.against,
-        "summary": plan.summary(),
-        "has_changes": plan.has_changes(),
-        "tenants": plan.tenants,
-    })
+    let mut out = Vec::new();
+    write_plan_json(&mut out, plan, header, &[], JSON_FORMAT_VERSION).expect("writing to memory");
+    serde_json::from_slice(&out).expect("written as JSON")
+}
+
+/// A plan as pretty JSON (`extra` members after the plan's own, at `version` of the layout),
+/// written to `out` a tenant at a time: the plan of a first sync of 100,000 tenants, built as one
+/// document, was several times the memory of the tenants' plans.
+pub fn write_plan_json(out: &mut impl std::io::Write, plan: &impl Entries, header: &Header, extra: &[(&str, Value)], version: u32) -> std::io::Result<()> {
+    use serde::ser::{Error, SerializeMap, SerializeSeq, Serializer};
+    struct Tenants<'p, P>(&'p P, u32);
+    impl<P: Entries> Serialize for Tenants<'_, P> {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let mut seq = serializer.serialize_seq(None)?;
+            let mut failed = None;
+            let visited = self.0.try_for_each_window(&mut |window| {
+                for t in window {
+                    // As a tree, like the whole document before it was streamed: JSON text kept
+                    // raw in the entry would be printed as it is, not indented.
+                    let mut v = serde_json::to_value(t).map_err(std::io::Error::other)?;
+                    tenant_at_version(&mut v, self.1);
+                    if let Err(e) = seq.serialize_element(&v) {
+                        failed = Some(e);
+                        return Err(std::io::Error::other("serialising"));
+                    }
+                }
+                Ok(())
+            });
+            match (failed, visited) {
+                (Some(e), _) => Err(e),
+                (None, Err(e)) => Err(S::Error::custom(e)),
+                (None, Ok(())) => seq.end(),
+            }
+        }
+    }
+    let summary = plan.summary();
+    let mut ser = serde_json::Serializer::pretty(&mut *out);
+    let mut map = ser.serialize_map(None)?;
+    map.serialize_entry("format_version", &version)?;
+    map.serialize_entry("commit", &header.commit)?;
+    map.serialize_entry("against", &header.against)?;
+    map.serialize_entry("summary", &summary)?;
+    map.serialize_entry("has_changes", &summary.has_changes())?;
+    map.serialize_entry("tenants", &Tenants(plan, version))?;
+    for (k, v) in extra {
+        map.serialize_entry(k, v)?;
+    }
+    SerializeMap::end(map)?;
+    writeln!(out)
 }
 
 // ---------- drift ----------
@@ -689,6 +734,32 @@ Plan: 0 to create, 1 to update, 0 orphaned (0 unchanged).
         let v1 = json_format_version(v, 1);
         assert_eq!(v1["format_version"], json!(1));
         assert_eq!(v1["tenants"][0]["patch"][0], json!({"op": "replace", "path": "/config/plan", "value": "pro"}));
+    }
+
+    /// The JSON written a tenant at a time is, byte for byte, the document built whole and
+    /// printed (as every plan was before), at both layouts, with members after the plan's.
+    #[test]
+    fn streamed_json_plans_are_the_document_printed_whole() {
+        let mut plan = reviewed_plan();
+        plan.tenants.extend(big_plan(3).tenants);
+        for version in [1, JSON_FORMAT_VERSION] {
+            for plan in [&plan, &Plan::default()] {
+                let mut whole = json!({
+                    "format_version": JSON_FORMAT_VERSION,
+                    "commit": header().commit,
+                    "against": header().against,
+                    "summary": plan.summary(),
+                    "has_changes": plan.has_changes(),
+                    "tenants": plan.tenants,
+                });
+                whole["applied"] = json!(3);
+                whole["source"] = json!("main");
+                let expected = serde_json::to_string_pretty(&json_format_version(whole, version)).unwrap() + "\n";
+                let mut out = Vec::new();
+                write_plan_json(&mut out, plan, &header(), &[("applied", json!(3)), ("source", json!("main"))], version).unwrap();
+                assert_eq!(String::from_utf8(out).unwrap(), expected);
+            }
+        }
     }
 
     fn big_plan(n: usize) -> Plan {

@@ -2,7 +2,7 @@
 
 use crate::domain::audit::{AuditEvent, CommitInfo};
 use crate::domain::json::{JsonText, SecretPaths};
-use crate::domain::plan::{ActualTenant, AppliedRecord, Plan, TenantPlan};
+use crate::domain::plan::{ActualTenant, AppliedRecord, Packed, Plan, TenantPlan};
 use crate::domain::tenant::DesiredTenant;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
@@ -68,6 +68,13 @@ pub enum StoreError {
     /// The database's own words: they name the tenant and both states.
     #[error("{0}")]
     Transition(String),
+    #[error("keeping the created tenants' plans in a temporary file (TMPDIR); nothing was applied")]
+    Spill(#[source] std::io::Error),
+}
+
+/// Where an apply puts the plans of the tenants it creates, a chunk at a time as it writes them.
+pub trait CreatedSink: Send {
+    fn take(&mut self, chunk: Packed) -> std::io::Result<()>;
 }
 
 /// The error of a statement, with what it was doing.
@@ -646,6 +653,8 @@ pub struct ApplyContext<'a> {
     pub signer: Value,
     /// Tenants of this run nobody owns yet, with their files: the source claims them.
     pub claims: Vec<(String, String)>,
+    /// The platform's embedding endpoint, for the plans of the tenants it creates.
+    pub embedding_default: Option<&'a str>,
 }
 
 /// Writes every change of `plan`, and creates the tenants of `creates` (planned here, chunk by
@@ -657,7 +666,7 @@ pub async fn apply(
     plan: &Plan,
     desired: &[DesiredTenant],
     creates: Vec<Create<'_>>,
-    created: &mut Vec<TenantPlan>,
+    created: &mut dyn CreatedSink,
     ctx: &ApplyContext<'_>,
 ) -> Result<usize, StoreError> {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();

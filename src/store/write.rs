@@ -2,9 +2,9 @@
 //! trip, not one per statement), and the next chunk's rows are built on this side while the
 //! server writes the chunk before: the client's work and the server's overlap.
 
-use super::{ApplyContext, Change, EMIT_AUDIT_EVENTS, StoreError, q};
+use super::{ApplyContext, Change, CreatedSink, EMIT_AUDIT_EVENTS, StoreError, q};
 use crate::domain::audit::events_for;
-use crate::domain::plan::{self, Action, TenantPlan, seal};
+use crate::domain::plan::{self, Action, Packed, TenantPlan, seal};
 use crate::domain::tenant::DesiredTenant;
 use futures_util::{StreamExt, TryStreamExt};
 use std::borrow::Cow;
@@ -17,7 +17,7 @@ const CHUNK: usize = 500;
 
 /// Inserts and updates the rows of `changes` with their audit events and applied records; the
 /// plans of the creates it made go to `created`.
-pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &ApplyContext<'_>, created: &mut Vec<TenantPlan>) -> Result<(), StoreError> {
+pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &ApplyContext<'_>, created: &mut dyn CreatedSink) -> Result<(), StoreError> {
     if changes.is_empty() {
         return Ok(());
     }
@@ -33,7 +33,7 @@ pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &Apply
         .map(|rows| async move { rows.write(tx, statements).await.map(|()| rows.created) })
         .buffered(2)
         .try_fold(created, |created, chunk| async move {
-            created.extend(chunk);
+            created.take(chunk).map_err(StoreError::Spill)?;
             Ok(created)
         })
         .await
@@ -117,7 +117,7 @@ struct Rows<'a> {
     source: &'a str,
     commit: &'a str,
     /// The plans of this chunk's creates, made here.
-    created: Vec<TenantPlan>,
+    created: Packed,
 }
 
 impl<'a> Rows<'a> {
@@ -138,14 +138,18 @@ impl<'a> Rows<'a> {
             secret_paths: vec![],
             source: ctx.source,
             commit: &ctx.commit.id,
-            created: vec![],
+            created: Packed::default(),
         };
         for change in chunk {
             let (d, planned, doc) = (change.desired(), change.planned(), change.document());
             drop(change);
             let c = match planned {
                 Some(c) => Cow::Borrowed(c),
-                None => Cow::Owned(plan::create(d, &doc, ctx.key)),
+                None => {
+                    let mut c = plan::create(d, &doc, ctx.key);
+                    c.annotate_embedding(d.embedding_endpoint.as_deref(), ctx.embedding_default);
+                    Cow::Owned(c)
+                }
             };
             match c.action {
                 Action::Create => rows.creates.push(&c, d, &doc),
@@ -164,7 +168,7 @@ impl<'a> Rows<'a> {
             rows.sealed.push(Jsonb::of(&seal(ctx.key, &doc, &d.secrets)));
             rows.secret_paths.push(Jsonb::of(&*d.secrets));
             if let Cow::Owned(c) = c {
-                rows.created.push(c);
+                rows.created.push(&c);
             }
         }
         rows

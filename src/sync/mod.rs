@@ -22,6 +22,7 @@ mod audit;
 pub mod ports;
 mod read;
 mod select;
+mod spill;
 
 pub use audit::{AuditReport, VersionMismatch, verify_audit};
 use ports::{TenantSource, TenantStore};
@@ -215,7 +216,9 @@ pub enum Run {
 
 pub struct Outcome {
     pub header: Header,
+    /// The plan, but for the tenants an apply created: see [`Outcome::entries`].
     pub plan: Plan,
+    created: spill::Spilled,
     pub applied: usize,
     pub source: String,
     /// The configured name of `source`.
@@ -223,6 +226,16 @@ pub struct Outcome {
     /// Drift after the run, when asked for.
     pub drift: Option<Vec<TenantDrift>>,
     pub commit_time: Option<String>,
+}
+
+impl Outcome {
+    /// The whole plan, in tenant order, the created tenants read back as it goes.
+    pub fn entries(&self) -> spill::Merged<'_> {
+        spill::Merged {
+            plan: &self.plan,
+            created: &self.created,
+        }
+    }
 }
 
 /// How a run reads.
@@ -295,6 +308,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     };
     let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, unchanged, &run, opts)?;
     let Locked { tx, last, mut state, verified } = locked;
+    let mut spill = spill::Spill::default();
     let applied = match run {
         Run::Plan => 0,
         _ => {
@@ -320,6 +334,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
                     .flatten()
                     .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
                 claims: state.claims.clone(),
+                embedding_default: ctx.cfg.embedding_endpoint.as_deref(),
             };
             // Nothing reads a created tenant's document after its write unless drift is reported:
             // then it stays, otherwise the write takes it and drops it once written.
@@ -335,22 +350,12 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
                     document,
                 })
                 .collect();
-            // Sized before the writes: grown during them, it would land above the memory they
-            // churn through, and the run's peak with it.
-            let mut created = Vec::with_capacity(creates.len());
-            let applied = store::apply(&tx, &fresh, &state.desired.tenants, creates, &mut created, &actx).await?;
-            if !created.is_empty() {
-                match fresh.tenants.is_empty() {
-                    true => fresh.tenants = created,
-                    false => fresh.tenants.append(&mut created),
-                }
-                fresh.tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
-            }
-            applied
+            store::apply(&tx, &fresh, &state.desired.tenants, creates, &mut spill, &actx).await?
         }
     };
-    // Once every tenant is planned, the creates made while writing included.
+    // The creates were annotated as they were planned, while writing.
     crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+    let created = spill.finish().map_err(StoreError::Spill)?;
     let drift_report = match opts.want_drift {
         true => Some(drift_after(&tx, &mut state, applied, &key).await?),
         false => None,
@@ -366,6 +371,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             signature: verified.describe(ctx.cfg.verify_commits),
         },
         plan: fresh,
+        created,
         applied,
         source: source.id,
         source_name: src.name.clone(),
