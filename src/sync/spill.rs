@@ -7,7 +7,7 @@ use crate::store::CreatedSink;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Seek, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 
 /// [`Packed`] plans in the order they were written: tenant order, as an apply writes its tenants.
 /// The file has no name, so nothing else opens it, and it is gone with the run.
@@ -48,9 +48,7 @@ impl Spilled {
     /// The plans, a window at a time, each window's lines decoded on all cores.
     fn try_for_each_window(&self, f: &mut dyn FnMut(Vec<TenantPlan>) -> io::Result<()>) -> io::Result<()> {
         let Some(file) = &self.file else { return Ok(()) };
-        let mut reader = file.try_clone()?;
-        reader.rewind()?;
-        let mut lines = BufReader::new(reader).split(b'\n');
+        let mut lines = BufReader::new(ReadAt { file, pos: 0 }).split(b'\n');
         loop {
             let window = lines.by_ref().take(WINDOW).collect::<io::Result<Vec<_>>>()?;
             if window.is_empty() {
@@ -59,6 +57,21 @@ impl Spilled {
             let plans = window.par_iter().map(|l| Packed::unpack(l)).collect::<serde_json::Result<Vec<_>>>()?;
             f(plans)?;
         }
+    }
+}
+
+/// Reads a file from `pos` on without moving the file's own offset, so that each reading has its
+/// own and none disturbs another.
+struct ReadAt<'f> {
+    file: &'f File,
+    pos: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
