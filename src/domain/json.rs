@@ -135,17 +135,44 @@ impl PartialEq for JsonText {
 }
 
 /// As the value it holds, not its text verbatim: a pretty-printed plan indents it like the rest.
+/// Inside [`raw`], as its text.
 impl serde::Serialize for JsonText {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.value().serialize(s)
+        match RAW.get() {
+            true => self.0.serialize(s),
+            false => self.value().serialize(s),
+        }
     }
 }
 
 /// Through a `Value`: a saved plan may be read from a tree, which a raw value cannot borrow from.
+/// Inside [`raw`], as the text it finds, which must then come from JSON text.
 impl<'de> serde::Deserialize<'de> for JsonText {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonText, D::Error> {
-        Ok(JsonText::of(&Value::deserialize(d)?))
+        match RAW.get() {
+            true => Ok(JsonText(Box::<serde_json::value::RawValue>::deserialize(d)?)),
+            false => Ok(JsonText::of(&Value::deserialize(d)?)),
+        }
     }
+}
+
+thread_local! {
+    static RAW: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (on this thread) with every [`JsonText`] written and read as its JSON text, not
+/// through a tree: for JSON text this process writes and reads back itself, where the tree is
+/// not needed and was most of the work (the spill of an apply's created plans: 870 bytes a plan,
+/// 5 to 10 microseconds to write and 8 to 12 to read through trees).
+pub fn raw<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            RAW.set(self.0);
+        }
+    }
+    let _restore = Restore(RAW.replace(true));
+    f()
 }
 
 struct Redacted<'a> {
@@ -466,5 +493,18 @@ mod tests {
         assert_eq!(locate_line(yaml, "/config/limits/max_users"), Some(4));
         let json = "{\n \"config\": {\n  \"plan\": \"pro\"\n }\n}";
         assert_eq!(locate_line(json, "/config/plan"), Some(3));
+    }
+
+    /// Inside `raw` a text is written and read as it is; outside, as a tree (indented when
+    /// pretty-printed), also once `raw` has returned.
+    #[test]
+    fn raw_mode_keeps_text_as_it_is_only_inside() {
+        let t = JsonText::of(&json!({"a": [1, {"b": "x"}]}));
+        let pretty = || serde_json::to_string_pretty(&[&t]).unwrap();
+        let raw_text = raw(|| serde_json::to_string_pretty(&[&t]).unwrap());
+        assert_eq!(raw_text, "[\n  {\"a\":[1,{\"b\":\"x\"}]}\n]");
+        assert!(pretty().contains("\n    \"a\": [\n"), "{}", pretty());
+        let back: Vec<JsonText> = raw(|| serde_json::from_str(&raw_text).unwrap());
+        assert_eq!(back[0].as_str(), t.as_str());
     }
 }

@@ -266,14 +266,14 @@ pub struct Packed {
 
 impl Packed {
     pub fn push(&mut self, t: &TenantPlan) {
-        serde_json::to_writer(&mut self.lines, t).expect("a plan serialises");
+        json::raw(|| serde_json::to_writer(&mut self.lines, t)).expect("a plan serialises");
         self.lines.push(b'\n');
         self.summary.count(t.action);
     }
 
     /// One line of [`Packed::lines`], without its newline.
     pub fn unpack(line: &[u8]) -> serde_json::Result<TenantPlan> {
-        serde_json::from_slice(line)
+        json::raw(|| serde_json::from_slice(line))
     }
 }
 

@@ -446,11 +446,15 @@ pub fn write_plan_json(out: &mut impl std::io::Write, plan: &impl Entries, heade
             let mut failed = None;
             let visited = self.0.try_for_each_window(&mut |window| {
                 for t in window {
-                    // As a tree, like the whole document before it was streamed: JSON text kept
-                    // raw in the entry would be printed as it is, not indented.
-                    let mut v = serde_json::to_value(t).map_err(std::io::Error::other)?;
-                    tenant_at_version(&mut v, self.1);
-                    if let Err(e) = seq.serialize_element(&v) {
+                    let written = match self.1 {
+                        JSON_FORMAT_VERSION => seq.serialize_element(t),
+                        older => {
+                            let mut v = serde_json::to_value(t).map_err(std::io::Error::other)?;
+                            tenant_at_version(&mut v, older);
+                            seq.serialize_element(&v)
+                        }
+                    };
+                    if let Err(e) = written {
                         failed = Some(e);
                         return Err(std::io::Error::other("serialising"));
                     }
