@@ -49,8 +49,7 @@ pub struct Notification {
 }
 
 impl Notification {
-    /// A run that wrote: what it did to which tenants.
-    /// What an apply did; the plan's entries are read for the tenants it changed.
+    /// A run that wrote: what it did to which tenants (read from the plan's entries).
     pub fn applied(source: &str, commit: Option<&str>, plan: &impl Entries) -> std::io::Result<Notification> {
         let s = plan.summary();
         let counts = [
