@@ -242,7 +242,7 @@ fn two_agents_apply_each_change_once_and_the_standby_takes_over() {
 
     repo.put_tenant(&tenant_doc("bravo"), Format::Json);
     repo.commit("bravo");
-    assert!(wait_for(Duration::from_secs(20), || (db.count("SELECT 1 FROM tenants") == 2).then_some(())).is_some());
+    assert!(wait_for(Duration::from_secs(20), || (db.count_once_migrated("SELECT 1 FROM tenants") == 2).then_some(())).is_some());
 
     // The leader dies without a word; the standby takes the lease within an interval or so.
     first.child.kill().unwrap();
@@ -493,7 +493,7 @@ fn two_replicas_share_four_sources_and_the_survivor_takes_over_after_sigkill() {
     assert!(split.is_some(), "not balanced:\nA:\n{}\nB:\n{}", a.log(), b.log());
     let all_at = |version: i64| {
         wait_for(Duration::from_secs(20), || {
-            (db.count(&format!("SELECT 1 FROM tenants WHERE config_version = {version}")) == 4).then_some(())
+            (db.count_once_migrated(&format!("SELECT 1 FROM tenants WHERE config_version = {version}")) == 4).then_some(())
         })
     };
     assert!(all_at(1).is_some(), "A:\n{}\nB:\n{}", a.log(), b.log());

@@ -119,16 +119,15 @@ impl TestDb {
 
     /// Rows of one query, each as a JSON object (the query is wrapped in `to_jsonb`).
     pub fn rows(&self, sql: &str) -> Vec<Value> {
+        self.try_rows(sql).unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+    }
+
+    fn try_rows(&self, sql: &str) -> Result<Vec<Value>, tokio_postgres::Error> {
         let url = self.url.clone();
         let wrapped = format!("SELECT to_jsonb(q) FROM ({sql}) q");
         block_on(async move {
-            let c = connect(&url).await;
-            c.query(&wrapped, &[])
-                .await
-                .unwrap_or_else(|e| panic!("{wrapped}: {e:?}"))
-                .iter()
-                .map(|r| r.get::<_, Value>(0))
-                .collect()
+            let rows = connect(&url).await.query(&wrapped, &[]).await?;
+            Ok(rows.iter().map(|r| r.get::<_, Value>(0)).collect())
         })
     }
 
@@ -140,6 +139,16 @@ impl TestDb {
 
     pub fn count(&self, sql: &str) -> i64 {
         self.scalar(&format!("SELECT count(*) AS n FROM ({sql}) c")).as_i64().unwrap()
+    }
+
+    /// `count` for a poll that may start before an agent's first sync has migrated the
+    /// database: a table not created yet counts as empty.
+    pub fn count_once_migrated(&self, sql: &str) -> i64 {
+        match self.try_rows(&format!("SELECT count(*) AS n FROM ({sql}) c")) {
+            Ok(rows) => rows[0]["n"].as_i64().unwrap(),
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => 0,
+            Err(e) => panic!("{sql}: {e:?}"),
+        }
     }
 }
 
