@@ -591,7 +591,7 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
                                 if let Some(path) = &out {
                                     save_plan(path, &outcome)?;
                                 }
-                                Ok((outcome.header, outcome.plan))
+                                Ok(outcome.into_plan().expect("a plan run creates nothing"))
                             }
                             Err(e) => Err(e),
                         }
@@ -762,7 +762,7 @@ fn save_plan(path: &std::path::Path, outcome: &sync::Outcome) -> Result<()> {
         source_name: Some(outcome.source_name.clone()),
         commit,
         created_at: chrono::Utc::now().to_rfc3339(),
-        plan: outcome.plan.clone(),
+        plan: outcome.plan().ok_or_else(|| anyhow!("only a plan run's plan can be saved"))?.clone(),
     };
     std::fs::write(path, serde_json::to_string_pretty(&saved)? + "\n").with_context(|| format!("writing {}", path.display()))?;
     eprintln!("Saved the plan to {}; apply it with: frostbyte-gitops apply {}", path.display(), path.display());

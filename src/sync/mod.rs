@@ -217,7 +217,7 @@ pub enum Run {
 pub struct Outcome {
     pub header: Header,
     /// The plan, but for the tenants an apply created: see [`Outcome::entries`].
-    pub plan: Plan,
+    plan: Plan,
     created: spill::Spilled,
     pub applied: usize,
     pub source: String,
@@ -235,6 +235,17 @@ impl Outcome {
             plan: &self.plan,
             created: &self.created,
         }
+    }
+
+    /// The whole plan as one value, which only a run that created nothing has: an apply's
+    /// created tenants are in the spill alone.
+    pub fn into_plan(self) -> Option<(Header, Plan)> {
+        self.created.is_empty().then_some((self.header, self.plan))
+    }
+
+    /// The plan of a run that created nothing (a `plan` run), to save for a later apply.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.created.is_empty().then_some(&self.plan)
     }
 }
 

@@ -45,6 +45,11 @@ pub struct Spilled {
 }
 
 impl Spilled {
+    /// Whether no plan was spilled.
+    pub fn is_empty(&self) -> bool {
+        self.summary == Summary::default()
+    }
+
     /// The plans, a window at a time, each window's lines decoded on all cores.
     fn try_for_each_window(&self, f: &mut dyn FnMut(Vec<TenantPlan>) -> io::Result<()>) -> io::Result<()> {
         let Some(file) = &self.file else { return Ok(()) };
@@ -152,6 +157,8 @@ mod tests {
             spill.take(packed(chunk)).unwrap();
         }
         let spilled = spill.finish().unwrap();
+        assert!(!spilled.is_empty());
+        assert!(Spill::default().finish().unwrap().is_empty());
         let merged = Merged {
             plan: &plan,
             created: &spilled,
