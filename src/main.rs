@@ -480,234 +480,258 @@ async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<u8> {
     match cmd {
         Cmd::Tenant {
             cmd: TenantCmd::Move { tenant_id, to },
-        } => {
-            let target = ctx.sources(Some(&to))?[0];
-            let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(target))?;
-            let db = sync::connect(&ctx.cfg).await?;
-            sync::prepare(&ctx.cfg, &db).await?;
-            let mut client = store::client(&db.pool).await?;
-            let event = store::move_tenant(&mut client, &tenant_id, &source.id, &target.name, sync::ACTOR).await?;
-            println!(
-                "Tenant {} now belongs to source {} ({}) (audit event {event}).",
-                frostbyte_gitops::domain::escape::text(&tenant_id),
-                target.name,
-                source.id
-            );
-            Ok(EXIT_OK)
-        }
+        } => tenant_move(ctx, &tenant_id, &to).await,
         Cmd::Tenant {
             cmd: TenantCmd::State { tenant_id, state, reason },
-        } => {
-            let db = sync::connect(&ctx.cfg).await?;
-            sync::prepare(&ctx.cfg, &db).await?;
-            let mut client = store::client(&db.pool).await?;
-            let details = serde_json::json!({ "reason": reason });
-            let event = store::transition_tenant_state(&mut client, &tenant_id, &state, sync::ACTOR, &details).await?;
-            println!("Tenant {tenant_id} is now {state} (audit event {event}).");
-            Ok(EXIT_OK)
-        }
+        } => tenant_state(ctx, &tenant_id, &state, reason).await,
         Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
-        Cmd::Migrate { app_role } => {
-            let db = sync::connect(&ctx.cfg).await?;
-            let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
-            let applied = store::migrate(&mut client).await?;
-            if applied.is_empty() {
-                println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());
-            } else {
-                println!("Applied migrations: {}", applied.join(", "));
-            }
-            if let Some(role) = app_role {
-                store::grant_app_role(&**client, &role).await?;
-                println!("Granted role {role:?} what the agent needs (tenants, its own tables, emit_audit_event).");
-            }
-            Ok(EXIT_OK)
-        }
+        Cmd::Migrate { app_role } => migrate(ctx, app_role).await,
         Cmd::Audit {
             cmd: AuditCmd::Verify { format, anchor },
         } => audit_verify(ctx, format, anchor.as_deref()).await,
-        Cmd::Validate { format, no_decrypt } => {
-            let mut code = EXIT_OK;
-            let sources = ctx.sources(only)?;
-            for src in &sources {
-                let read = frostbyte_gitops::source::Source::open(&ctx.source_spec(src))
-                    .map_err(sync::SyncError::from)
-                    .and_then(|source| sync::validate(&source, src, ctx, ctx.cfg.worktree, !no_decrypt));
-                let d = match read {
-                    Ok(d) => d,
-                    Err(e) => {
-                        code = worst(code, failed(&sources, src, e));
-                        continue;
-                    }
-                };
-                print!("{}", group_header(&sources, src, format));
-                match format {
-                    OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
-                    OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
-                    OutFormat::Json => print_json(&render::issues_value(d.files, &d.issues)),
-                }
-                code = worst(code, if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR });
-            }
-            Ok(code)
-        }
+        Cmd::Validate { format, no_decrypt } => validate(ctx, only, format, no_decrypt),
         Cmd::Plan {
             format,
             out,
             against_ref,
             color,
             prune,
-        } => {
-            let color = match color {
-                Color::Always => true,
-                Color::Never => false,
-                Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
-            };
-            if against_ref.is_some() && out.is_some() {
-                return Err(anyhow!("--out saves a plan against the database; it cannot be combined with --against-ref"));
-            }
-            let sources = ctx.sources(only)?;
-            if out.is_some() && sources.len() > 1 {
-                return Err(anyhow!("--out saves the plan of one source: name it with --source"));
-            }
-            let db = match against_ref {
-                Some(_) => None,
-                None => {
-                    let db = sync::connect(&ctx.cfg).await?;
-                    sync::prepare(&ctx.cfg, &db).await?;
-                    Some(db)
-                }
-            };
-            let mut code = EXIT_OK;
-            for src in &sources {
-                let made = match (&against_ref, &db) {
-                    (Some(base), _) => sync::plan_against_ref(ctx, src, base),
-                    (None, Some(db)) => {
-                        let opts = sync::RunOptions {
-                            prune: prune.prune,
-                            allow_mass_prune: prune.allow_mass_prune,
-                            ..Default::default()
-                        };
-                        match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
-                            Ok(outcome) => {
-                                if let Some(path) = &out {
-                                    save_plan(path, &outcome)?;
-                                }
-                                Ok(outcome.into_plan().expect("a plan run creates nothing"))
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    (None, None) => unreachable!("a database unless --against-ref"),
-                };
-                let (header, plan) = match made {
-                    Ok(made) => made,
-                    Err(e) => {
-                        code = worst(code, failed(&sources, src, e));
-                        continue;
-                    }
-                };
-                print!("{}", group_header(&sources, src, format));
-                match format {
-                    OutFormat::Text => print_plan_text(&plan, &header, color, render::Tense::Plan),
-                    OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
-                    OutFormat::Json => print_plan_json(&plan, &header, &[("source", serde_json::json!(src.name))]),
-                }
-                code = worst(
-                    code,
-                    if plan.has_changes() || plan.summary().conflict > 0 {
-                        EXIT_CHANGES
-                    } else {
-                        EXIT_OK
-                    },
-                );
-            }
-            Ok(code)
-        }
+        } => plan(ctx, only, format, out, against_ref, color, prune).await,
         Cmd::Apply {
             plan_file,
             allow_non_fast_forward,
             format,
             prune,
-        } => {
-            let Some(path) = plan_file else {
-                return apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, false, prune).await;
-            };
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
-            let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
-            if !(1..=render::JSON_FORMAT_VERSION).contains(&saved.format_version) {
-                return Err(anyhow!(
-                    "{}: saved plan format {} is not supported (expected {})",
-                    path.display(),
-                    saved.format_version,
-                    render::JSON_FORMAT_VERSION
-                ));
-            }
-            // The plan names its source; --source may only agree with it.
-            let name = match (&saved.source_name, only) {
-                (Some(saved_name), Some(given)) if saved_name != given => {
-                    return Err(anyhow!("{} is a plan for source {saved_name}, not {given}", path.display()));
-                }
-                (Some(saved_name), _) => Some(saved_name.clone()),
-                (None, given) => given.map(str::to_string),
-            };
-            let saved = Box::new(saved);
-            apply_and_report(
-                ctx,
-                name.as_deref(),
-                || Run::ApplySaved {
-                    saved: saved.clone(),
-                    allow_non_fast_forward,
-                },
-                format,
-                false,
-                prune,
-            )
-            .await
-        }
+        } => apply(ctx, only, plan_file, allow_non_fast_forward, format, prune).await,
         Cmd::Sync {
             allow_non_fast_forward,
             format,
             full,
             prune,
         } => apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, full, prune).await,
-        Cmd::Drift { format, fail_on, full } => {
-            let fail: Vec<DriftClass> = if fail_on.is_empty() {
-                vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
-            } else {
-                fail_on
-                    .iter()
-                    .map(|s| s.trim().parse())
-                    .collect::<Result<_, String>>()
-                    .map_err(|e| anyhow!("--fail-on: {e}"))?
-            };
-            let sources = ctx.sources(only)?;
+        Cmd::Drift { format, fail_on, full } => drift(ctx, only, format, &fail_on, full).await,
+    }
+}
+
+async fn tenant_move(ctx: &Ctx, tenant_id: &str, to: &str) -> Result<u8> {
+    let target = ctx.sources(Some(to))?[0];
+    let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(target))?;
+    let db = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &db).await?;
+    let mut client = store::client(&db.pool).await?;
+    let event = store::move_tenant(&mut client, tenant_id, &source.id, &target.name, sync::ACTOR).await?;
+    println!(
+        "Tenant {} now belongs to source {} ({}) (audit event {event}).",
+        frostbyte_gitops::domain::escape::text(tenant_id),
+        target.name,
+        source.id
+    );
+    Ok(EXIT_OK)
+}
+
+async fn tenant_state(ctx: &Ctx, tenant_id: &str, state: &str, reason: Option<String>) -> Result<u8> {
+    let db = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &db).await?;
+    let mut client = store::client(&db.pool).await?;
+    let details = serde_json::json!({ "reason": reason });
+    let event = store::transition_tenant_state(&mut client, tenant_id, state, sync::ACTOR, &details).await?;
+    println!("Tenant {tenant_id} is now {state} (audit event {event}).");
+    Ok(EXIT_OK)
+}
+
+async fn migrate(ctx: &Ctx, app_role: Option<String>) -> Result<u8> {
+    let db = sync::connect(&ctx.cfg).await?;
+    let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
+    let applied = store::migrate(&mut client).await?;
+    if applied.is_empty() {
+        println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());
+    } else {
+        println!("Applied migrations: {}", applied.join(", "));
+    }
+    if let Some(role) = app_role {
+        store::grant_app_role(&**client, &role).await?;
+        println!("Granted role {role:?} what the agent needs (tenants, its own tables, emit_audit_event).");
+    }
+    Ok(EXIT_OK)
+}
+
+fn validate(ctx: &Ctx, only: Option<&str>, format: OutFormat, no_decrypt: bool) -> Result<u8> {
+    let mut code = EXIT_OK;
+    let sources = ctx.sources(only)?;
+    for src in &sources {
+        let read = frostbyte_gitops::source::Source::open(&ctx.source_spec(src))
+            .map_err(sync::SyncError::from)
+            .and_then(|source| sync::validate(&source, src, ctx, ctx.cfg.worktree, !no_decrypt));
+        let d = match read {
+            Ok(d) => d,
+            Err(e) => {
+                code = worst(code, failed(&sources, src, e));
+                continue;
+            }
+        };
+        print!("{}", group_header(&sources, src, format));
+        match format {
+            OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
+            OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
+            OutFormat::Json => print_json(&render::issues_value(d.files, &d.issues)),
+        }
+        code = worst(code, if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR });
+    }
+    Ok(code)
+}
+
+/// `plan`: against the database (saved with --out) or against another revision's files.
+async fn plan(
+    ctx: &Ctx,
+    only: Option<&str>,
+    format: OutFormat,
+    out: Option<PathBuf>,
+    against_ref: Option<String>,
+    color: Color,
+    prune: PruneArgs,
+) -> Result<u8> {
+    let color = match color {
+        Color::Always => true,
+        Color::Never => false,
+        Color::Auto => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    if against_ref.is_some() && out.is_some() {
+        return Err(anyhow!("--out saves a plan against the database; it cannot be combined with --against-ref"));
+    }
+    let sources = ctx.sources(only)?;
+    if out.is_some() && sources.len() > 1 {
+        return Err(anyhow!("--out saves the plan of one source: name it with --source"));
+    }
+    let db = match against_ref {
+        Some(_) => None,
+        None => {
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db).await?;
-            let mut code = EXIT_OK;
-            let mut notes = Vec::new();
-            for src in &sources {
-                let (header, report) = match sync::drift_report(ctx, &db.pool, src, full).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        code = worst(code, failed(&sources, src, e));
-                        continue;
-                    }
+            Some(db)
+        }
+    };
+    let mut code = EXIT_OK;
+    for src in &sources {
+        let made = match (&against_ref, &db) {
+            (Some(base), _) => sync::plan_against_ref(ctx, src, base),
+            (None, Some(db)) => {
+                let opts = sync::RunOptions {
+                    prune: prune.prune,
+                    allow_mass_prune: prune.allow_mass_prune,
+                    ..Default::default()
                 };
-                print!("{}", group_header(&sources, src, format));
-                match format {
-                    OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
-                    OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
-                    OutFormat::Json => print_json(&with_source(render::drift_json(&report, &header), src)),
-                }
-                let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
-                code = worst(code, if drifted { EXIT_CHANGES } else { EXIT_OK });
-                if report.iter().any(|t| !t.in_sync()) {
-                    notes.push(Notification::drift(&src.name, header.commit.as_deref(), &report));
+                match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
+                    Ok(outcome) => {
+                        if let Some(path) = &out {
+                            save_plan(path, &outcome)?;
+                        }
+                        Ok(outcome.into_plan().expect("a plan run creates nothing"))
+                    }
+                    Err(e) => Err(e),
                 }
             }
-            notify(ctx, notes).await;
-            Ok(code)
+            (None, None) => unreachable!("a database unless --against-ref"),
+        };
+        let (header, plan) = match made {
+            Ok(made) => made,
+            Err(e) => {
+                code = worst(code, failed(&sources, src, e));
+                continue;
+            }
+        };
+        print!("{}", group_header(&sources, src, format));
+        match format {
+            OutFormat::Text => print_plan_text(&plan, &header, color, render::Tense::Plan),
+            OutFormat::Markdown => print!("{}", render::plan_markdown(&plan, &header)),
+            OutFormat::Json => print_plan_json(&plan, &header, &[("source", serde_json::json!(src.name))]),
+        }
+        code = worst(
+            code,
+            if plan.has_changes() || plan.summary().conflict > 0 {
+                EXIT_CHANGES
+            } else {
+                EXIT_OK
+            },
+        );
+    }
+    Ok(code)
+}
+
+/// `apply`: a saved plan, exactly, or plan and apply now.
+async fn apply(ctx: &Ctx, only: Option<&str>, plan_file: Option<PathBuf>, allow_non_fast_forward: bool, format: OutFormat, prune: PruneArgs) -> Result<u8> {
+    let Some(path) = plan_file else {
+        return apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, false, prune).await;
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading saved plan {}", path.display()))?;
+    let saved: SavedPlan = serde_json::from_str(&text).with_context(|| format!("{} is not a saved plan", path.display()))?;
+    if !(1..=render::JSON_FORMAT_VERSION).contains(&saved.format_version) {
+        return Err(anyhow!(
+            "{}: saved plan format {} is not supported (expected {})",
+            path.display(),
+            saved.format_version,
+            render::JSON_FORMAT_VERSION
+        ));
+    }
+    // The plan names its source; --source may only agree with it.
+    let name = match (&saved.source_name, only) {
+        (Some(saved_name), Some(given)) if saved_name != given => {
+            return Err(anyhow!("{} is a plan for source {saved_name}, not {given}", path.display()));
+        }
+        (Some(saved_name), _) => Some(saved_name.clone()),
+        (None, given) => given.map(str::to_string),
+    };
+    let saved = Box::new(saved);
+    apply_and_report(
+        ctx,
+        name.as_deref(),
+        || Run::ApplySaved {
+            saved: saved.clone(),
+            allow_non_fast_forward,
+        },
+        format,
+        false,
+        prune,
+    )
+    .await
+}
+
+async fn drift(ctx: &Ctx, only: Option<&str>, format: OutFormat, fail_on: &[String], full: bool) -> Result<u8> {
+    let fail: Vec<DriftClass> = if fail_on.is_empty() {
+        vec![DriftClass::Pending, DriftClass::Modified, DriftClass::Missing, DriftClass::Orphaned]
+    } else {
+        fail_on
+            .iter()
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, String>>()
+            .map_err(|e| anyhow!("--fail-on: {e}"))?
+    };
+    let sources = ctx.sources(only)?;
+    let db = sync::connect(&ctx.cfg).await?;
+    sync::prepare(&ctx.cfg, &db).await?;
+    let mut code = EXIT_OK;
+    let mut notes = Vec::new();
+    for src in &sources {
+        let (header, report) = match sync::drift_report(ctx, &db.pool, src, full).await {
+            Ok(r) => r,
+            Err(e) => {
+                code = worst(code, failed(&sources, src, e));
+                continue;
+            }
+        };
+        print!("{}", group_header(&sources, src, format));
+        match format {
+            OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
+            OutFormat::Markdown => print!("{}", render::drift_markdown(&report, &header)),
+            OutFormat::Json => print_json(&with_source(render::drift_json(&report, &header), src)),
+        }
+        let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
+        code = worst(code, if drifted { EXIT_CHANGES } else { EXIT_OK });
+        if report.iter().any(|t| !t.in_sync()) {
+            notes.push(Notification::drift(&src.name, header.commit.as_deref(), &report));
         }
     }
+    notify(ctx, notes).await;
+    Ok(code)
 }
 
 /// JSON output names its source: with several, one document per source follows another.
