@@ -602,36 +602,17 @@ async fn plan(
     if out.is_some() && sources.len() > 1 {
         return Err(anyhow!("--out saves the plan of one source: name it with --source"));
     }
-    let db = match against_ref {
-        Some(_) => None,
+    let against = match &against_ref {
+        Some(base) => Against::Ref(base),
         None => {
             let db = sync::connect(&ctx.cfg).await?;
             sync::prepare(&ctx.cfg, &db).await?;
-            Some(db)
+            Against::Database(db)
         }
     };
     let mut code = EXIT_OK;
     for src in &sources {
-        let made = match (&against_ref, &db) {
-            (Some(base), _) => sync::plan_against_ref(ctx, src, base),
-            (None, Some(db)) => {
-                let opts = sync::RunOptions {
-                    prune: prune.prune,
-                    allow_mass_prune: prune.allow_mass_prune,
-                    ..Default::default()
-                };
-                match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
-                    Ok(outcome) => {
-                        if let Some(path) = &out {
-                            save_plan(path, &outcome)?;
-                        }
-                        Ok(outcome.into_plan().expect("a plan run creates nothing"))
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            (None, None) => unreachable!("a database unless --against-ref"),
-        };
+        let made = plan_source(ctx, src, &against, prune, out.as_deref()).await?;
         let (header, plan) = match made {
             Ok(made) => made,
             Err(e) => {
@@ -655,6 +636,41 @@ async fn plan(
         );
     }
     Ok(code)
+}
+
+/// What `plan` compares the files with.
+enum Against<'a> {
+    Ref(&'a str),
+    Database(sync::Database),
+}
+
+/// One source's plan; saved to `out` when given. The outer error ends the command, the inner one
+/// is this source's failure.
+async fn plan_source(
+    ctx: &Ctx,
+    src: &SourceConfig,
+    against: &Against<'_>,
+    prune: PruneArgs,
+    out: Option<&std::path::Path>,
+) -> Result<Result<(render::Header, frostbyte_gitops::domain::plan::Plan), sync::SyncError>> {
+    let db = match against {
+        Against::Ref(base) => return Ok(sync::plan_against_ref(ctx, src, base)),
+        Against::Database(db) => db,
+    };
+    let opts = sync::RunOptions {
+        prune: prune.prune,
+        allow_mass_prune: prune.allow_mass_prune,
+        ..Default::default()
+    };
+    Ok(match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
+        Ok(outcome) => {
+            if let Some(path) = out {
+                save_plan(path, &outcome)?;
+            }
+            Ok(outcome.into_plan().expect("a plan run creates nothing"))
+        }
+        Err(e) => Err(e),
+    })
 }
 
 /// `apply`: a saved plan, exactly, or plan and apply now.
