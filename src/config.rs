@@ -1,5 +1,6 @@
 //! Configuration, resolved once at start-up: flag > environment > config file > default.
 
+use crate::source::RepoLocation;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -61,7 +62,7 @@ pub struct Shown {
 pub struct Config {
     pub mode: Mode,
     pub database_url: Option<String>,
-    pub repo: String,
+    pub repo: RepoLocation,
     pub git_ref: Option<String>,
     pub path: String,
     pub age_key_file: Option<PathBuf>,
@@ -103,7 +104,7 @@ pub struct Config {
 pub struct SourceConfig {
     /// How commands (`--source`), metrics and outputs call it.
     pub name: String,
-    pub repo: String,
+    pub repo: RepoLocation,
     pub git_ref: Option<String>,
     pub path: String,
     /// Decommission tenants whose file was deleted from this source (never delete them).
@@ -444,7 +445,7 @@ fn parse_sources(file: &str, v: &toml::Value, top: &SourceConfig) -> Result<Vec<
         };
         out.push(SourceConfig {
             name,
-            repo: text("repo").unwrap_or_else(|| top.repo.clone()),
+            repo: text("repo").map_or_else(|| top.repo.clone(), |r| RepoLocation::parse(&r)),
             git_ref: text("ref").or_else(|| top.git_ref.clone()),
             path: text("path").unwrap_or_else(|| top.path.clone()),
             prune,
@@ -628,9 +629,10 @@ impl Config {
                 DEFAULT_PRUNE_MAX_FRACTION
             }
         };
+        let repo = RepoLocation::parse(&get("repo").unwrap_or_else(|| ".".into()));
         let implicit = SourceConfig {
             name: DEFAULT_SOURCE.into(),
-            repo: get("repo").unwrap_or_else(|| ".".into()),
+            repo: repo.clone(),
             git_ref: get("ref"),
             path: get("path").unwrap_or_else(|| "tenants".into()),
             prune,
@@ -717,7 +719,7 @@ impl Config {
                     (None, _) if d.name == "verify_commits" => verify_commits.to_string(),
                     (None, _) => "(unset)".to_string(),
                     (Some(v), true) if d.name == "database_url" => mask_url(&v),
-                    (Some(v), false) if d.name == "repo" => crate::source::shown_repo(&v),
+                    (Some(v), false) if d.name == "repo" => RepoLocation::parse(&v).to_string(),
                     (Some(_), true) => "(set, hidden)".to_string(),
                     (Some(v), false) => v,
                 };
@@ -727,7 +729,7 @@ impl Config {
         Ok(Config {
             mode,
             database_url,
-            repo: get("repo").unwrap_or_else(|| ".".into()),
+            repo,
             git_ref: get("ref"),
             path: get("path").unwrap_or_else(|| "tenants".into()),
             age_key_file,
@@ -776,7 +778,7 @@ impl Config {
             out.push_str(&format!(
                 "source {}: repo {}, ref {}, path {}, prune {} (max fraction {})\n",
                 src.name,
-                crate::source::shown_repo(&src.repo),
+                src.repo,
                 src.git_ref.as_deref().unwrap_or("(default branch)"),
                 src.path,
                 src.prune,
@@ -804,8 +806,8 @@ mod tests {
         let file = "path = \"from-file\"\nref = \"file-ref\"\nrepo = \"file-repo\"\n";
         let c = Config::resolve(&flags, &env, Some(("f.toml", file)), None).unwrap();
         assert_eq!(
-            (c.path.as_str(), c.git_ref.as_deref(), c.repo.as_str()),
-            ("from-flag", Some("env-ref"), "file-repo")
+            (c.path.as_str(), c.git_ref.as_deref(), &c.repo),
+            ("from-flag", Some("env-ref"), &RepoLocation::Local("file-repo".into()))
         );
         let origin = |n: &str| c.shown.iter().find(|s| s.name == n).unwrap().origin.clone();
         assert_eq!(origin("path"), Origin::Flag);
@@ -876,7 +878,7 @@ mod tests {
         let c = Config::resolve(&Flags::default(), &env_of(&[]), Some(("f.toml", file)), None).unwrap();
         let eu = SourceConfig {
             name: "eu".into(),
-            repo: "/r".into(),
+            repo: RepoLocation::Local("/r".into()),
             git_ref: Some("main".into()),
             path: "tenants/eu".into(),
             prune: true,
@@ -884,7 +886,7 @@ mod tests {
         };
         let us = SourceConfig {
             name: "us".into(),
-            repo: "/other".into(),
+            repo: RepoLocation::Local("/other".into()),
             git_ref: Some("prod".into()),
             path: "tenants".into(),
             prune: false,

@@ -6,6 +6,7 @@ use frostbyte_gitops::domain::plan::Entries;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::notify::Notification;
 use frostbyte_gitops::sops::AgeKeys;
+use frostbyte_gitops::source::RepoLocation;
 use frostbyte_gitops::sync::{self, Ctx, Run, SavedPlan};
 use frostbyte_gitops::{files, localpg, store};
 use std::io::IsTerminal;
@@ -431,7 +432,10 @@ fn real_main(cli: Cli) -> Result<u8> {
                 dir,
             },
         } => {
-            let dir = dir.clone().unwrap_or_else(|| PathBuf::from(&cfg.repo).join(&cfg.path));
+            let dir = match dir {
+                Some(dir) => dir.clone(),
+                None => local_tenant_dir(&cfg)?,
+            };
             let path = dir.join(format!("{tenant_id}.{format}"));
             files::new_tenant(&path, tenant_id, age_public_key)?;
             println!("Wrote {}", path.display());
@@ -868,8 +872,8 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
     let mut code = EXIT_OK;
     let mut notes = Vec::new();
     for src in &sources {
-        if frostbyte_gitops::source::is_url(&src.repo) {
-            tracing::info!(source = %src.name, repo = %frostbyte_gitops::source::shown_repo(&src.repo), "fetching");
+        if src.repo.is_remote() {
+            tracing::info!(source = %src.name, repo = %src.repo, "fetching");
         }
         let o = match sync::run(ctx, &db.pool, src, run(), opts).await {
             Ok(o) => o,
@@ -957,12 +961,23 @@ fn report_applied(o: &sync::Outcome, format: OutFormat) {
     }
 }
 
+/// The configured tenant directory, for the commands that write files: they need a checkout.
+fn local_tenant_dir(cfg: &Config) -> Result<PathBuf> {
+    match &cfg.repo {
+        RepoLocation::Local(repo) => Ok(repo.join(&cfg.path)),
+        RepoLocation::Remote(url) => Err(anyhow!(
+            "repo is a remote URL ({}): this command edits files in a checkout; run it in one or give --repo PATH",
+            url.public
+        )),
+    }
+}
+
 /// The files named, or every tenant file under the configured path.
 fn tenant_files(cfg: &Config, named: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if !named.is_empty() {
         return Ok(named.to_vec());
     }
-    let dir = PathBuf::from(&cfg.repo).join(&cfg.path);
+    let dir = local_tenant_dir(cfg)?;
     let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))

@@ -64,8 +64,7 @@ const SERVER_TIMEOUT_MS: i32 = 30_000;
 
 #[derive(Debug, Clone)]
 pub struct SourceSpec {
-    /// A path inside a work tree, or a URL.
-    pub repo: String,
+    pub repo: RepoLocation,
     pub auth: GitAuth,
     /// The tenant directory, relative to the repository root (or to the subdirectory `repo` names).
     pub path: String,
@@ -125,7 +124,41 @@ pub struct Source {
 }
 
 /// A remote URL split into what may be shown and what may not.
-#[derive(Clone)]
+/// Where a source's repository is, decided once when the settings are read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RepoLocation {
+    /// A path inside a work tree.
+    Local(PathBuf),
+    /// A URL to clone and fetch.
+    Remote(RemoteUrl),
+}
+
+impl RepoLocation {
+    /// A URL (`scheme://...`, or scp-like `user@host:path` when no such path exists), else a path.
+    pub fn parse(text: &str) -> RepoLocation {
+        let scp_like = text.contains('@') && text.contains(':') && !Path::new(text).exists();
+        match text.contains("://") || scp_like {
+            true => RepoLocation::Remote(RemoteUrl::parse(text)),
+            false => RepoLocation::Local(PathBuf::from(text)),
+        }
+    }
+
+    pub fn is_remote(&self) -> bool {
+        matches!(self, RepoLocation::Remote(_))
+    }
+}
+
+/// As it may be shown: a URL without its userinfo.
+impl std::fmt::Display for RepoLocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RepoLocation::Local(p) => write!(f, "{}", p.display()),
+            RepoLocation::Remote(u) => f.write_str(&u.public),
+        }
+    }
+}
+
+#[derive(Clone, PartialEq)]
 pub struct RemoteUrl {
     /// The URL without userinfo: the only form that is stored, shown or logged.
     pub public: String,
@@ -170,41 +203,29 @@ impl RemoteUrl {
     }
 }
 
-/// A repository setting as it may be shown: a URL loses its userinfo.
-pub fn shown_repo(repo: &str) -> String {
-    if is_url(repo) { RemoteUrl::parse(repo).public } else { repo.to_string() }
-}
-
-pub fn is_url(repo: &str) -> bool {
-    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !Path::new(repo).exists())
-}
-
 impl Source {
     pub fn open(spec: &SourceSpec) -> Result<Source, SourceError> {
         let path = spec.path.trim_matches('/').to_string();
-        if is_url(&spec.repo) {
-            let url = RemoteUrl::parse(&spec.repo);
-            let repo = clone_or_fetch(&url, &spec.auth, &spec.cache_dir)?;
-            return Ok(Source {
-                repo,
-                root: String::new(),
-                id: format!("{}#{}", url.public, path),
-                path,
-                remote: true,
-                label: url.public.clone(),
-                auth: Some((url, spec.auth.clone())),
-            });
-        }
-        let repo = Repository::discover(&spec.repo).map_err(|source| SourceError::NotARepo {
-            path: spec.repo.clone(),
-            source,
-        })?;
+        let given = match &spec.repo {
+            RepoLocation::Local(p) => p,
+            RepoLocation::Remote(url) => {
+                let repo = clone_or_fetch(url, &spec.auth, &spec.cache_dir)?;
+                return Ok(Source {
+                    repo,
+                    root: String::new(),
+                    id: format!("{}#{}", url.public, path),
+                    path,
+                    remote: true,
+                    label: url.public.clone(),
+                    auth: Some((url.clone(), spec.auth.clone())),
+                });
+            }
+        };
+        let shown = given.display().to_string();
+        let repo = Repository::discover(given).map_err(|source| SourceError::NotARepo { path: shown.clone(), source })?;
         let workdir = repo.workdir().unwrap_or_else(|| repo.path()).to_path_buf();
         let workdir = workdir.canonicalize().unwrap_or(workdir);
-        let given = Path::new(&spec.repo).canonicalize().map_err(|source| SourceError::Io {
-            path: spec.repo.clone(),
-            source,
-        })?;
+        let given = given.canonicalize().map_err(|source| SourceError::Io { path: shown.clone(), source })?;
         let mut root = given.strip_prefix(&workdir).unwrap_or(Path::new("")).to_string_lossy().replace('\\', "/");
         if !root.is_empty() {
             root.push('/');
@@ -220,7 +241,7 @@ impl Source {
             root,
             path,
             remote: false,
-            label: spec.repo.clone(),
+            label: shown,
             auth: None,
         })
     }
@@ -756,6 +777,8 @@ mod tests {
         assert!(!format!("{u:?}").contains("s3cr3t"));
         assert_eq!(RemoteUrl::parse("https://git.example.com/a@b").public, "https://git.example.com/a@b");
         assert_eq!(RemoteUrl::parse("git@github.com:org/repo.git").public, "git@github.com:org/repo.git");
-        assert_eq!(shown_repo("ssh://tok:en@h/r"), "ssh://h/r");
+        assert_eq!(RepoLocation::parse("ssh://tok:en@h/r").to_string(), "ssh://h/r");
+        assert_eq!(RepoLocation::parse("git@github.com:org/repo.git").to_string(), "git@github.com:org/repo.git");
+        assert_eq!(RepoLocation::parse("../tenants-repo"), RepoLocation::Local("../tenants-repo".into()));
     }
 }

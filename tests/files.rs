@@ -153,6 +153,30 @@ fn tenant_new_writes_a_valid_encrypted_skeleton() {
     assert_eq!(run(&repo, None, &["validate"]).code, 0);
 }
 
+/// The file-writing commands need a checkout: with a remote repository configured they say so,
+/// and the URL's credentials stay out of the message.
+#[test]
+fn file_commands_refuse_a_remote_repository_without_showing_its_credentials() {
+    let repo = repo_with_rules();
+    for args in [
+        &["tenant", "new", "newco", "--age-public-key", &tenant_recipient()][..],
+        &["secrets", "updatekeys"],
+    ] {
+        let mut c = command(repo.path(), None);
+        c.current_dir(repo.path())
+            .env("FROSTBYTE_GITOPS_REPO", "https://bot:s3cr3t-token@git.example.com/org/tenants.git")
+            .args(args);
+        let out = output(c);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.all());
+        assert!(
+            out.stderr.contains("repo is a remote URL (https://git.example.com/org/tenants.git)"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!out.all().contains("s3cr3t"), "{args:?}: {}", out.all());
+    }
+}
+
 #[test]
 fn files_the_helpers_write_are_read_by_the_sops_cli() {
     let Some(cli) = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("sops")).find(|p| p.is_file())) else {

@@ -304,7 +304,7 @@ fn watch_source(ctx: &Ctx, triggers: mpsc::Sender<Trigger>) -> Result<Option<not
     // Remotes are not even opened: one that cannot be fetched now is a failed sync to retry, not
     // a reason to exit.
     let mut dirs = Vec::new();
-    for src in ctx.cfg.sources.iter().filter(|s| !crate::source::is_url(&s.repo)) {
+    for src in ctx.cfg.sources.iter().filter(|s| !s.repo.is_remote()) {
         let source = Source::open(&ctx.source_spec(src)).map_err(SyncError::from)?;
         dirs.push(source.watch_paths());
     }
