@@ -293,7 +293,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         verified: None,
     };
     let mut round = 0;
-    let locked = loop {
+    // Rounds until one holds the lock with every file it needs decoded; files are decoded
+    // between rounds, outside the lock.
+    let mut locked = loop {
         round += 1;
         let last = attempts.verify(&**client).await?;
         if round == 1 {
@@ -311,59 +313,18 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             ));
         }
     };
-    let mut locked = locked;
     // Moved into the plan, unless the drift report after the apply needs them too.
     let unchanged = match opts.want_drift {
         true => locked.state.unchanged.clone(),
         false => std::mem::take(&mut locked.state.unchanged),
     };
     let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, unchanged, &run, opts)?;
-    let Locked { tx, last, mut state, verified } = locked;
     let mut spill = spill::Spill::default();
     let applied = match run {
         Run::Plan => 0,
-        _ => {
-            let commit = snapshot.commit.clone().unwrap_or_else(CommitInfo::worktree);
-            let actx = ApplyContext {
-                source: &source.id,
-                source_name: &src.name,
-                commit: &commit,
-                actor: ACTOR,
-                key: &key,
-                // Only when it moves: an upsert that changes nothing still locks the row, and a
-                // transaction that wrote must wait for its WAL to reach the disk.
-                record_commit: state
-                    .desired
-                    .commit
-                    .as_ref()
-                    .is_some_and(|c| last.as_ref().map(CommitId::as_str) != Some(c.id.as_str())),
-                signer: verified
-                    .result
-                    .as_ref()
-                    .ok()
-                    .cloned()
-                    .flatten()
-                    .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
-                claims: state.claims.clone(),
-                embedding_default: ctx.cfg.embedding_endpoint.as_deref(),
-            };
-            // Nothing reads a created tenant's document after its write unless drift is reported:
-            // then it stays, otherwise the write takes it and drops it once written.
-            let documents: Vec<Option<JsonText>> = to_create
-                .iter()
-                .map(|&i| (!opts.want_drift).then(|| std::mem::replace(&mut state.desired.tenants[i].document, JsonText::null())))
-                .collect();
-            let creates: Vec<store::Create> = to_create
-                .iter()
-                .zip(documents)
-                .map(|(&i, document)| store::Create {
-                    tenant: &state.desired.tenants[i],
-                    document,
-                })
-                .collect();
-            store::apply(&tx, &fresh, &state.desired.tenants, creates, &mut spill, &actx).await?
-        }
+        _ => attempts.apply(&mut locked, &fresh, &to_create, opts, &mut spill).await?,
     };
+    let Locked { tx, mut state, verified, .. } = locked;
     // The creates were annotated as they were planned, while writing.
     crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
     let created = spill.finish().map_err(StoreError::Spill)?;
@@ -493,6 +454,54 @@ impl Attempts<'_> {
         }
         tx.rollback().await.map_err(store::q("rolling back"))?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
+    }
+
+    /// Applies `fresh` and creates the tenants at `to_create` in the locked transaction; the
+    /// created tenants' plans go to `spill`.
+    async fn apply(&self, locked: &mut Locked<'_>, fresh: &Plan, to_create: &[usize], opts: RunOptions, spill: &mut spill::Spill) -> Result<usize, SyncError> {
+        let Attempts {
+            ctx, source, snapshot, key, ..
+        } = *self;
+        let Locked { tx, last, state, verified } = locked;
+        let commit = snapshot.commit.clone().unwrap_or_else(CommitInfo::worktree);
+        let actx = ApplyContext {
+            source: &source.id,
+            source_name: &self.src.name,
+            commit: &commit,
+            actor: ACTOR,
+            key,
+            // Only when it moves: an upsert that changes nothing still locks the row, and a
+            // transaction that wrote must wait for its WAL to reach the disk.
+            record_commit: state
+                .desired
+                .commit
+                .as_ref()
+                .is_some_and(|c| last.as_ref().map(CommitId::as_str) != Some(c.id.as_str())),
+            signer: verified
+                .result
+                .as_ref()
+                .ok()
+                .cloned()
+                .flatten()
+                .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
+            claims: state.claims.clone(),
+            embedding_default: ctx.cfg.embedding_endpoint.as_deref(),
+        };
+        // Nothing reads a created tenant's document after its write unless drift is reported:
+        // then it stays, otherwise the write takes it and drops it once written.
+        let documents: Vec<Option<JsonText>> = to_create
+            .iter()
+            .map(|&i| (!opts.want_drift).then(|| std::mem::replace(&mut state.desired.tenants[i].document, JsonText::null())))
+            .collect();
+        let creates: Vec<store::Create> = to_create
+            .iter()
+            .zip(documents)
+            .map(|(&i, document)| store::Create {
+                tenant: &state.desired.tenants[i],
+                document,
+            })
+            .collect();
+        Ok(store::apply(tx, fresh, &state.desired.tenants, creates, spill, &actx).await?)
     }
 
     /// Before the first round, once the commit is verified against `last`: what git changed since
