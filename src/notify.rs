@@ -161,15 +161,6 @@ pub enum Delivery {
     Failed,
 }
 
-impl Delivery {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Delivery::Delivered => "delivered",
-            Delivery::Failed => "failed",
-        }
-    }
-}
-
 pub struct Notifier {
     receivers: Vec<Receiver>,
     /// Built only when there is a receiver: loading the TLS roots is start-up cost every command

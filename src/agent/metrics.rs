@@ -1,14 +1,64 @@
 //! What the agent exposes on /metrics, in Prometheus text format.
 
+use crate::domain::drift::DriftClass;
+use crate::notify::Delivery;
 use std::collections::BTreeMap;
 use std::fmt::Write;
+
+/// How a sync run ended: the `outcome` label of the run counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RunOutcome {
+    Success,
+    Failure,
+}
+
+impl RunOutcome {
+    const ALL: [RunOutcome; 2] = [RunOutcome::Success, RunOutcome::Failure];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            RunOutcome::Success => "success",
+            RunOutcome::Failure => "failure",
+        }
+    }
+}
+
+/// What became of a notification: the `outcome` label of the notification counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NotificationOutcome {
+    Delivered,
+    Failed,
+    /// Never sent: too many were in flight.
+    Dropped,
+}
+
+impl NotificationOutcome {
+    const ALL: [NotificationOutcome; 3] = [NotificationOutcome::Delivered, NotificationOutcome::Failed, NotificationOutcome::Dropped];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            NotificationOutcome::Delivered => "delivered",
+            NotificationOutcome::Failed => "failed",
+            NotificationOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+impl From<Delivery> for NotificationOutcome {
+    fn from(d: Delivery) -> Self {
+        match d {
+            Delivery::Delivered => NotificationOutcome::Delivered,
+            Delivery::Failed => NotificationOutcome::Failed,
+        }
+    }
+}
 
 /// Upper bounds of the sync duration histogram, in seconds.
 const BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
-    runs: BTreeMap<&'static str, u64>,
+    runs: BTreeMap<RunOutcome, u64>,
     buckets: [u64; BUCKETS.len()],
     duration_sum: f64,
     duration_count: u64,
@@ -16,7 +66,7 @@ pub struct Metrics {
     pub last_applied_commit_time: Option<i64>,
     pub last_sync_ok: Option<bool>,
     pub last_sync_error: Option<String>,
-    pub drift: BTreeMap<&'static str, usize>,
+    pub drift: BTreeMap<DriftClass, usize>,
     pub validation_errors: usize,
     /// Tenants left alone at the last sync because git and a hand edit both changed them.
     pub conflicts: usize,
@@ -30,8 +80,7 @@ pub struct Metrics {
     pub lease_checked: bool,
     /// Per configured source, by name.
     pub sources: BTreeMap<String, SourceMetrics>,
-    /// Notification deliveries by outcome: delivered, failed, dropped.
-    pub notifications: BTreeMap<&'static str, u64>,
+    pub notifications: BTreeMap<NotificationOutcome, u64>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -50,7 +99,7 @@ pub struct SourceMetrics {
 }
 
 impl Metrics {
-    pub fn record_run(&mut self, outcome: &'static str, seconds: f64) {
+    pub fn record_run(&mut self, outcome: RunOutcome, seconds: f64) {
         *self.runs.entry(outcome).or_default() += 1;
         for (i, le) in BUCKETS.iter().enumerate() {
             if seconds <= *le {
@@ -61,8 +110,8 @@ impl Metrics {
         self.duration_count += 1;
     }
 
-    pub fn runs(&self, outcome: &str) -> u64 {
-        self.runs.get(outcome).copied().unwrap_or(0)
+    fn runs(&self, outcome: RunOutcome) -> u64 {
+        self.runs.get(&outcome).copied().unwrap_or(0)
     }
 
     pub fn render(&self) -> String {
@@ -71,8 +120,8 @@ impl Metrics {
             o,
             "# HELP frostbyte_sync_runs_total Sync runs by outcome.\n# TYPE frostbyte_sync_runs_total counter"
         );
-        for outcome in ["success", "failure"] {
-            let _ = writeln!(o, "frostbyte_sync_runs_total{{outcome=\"{outcome}\"}} {}", self.runs(outcome));
+        for outcome in RunOutcome::ALL {
+            let _ = writeln!(o, "frostbyte_sync_runs_total{{outcome=\"{}\"}} {}", outcome.as_str(), self.runs(outcome));
         }
         let _ = writeln!(
             o,
@@ -100,8 +149,13 @@ impl Metrics {
             o,
             "# HELP frostbyte_tenants Tenants by drift class, as of the last sync.\n# TYPE frostbyte_tenants gauge"
         );
-        for class in ["in-sync", "pending", "modified", "missing", "orphaned"] {
-            let _ = writeln!(o, "frostbyte_tenants{{drift=\"{class}\"}} {}", self.drift.get(class).copied().unwrap_or(0));
+        for class in DriftClass::ALL {
+            let _ = writeln!(
+                o,
+                "frostbyte_tenants{{drift=\"{}\"}} {}",
+                class.as_str(),
+                self.drift.get(&class).copied().unwrap_or(0)
+            );
         }
         let _ = writeln!(
             o,
@@ -135,11 +189,12 @@ impl Metrics {
             o,
             "# HELP frostbyte_notifications_total Notification deliveries by outcome.\n# TYPE frostbyte_notifications_total counter"
         );
-        for outcome in ["delivered", "failed", "dropped"] {
+        for outcome in NotificationOutcome::ALL {
             let _ = writeln!(
                 o,
-                "frostbyte_notifications_total{{outcome=\"{outcome}\"}} {}",
-                self.notifications.get(outcome).copied().unwrap_or(0)
+                "frostbyte_notifications_total{{outcome=\"{}\"}} {}",
+                outcome.as_str(),
+                self.notifications.get(&outcome).copied().unwrap_or(0)
             );
         }
         o
@@ -201,13 +256,34 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative() {
         let mut m = Metrics::default();
-        m.record_run("success", 0.03);
-        m.record_run("failure", 3.0);
+        m.record_run(RunOutcome::Success, 0.03);
+        m.record_run(RunOutcome::Failure, 3.0);
         let text = m.render();
         assert!(text.contains("frostbyte_sync_duration_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("frostbyte_sync_duration_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("frostbyte_sync_duration_seconds_bucket{le=\"5\"} 2"));
         assert!(text.contains("frostbyte_sync_duration_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("frostbyte_sync_runs_total{outcome=\"failure\"} 1"));
+    }
+
+    /// Every label value is rendered, zero or not, in the names dashboards query.
+    #[test]
+    fn labels_are_rendered_for_every_value() {
+        let mut m = Metrics::default();
+        m.drift.insert(DriftClass::Modified, 2);
+        *m.notifications.entry(Delivery::Failed.into()).or_default() += 1;
+        *m.notifications.entry(NotificationOutcome::Dropped).or_default() += 3;
+        let text = m.render();
+        for line in [
+            "frostbyte_tenants{drift=\"in-sync\"} 0",
+            "frostbyte_tenants{drift=\"modified\"} 2",
+            "frostbyte_tenants{drift=\"orphaned\"} 0",
+            "frostbyte_notifications_total{outcome=\"delivered\"} 0",
+            "frostbyte_notifications_total{outcome=\"failed\"} 1",
+            "frostbyte_notifications_total{outcome=\"dropped\"} 3",
+            "frostbyte_sync_runs_total{outcome=\"success\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
     }
 }

@@ -7,12 +7,12 @@ pub mod metrics;
 pub mod schedule;
 
 use crate::config::DriftPolicy;
-use crate::domain::drift::counts;
+use crate::domain::drift::{DriftClass, counts};
 use crate::domain::plan::Entries;
 use crate::notify::Notification;
 use crate::source::Source;
 use crate::sync::{self, Ctx, Database, Run, SyncError};
-use metrics::Metrics;
+use metrics::{Metrics, NotificationOutcome, RunOutcome};
 use notify::Watcher;
 use schedule::{Timing, Trigger, reconcile_loop};
 use std::sync::{Arc, Mutex};
@@ -109,7 +109,7 @@ async fn reconcile_once(
             let mut m = metrics.lock().expect("metrics lock");
             m.leader = false;
             m.sources.values_mut().for_each(|s| s.leader = false);
-            m.record_run("failure", started.elapsed().as_secs_f64());
+            m.record_run(RunOutcome::Failure, started.elapsed().as_secs_f64());
             m.last_sync_ok = Some(false);
             m.last_sync_error = Some(e.clone());
             return Err(e);
@@ -177,7 +177,7 @@ async fn reconcile_once(
                     (a, b) => a.or(b),
                 };
                 for (k, v) in o.drift.as_deref().map(counts).unwrap_or_default() {
-                    *drift.entry(k.as_str()).or_insert(0) += v;
+                    *drift.entry(k).or_insert(0) += v;
                 }
                 if o.applied > 0 || full {
                     tracing::info!(source = %src.name, applied = o.applied, seconds = one.elapsed().as_secs_f64(), "sync finished");
@@ -205,7 +205,7 @@ async fn reconcile_once(
     if conflicts > 0 {
         tracing::warn!(conflicts, "tenants changed both in git and outside git are left alone (drift policy warn)");
     }
-    let modified = drift.get("modified").copied().unwrap_or(0);
+    let modified = drift.get(&DriftClass::Modified).copied().unwrap_or(0);
     if modified > 0 && ctx.cfg.drift_policy == DriftPolicy::Warn {
         tracing::warn!(modified, "tenants changed outside git; drift policy is warn, so they are left as they are");
     }
@@ -217,7 +217,7 @@ async fn reconcile_once(
                 m.last_full = Some(Instant::now());
                 tracing::info!("full resync done");
             }
-            m.record_run("success", seconds);
+            m.record_run(RunOutcome::Success, seconds);
             m.last_sync_ok = Some(true);
             m.last_sync_error = None;
             m.validation_errors = 0;
@@ -225,7 +225,7 @@ async fn reconcile_once(
             Ok(())
         }
         Some(e) => {
-            m.record_run("failure", seconds);
+            m.record_run(RunOutcome::Failure, seconds);
             m.last_sync_ok = Some(false);
             m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
             Err(e)
@@ -244,7 +244,12 @@ fn announce(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, n: Notification) {
     }
     let Ok(permit) = IN_FLIGHT.try_acquire() else {
         tracing::warn!(event = n.event.as_str(), "too many notifications in flight: one dropped");
-        *metrics.lock().expect("metrics lock").notifications.entry("dropped").or_default() += 1;
+        *metrics
+            .lock()
+            .expect("metrics lock")
+            .notifications
+            .entry(NotificationOutcome::Dropped)
+            .or_default() += 1;
         return;
     };
     let (notifier, metrics) = (ctx.notifier.clone(), metrics.clone());
@@ -253,7 +258,7 @@ fn announce(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, n: Notification) {
         drop(permit);
         let mut m = metrics.lock().expect("metrics lock");
         for d in outcomes {
-            *m.notifications.entry(d.as_str()).or_default() += 1;
+            *m.notifications.entry(d.into()).or_default() += 1;
         }
     });
 }
