@@ -102,27 +102,7 @@ async fn reconcile_once(
     prepared: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let started = Instant::now();
-    let names: Vec<&str> = ctx.cfg.sources.iter().map(|s| s.name.as_str()).collect();
-    let held = match lease.lock().await.balance(&names).await {
-        Ok(h) => h,
-        Err(e) => {
-            let mut m = metrics.lock().expect("metrics lock");
-            m.leader = false;
-            m.sources.values_mut().for_each(|s| s.leader = false);
-            m.record_run(RunOutcome::Failure, started.elapsed().as_secs_f64());
-            m.last_sync_ok = Some(false);
-            m.last_sync_error = Some(e.clone());
-            return Err(e);
-        }
-    };
-    {
-        let mut m = metrics.lock().expect("metrics lock");
-        m.leader = !held.is_empty();
-        m.lease_checked = true;
-        for name in &names {
-            m.sources.entry(name.to_string()).or_default().leader = held.contains(*name);
-        }
-    }
+    let held = take_leases(ctx, metrics, lease, started).await?;
     if held.is_empty() {
         tracing::debug!("standby: other replicas hold every source's lease");
         return Ok(());
@@ -141,9 +121,7 @@ async fn reconcile_once(
         .last_full
         .is_none_or(|t| t.elapsed() >= Duration::from_secs(ctx.cfg.full_resync_secs));
     // Each source on its own: one that fails does not hold back the others.
-    let mut first_error = None;
-    let mut drift = std::collections::BTreeMap::new();
-    let (mut conflicts, mut oldest_commit) = (0, None::<i64>);
+    let mut tally = Tally::default();
     for src in ctx.cfg.sources.iter().filter(|s| held.contains(&s.name)) {
         let one = Instant::now();
         let opts = sync::RunOptions {
@@ -158,77 +136,132 @@ async fn reconcile_once(
         {
             Ok(o) => {
                 announce_success(ctx, metrics, &src.name, &o);
-                let mut m = metrics.lock().expect("metrics lock");
-                let sm = m.sources.entry(src.name.clone()).or_default();
-                sm.runs_ok += 1;
-                sm.last_error = None;
-                sm.applied += o.applied as u64;
-                sm.last_success = Some(chrono::Utc::now().timestamp());
-                sm.last_duration = one.elapsed().as_secs_f64();
-                m.tenants_applied += o.applied as u64;
-                conflicts += o.entries().summary().conflict;
-                let commit_time = o
-                    .commit_time
-                    .as_deref()
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-                    .map(|t| t.timestamp());
-                oldest_commit = match (oldest_commit, commit_time) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                for (k, v) in o.drift.as_deref().map(counts).unwrap_or_default() {
-                    *drift.entry(k).or_insert(0) += v;
-                }
+                tally.success(metrics, &src.name, &o, one);
                 if o.applied > 0 || full {
                     tracing::info!(source = %src.name, applied = o.applied, seconds = one.elapsed().as_secs_f64(), "sync finished");
                 }
             }
-            Err(e) => {
-                let event = e.notify_event();
-                let text = record_failure(metrics, Some(&src.name), one, e);
-                // Once per distinct error, not at every retry.
-                let repeated = {
-                    let mut m = metrics.lock().expect("metrics lock");
-                    let sm = m.sources.entry(src.name.clone()).or_default();
-                    sm.last_error.replace(text.clone()).as_ref() == Some(&text)
-                };
-                if !repeated {
-                    announce(ctx, metrics, Notification::failed(event, &src.name, &text));
-                }
-                first_error.get_or_insert(format!("source {}: {text}", src.name));
-            }
+            Err(e) => tally.failure(ctx, metrics, &src.name, e, one),
         }
     }
-    let seconds = started.elapsed().as_secs_f64();
+    tally.finish(ctx, metrics, started, full)
+}
+
+/// Balances the sources' leases among the replicas: the names of those this one holds now.
+async fn take_leases(
+    ctx: &Ctx,
+    metrics: &Mutex<Metrics>,
+    lease: &tokio::sync::Mutex<lease::Leases>,
+    started: Instant,
+) -> Result<std::collections::BTreeSet<String>, String> {
+    let names: Vec<&str> = ctx.cfg.sources.iter().map(|s| s.name.as_str()).collect();
+    let held = lease.lock().await.balance(&names).await;
     let mut m = metrics.lock().expect("metrics lock");
-    m.conflicts = conflicts;
-    if conflicts > 0 {
-        tracing::warn!(conflicts, "tenants changed both in git and outside git are left alone (drift policy warn)");
-    }
-    let modified = drift.get(&DriftClass::Modified).copied().unwrap_or(0);
-    if modified > 0 && ctx.cfg.drift_policy == DriftPolicy::Warn {
-        tracing::warn!(modified, "tenants changed outside git; drift policy is warn, so they are left as they are");
-    }
-    m.drift = drift;
-    m.last_applied_commit_time = oldest_commit.or(m.last_applied_commit_time);
-    match first_error {
-        None => {
-            if full {
-                m.last_full = Some(Instant::now());
-                tracing::info!("full resync done");
+    match held {
+        Ok(held) => {
+            m.leader = !held.is_empty();
+            m.lease_checked = true;
+            for name in &names {
+                m.sources.entry(name.to_string()).or_default().leader = held.contains(*name);
             }
-            m.record_run(RunOutcome::Success, seconds);
-            m.last_sync_ok = Some(true);
-            m.last_sync_error = None;
-            m.validation_errors = 0;
-            m.commit_refused = false;
-            Ok(())
+            Ok(held)
         }
-        Some(e) => {
-            m.record_run(RunOutcome::Failure, seconds);
+        Err(e) => {
+            m.leader = false;
+            m.sources.values_mut().for_each(|s| s.leader = false);
+            m.record_run(RunOutcome::Failure, started.elapsed().as_secs_f64());
             m.last_sync_ok = Some(false);
-            m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
+            m.last_sync_error = Some(e.clone());
             Err(e)
+        }
+    }
+}
+
+/// What one round's syncs of this replica's sources add up to.
+#[derive(Default)]
+struct Tally {
+    first_error: Option<String>,
+    drift: std::collections::BTreeMap<DriftClass, usize>,
+    conflicts: usize,
+    oldest_commit: Option<i64>,
+}
+
+impl Tally {
+    fn success(&mut self, metrics: &Mutex<Metrics>, source: &str, o: &sync::Outcome, started: Instant) {
+        let mut m = metrics.lock().expect("metrics lock");
+        let sm = m.sources.entry(source.to_string()).or_default();
+        sm.runs_ok += 1;
+        sm.last_error = None;
+        sm.applied += o.applied as u64;
+        sm.last_success = Some(chrono::Utc::now().timestamp());
+        sm.last_duration = started.elapsed().as_secs_f64();
+        m.tenants_applied += o.applied as u64;
+        self.conflicts += o.entries().summary().conflict;
+        let commit_time = o
+            .commit_time
+            .as_deref()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.timestamp());
+        self.oldest_commit = match (self.oldest_commit, commit_time) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        for (k, v) in o.drift.as_deref().map(counts).unwrap_or_default() {
+            *self.drift.entry(k).or_insert(0) += v;
+        }
+    }
+
+    fn failure(&mut self, ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, e: SyncError, started: Instant) {
+        let event = e.notify_event();
+        let text = record_failure(metrics, Some(source), started, e);
+        // Once per distinct error, not at every retry.
+        let repeated = {
+            let mut m = metrics.lock().expect("metrics lock");
+            let sm = m.sources.entry(source.to_string()).or_default();
+            sm.last_error.replace(text.clone()).as_ref() == Some(&text)
+        };
+        if !repeated {
+            announce(ctx, metrics, Notification::failed(event, source, &text));
+        }
+        self.first_error.get_or_insert(format!("source {source}: {text}"));
+    }
+
+    /// The round's metrics; its first error, if a source failed.
+    fn finish(self, ctx: &Ctx, metrics: &Mutex<Metrics>, started: Instant, full: bool) -> Result<(), String> {
+        let seconds = started.elapsed().as_secs_f64();
+        let mut m = metrics.lock().expect("metrics lock");
+        m.conflicts = self.conflicts;
+        if self.conflicts > 0 {
+            tracing::warn!(
+                conflicts = self.conflicts,
+                "tenants changed both in git and outside git are left alone (drift policy warn)"
+            );
+        }
+        let modified = self.drift.get(&DriftClass::Modified).copied().unwrap_or(0);
+        if modified > 0 && ctx.cfg.drift_policy == DriftPolicy::Warn {
+            tracing::warn!(modified, "tenants changed outside git; drift policy is warn, so they are left as they are");
+        }
+        m.drift = self.drift;
+        m.last_applied_commit_time = self.oldest_commit.or(m.last_applied_commit_time);
+        match self.first_error {
+            None => {
+                if full {
+                    m.last_full = Some(Instant::now());
+                    tracing::info!("full resync done");
+                }
+                m.record_run(RunOutcome::Success, seconds);
+                m.last_sync_ok = Some(true);
+                m.last_sync_error = None;
+                m.validation_errors = 0;
+                m.commit_refused = false;
+                Ok(())
+            }
+            Some(e) => {
+                m.record_run(RunOutcome::Failure, seconds);
+                m.last_sync_ok = Some(false);
+                m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
+                Err(e)
+            }
         }
     }
 }
