@@ -14,7 +14,7 @@ pub use super::document::MAX_DEPTH;
 pub const STATES: [&str; 6] = ["pending", "provisioning", "active", "suspended", "decommissioning", "decommissioned"];
 
 /// A tenant as git declares it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct DesiredTenant {
     pub tenant_id: String,
     /// Path of the file inside the repository, as shown to people.
@@ -30,6 +30,17 @@ pub struct DesiredTenant {
     pub secrets: Arc<SecretPaths>,
     /// `config.embedding.endpoint`, when the file sets one.
     pub embedding_endpoint: Option<String>,
+}
+
+/// Without the document: it holds decrypted values.
+impl std::fmt::Debug for DesiredTenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DesiredTenant")
+            .field("tenant_id", &self.tenant_id)
+            .field("file", &self.file)
+            .field("secrets", &self.secrets)
+            .finish_non_exhaustive()
+    }
 }
 
 impl DesiredTenant {
@@ -97,9 +108,31 @@ pub fn config_schema() -> &'static str {
     SCHEMA_TEXT
 }
 
-/// Checks a decrypted file and turns it into a [`DesiredTenant`], or says everything wrong with it.
-/// `text` is the file as committed, used only to find line numbers. No message quotes a secret value.
-pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: SecretPaths) -> Result<DesiredTenant, Vec<Issue>> {
+/// A document that passed every check: what a [`DesiredTenant`] is made of, for the callers that
+/// keep it (`validate` only wants to know, and skips writing its text).
+pub struct Checked {
+    pub tenant_id: String,
+    /// `{"age_public_key", "endpoints", "config"}`.
+    pub document: Value,
+    pub secrets: SecretPaths,
+}
+
+/// Without the document: it holds decrypted values.
+impl std::fmt::Debug for Checked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checked").field("tenant_id", &self.tenant_id).finish_non_exhaustive()
+    }
+}
+
+impl Checked {
+    pub fn into_tenant(self, file: &str) -> DesiredTenant {
+        DesiredTenant::new(self.tenant_id, file.to_string(), &self.document, self.secrets)
+    }
+}
+
+/// Checks a decrypted file, or says everything wrong with it. `text` is the file as committed,
+/// used only to find line numbers. No message quotes a secret value.
+pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: SecretPaths) -> Result<Checked, Vec<Issue>> {
     let mut issues = Vec::new();
     let line = |pointer: &str| json::locate_line(text, pointer);
     let issue = |pointer: &str, message: String| Issue::new(file, message).at(pointer).line(line(pointer));
@@ -188,7 +221,7 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
             .filter_map(|f| map.shift_remove(*f).map(|v| (f.to_string(), v)))
             .collect::<Map<_, _>>(),
     );
-    Ok(DesiredTenant::new(tenant_id, file.to_string(), &document, secrets))
+    Ok(Checked { tenant_id, document, secrets })
 }
 
 /// Schema problems of the value at `at` as (pointer into the document, message). Where the value
@@ -243,11 +276,27 @@ mod tests {
 
     #[test]
     fn a_good_document_passes() {
-        let t = check_document("tenants/acme.json", "acme", "", good(), SecretPaths::new()).unwrap();
+        let t = check_document("tenants/acme.json", "acme", "", good(), SecretPaths::new())
+            .unwrap()
+            .into_tenant("tenants/acme.json");
         assert_eq!(t.tenant_id, "acme");
         assert_eq!(
             t.document.value().as_object().unwrap().keys().collect::<Vec<_>>(),
             ["age_public_key", "endpoints", "config"]
+        );
+    }
+
+    /// What `{:?}` prints of a checked document or a tenant names it, never its values.
+    #[test]
+    fn debug_output_leaves_the_document_out() {
+        let secrets: SecretPaths = ["/config/secrets/db_password".to_string()].into_iter().collect();
+        let checked = check_document("tenants/acme.json", "acme", "", good(), secrets).unwrap();
+        let shown = format!("{checked:?}");
+        assert!(shown.contains("acme") && !shown.contains("hunter2"), "{shown}");
+        let shown = format!("{:?}", checked.into_tenant("tenants/acme.json"));
+        assert!(
+            shown.contains("tenants/acme.json") && !shown.contains("hunter2") && !shown.contains("eu-west-1"),
+            "{shown}"
         );
     }
 

@@ -7,7 +7,7 @@ use crate::config::{Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
-use crate::domain::tenant::{DesiredTenant, SharedPaths, check_document};
+use crate::domain::tenant::{Checked, DesiredTenant, SharedPaths, check_document};
 use crate::sops::{self, AgeKeys, Format};
 use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
 use rayon::prelude::*;
@@ -99,7 +99,8 @@ fn decode_files(
             |(mut tenants, mut issues): Lists, mut f| {
                 read(&mut f)?;
                 match decode_file(&f, opts) {
-                    Ok(mut t) if opts.keep_documents => {
+                    Ok(checked) if opts.keep_documents => {
+                        let mut t = checked.into_tenant(&f.path);
                         t.secrets = shared.share(t.secrets);
                         tenants.push(t);
                     }
@@ -182,8 +183,8 @@ fn collapse_configuration_problems(issues: &mut Vec<Issue>) {
     }
 }
 
-/// One file to one tenant, or every problem found in it. No message carries a decrypted value.
-pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<DesiredTenant, Vec<Issue>> {
+/// One file checked, or every problem found in it. No message carries a decrypted value.
+pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<Checked, Vec<Issue>> {
     let err = |m: String| vec![Issue::new(&f.path, m)];
     let bytes = match &f.body {
         Body::Symlink => return Err(err("is a symbolic link; tenant files must be regular files".into())),
