@@ -523,6 +523,114 @@ pub fn is_source_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 63 && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
+/// What production mode refuses: plaintext files, and commit verification with no one to trust.
+/// (A missing database_url is refused where a database is needed, see sync::connect: in
+/// production, validate and plan --against-ref run without one.)
+fn production_errors(mode: Mode, allow_plaintext: bool, verify_commits: crate::verify::VerifyMode, has_signers: bool) -> Vec<String> {
+    let mut errors = Vec::new();
+    if mode != Mode::Production {
+        return errors;
+    }
+    if allow_plaintext {
+        errors.push("allow_plaintext cannot be used in production mode".into());
+    }
+    if verify_commits != crate::verify::VerifyMode::Off && !has_signers {
+        errors.push(format!(
+            "verify_commits is {verify_commits} in production but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS), or verify_commits = \"off\""
+        ));
+    }
+    errors
+}
+
+/// Which of `choices` a setting names (`unset` when it has no value), or an error listing them.
+fn one_of<T: Copy>(value: Option<&str>, choices: &[(&str, T)], unset: T) -> Result<T, String> {
+    let Some(v) = value else { return Ok(unset) };
+    choices.iter().find(|(name, _)| *name == v).map(|(_, t)| *t).ok_or_else(|| {
+        let names: Vec<&str> = choices.iter().map(|(n, _)| *n).collect();
+        format!("{v:?} is not {}", names.join(" or "))
+    })
+}
+
+/// The config file's table (empty without a file), and an error for each key it does not know.
+fn file_table(file: Option<(&str, &str)>) -> Result<(toml::Table, Vec<String>), String> {
+    let Some((path, text)) = file else {
+        return Ok((toml::Table::new(), Vec::new()));
+    };
+    let table: toml::Table = toml::from_str(text).map_err(|e| format!("config file {path}: {}", e.message()))?;
+    let errors = table
+        .keys()
+        .filter(|key| !DEFS.iter().any(|d| d.name == *key) && *key != "sources" && *key != "notifications")
+        .map(|key| format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")))
+        .collect();
+    Ok((table, errors))
+}
+
+/// Each setting's text and where it came from: a flag beats the environment, which beats the
+/// file, which beats the default.
+type Raw = BTreeMap<&'static str, (Option<String>, Origin)>;
+
+fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &toml::Table) -> Raw {
+    let mut raw = Raw::new();
+    for d in DEFS {
+        let v = if let Some(v) = flags.0.get(d.name) {
+            (Some(v.clone()), Origin::Flag)
+        } else if let Some((name, v)) = d.env.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v))) {
+            (Some(v), Origin::Env(name.to_string()))
+        } else if let Some(v) = table.get(d.name) {
+            let text = match v {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (Some(text), Origin::File)
+        } else {
+            (d.default.map(str::to_string), Origin::Default)
+        };
+        raw.insert(d.name, v);
+    }
+    raw
+}
+
+/// The webhook token, refused when too short to guard `POST /sync`.
+fn webhook_token(raw: &Raw, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
+    let (given, origin) = raw["webhook_token"].clone();
+    // An empty value in the environment counts as given here: it opens the door, not closes it.
+    let (token, from) = match given {
+        Some(t) => (t, origin),
+        None => match env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()) {
+            Some(t) => (t, Origin::Env("FROSTBYTE_WEBHOOK_TOKEN".into())),
+            None => return Ok(None),
+        },
+    };
+    if token.len() < MIN_WEBHOOK_TOKEN_BYTES {
+        return Err(format!(
+            "webhook_token (from {from}): {} bytes is too short to guard POST /sync; use at least {MIN_WEBHOOK_TOKEN_BYTES} random bytes, or unset it",
+            token.len()
+        ));
+    }
+    Ok(Some(token))
+}
+
+/// Every setting as `frostbyte-gitops config` shows it: secrets hidden, a URL without its
+/// credentials; `unset` says what an unset setting means.
+fn shown_settings(raw: &Raw, key_file: (Option<String>, Origin), unset: &dyn Fn(&str) -> String) -> Vec<Shown> {
+    DEFS.iter()
+        .map(|d| {
+            let (value, origin) = match d.name {
+                "age_key_file" => key_file.clone(),
+                _ => raw[d.name].clone(),
+            };
+            let value = match (value, d.secret) {
+                (None, _) => unset(d.name),
+                (Some(v), true) if d.name == "database_url" => mask_url(&v),
+                (Some(v), false) if d.name == "repo" => RepoLocation::parse(&v).to_string(),
+                (Some(_), true) => "(set, hidden)".to_string(),
+                (Some(v), false) => v,
+            };
+            Shown { name: d.name, value, origin }
+        })
+        .collect()
+}
+
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
@@ -535,38 +643,8 @@ impl Config {
     /// `env` looks up environment variables; `file` is the config file's path and text, if any;
     /// `home` locates the SOPS CLI's default key file. Every invalid setting is reported at once.
     pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, file: Option<(&str, &str)>, home: Option<PathBuf>) -> Result<Config, String> {
-        let mut errors = Vec::new();
-        let table: toml::Table = match file {
-            None => toml::Table::new(),
-            Some((path, text)) => match toml::from_str(text) {
-                Ok(t) => t,
-                Err(e) => return Err(format!("config file {path}: {}", e.message())),
-            },
-        };
-        if let Some((path, _)) = file {
-            for key in table.keys() {
-                if !DEFS.iter().any(|d| d.name == key) && key != "sources" && key != "notifications" {
-                    errors.push(format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")));
-                }
-            }
-        }
-        let mut raw: BTreeMap<&'static str, (Option<String>, Origin)> = BTreeMap::new();
-        for d in DEFS {
-            let v = if let Some(v) = flags.0.get(d.name) {
-                (Some(v.clone()), Origin::Flag)
-            } else if let Some((name, v)) = d.env.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v))) {
-                (Some(v), Origin::Env(name.to_string()))
-            } else if let Some(v) = table.get(d.name) {
-                let text = match v {
-                    toml::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                (Some(text), Origin::File)
-            } else {
-                (d.default.map(str::to_string), Origin::Default)
-            };
-            raw.insert(d.name, v);
-        }
+        let (table, mut errors) = file_table(file)?;
+        let raw = raw_settings(flags, env, &table);
         let get = |name: &str| raw[name].0.clone();
         let origin = |name: &str| raw[name].1.clone();
         let mut check = |name: &str, r: Result<(), String>| {
@@ -575,31 +653,20 @@ impl Config {
             }
         };
 
-        let mode = match get("mode").as_deref() {
-            Some("dev") => Mode::Dev,
-            Some("production") => Mode::Production,
-            other => {
-                check("mode", Err(format!("{:?} is not dev or production", other.unwrap_or(""))));
-                Mode::Dev
-            }
-        };
-        let log_format = match get("log_format").as_deref() {
-            None if mode == Mode::Production => LogFormat::Json,
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                check("log_format", Err(format!("{other:?} is not text or json")));
-                LogFormat::Text
-            }
-        };
-        let drift_policy = match get("drift_policy").as_deref() {
-            Some("warn") => DriftPolicy::Warn,
-            Some("correct") | None => DriftPolicy::Correct,
-            Some(other) => {
-                check("drift_policy", Err(format!("{other:?} is not warn or correct")));
-                DriftPolicy::Correct
-            }
-        };
+        let mode = one_of(get("mode").as_deref(), &[("dev", Mode::Dev), ("production", Mode::Production)], Mode::Dev).unwrap_or_else(|e| {
+            check("mode", Err(e));
+            Mode::Dev
+        });
+        let log_unset = if mode == Mode::Production { LogFormat::Json } else { LogFormat::Text };
+        let log_format = one_of(get("log_format").as_deref(), &[("text", LogFormat::Text), ("json", LogFormat::Json)], log_unset).unwrap_or_else(|e| {
+            check("log_format", Err(e));
+            LogFormat::Text
+        });
+        let policies = [("correct", DriftPolicy::Correct), ("warn", DriftPolicy::Warn)];
+        let drift_policy = one_of(get("drift_policy").as_deref(), &policies, DriftPolicy::Correct).unwrap_or_else(|e| {
+            check("drift_policy", Err(e));
+            DriftPolicy::Correct
+        });
         let mut bool_of = |name: &str| match parse_bool(&get(name).unwrap_or_default()) {
             Ok(b) => b,
             Err(e) => {
@@ -645,11 +712,6 @@ impl Config {
                 vec![]
             }),
         };
-        // A missing database_url is refused where a database is needed (see sync::connect): in
-        // production, validate and plan --against-ref run without one.
-        if mode == Mode::Production && allow_plaintext {
-            errors.push("allow_plaintext cannot be used in production mode".into());
-        }
         let verify_commits = match get("verify_commits").as_deref() {
             None if mode == Mode::Production => crate::verify::VerifyMode::Head,
             None => crate::verify::VerifyMode::Off,
@@ -658,33 +720,18 @@ impl Config {
                 crate::verify::VerifyMode::Off
             }),
         };
-        if mode == Mode::Production && verify_commits != crate::verify::VerifyMode::Off && get("allowed_signers").is_none() && get("trusted_pgp_keys").is_none()
-        {
-            errors.push(format!(
-                "verify_commits is {verify_commits} in production but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS), or verify_commits = \"off\""
-            ));
-        }
+        let has_signers = get("allowed_signers").is_some() || get("trusted_pgp_keys").is_some();
+        errors.extend(production_errors(mode, allow_plaintext, verify_commits, has_signers));
         let embedding_endpoint = get("embedding_endpoint");
         if let Some(url) = &embedding_endpoint
             && let Err(e) = check_endpoint(url, mode)
         {
             errors.push(format!("embedding_endpoint (from {}): {e}", origin("embedding_endpoint")));
         }
-        // An empty value in the environment counts as given here: it opens the door, not closes it.
-        let webhook_token = get("webhook_token").or_else(|| env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()));
-        if let Some(token) = &webhook_token
-            && token.len() < MIN_WEBHOOK_TOKEN_BYTES
-        {
-            let from = if get("webhook_token").is_some() {
-                origin("webhook_token")
-            } else {
-                Origin::Env("FROSTBYTE_WEBHOOK_TOKEN".into())
-            };
-            errors.push(format!(
-                "webhook_token (from {from}): {} bytes is too short to guard POST /sync; use at least {MIN_WEBHOOK_TOKEN_BYTES} random bytes, or unset it",
-                token.len()
-            ));
-        }
+        let webhook_token = webhook_token(&raw, env).unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
         let mut age_key_file = get("age_key_file").map(PathBuf::from);
         let mut key_file_origin = origin("age_key_file");
         if age_key_file.is_none() {
@@ -705,27 +752,14 @@ impl Config {
             return Err(errors.join("\n"));
         }
 
-        let shown = DEFS
-            .iter()
-            .map(|d| {
-                let (value, origin) = if d.name == "age_key_file" {
-                    (age_key_file.as_ref().map(|p| p.display().to_string()), key_file_origin.clone())
-                } else {
-                    raw[d.name].clone()
-                };
-                let value = match (value, d.secret) {
-                    (None, _) if d.name == "database_url" => "(unset: local PostgreSQL under data_dir)".to_string(),
-                    (None, _) if d.name == "log_format" => format!("{log_format:?}").to_lowercase(),
-                    (None, _) if d.name == "verify_commits" => verify_commits.to_string(),
-                    (None, _) => "(unset)".to_string(),
-                    (Some(v), true) if d.name == "database_url" => mask_url(&v),
-                    (Some(v), false) if d.name == "repo" => RepoLocation::parse(&v).to_string(),
-                    (Some(_), true) => "(set, hidden)".to_string(),
-                    (Some(v), false) => v,
-                };
-                Shown { name: d.name, value, origin }
-            })
-            .collect();
+        let key_file = age_key_file.as_ref().map(|p| p.display().to_string());
+        let unset = |name: &str| match name {
+            "database_url" => "(unset: local PostgreSQL under data_dir)".to_string(),
+            "log_format" => format!("{log_format:?}").to_lowercase(),
+            "verify_commits" => verify_commits.to_string(),
+            _ => "(unset)".to_string(),
+        };
+        let shown = shown_settings(&raw, (key_file, key_file_origin), &unset);
         Ok(Config {
             mode,
             database_url,
@@ -822,9 +856,16 @@ mod tests {
             ("FROSTBYTE_MODE", "prod"),
             ("FROSTBYTE_DRIFT_POLICY", "ignore"),
             ("FROSTBYTE_SYNC_INTERVAL", "soon"),
+            ("FROSTBYTE_LOG_FORMAT", "yaml"),
         ]);
         let err = Config::resolve(&Flags::default(), &env, Some(("f.toml", "colour = 1\n")), None).unwrap_err();
-        for needle in ["mode (from env FROSTBYTE_MODE)", "drift_policy", "interval", "unknown setting \"colour\""] {
+        for needle in [
+            "mode (from env FROSTBYTE_MODE): \"prod\" is not dev or production",
+            "drift_policy (from env FROSTBYTE_DRIFT_POLICY): \"ignore\" is not correct or warn",
+            "log_format (from env FROSTBYTE_LOG_FORMAT): \"yaml\" is not text or json",
+            "interval",
+            "unknown setting \"colour\"",
+        ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
         }
     }
