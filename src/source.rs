@@ -123,7 +123,6 @@ pub struct Source {
     pub id: String,
 }
 
-/// A remote URL split into what may be shown and what may not.
 /// Where a source's repository is, decided once when the settings are read.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RepoLocation {
@@ -158,6 +157,7 @@ impl std::fmt::Display for RepoLocation {
     }
 }
 
+/// A remote URL split into what may be shown and what may not.
 #[derive(Clone, PartialEq)]
 pub struct RemoteUrl {
     /// The URL without userinfo: the only form that is stored, shown or logged.
