@@ -885,7 +885,8 @@ async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, 
                 continue;
             }
         };
-        if o.applied > 0 {
+        // Without receivers nothing reads a notification, and building one reads the plan.
+        if o.applied > 0 && !ctx.notifier.is_empty() {
             match Notification::applied(&src.name, o.header.commit.as_deref(), &o.entries()) {
                 Ok(n) => notes.push(n),
                 Err(e) => eprintln!("error: reading back the created tenants' plans: {e}; no notification of this apply"),

@@ -19,6 +19,11 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Tenants named in one body; the rest are counted.
 const MAX_TENANTS: usize = 100;
 
+/// Stops a walk of a plan's entries once a body names as many tenants as it may.
+#[derive(Debug, thiserror::Error)]
+#[error("enough tenants named")]
+struct Enough;
+
 #[derive(Debug, thiserror::Error)]
 pub enum NotifyError {
     #[error("notifications[{index}] secret_file {path}")]
@@ -58,18 +63,30 @@ impl Notification {
             ("decommissioned", s.decommission),
             ("orphaned", s.orphaned),
         ];
-        let mut changed: Vec<(String, String)> = Vec::with_capacity(s.create + s.update + s.decommission);
-        plan.try_for_each_window(&mut |window| {
-            let written = window
+        let written = s.create + s.update + s.decommission;
+        let mut changed: Vec<(String, String)> = Vec::with_capacity(written.min(MAX_TENANTS));
+        // The entries are read only until the body has its tenants: the rest are counted by the
+        // summary, and a first sync's created tenants are read back from a file.
+        let walked = plan.try_for_each_window(&mut |window| {
+            let listed = window
                 .iter()
                 .filter(|t| matches!(t.action, Action::Create | Action::Update | Action::Decommission));
-            changed.extend(written.map(|t| {
+            changed.extend(listed.take(MAX_TENANTS - changed.len()).map(|t| {
                 let action = serde_json::to_value(t.action).expect("serialisable");
                 (t.tenant_id.clone(), action.as_str().unwrap_or_default().to_string())
             }));
-            Ok(())
-        })?;
-        Ok(Notification::new(NotifyEvent::Applied, source, commit, &counts, changed))
+            match changed.len() == MAX_TENANTS {
+                true => Err(std::io::Error::other(Enough)),
+                false => Ok(()),
+            }
+        });
+        match walked {
+            Err(e) if !e.get_ref().is_some_and(|e| e.is::<Enough>()) => return Err(e),
+            _ => {}
+        }
+        let mut n = Notification::new(NotifyEvent::Applied, source, commit, &counts, changed);
+        n.more_tenants = written - n.tenants.len();
+        Ok(n)
     }
 
     pub fn failed(event: NotifyEvent, source: &str, error: &str) -> Notification {
@@ -284,6 +301,51 @@ mod tests {
     fn receivers_are_shown_without_path_or_credentials() {
         assert_eq!(shown_url("https://hooks.slack.com/services/T0/B0/secret"), "https://hooks.slack.com");
         assert_eq!(shown_url("http://user:pw@localhost:9000/x?token=1"), "http://localhost:9000");
+    }
+
+    /// An applied plan names its first hundred written tenants and counts the rest, without
+    /// reading the entries past them.
+    #[test]
+    fn an_applied_body_reads_only_the_entries_it_names() {
+        use crate::domain::plan::{Plan, Summary, TenantPlan, WINDOW};
+        use std::borrow::Cow;
+        struct Counted(Plan, std::cell::Cell<usize>);
+        impl Entries for Counted {
+            fn summary(&self) -> Summary {
+                self.0.summary()
+            }
+            fn try_for_each_window(&self, f: &mut dyn FnMut(&[Cow<'_, TenantPlan>]) -> std::io::Result<()>) -> std::io::Result<()> {
+                self.0.try_for_each_window(&mut |w| {
+                    self.1.set(self.1.get() + 1);
+                    f(w)
+                })
+            }
+        }
+        let entry = |i: usize, action: Action| {
+            let mut t = TenantPlan::unchanged(format!("t{i:05}"), format!("tenants/t{i:05}.toml"), 1, "d".into());
+            t.action = action;
+            t
+        };
+        // 50 unchanged, then 3 windows' worth of creates.
+        let tenants = (0..50)
+            .map(|i| entry(i, Action::Unchanged))
+            .chain((50..50 + 3 * WINDOW).map(|i| entry(i, Action::Create)));
+        let plan = Counted(Plan { tenants: tenants.collect() }, Default::default());
+        let n = Notification::applied("eu", None, &plan).unwrap();
+        assert_eq!(n.tenants.len(), MAX_TENANTS);
+        assert_eq!(n.tenants[0], ("t00050".to_string(), "create".to_string()));
+        assert_eq!(n.more_tenants, 3 * WINDOW - MAX_TENANTS);
+        assert_eq!(n.counts["created"], 3 * WINDOW);
+        assert_eq!(plan.1.get(), 1, "windows read");
+        let small = Notification::applied(
+            "eu",
+            None,
+            &Plan {
+                tenants: vec![entry(1, Action::Update), entry(2, Action::Unchanged)],
+            },
+        )
+        .unwrap();
+        assert_eq!((small.tenants.len(), small.more_tenants), (1, 0));
     }
 
     #[test]

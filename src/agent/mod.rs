@@ -298,7 +298,7 @@ fn announce(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, n: Notification) {
 
 /// What a successful sync of one source has to say: that it applied, and drift that changed.
 fn announce_success(ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, o: &sync::Outcome) {
-    if o.applied > 0 {
+    if o.applied > 0 && !ctx.notifier.is_empty() {
         match Notification::applied(source, o.header.commit.as_deref(), &o.entries()) {
             Ok(n) => announce(ctx, metrics, n),
             Err(e) => tracing::error!(source, error = %e, "reading back the created tenants' plans: no notification of this apply"),
