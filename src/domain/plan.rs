@@ -153,17 +153,22 @@ pub enum EffectiveFrom {
 /// platform default that readers fall back to (none when neither is set).
 pub fn annotate_embedding(plan: &mut Plan, desired: &[DesiredTenant], platform_default: Option<&str>) {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
-    for t in plan.tenants.iter_mut() {
+    for t in plan.tenants.iter_mut().filter(|t| shows_embedding(t.action)) {
         let own = by_id.get(t.tenant_id.as_str()).and_then(|d| d.embedding_endpoint.as_deref());
         t.annotate_embedding(own, platform_default);
     }
+}
+
+/// The entries that show the embedding endpoint: those whose config the plan writes or reports.
+fn shows_embedding(action: Action) -> bool {
+    matches!(action, Action::Create | Action::Update | Action::Conflict)
 }
 
 impl TenantPlan {
     /// The embedding endpoint that will serve this tenant, if the plan writes it: `own` (its
     /// file's), else the platform default.
     pub fn annotate_embedding(&mut self, own: Option<&str>, platform_default: Option<&str>) {
-        if !matches!(self.action, Action::Create | Action::Update | Action::Conflict) {
+        if !shows_embedding(self.action) {
             return;
         }
         self.embedding_endpoint = match (own, platform_default) {
