@@ -23,7 +23,7 @@ fn main() {
     // Rounds alternate the floor and the figure; on a shared 2-core machine one round can be a
     // third off the next, so the summary is the median of each.
     let rounds = env_count("FROSTBYTE_BENCH_ROUNDS", 5);
-    let (mut parses, mut decrypts, mut totals) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut parses, mut decrypts, mut totals, mut keeps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=rounds {
         let (snapshot, read) = time(|| {
             let mut s = source.snapshot(commit).unwrap();
@@ -40,22 +40,34 @@ fn main() {
             .collect();
         let (parsed, parse) = time(|| texts.par_iter().map(|(f, t)| sops::parse(*f, t).unwrap()).collect::<Vec<_>>());
         let (_, decrypt) = time(|| parsed.into_par_iter().for_each(|d| drop(sops::decrypt(d, &ctx.keys).unwrap())));
-        let (desired, total) = time(|| read_snapshot(snapshot, &ReadOptions::from_ctx(&ctx)));
+        // As the `validate` command reads: every problem, no document kept. A sync's read keeps
+        // the documents as well, shown beside it.
+        let checked_only = ReadOptions {
+            keep_documents: false,
+            ..ReadOptions::from_ctx(&ctx)
+        };
+        let copy = snapshot.clone();
+        let (desired, total) = time(|| read_snapshot(copy, &checked_only));
+        assert!(desired.issues.is_empty() && desired.files == n, "{:?}", desired.issues.first());
+        let (desired, kept) = time(|| read_snapshot(snapshot, &ReadOptions::from_ctx(&ctx)));
         assert!(desired.issues.is_empty() && desired.tenants.len() == n, "{:?}", desired.issues.first());
         println!("round {round}:");
         report("  read the tree at the commit (git)", read, n);
         report("  parse alone", parse, n);
         report("  decryption alone (data key + values + MAC)", decrypt, n);
         report("  validate: parse + decrypt + schema + checks", total, n);
+        report("  the same, keeping the documents (a sync's read)", kept, n);
         against("  validate against decryption alone", total, decrypt);
         parses.push(parse);
         decrypts.push(decrypt);
         totals.push(total);
+        keeps.push(kept);
     }
     println!("median of {rounds} rounds:");
     report("  parse alone", median(&mut parses), n);
     report("  decryption alone (data key + values + MAC)", median(&mut decrypts), n);
     report("  validate: parse + decrypt + schema + checks", median(&mut totals), n);
+    report("  the same, keeping the documents (a sync's read)", median(&mut keeps), n);
     against("  validate against decryption alone", median(&mut totals), median(&mut decrypts));
     let m = cli(repo.dir.path(), None, &["validate"]);
     println!(
