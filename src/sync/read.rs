@@ -185,74 +185,10 @@ fn collapse_configuration_problems(issues: &mut Vec<Issue>) {
 
 /// One file checked, or every problem found in it. No message carries a decrypted value.
 pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<Checked, Vec<Issue>> {
-    let err = |m: String| vec![Issue::new(&f.path, m)];
-    let bytes = match &f.body {
-        Body::Symlink => return Err(err("is a symbolic link; tenant files must be regular files".into())),
-        Body::TooLarge(n) => return Err(err(format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
-        Body::Bytes(b) => b,
-        Body::Unread(_) => return Err(err("was listed but not read (internal error)".into())),
-        Body::Refused(why) => return Err(err(why.clone())),
-    };
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        let at = e.valid_up_to();
-        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
-        vec![Issue::new(&f.path, format!("is not valid UTF-8 (first bad byte at offset {at})")).line(Some(line))]
-    })?;
-    let format = Format::from_path(&f.path).ok_or_else(|| err("has an unknown extension".into()))?;
-    let doc = sops::parse(format, text).map_err(|e| match e {
-        sops::SopsError::Parse { line, pointer: None, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
-        sops::SopsError::Parse {
-            line,
-            pointer: Some(pointer),
-            message,
-        } => {
-            let issue = Issue::new(&f.path, format!("refused: {message}")).line(line);
-            vec![if pointer.is_empty() { issue } else { issue.at(pointer) }]
-        }
-        other => err(other.to_string()),
-    })?;
-    let (value, secrets, recipients) = if sops::is_encrypted(&doc) && !opts.decrypt {
-        let (recipients, _) = sops::recipients_and_rules(&doc).map_err(|e| err(e.to_string()))?;
-        if recipients.is_empty() {
-            return Err(err("has no age recipients in its sops metadata".into()));
-        }
-        let mut value = doc;
-        value.as_object_mut().map(|m| m.shift_remove("sops"));
-        let mut secrets = SecretPaths::new();
-        encrypted_leaves(&value, "", &mut secrets);
-        // An encrypted tenant_id cannot be compared with the file name without the key.
-        if secrets.remove("/tenant_id") {
-            value["tenant_id"] = serde_json::Value::String(f.stem.clone());
-        }
-        (value, secrets, Some(recipients))
-    } else if sops::is_encrypted(&doc) {
-        let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
-            sops::SopsError::Value { ref pointer, .. } => {
-                vec![
-                    Issue::new(&f.path, e.to_string())
-                        .at(pointer.clone())
-                        .line(crate::domain::json::locate_line(text, pointer)),
-                ]
-            }
-            other => err(other.to_string()),
-        })?;
-        // tenant_id is the file's name: never a secret, whatever the encryption rules said.
-        let secrets: SecretPaths = d.encrypted.into_iter().filter(|p| p != "/tenant_id").collect();
-        (d.value, secrets, Some(d.recipients))
-    } else if opts.allow_plaintext {
-        (doc, SecretPaths::new(), None)
-    } else {
-        return Err(err(
-            "is not encrypted (no sops metadata); encrypt it with `frostbyte-gitops secrets encrypt`, or set allow_plaintext in dev mode".into(),
-        ));
-    };
-    let mut issues = Vec::new();
-    if let (true, Some(recipients), Some(own)) = (opts.require_tenant_recipient, &recipients, value.get("age_public_key").and_then(|v| v.as_str()))
-        && crate::domain::tenant::is_age_recipient(own)
-        && !recipients.iter().any(|r| r.trim() == own)
-    {
-        issues.push(Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")));
-    }
+    let text = body_text(f)?;
+    let doc = parse_file(f, text)?;
+    let Opened { value, secrets, recipients } = open_document(f, text, doc, opts)?;
+    let mut issues: Vec<Issue> = recipient_issue(f, opts, recipients.as_deref(), &value).into_iter().collect();
     let encrypted = (!opts.decrypt).then(|| secrets.clone());
     match check_document(&f.path, &f.stem, text, value, secrets) {
         Ok(t) if issues.is_empty() => Ok(t),
@@ -268,12 +204,115 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<Checked, Ve
                 });
             }
             issues.append(&mut more);
-            if issues.is_empty() {
-                return Err(vec![]);
-            }
             Err(issues)
         }
     }
+}
+
+fn one_issue(f: &SourceFile, message: String) -> Vec<Issue> {
+    vec![Issue::new(&f.path, message)]
+}
+
+/// The file's bytes as text, or why there are none to read.
+fn body_text(f: &SourceFile) -> Result<&str, Vec<Issue>> {
+    let bytes = match &f.body {
+        Body::Symlink => return Err(one_issue(f, "is a symbolic link; tenant files must be regular files".into())),
+        Body::TooLarge(n) => return Err(one_issue(f, format!("is {n} bytes; the limit is {} bytes", crate::source::MAX_FILE_BYTES))),
+        Body::Bytes(b) => b,
+        Body::Unread(_) => return Err(one_issue(f, "was listed but not read (internal error)".into())),
+        Body::Refused(why) => return Err(one_issue(f, why.clone())),
+    };
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        let line = bytes[..at].iter().filter(|b| **b == b'\n').count() + 1;
+        vec![Issue::new(&f.path, format!("is not valid UTF-8 (first bad byte at offset {at})")).line(Some(line))]
+    })
+}
+
+/// The file parsed in the format its extension names, bounded as `sops::parse` bounds it.
+fn parse_file(f: &SourceFile, text: &str) -> Result<serde_json::Value, Vec<Issue>> {
+    let format = Format::from_path(&f.path).ok_or_else(|| one_issue(f, "has an unknown extension".into()))?;
+    sops::parse(format, text).map_err(|e| match e {
+        sops::SopsError::Parse { line, pointer: None, message } => vec![Issue::new(&f.path, format!("cannot parse: {message}")).line(line)],
+        sops::SopsError::Parse {
+            line,
+            pointer: Some(pointer),
+            message,
+        } => {
+            let issue = Issue::new(&f.path, format!("refused: {message}")).line(line);
+            vec![if pointer.is_empty() { issue } else { issue.at(pointer) }]
+        }
+        other => one_issue(f, other.to_string()),
+    })
+}
+
+/// A parsed file made ready for the checks: decrypted, or (without the key) its encrypted
+/// values marked, or taken as it is where plaintext is allowed.
+struct Opened {
+    value: serde_json::Value,
+    secrets: SecretPaths,
+    recipients: Option<Vec<String>>,
+}
+
+fn open_document(f: &SourceFile, text: &str, doc: serde_json::Value, opts: &ReadOptions<'_>) -> Result<Opened, Vec<Issue>> {
+    let encrypted = sops::is_encrypted(&doc);
+    if encrypted && !opts.decrypt {
+        let (recipients, _) = sops::recipients_and_rules(&doc).map_err(|e| one_issue(f, e.to_string()))?;
+        if recipients.is_empty() {
+            return Err(one_issue(f, "has no age recipients in its sops metadata".into()));
+        }
+        let mut value = doc;
+        value.as_object_mut().map(|m| m.shift_remove("sops"));
+        let mut secrets = SecretPaths::new();
+        encrypted_leaves(&value, "", &mut secrets);
+        // An encrypted tenant_id cannot be compared with the file name without the key.
+        if secrets.remove("/tenant_id") {
+            value["tenant_id"] = serde_json::Value::String(f.stem.clone());
+        }
+        return Ok(Opened {
+            value,
+            secrets,
+            recipients: Some(recipients),
+        });
+    }
+    if encrypted {
+        let d = sops::decrypt(doc, opts.keys).map_err(|e| match e {
+            sops::SopsError::Value { ref pointer, .. } => {
+                vec![
+                    Issue::new(&f.path, e.to_string())
+                        .at(pointer.clone())
+                        .line(crate::domain::json::locate_line(text, pointer)),
+                ]
+            }
+            other => one_issue(f, other.to_string()),
+        })?;
+        // tenant_id is the file's name: never a secret, whatever the encryption rules said.
+        let secrets: SecretPaths = d.encrypted.into_iter().filter(|p| p != "/tenant_id").collect();
+        return Ok(Opened {
+            value: d.value,
+            secrets,
+            recipients: Some(d.recipients),
+        });
+    }
+    match opts.allow_plaintext {
+        true => Ok(Opened {
+            value: doc,
+            secrets: SecretPaths::new(),
+            recipients: None,
+        }),
+        false => Err(one_issue(
+            f,
+            "is not encrypted (no sops metadata); encrypt it with `frostbyte-gitops secrets encrypt`, or set allow_plaintext in dev mode".into(),
+        )),
+    }
+}
+
+/// With `require_tenant_recipient`, a file must be encrypted to its tenant's own age key.
+fn recipient_issue(f: &SourceFile, opts: &ReadOptions<'_>, recipients: Option<&[String]>, value: &serde_json::Value) -> Option<Issue> {
+    let own = value.get("age_public_key").and_then(|v| v.as_str())?;
+    let refused =
+        opts.require_tenant_recipient && crate::domain::tenant::is_age_recipient(own) && recipients.is_some_and(|rs| !rs.iter().any(|r| r.trim() == own));
+    refused.then(|| Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")))
 }
 
 /// Pointers of the values still encrypted (`ENC[...]` strings) in a document read without its key.
