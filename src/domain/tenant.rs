@@ -133,85 +133,22 @@ impl Checked {
 /// Checks a decrypted file, or says everything wrong with it. `text` is the file as committed,
 /// used only to find line numbers. No message quotes a secret value.
 pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: SecretPaths) -> Result<Checked, Vec<Issue>> {
-    let mut issues = Vec::new();
-    let line = |pointer: &str| json::locate_line(text, pointer);
-    let issue = |pointer: &str, message: String| Issue::new(file, message).at(pointer).line(line(pointer));
-
     let Value::Object(mut map) = doc else {
         return Err(vec![Issue::new(file, "the document must be a mapping at the top level")]);
     };
     if map.values().map(json::depth).max().unwrap_or(0) + 1 > MAX_DEPTH {
         return Err(vec![Issue::new(file, format!("nesting is deeper than {MAX_DEPTH} levels"))]);
     }
-
-    let tenant_id = match map.shift_remove("tenant_id") {
-        Some(Value::String(id)) => {
-            if !is_valid_tenant_id(&id) {
-                issues.push(issue(
-                    "/tenant_id",
-                    format!("tenant_id {id:?} is not a lowercase DNS label of 3 to 63 characters"),
-                ));
-            } else if id != stem {
-                issues.push(issue(
-                    "/tenant_id",
-                    format!("tenant_id {id:?} does not match the file name (expected {stem:?})"),
-                ));
-            }
-            id
-        }
-        Some(_) => {
-            issues.push(issue("/tenant_id", "tenant_id must be a string".into()));
-            stem.to_string()
-        }
-        None => {
-            issues.push(Issue::new(file, "missing required field tenant_id"));
-            stem.to_string()
-        }
-    };
-
-    match map.get("age_public_key") {
-        Some(Value::String(key)) if is_age_recipient(key) => {}
-        Some(Value::String(_)) if secrets.contains("/age_public_key") => {
-            issues.push(issue("/age_public_key", "age_public_key is not an age X25519 recipient (age1...)".into()))
-        }
-        Some(Value::String(key)) => issues.push(issue(
-            "/age_public_key",
-            format!("age_public_key {key:?} is not an age X25519 recipient (age1...)"),
-        )),
-        Some(_) => issues.push(issue("/age_public_key", "age_public_key must be a string".into())),
-        None => issues.push(Issue::new(file, "missing required field age_public_key")),
-    }
-    for field in ["endpoints", "config"] {
-        match map.get(field) {
-            Some(Value::Object(_)) => {}
-            Some(_) => issues.push(issue(&format!("/{field}"), format!("{field} must be a mapping"))),
-            None => issues.push(Issue::new(file, format!("missing required field {field}"))),
+    let at = Place { file, text };
+    let mut issues = Vec::new();
+    let tenant_id = take_tenant_id(&mut map, stem, &at, &mut issues);
+    field_issues(&map, &secrets, &at, &mut issues);
+    for (field, validator) in [("config", &*VALIDATOR), ("endpoints", &*ENDPOINTS_VALIDATOR)] {
+        if let Some(value) = map.get(field).filter(|v| v.is_object()) {
+            let found = schema_issues(validator, &format!("/{field}"), value, &secrets);
+            issues.extend(found.into_iter().map(|(pointer, message)| at.issue(&pointer, message)));
         }
     }
-    for key in map.keys() {
-        if !DOCUMENT_FIELDS.contains(&key.as_str()) {
-            let pointer = json::child("", key);
-            issues.push(issue(
-                &pointer,
-                format!("unknown top-level field {key:?} (allowed: tenant_id, {})", DOCUMENT_FIELDS.join(", ")),
-            ));
-        }
-    }
-    if let Some(config) = map.get("config").filter(|c| c.is_object()) {
-        issues.extend(
-            schema_issues(&VALIDATOR, "/config", config, &secrets)
-                .into_iter()
-                .map(|(pointer, message)| issue(&pointer, message)),
-        );
-    }
-    if let Some(endpoints) = map.get("endpoints").filter(|c| c.is_object()) {
-        issues.extend(
-            schema_issues(&ENDPOINTS_VALIDATOR, "/endpoints", endpoints, &secrets)
-                .into_iter()
-                .map(|(pointer, message)| issue(&pointer, message)),
-        );
-    }
-
     if !issues.is_empty() {
         return Err(issues);
     }
@@ -222,6 +159,66 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
             .collect::<Map<_, _>>(),
     );
     Ok(Checked { tenant_id, document, secrets })
+}
+
+/// Where a problem of a file is: the file, and its text to find a pointer's line in.
+struct Place<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Place<'_> {
+    fn issue(&self, pointer: &str, message: String) -> Issue {
+        Issue::new(self.file, message).at(pointer).line(json::locate_line(self.text, pointer))
+    }
+}
+
+/// The document's tenant_id, which must be the file's name; the name stands in when it is wrong.
+fn take_tenant_id(map: &mut Map<String, Value>, stem: &str, at: &Place<'_>, issues: &mut Vec<Issue>) -> String {
+    match map.shift_remove("tenant_id") {
+        Some(Value::String(id)) => {
+            if !is_valid_tenant_id(&id) {
+                issues.push(at.issue("/tenant_id", format!("tenant_id {id:?} is not a lowercase DNS label of 3 to 63 characters")));
+            } else if id != stem {
+                issues.push(at.issue("/tenant_id", format!("tenant_id {id:?} does not match the file name (expected {stem:?})")));
+            }
+            id
+        }
+        Some(_) => {
+            issues.push(at.issue("/tenant_id", "tenant_id must be a string".into()));
+            stem.to_string()
+        }
+        None => {
+            issues.push(Issue::new(at.file, "missing required field tenant_id"));
+            stem.to_string()
+        }
+    }
+}
+
+/// The top-level fields besides tenant_id: the age key's form, the required mappings, no others.
+fn field_issues(map: &Map<String, Value>, secrets: &SecretPaths, at: &Place<'_>, issues: &mut Vec<Issue>) {
+    match map.get("age_public_key") {
+        Some(Value::String(key)) if is_age_recipient(key) => {}
+        Some(Value::String(_)) if secrets.contains("/age_public_key") => {
+            issues.push(at.issue("/age_public_key", "age_public_key is not an age X25519 recipient (age1...)".into()))
+        }
+        Some(Value::String(key)) => issues.push(at.issue("/age_public_key", format!("age_public_key {key:?} is not an age X25519 recipient (age1...)"))),
+        Some(_) => issues.push(at.issue("/age_public_key", "age_public_key must be a string".into())),
+        None => issues.push(Issue::new(at.file, "missing required field age_public_key")),
+    }
+    for field in ["endpoints", "config"] {
+        match map.get(field) {
+            Some(Value::Object(_)) => {}
+            Some(_) => issues.push(at.issue(&format!("/{field}"), format!("{field} must be a mapping"))),
+            None => issues.push(Issue::new(at.file, format!("missing required field {field}"))),
+        }
+    }
+    for key in map.keys().filter(|k| !DOCUMENT_FIELDS.contains(&k.as_str())) {
+        issues.push(at.issue(
+            &json::child("", key),
+            format!("unknown top-level field {key:?} (allowed: tenant_id, {})", DOCUMENT_FIELDS.join(", ")),
+        ));
+    }
 }
 
 /// Schema problems of the value at `at` as (pointer into the document, message). Where the value
