@@ -142,7 +142,7 @@ pub(super) fn select(
     // Looked up only for rows nobody owns: when every row has its owner it is never built.
     let stems = std::cell::LazyCell::new(|| snapshot.files.iter().map(|f| (f.stem.as_str(), f.path.as_str())).collect::<BTreeMap<_, _>>());
     let mine = |r: &store::RowIndex| r.owned_file.is_some() || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
-    let mut index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
+    let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
     let owned = scope.prunes.then(|| {
         index
             .iter()
@@ -168,6 +168,26 @@ pub(super) fn select(
         });
     };
     let trusted = trusted_records(source, &index, last.expect("a last applied commit when there is a diff"))?;
+    let (read, unchanged, rows) = match_files(snapshot, index, changed, &trusted);
+    tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
+    Ok(Selection {
+        read: Some(read),
+        rows,
+        unchanged,
+        owned,
+        claims,
+    })
+}
+
+/// Each file against its row: unchanged when git did not change it since a trusted commit applied
+/// it and the row is as that apply left it; otherwise it is read. Gives the files to read, the
+/// unchanged rows, and the tenant ids of the rows left.
+fn match_files(
+    snapshot: &Snapshot,
+    mut index: Vec<store::RowIndex>,
+    changed: &BTreeSet<String>,
+    trusted: &BTreeSet<String>,
+) -> (BTreeSet<String>, Vec<Unchanged>, Vec<String>) {
     // Sorted and searched rather than put in a map: a no-op run of a large source does this for
     // every file. Files come in git's order, which is nearly always the stems' order, so the row
     // after the last one found is tried before a search.
@@ -201,7 +221,7 @@ pub(super) fn select(
         }
     }
     // Moved out once the searches are done (an emptied tenant_id would mislead them); a row taken
-    // here is left out of `rows` below.
+    // here is left out of the rows.
     let unchanged: Vec<Unchanged> = same_rows
         .into_iter()
         .map(|p| {
@@ -217,14 +237,7 @@ pub(super) fn select(
         })
         .collect();
     let rows = index.into_iter().zip(taken).filter(|(_, t)| !t).map(|(r, _)| r.tenant_id).collect();
-    tracing::debug!(decrypting = read.len(), unchanged = unchanged.len(), "incremental read");
-    Ok(Selection {
-        read: Some(read),
-        rows,
-        unchanged,
-        owned,
-        claims,
-    })
+    (read, unchanged, rows)
 }
 
 /// The files a run will most likely decode, known before the lock is taken and without the index:
