@@ -24,6 +24,7 @@ fn main() {
     // third off the next, so the summary is the median of each.
     let rounds = env_count("FROSTBYTE_BENCH_ROUNDS", 5);
     let (mut parses, mut decrypts, mut totals, mut keeps) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut decrypt_cpus, mut total_cpus) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
         let (snapshot, read) = time(|| {
             let mut s = source.snapshot(commit).unwrap();
@@ -39,7 +40,7 @@ fn main() {
             })
             .collect();
         let (parsed, parse) = time(|| texts.par_iter().map(|(f, t)| sops::parse(*f, t).unwrap()).collect::<Vec<_>>());
-        let (_, decrypt) = time(|| parsed.into_par_iter().for_each(|d| drop(sops::decrypt(d, &ctx.keys).unwrap())));
+        let (_, decrypt, decrypt_cpu) = time_cpu(|| parsed.into_par_iter().for_each(|d| drop(sops::decrypt(d, &ctx.keys).unwrap())));
         // As the `validate` command reads: every problem, no document kept. A sync's read keeps
         // the documents as well, shown beside it.
         let checked_only = ReadOptions {
@@ -47,7 +48,7 @@ fn main() {
             ..ReadOptions::from_ctx(&ctx)
         };
         let copy = snapshot.clone();
-        let (desired, total) = time(|| read_snapshot(copy, &checked_only));
+        let (desired, total, total_cpu) = time_cpu(|| read_snapshot(copy, &checked_only));
         assert!(desired.issues.is_empty() && desired.files == n, "{:?}", desired.issues.first());
         let (desired, kept) = time(|| read_snapshot(snapshot, &ReadOptions::from_ctx(&ctx)));
         assert!(desired.issues.is_empty() && desired.tenants.len() == n, "{:?}", desired.issues.first());
@@ -58,6 +59,9 @@ fn main() {
         report("  validate: parse + decrypt + schema + checks", total, n);
         report("  the same, keeping the documents (a sync's read)", kept, n);
         against("  validate against decryption alone", total, decrypt);
+        against("  the same in CPU time, all threads", total_cpu, decrypt_cpu);
+        decrypt_cpus.push(decrypt_cpu);
+        total_cpus.push(total_cpu);
         parses.push(parse);
         decrypts.push(decrypt);
         totals.push(total);
@@ -69,6 +73,7 @@ fn main() {
     report("  validate: parse + decrypt + schema + checks", median(&mut totals), n);
     report("  the same, keeping the documents (a sync's read)", median(&mut keeps), n);
     against("  validate against decryption alone", median(&mut totals), median(&mut decrypts));
+    against("  the same in CPU time, all threads", median(&mut total_cpus), median(&mut decrypt_cpus));
     let m = cli(repo.dir.path(), None, &["validate"]);
     println!(
         "{:<48} {:>9.1} ms   {:>9.0} files/s   peak RSS {:.0} MiB",

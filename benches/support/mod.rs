@@ -211,6 +211,22 @@ pub fn time<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     (v, start.elapsed())
 }
 
+/// As [`time`], with the CPU time the whole process spent meanwhile (user and system, all
+/// threads): unlike the wall time, it does not grow when other work on the machine takes the cores.
+pub fn time_cpu<T>(f: impl FnOnce() -> T) -> (T, Duration, Duration) {
+    let before = process_cpu();
+    let (v, wall) = time(f);
+    (v, wall, process_cpu().saturating_sub(before))
+}
+
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 pub fn report(label: &str, d: Duration, files: usize) {
     println!(
         "{label:<48} {:>9.1} ms   {:>9.0} files/s",
