@@ -328,7 +328,28 @@ fn tenant_text(out: &mut String, t: &TenantPlan, p: Paint, tense: Tense) {
     }
 }
 
+/// A plan as a pull-request comment: a summary, a table of the tenants it changes, and a folded
+/// diff for each, cut short (and saying so) to stay under [`MARKDOWN_LIMIT`].
 pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
+    let mut head = markdown_head(plan, header);
+    let shown: Vec<&TenantPlan> = plan
+        .tenants
+        .iter()
+        .filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty())
+        .collect();
+    if shown.is_empty() {
+        head.push_str("No changes.\n");
+        return head;
+    }
+    let blocks: Vec<String> = shown
+        .iter()
+        .filter(|t| !t.patch.is_empty() || !t.out_of_band.is_empty())
+        .map(|t| markdown_block(t))
+        .collect();
+    fit_markdown(head + &markdown_table(&shown) + "\n", &blocks)
+}
+
+fn markdown_head(plan: &Plan, header: &Header) -> String {
     let s = plan.summary();
     let mut head = String::new();
     let _ = writeln!(head, "### Frostbyte plan for {}\n", code_or_worktree(&header.commit));
@@ -342,17 +363,12 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
     if let Some(sig) = &header.signature {
         let _ = writeln!(head, "Signature: {}\n", md_cell(sig));
     }
-    let shown: Vec<&TenantPlan> = plan
-        .tenants
-        .iter()
-        .filter(|t| t.action != Action::Unchanged || !t.out_of_band.is_empty())
-        .collect();
-    if shown.is_empty() {
-        head.push_str("No changes.\n");
-        return head;
-    }
+    head
+}
+
+fn markdown_table(shown: &[&TenantPlan]) -> String {
     let mut table = String::from("| Tenant | Action | Version | File |\n|---|---|---|---|\n");
-    for t in &shown {
+    for t in shown {
         let action = match t.action {
             Action::Unchanged => "drift left (warn)",
             Action::Create => "create",
@@ -370,45 +386,49 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             t.file.as_deref().map(md_code).unwrap_or_default()
         );
     }
-    let mut blocks = Vec::new();
-    for t in shown.iter().filter(|t| !t.patch.is_empty() || !t.out_of_band.is_empty()) {
-        let mut b = String::new();
-        let what = match t.action {
-            Action::Create => "create",
-            Action::Update => "update",
-            Action::Conflict => "conflict: changed in git and outside git",
-            _ => "changed outside git",
-        };
-        let _ = writeln!(
-            b,
-            "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n\n```diff",
-            html(&t.tenant_id),
-            t.patch.len() + t.out_of_band.len()
-        );
-        if let Some(e) = &t.embedding_endpoint {
-            // Before the fence: inside it every line is a diff line.
-            b.insert_str(
-                b.rfind("\n\n```diff").unwrap_or(b.len()),
-                &format!("\n\nEmbedding endpoint: {}", md_cell(&effective(e))),
-            );
-        }
-        // Every line starts with its sign and holds no line break (op_lines escapes them), so no
-        // line of a file's making can close the fence.
-        for op in &t.patch {
-            op_lines(op, |sign, line| {
-                let _ = writeln!(b, "{sign} {line}");
-            });
-        }
-        for path in &t.out_of_band {
-            let _ = writeln!(b, "! {} (changed outside git)", text(path));
-        }
-        b.push_str("```\n\n</details>\n");
-        blocks.push(b);
+    table
+}
+
+/// One tenant's folded diff.
+fn markdown_block(t: &TenantPlan) -> String {
+    let mut b = String::new();
+    let what = match t.action {
+        Action::Create => "create",
+        Action::Update => "update",
+        Action::Conflict => "conflict: changed in git and outside git",
+        _ => "changed outside git",
+    };
+    let _ = write!(
+        b,
+        "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n",
+        html(&t.tenant_id),
+        t.patch.len() + t.out_of_band.len()
+    );
+    if let Some(e) = &t.embedding_endpoint {
+        // Before the fence: inside it every line is a diff line.
+        let _ = write!(b, "\nEmbedding endpoint: {}\n", md_cell(&effective(e)));
     }
-    let mut out = head + &table + "\n";
+    b.push_str("\n```diff\n");
+    // Every line starts with its sign and holds no line break (op_lines escapes them), so no
+    // line of a file's making can close the fence.
+    for op in &t.patch {
+        op_lines(op, |sign, line| {
+            let _ = writeln!(b, "{sign} {line}");
+        });
+    }
+    for path in &t.out_of_band {
+        let _ = writeln!(b, "! {} (changed outside git)", text(path));
+    }
+    b.push_str("```\n\n</details>\n");
+    b
+}
+
+/// `out` followed by as many of `blocks` as fit under [`MARKDOWN_LIMIT`], and a note of what was
+/// left out.
+fn fit_markdown(mut out: String, blocks: &[String]) -> String {
     let total = blocks.len();
+    let mut left_chars: usize = blocks.iter().map(String::len).sum();
     for (i, b) in blocks.iter().enumerate() {
-        let left_chars: usize = blocks[i..].iter().map(String::len).sum();
         let note = format!(
             "\n> **Plan cut short:** {} of {total} tenant blocks ({left_chars} characters) left out to stay under {MARKDOWN_LIMIT} characters. Run `frostbyte-gitops plan` for the whole plan.\n",
             total - i
@@ -424,6 +444,7 @@ pub fn plan_markdown(plan: &Plan, header: &Header) -> String {
             return out;
         }
         out.push_str(b);
+        left_chars -= b.len();
     }
     out
 }
@@ -808,5 +829,24 @@ Plan: 0 to create, 1 to update, 0 orphaned (0 unchanged).
         let small = plan_markdown(&big_plan(3), &Header::default());
         assert!(!small.contains("cut short"));
         assert_eq!(small.matches("<details>").count(), 3);
+    }
+
+    /// The embedding endpoint is said between a block's summary and its diff, outside the fence.
+    #[test]
+    fn markdown_says_the_embedding_endpoint_before_the_diff() {
+        let mut plan = big_plan(2);
+        plan.tenants[0].embedding_endpoint = Some(Effective {
+            value: "https://embed.example.com".into(),
+            from: EffectiveFrom::TenantFile,
+        });
+        let md = plan_markdown(&plan, &Header::default());
+        let block = |i: usize| md.split("<details>").nth(i + 1).expect("a block").to_string();
+        assert!(
+            block(0).contains("</summary>\n\nEmbedding endpoint: https://embed.example.com (from the tenant file)\n\n```diff\n~ "),
+            "{}",
+            block(0)
+        );
+        assert!(block(1).contains("</summary>\n\n```diff\n~ "), "{}", block(1));
+        assert!(!block(1).contains("Embedding"));
     }
 }
