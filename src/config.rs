@@ -1,6 +1,7 @@
 //! Configuration, resolved once at start-up: flag > environment > config file > default.
 
 use crate::source::RepoLocation;
+use crate::verify::VerifyMode;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -83,7 +84,7 @@ pub struct Config {
     pub webhook_token: Option<String>,
     /// Credentials for a remote repository.
     pub git_auth: crate::source::GitAuth,
-    pub verify_commits: crate::verify::VerifyMode,
+    pub verify_commits: VerifyMode,
     /// OpenSSH allowed_signers file of trusted commit signers.
     pub allowed_signers: Option<PathBuf>,
     /// Armored OpenPGP public keys of trusted commit signers.
@@ -526,7 +527,7 @@ pub fn is_source_name(name: &str) -> bool {
 /// What production mode refuses: plaintext files, and commit verification with no one to trust.
 /// (A missing database_url is refused where a database is needed, see sync::connect: in
 /// production, validate and plan --against-ref run without one.)
-fn production_errors(mode: Mode, allow_plaintext: bool, verify_commits: crate::verify::VerifyMode, has_signers: bool) -> Vec<String> {
+fn production_errors(mode: Mode, allow_plaintext: bool, verify_commits: VerifyMode, has_signers: bool) -> Vec<String> {
     let mut errors = Vec::new();
     if mode != Mode::Production {
         return errors;
@@ -534,7 +535,7 @@ fn production_errors(mode: Mode, allow_plaintext: bool, verify_commits: crate::v
     if allow_plaintext {
         errors.push("allow_plaintext cannot be used in production mode".into());
     }
-    if verify_commits != crate::verify::VerifyMode::Off && !has_signers {
+    if verify_commits != VerifyMode::Off && !has_signers {
         errors.push(format!(
             "verify_commits is {verify_commits} in production but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS), or verify_commits = \"off\""
         ));
@@ -568,6 +569,41 @@ fn file_table(file: Option<(&str, &str)>) -> Result<(toml::Table, Vec<String>), 
 /// Each setting's text and where it came from: a flag beats the environment, which beats the
 /// file, which beats the default.
 type Raw = BTreeMap<&'static str, (Option<String>, Origin)>;
+
+/// Reads settings out of [`Raw`], keeping every problem (named with where its value came from)
+/// so that all of them are said at once; a bad value reads as the fallback given.
+struct Reader<'a> {
+    raw: &'a Raw,
+    errors: Vec<String>,
+}
+
+impl Reader<'_> {
+    fn checked<T>(&mut self, name: &str, fallback: T, parse: impl FnOnce(Option<String>) -> Result<T, String>) -> T {
+        let (value, origin) = &self.raw[name];
+        parse(value.clone()).unwrap_or_else(|e| {
+            self.errors.push(format!("{name} (from {origin}): {e}"));
+            fallback
+        })
+    }
+
+    fn choice<T: Copy>(&mut self, name: &str, choices: &[(&str, T)], unset: T, fallback: T) -> T {
+        self.checked(name, fallback, |v| one_of(v.as_deref(), choices, unset))
+    }
+
+    fn flag(&mut self, name: &str) -> bool {
+        self.checked(name, false, |v| parse_bool(&v.unwrap_or_default()))
+    }
+
+    fn number(&mut self, name: &str, min: u64) -> u64 {
+        self.checked(name, min, |v| {
+            let v = v.unwrap_or_default();
+            u64::from_str(v.trim())
+                .ok()
+                .filter(|n| *n >= min)
+                .ok_or_else(|| format!("{v:?} is not a whole number >= {min}"))
+        })
+    }
+}
 
 fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &toml::Table) -> Raw {
     let mut raw = Raw::new();
@@ -643,59 +679,27 @@ impl Config {
     /// `env` looks up environment variables; `file` is the config file's path and text, if any;
     /// `home` locates the SOPS CLI's default key file. Every invalid setting is reported at once.
     pub fn resolve(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, file: Option<(&str, &str)>, home: Option<PathBuf>) -> Result<Config, String> {
-        let (table, mut errors) = file_table(file)?;
+        let (table, errors) = file_table(file)?;
         let raw = raw_settings(flags, env, &table);
+        let mut r = Reader { raw: &raw, errors };
         let get = |name: &str| raw[name].0.clone();
-        let origin = |name: &str| raw[name].1.clone();
-        let mut check = |name: &str, r: Result<(), String>| {
-            if let Err(e) = r {
-                errors.push(format!("{name} (from {}): {e}", origin(name)));
-            }
-        };
-
-        let mode = one_of(get("mode").as_deref(), &[("dev", Mode::Dev), ("production", Mode::Production)], Mode::Dev).unwrap_or_else(|e| {
-            check("mode", Err(e));
-            Mode::Dev
-        });
+        let mode = r.choice("mode", &[("dev", Mode::Dev), ("production", Mode::Production)], Mode::Dev, Mode::Dev);
         let log_unset = if mode == Mode::Production { LogFormat::Json } else { LogFormat::Text };
-        let log_format = one_of(get("log_format").as_deref(), &[("text", LogFormat::Text), ("json", LogFormat::Json)], log_unset).unwrap_or_else(|e| {
-            check("log_format", Err(e));
-            LogFormat::Text
-        });
+        let log_format = r.choice(
+            "log_format",
+            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            log_unset,
+            LogFormat::Text,
+        );
         let policies = [("correct", DriftPolicy::Correct), ("warn", DriftPolicy::Warn)];
-        let drift_policy = one_of(get("drift_policy").as_deref(), &policies, DriftPolicy::Correct).unwrap_or_else(|e| {
-            check("drift_policy", Err(e));
-            DriftPolicy::Correct
-        });
-        let mut bool_of = |name: &str| match parse_bool(&get(name).unwrap_or_default()) {
-            Ok(b) => b,
-            Err(e) => {
-                check(name, Err(e));
-                false
-            }
-        };
-        let allow_plaintext = bool_of("allow_plaintext");
-        let prune = bool_of("prune");
-        let require_tenant_recipient = bool_of("require_tenant_recipient");
-        let worktree = bool_of("worktree");
-        let mut num_of = |name: &str, min: u64| match u64::from_str(get(name).unwrap_or_default().trim()) {
-            Ok(n) if n >= min => n,
-            _ => {
-                check(name, Err(format!("{:?} is not a whole number >= {min}", get(name).unwrap_or_default())));
-                min
-            }
-        };
-        let interval_secs = num_of("interval", 1);
-        let full_resync_secs = num_of("full_resync_interval", 1);
-        let debounce_ms = num_of("debounce_ms", 0);
+        let drift_policy = r.choice("drift_policy", &policies, DriftPolicy::Correct, DriftPolicy::Correct);
+        let [allow_plaintext, prune, require_tenant_recipient, worktree] =
+            ["allow_plaintext", "prune", "require_tenant_recipient", "worktree"].map(|n| r.flag(n));
+        let interval_secs = r.number("interval", 1);
+        let full_resync_secs = r.number("full_resync_interval", 1);
+        let debounce_ms = r.number("debounce_ms", 0);
         let database_url = get("database_url");
-        let prune_max_fraction = match parse_fraction(&get("prune_max_fraction").unwrap_or_default()) {
-            Ok(f) => f,
-            Err(e) => {
-                errors.push(format!("prune_max_fraction (from {}): {e}", origin("prune_max_fraction")));
-                DEFAULT_PRUNE_MAX_FRACTION
-            }
-        };
+        let prune_max_fraction = r.checked("prune_max_fraction", DEFAULT_PRUNE_MAX_FRACTION, |v| parse_fraction(&v.unwrap_or_default()));
         let repo = RepoLocation::parse(&get("repo").unwrap_or_else(|| ".".into()));
         let implicit = SourceConfig {
             name: DEFAULT_SOURCE.into(),
@@ -708,46 +712,36 @@ impl Config {
         let sources = match table.get("sources") {
             None => vec![implicit],
             Some(v) => parse_sources(file.map_or("", |f| f.0), v, &implicit).unwrap_or_else(|mut e| {
-                errors.append(&mut e);
+                r.errors.append(&mut e);
                 vec![]
             }),
         };
-        let verify_commits = match get("verify_commits").as_deref() {
-            None if mode == Mode::Production => crate::verify::VerifyMode::Head,
-            None => crate::verify::VerifyMode::Off,
-            Some(v) => v.parse().unwrap_or_else(|e| {
-                errors.push(format!("verify_commits (from {}): {e}", origin("verify_commits")));
-                crate::verify::VerifyMode::Off
-            }),
-        };
+        let verify_unset = if mode == Mode::Production { VerifyMode::Head } else { VerifyMode::Off };
+        let verify_commits = r.checked("verify_commits", VerifyMode::Off, |v| v.map_or(Ok(verify_unset), |v| v.parse()));
         let has_signers = get("allowed_signers").is_some() || get("trusted_pgp_keys").is_some();
-        errors.extend(production_errors(mode, allow_plaintext, verify_commits, has_signers));
+        r.errors.extend(production_errors(mode, allow_plaintext, verify_commits, has_signers));
         let embedding_endpoint = get("embedding_endpoint");
-        if let Some(url) = &embedding_endpoint
-            && let Err(e) = check_endpoint(url, mode)
-        {
-            errors.push(format!("embedding_endpoint (from {}): {e}", origin("embedding_endpoint")));
+        if let Some(url) = &embedding_endpoint {
+            r.checked("embedding_endpoint", (), |_| check_endpoint(url, mode));
         }
         let webhook_token = webhook_token(&raw, env).unwrap_or_else(|e| {
-            errors.push(e);
+            r.errors.push(e);
             None
         });
-        let mut age_key_file = get("age_key_file").map(PathBuf::from);
-        let mut key_file_origin = origin("age_key_file");
-        if age_key_file.is_none() {
+        let (age_key_file, key_file_origin) = match (get("age_key_file"), home.map(|h| h.join(".config/sops/age/keys.txt"))) {
+            (Some(f), _) => (Some(PathBuf::from(f)), raw["age_key_file"].1.clone()),
             // The SOPS CLI's default location.
-            if let Some(default) = home.map(|h| h.join(".config/sops/age/keys.txt")).filter(|p| p.is_file()) {
-                age_key_file = Some(default);
-                key_file_origin = Origin::Default;
-            }
-        }
+            (None, Some(default)) if default.is_file() => (Some(default), Origin::Default),
+            (None, _) => (None, raw["age_key_file"].1.clone()),
+        };
         let notifications = match table.get("notifications") {
             None => vec![],
             Some(v) => parse_notifications(file.map_or("", |f| f.0), v, mode).unwrap_or_else(|mut e| {
-                errors.append(&mut e);
+                r.errors.append(&mut e);
                 vec![]
             }),
         };
+        let errors = r.errors;
         if !errors.is_empty() {
             return Err(errors.join("\n"));
         }
@@ -857,13 +851,23 @@ mod tests {
             ("FROSTBYTE_DRIFT_POLICY", "ignore"),
             ("FROSTBYTE_SYNC_INTERVAL", "soon"),
             ("FROSTBYTE_LOG_FORMAT", "yaml"),
+            ("FROSTBYTE_PRUNE", "maybe"),
+            ("FROSTBYTE_DEBOUNCE_MS", "-1"),
+            ("FROSTBYTE_PRUNE_MAX_FRACTION", "2"),
+            ("FROSTBYTE_VERIFY_COMMITS", "sometimes"),
+            ("FROSTBYTE_EMBEDDING_ENDPOINT", "ftp://embed.example.com"),
         ]);
         let err = Config::resolve(&Flags::default(), &env, Some(("f.toml", "colour = 1\n")), None).unwrap_err();
         for needle in [
             "mode (from env FROSTBYTE_MODE): \"prod\" is not dev or production",
             "drift_policy (from env FROSTBYTE_DRIFT_POLICY): \"ignore\" is not correct or warn",
             "log_format (from env FROSTBYTE_LOG_FORMAT): \"yaml\" is not text or json",
-            "interval",
+            "interval (from env FROSTBYTE_SYNC_INTERVAL): \"soon\" is not a whole number >= 1",
+            "debounce_ms (from env FROSTBYTE_DEBOUNCE_MS): \"-1\" is not a whole number >= 0",
+            "prune (from env FROSTBYTE_PRUNE): \"maybe\" is not a boolean",
+            "prune_max_fraction (from env FROSTBYTE_PRUNE_MAX_FRACTION): \"2\" is not a fraction in (0, 1]",
+            "verify_commits (from env FROSTBYTE_VERIFY_COMMITS): \"sometimes\" is not off, head or strict",
+            "embedding_endpoint (from env FROSTBYTE_EMBEDDING_ENDPOINT): not an https:// URL",
             "unknown setting \"colour\"",
         ] {
             assert!(err.contains(needle), "missing {needle:?} in {err}");
