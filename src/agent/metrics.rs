@@ -116,86 +116,61 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_sync_runs_total Sync runs by outcome.\n# TYPE frostbyte_sync_runs_total counter"
-        );
+        family(&mut o, "frostbyte_sync_runs_total", "counter", "Sync runs by outcome.");
         for outcome in RunOutcome::ALL {
             let _ = writeln!(o, "frostbyte_sync_runs_total{{outcome=\"{}\"}} {}", outcome.as_str(), self.runs(outcome));
         }
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_sync_duration_seconds Duration of sync runs.\n# TYPE frostbyte_sync_duration_seconds histogram"
-        );
+        family(&mut o, "frostbyte_sync_duration_seconds", "histogram", "Duration of sync runs.");
         for (i, le) in BUCKETS.iter().enumerate() {
             let _ = writeln!(o, "frostbyte_sync_duration_seconds_bucket{{le=\"{le}\"}} {}", self.buckets[i]);
         }
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}", self.duration_count);
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_sum {}", self.duration_sum);
         let _ = writeln!(o, "frostbyte_sync_duration_seconds_count {}", self.duration_count);
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_tenants_applied_total Tenant changes written.\n# TYPE frostbyte_tenants_applied_total counter"
+        one(
+            &mut o,
+            "frostbyte_tenants_applied_total",
+            "counter",
+            "Tenant changes written.",
+            self.tenants_applied,
         );
-        let _ = writeln!(o, "frostbyte_tenants_applied_total {}", self.tenants_applied);
         if let Some(t) = self.last_applied_commit_time {
-            let _ = writeln!(
-                o,
-                "# HELP frostbyte_last_applied_commit_timestamp_seconds Commit time of the revision the database is at.\n# TYPE frostbyte_last_applied_commit_timestamp_seconds gauge"
-            );
-            let _ = writeln!(o, "frostbyte_last_applied_commit_timestamp_seconds {t}");
+            let help = "Commit time of the revision the database is at.";
+            one(&mut o, "frostbyte_last_applied_commit_timestamp_seconds", "gauge", help, t);
         }
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_tenants Tenants by drift class, as of the last sync.\n# TYPE frostbyte_tenants gauge"
-        );
+        family(&mut o, "frostbyte_tenants", "gauge", "Tenants by drift class, as of the last sync.");
         for class in DriftClass::ALL {
-            let _ = writeln!(
-                o,
-                "frostbyte_tenants{{drift=\"{}\"}} {}",
-                class.as_str(),
-                self.drift.get(&class).copied().unwrap_or(0)
-            );
+            let n = self.drift.get(&class).copied().unwrap_or(0);
+            let _ = writeln!(o, "frostbyte_tenants{{drift=\"{}\"}} {n}", class.as_str());
         }
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_validation_errors Problems in the tenant files at the last sync.\n# TYPE frostbyte_validation_errors gauge"
-        );
-        let _ = writeln!(o, "frostbyte_validation_errors {}", self.validation_errors);
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_conflicts Tenants changed both in git and outside git, left alone (drift policy warn).\n# TYPE frostbyte_conflicts gauge"
-        );
-        let _ = writeln!(o, "frostbyte_conflicts {}", self.conflicts);
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_commit_refused 1 when the last sync was refused: its commit lacks a good signature by a trusted signer.\n# TYPE frostbyte_commit_refused gauge"
-        );
-        let _ = writeln!(o, "frostbyte_commit_refused {}", u8::from(self.commit_refused));
+        let help = "Problems in the tenant files at the last sync.";
+        one(&mut o, "frostbyte_validation_errors", "gauge", help, self.validation_errors);
+        let help = "Tenants changed both in git and outside git, left alone (drift policy warn).";
+        one(&mut o, "frostbyte_conflicts", "gauge", help, self.conflicts);
+        let help = "1 when the last sync was refused: its commit lacks a good signature by a trusted signer.";
+        one(&mut o, "frostbyte_commit_refused", "gauge", help, u8::from(self.commit_refused));
         if let Some(t) = self.last_full {
-            let _ = writeln!(
-                o,
-                "# HELP frostbyte_full_sync_age_seconds Seconds since the last full run (every file and row read) succeeded.\n# TYPE frostbyte_full_sync_age_seconds gauge"
+            let help = "Seconds since the last full run (every file and row read) succeeded.";
+            one(
+                &mut o,
+                "frostbyte_full_sync_age_seconds",
+                "gauge",
+                help,
+                format!("{:.3}", t.elapsed().as_secs_f64()),
             );
-            let _ = writeln!(o, "frostbyte_full_sync_age_seconds {:.3}", t.elapsed().as_secs_f64());
         }
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_leader 1 when this replica holds the apply lease.\n# TYPE frostbyte_leader gauge"
+        one(
+            &mut o,
+            "frostbyte_leader",
+            "gauge",
+            "1 when this replica holds the apply lease.",
+            u8::from(self.leader),
         );
-        let _ = writeln!(o, "frostbyte_leader {}", u8::from(self.leader));
         self.render_sources(&mut o);
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_notifications_total Notification deliveries by outcome.\n# TYPE frostbyte_notifications_total counter"
-        );
+        family(&mut o, "frostbyte_notifications_total", "counter", "Notification deliveries by outcome.");
         for outcome in NotificationOutcome::ALL {
-            let _ = writeln!(
-                o,
-                "frostbyte_notifications_total{{outcome=\"{}\"}} {}",
-                outcome.as_str(),
-                self.notifications.get(&outcome).copied().unwrap_or(0)
-            );
+            let n = self.notifications.get(&outcome).copied().unwrap_or(0);
+            let _ = writeln!(o, "frostbyte_notifications_total{{outcome=\"{}\"}} {n}", outcome.as_str());
         }
         o
     }
@@ -229,15 +204,13 @@ impl Metrics {
             ),
         ];
         for (name, kind, help, field) in families {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            family(o, name, kind, help);
             for (source, m) in &self.sources {
                 let _ = writeln!(o, "{name}{{source=\"{source}\"}} {}", field(m));
             }
         }
-        let _ = writeln!(
-            o,
-            "# HELP frostbyte_source_sync_runs_total Syncs of the source by this replica, by outcome.\n# TYPE frostbyte_source_sync_runs_total counter"
-        );
+        let help = "Syncs of the source by this replica, by outcome.";
+        family(o, "frostbyte_source_sync_runs_total", "counter", help);
         for (source, m) in &self.sources {
             let _ = writeln!(o, "frostbyte_source_sync_runs_total{{source=\"{source}\",outcome=\"success\"}} {}", m.runs_ok);
             let _ = writeln!(
@@ -247,6 +220,17 @@ impl Metrics {
             );
         }
     }
+}
+
+/// A metric family's HELP and TYPE lines.
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A family of one unlabelled sample.
+fn one(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(o, name, kind, help);
+    let _ = writeln!(o, "{name} {value}");
 }
 
 #[cfg(test)]
