@@ -295,7 +295,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     let mut round = 0;
     // Rounds until one holds the lock with every file it needs decoded; files are decoded
     // between rounds, outside the lock.
-    let mut locked = loop {
+    let locked = loop {
         round += 1;
         let last = attempts.verify(&**client).await?;
         if round == 1 {
@@ -313,43 +313,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
             ));
         }
     };
-    // Moved into the plan, unless the drift report after the apply needs them too.
-    let unchanged = match opts.want_drift {
-        true => locked.state.unchanged.clone(),
-        false => std::mem::take(&mut locked.state.unchanged),
-    };
-    let (mut fresh, to_create) = plan_run(ctx, src, &locked, &key, unchanged, &run, opts)?;
-    let mut spill = spill::Spill::default();
-    let applied = match run {
-        Run::Plan => 0,
-        _ => attempts.apply(&mut locked, &fresh, &to_create, opts, &mut spill).await?,
-    };
-    let Locked { tx, mut state, verified, .. } = locked;
-    // The creates were annotated as they were planned, while writing.
-    crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
-    let created = spill.finish().map_err(StoreError::Spill)?;
-    let drift_report = match opts.want_drift {
-        true => Some(drift_after(&tx, &mut state, applied, &key).await?),
-        false => None,
-    };
-    tx.commit().await.map_err(store::q("committing"))?;
-    if applied > 0 {
-        tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
-    }
-    Ok(Outcome {
-        header: Header {
-            commit: state.desired.commit.as_ref().map(|c| c.id.clone()),
-            against: "the database".into(),
-            signature: verified.describe(ctx.cfg.verify_commits),
-        },
-        plan: fresh,
-        created,
-        applied,
-        source: source.id,
-        source_name: src.name.clone(),
-        drift: drift_report,
-        commit_time: state.desired.commit.map(|c| c.time),
-    })
+    attempts.conclude(locked, opts).await
 }
 
 /// The revision a run reads: a saved plan's commit (refused if it was made for another source),
@@ -454,6 +418,51 @@ impl Attempts<'_> {
         }
         tx.rollback().await.map_err(store::q("rolling back"))?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
+    }
+
+    /// Under the lock: plans, applies unless `run` is `Plan`, reports drift when asked, and
+    /// commits.
+    async fn conclude(&self, mut locked: Locked<'_>, opts: RunOptions) -> Result<Outcome, SyncError> {
+        let Attempts {
+            ctx, src, source, run, key, ..
+        } = *self;
+        // Moved into the plan, unless the drift report after the apply needs them too.
+        let unchanged = match opts.want_drift {
+            true => locked.state.unchanged.clone(),
+            false => std::mem::take(&mut locked.state.unchanged),
+        };
+        let (mut fresh, to_create) = plan_run(ctx, src, &locked, key, unchanged, run, opts)?;
+        let mut spill = spill::Spill::default();
+        let applied = match run {
+            Run::Plan => 0,
+            _ => self.apply(&mut locked, &fresh, &to_create, opts, &mut spill).await?,
+        };
+        let Locked { tx, mut state, verified, .. } = locked;
+        // The creates were annotated as they were planned, while writing.
+        crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
+        let created = spill.finish().map_err(StoreError::Spill)?;
+        let drift_report = match opts.want_drift {
+            true => Some(drift_after(&tx, &mut state, applied, key).await?),
+            false => None,
+        };
+        tx.commit().await.map_err(store::q("committing"))?;
+        if applied > 0 {
+            tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
+        }
+        Ok(Outcome {
+            header: Header {
+                commit: state.desired.commit.as_ref().map(|c| c.id.clone()),
+                against: "the database".into(),
+                signature: verified.describe(ctx.cfg.verify_commits),
+            },
+            plan: fresh,
+            created,
+            applied,
+            source: source.id.clone(),
+            source_name: src.name.clone(),
+            drift: drift_report,
+            commit_time: state.desired.commit.map(|c| c.time),
+        })
     }
 
     /// Applies `fresh` and creates the tenants at `to_create` in the locked transaction; the
