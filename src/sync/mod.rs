@@ -685,56 +685,8 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
         });
     }
     let base_commit = source.resolve(Some(base_rev))?;
-    let base = match source.snapshot(base_commit) {
-        Ok(s) => decode_from(&source, s, &ReadOptions::from_ctx(ctx), None)?,
-        // A base without the tenant directory (the PR adds it) has no tenants.
-        Err(SourceError::NoTenantDir { .. }) => Desired {
-            commit: None,
-            tenants: vec![],
-            issues: vec![],
-            files: 0,
-        },
-        Err(e) => return Err(e.into()),
-    };
-    if !base.issues.is_empty() {
-        tracing::warn!(
-            problems = base.issues.len(),
-            "some tenant files at the base revision are invalid; they are compared as absent"
-        );
-    }
-    let actual: Vec<ActualTenant> = base
-        .tenants
-        .into_iter()
-        .map(|t| ActualTenant {
-            tenant_id: t.tenant_id,
-            state: String::new(),
-            config_version: 0,
-            document: t.document,
-            applied: None,
-            known_secrets: std::sync::Arc::unwrap_or_clone(t.secrets),
-            updated_at: None,
-        })
-        .collect();
-    // Digests never leave this process here, so any key will do.
-    let mut p = plan(
-        &desired.tenants,
-        &actual,
-        PlanOptions {
-            key: &[0; 32],
-            correct_drift: true,
-        },
-    );
-    crate::domain::plan::annotate_embedding(&mut p, &desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
-    for t in &mut p.tenants {
-        t.current_version = None;
-        t.next_version = None;
-        t.desired_digest = None;
-        t.actual_digest = None;
-        if t.action == Action::Orphaned {
-            // Deleted in this revision: reported, never deleted from the database.
-            t.file = None;
-        }
-    }
+    let actual = tenants_at(ctx, &source, base_commit)?;
+    let p = plan_between_revisions(&desired.tenants, &actual, ctx.cfg.embedding_endpoint.as_deref());
     // Would the merge pass verification? In strict mode, every commit since the base.
     let base = CommitId::parse(&base_commit.to_string());
     let signature = match desired.commit.as_ref().and_then(|c| CommitId::parse(&c.id)) {
@@ -750,6 +702,58 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
         signature,
     };
     Ok((header, p))
+}
+
+/// The tenants at a base revision, as rows to plan against; its invalid files count as absent.
+fn tenants_at(ctx: &Ctx, source: &Source, base_commit: git2::Oid) -> Result<Vec<ActualTenant>, SyncError> {
+    let base = match source.snapshot(base_commit) {
+        Ok(s) => decode_from(source, s, &ReadOptions::from_ctx(ctx), None)?,
+        // A base without the tenant directory (the PR adds it) has no tenants.
+        Err(SourceError::NoTenantDir { .. }) => return Ok(vec![]),
+        Err(e) => return Err(e.into()),
+    };
+    if !base.issues.is_empty() {
+        tracing::warn!(
+            problems = base.issues.len(),
+            "some tenant files at the base revision are invalid; they are compared as absent"
+        );
+    }
+    Ok(base
+        .tenants
+        .into_iter()
+        .map(|t| ActualTenant {
+            tenant_id: t.tenant_id,
+            state: String::new(),
+            config_version: 0,
+            document: t.document,
+            applied: None,
+            known_secrets: std::sync::Arc::unwrap_or_clone(t.secrets),
+            updated_at: None,
+        })
+        .collect())
+}
+
+/// What merging would change: a plan between two revisions, without the versions and digests
+/// that only a database has.
+fn plan_between_revisions(desired: &[DesiredTenant], actual: &[ActualTenant], embedding_default: Option<&str>) -> Plan {
+    // Digests never leave this process here, so any key will do.
+    let options = PlanOptions {
+        key: &[0; 32],
+        correct_drift: true,
+    };
+    let mut p = plan(desired, actual, options);
+    crate::domain::plan::annotate_embedding(&mut p, desired, embedding_default);
+    for t in &mut p.tenants {
+        t.current_version = None;
+        t.next_version = None;
+        t.desired_digest = None;
+        t.actual_digest = None;
+        if t.action == Action::Orphaned {
+            // Deleted in this revision: reported, never deleted from the database.
+            t.file = None;
+        }
+    }
+    p
 }
 
 /// The drift report for the configured revision.
