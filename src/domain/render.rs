@@ -398,9 +398,9 @@ fn markdown_block(t: &TenantPlan) -> String {
         Action::Conflict => "conflict: changed in git and outside git",
         _ => "changed outside git",
     };
-    let _ = write!(
+    let _ = writeln!(
         b,
-        "<details><summary><code>{}</code>: {what}, {} change(s)</summary>\n",
+        "<details><summary><code>{}</code>: {what}, {} change(s)</summary>",
         html(&t.tenant_id),
         t.patch.len() + t.out_of_band.len()
     );
