@@ -143,9 +143,9 @@ pub fn check_document(file: &str, stem: &str, text: &str, doc: Value, secrets: S
     let mut issues = Vec::new();
     let tenant_id = take_tenant_id(&mut map, stem, &at, &mut issues);
     field_issues(&map, &secrets, &at, &mut issues);
-    for (field, validator) in [("config", &*VALIDATOR), ("endpoints", &*ENDPOINTS_VALIDATOR)] {
+    for (field, pointer, validator) in [("config", "/config", &*VALIDATOR), ("endpoints", "/endpoints", &*ENDPOINTS_VALIDATOR)] {
         if let Some(value) = map.get(field).filter(|v| v.is_object()) {
-            let found = schema_issues(validator, &format!("/{field}"), value, &secrets);
+            let found = schema_issues(validator, pointer, value, &secrets);
             issues.extend(found.into_iter().map(|(pointer, message)| at.issue(&pointer, message)));
         }
     }
