@@ -188,7 +188,7 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<Checked, Ve
     let text = body_text(f)?;
     let doc = parse_file(f, text)?;
     let Opened { value, secrets, recipients } = open_document(f, text, doc, opts)?;
-    let mut issues: Vec<Issue> = recipient_issue(f, opts, recipients.as_deref(), &value).into_iter().collect();
+    let mut issues: Vec<Issue> = recipient_issue(f, opts, recipients.as_deref(), &value, &secrets).into_iter().collect();
     let encrypted = (!opts.decrypt).then(|| secrets.clone());
     match check_document(&f.path, &f.stem, text, value, secrets) {
         Ok(t) if issues.is_empty() => Ok(t),
@@ -307,12 +307,17 @@ fn open_document(f: &SourceFile, text: &str, doc: serde_json::Value, opts: &Read
     }
 }
 
-/// With `require_tenant_recipient`, a file must be encrypted to its tenant's own age key.
-fn recipient_issue(f: &SourceFile, opts: &ReadOptions<'_>, recipients: Option<&[String]>, value: &serde_json::Value) -> Option<Issue> {
+/// With `require_tenant_recipient`, a file must be encrypted to its tenant's own age key. The
+/// key is named only when the file holds it in the clear.
+fn recipient_issue(f: &SourceFile, opts: &ReadOptions<'_>, recipients: Option<&[String]>, value: &serde_json::Value, secrets: &SecretPaths) -> Option<Issue> {
     let own = value.get("age_public_key").and_then(|v| v.as_str())?;
     let refused =
         opts.require_tenant_recipient && crate::domain::tenant::is_age_recipient(own) && recipients.is_some_and(|rs| !rs.iter().any(|r| r.trim() == own));
-    refused.then(|| Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key {own} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")))
+    let shown = match secrets.contains("/age_public_key") {
+        true => String::new(),
+        false => format!(" {own}"),
+    };
+    refused.then(|| Issue::new(&f.path, format!("is not encrypted to the tenant's own age_public_key{shown} (re-encrypt with `frostbyte-gitops secrets updatekeys`, or set require_tenant_recipient = false)")))
 }
 
 /// Pointers of the values still encrypted (`ENC[...]` strings) in a document read without its key.
@@ -350,4 +355,43 @@ pub fn validate(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, 
     };
     let snapshot = snapshot_of(source, src.git_ref.as_deref(), worktree)?;
     Ok(decode_from(source, snapshot, &opts, None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file not encrypted to its tenant's key is refused; the key is quoted only when the file
+    /// holds it in the clear, never once decrypted.
+    #[test]
+    fn the_recipient_problem_names_the_key_only_when_it_is_not_a_secret() {
+        let own = "age1mx37mncarh87w9uvcrtyy72nlmrx0r426tgmy09f32qkqtwtw58s7uxngf";
+        let f = SourceFile {
+            path: "tenants/acme.json".into(),
+            stem: "acme".into(),
+            body: Body::Bytes(vec![]),
+        };
+        let keys = AgeKeys::default();
+        let opts = ReadOptions {
+            keys: &keys,
+            decrypt: true,
+            allow_plaintext: false,
+            require_tenant_recipient: true,
+            progress: false,
+            keep_documents: false,
+        };
+        let value = serde_json::json!({"age_public_key": own});
+        let others = ["age1someoneelse".to_string()];
+        let clear = recipient_issue(&f, &opts, Some(&others), &value, &SecretPaths::new()).expect("refused");
+        assert!(clear.message.contains(own), "{}", clear.message);
+        let secret: SecretPaths = ["/age_public_key".to_string()].into();
+        let hidden = recipient_issue(&f, &opts, Some(&others), &value, &secret).expect("refused");
+        assert!(!hidden.message.contains(own), "{}", hidden.message);
+        assert!(
+            hidden.message.contains("is not encrypted to the tenant's own age_public_key ("),
+            "{}",
+            hidden.message
+        );
+        assert!(recipient_issue(&f, &opts, Some(&[own.to_string()]), &value, &secret).is_none());
+    }
 }
