@@ -682,8 +682,19 @@ pub async fn apply(
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
     let written: Vec<&DesiredTenant> = changes.iter().map(Change::desired).collect();
-    write::changes(tx, changes, ctx, created).await?;
-    claim(tx, &written, ctx).await?;
+    // The claim first: a tenant another source owns fails the run before any row is written, and
+    // the server records the owners while the first chunk of writes is being built.
+    let statements = match changes.is_empty() {
+        true => None,
+        false => Some(write::Statements::prepare(tx).await?),
+    };
+    let writes = async {
+        match &statements {
+            Some(st) => write::changes(tx, st, changes, ctx, created).await,
+            None => Ok(()),
+        }
+    };
+    futures_util::try_join!(claim(tx, &written, ctx), writes)?;
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
@@ -751,24 +762,39 @@ async fn claim(tx: &Transaction<'_>, written: &[&DesiredTenant], ctx: &ApplyCont
     if ids.is_empty() {
         return Ok(());
     }
-    tx.execute(
-        "INSERT INTO gitops_owners (tenant_id, source, source_name, file_path)
-         SELECT u.id, $3, $4, u.file FROM unnest($1::text[], $2::text[]) AS u(id, file)
-         ON CONFLICT (tenant_id) DO UPDATE SET file_path = EXCLUDED.file_path, source_name = EXCLUDED.source_name
-          WHERE gitops_owners.source = EXCLUDED.source
-            AND (gitops_owners.file_path, gitops_owners.source_name) IS DISTINCT FROM (EXCLUDED.file_path, EXCLUDED.source_name)",
-        &[&ids, &files, &ctx.source, &ctx.source_name],
-    )
-    .await
-    .map_err(q("recording which source owns each tenant"))?;
-    if let Some(row) = tx
-        .query_opt(
-            "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1",
-            &[&ids, &ctx.source],
+    use tokio_postgres::types::{ToSql, Type};
+    // Both statements go out when this is first polled, ahead of the run's first chunk of writes
+    // (the caller polls this first), and the check runs after the insert: it sees what the
+    // insert left with another source, and neither meets a transaction a failed write aborted.
+    let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
+        (&ids, Type::TEXT_ARRAY),
+        (&files, Type::TEXT_ARRAY),
+        (&ctx.source, Type::TEXT),
+        (&ctx.source_name, Type::TEXT),
+    ];
+    let check_params: [(&(dyn ToSql + Sync), Type); 2] = [(&ids, Type::TEXT_ARRAY), (&ctx.source, Type::TEXT)];
+    let record = async {
+        tx.query_typed(
+            "INSERT INTO gitops_owners (tenant_id, source, source_name, file_path)
+             SELECT u.id, $3, $4, u.file FROM unnest($1::text[], $2::text[]) AS u(id, file)
+             ON CONFLICT (tenant_id) DO UPDATE SET file_path = EXCLUDED.file_path, source_name = EXCLUDED.source_name
+              WHERE gitops_owners.source = EXCLUDED.source
+                AND (gitops_owners.file_path, gitops_owners.source_name) IS DISTINCT FROM (EXCLUDED.file_path, EXCLUDED.source_name)",
+            &record_params,
         )
         .await
-        .map_err(q("checking ownership"))?
-    {
+        .map_err(q("recording which source owns each tenant"))
+    };
+    let check = async {
+        tx.query_typed_opt(
+            "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1",
+            &check_params,
+        )
+        .await
+        .map_err(q("checking ownership"))
+    };
+    let (_, owned) = futures_util::try_join!(record, check)?;
+    if let Some(row) = owned {
         let (tenant, owner): (String, String) = (row.get(0), row.get(1));
         return Err(StoreError::Conflict {
             tenant,

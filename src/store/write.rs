@@ -15,22 +15,27 @@ use tokio_postgres::{Statement, Transaction};
 /// tenant at once would hold all of them twice over.
 const CHUNK: usize = 500;
 
-/// Inserts and updates the rows of `changes` with their audit events and applied records; the
-/// plans of the creates it made go to `created`.
-pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &ApplyContext<'_>, created: &mut dyn CreatedSink) -> Result<(), StoreError> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let statements = &Statements::prepare(tx).await?;
+/// Inserts and updates the rows of `changes` (not empty) with their audit events and applied
+/// records; the plans of the creates it made go to `created`.
+pub async fn changes(
+    tx: &Transaction<'_>,
+    statements: &Statements,
+    changes: Vec<Change<'_>>,
+    ctx: &ApplyContext<'_>,
+    created: &mut dyn CreatedSink,
+) -> Result<(), StoreError> {
     let mut changes = changes.into_iter().peekable();
     let chunks = std::iter::from_fn(move || changes.peek().is_some().then(|| changes.by_ref().take(CHUNK).collect::<Vec<_>>()));
     // Two chunks in flight: while the server writes one, the next is planned and built (on rayon's
     // threads, not the runtime's worker, so that the connection's task keeps reading replies, and
     // where the documents were decoded, so that their memory returns to those threads' arenas)
-    // and sent behind it.
+    // and sent behind it. A chunk is built when its future is first polled, so the first chunk
+    // is on its way before the second is built.
     futures_util::stream::iter(chunks)
-        .map(|chunk| crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx))))
-        .map(|rows| async move { rows.write(tx, statements).await.map(|()| rows.created) })
+        .map(|chunk| async move {
+            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx)));
+            rows.write(tx, statements).await.map(|()| rows.created)
+        })
         .buffered(2)
         .try_fold(created, |created, chunk| async move {
             created.take(chunk).map_err(StoreError::Spill)?;
@@ -40,7 +45,7 @@ pub async fn changes(tx: &Transaction<'_>, changes: Vec<Change<'_>>, ctx: &Apply
         .map(|_| ())
 }
 
-struct Statements {
+pub struct Statements {
     create: Statement,
     update: Statement,
     emit: Statement,
@@ -48,7 +53,7 @@ struct Statements {
 }
 
 impl Statements {
-    async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
+    pub async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
         let p = |sql| async move { tx.prepare(sql).await.map_err(q("preparing the writes")) };
         let (create, update, emit, applied) = futures_util::try_join!(p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD))?;
         Ok(Statements { create, update, emit, applied })
