@@ -12,7 +12,8 @@ fn hidden(c: char) -> bool {
 
 /// For a terminal or a log: hidden characters as `\u{..}`.
 pub fn text(s: &str) -> Cow<'_, str> {
-    if !s.chars().any(hidden) {
+    // Printable ASCII, nearly everything printed, is told by its bytes without decoding them.
+    if s.bytes().all(|b| matches!(b, 0x20..=0x7e)) || !s.chars().any(hidden) {
         return Cow::Borrowed(s);
     }
     Cow::Owned(
@@ -52,6 +53,9 @@ mod tests {
     fn terminal_text_loses_its_escapes_and_line_breaks() {
         assert_eq!(text("plain"), "plain");
         assert_eq!(text("a\x1b[2Jb\nc\u{202e}d"), "a\\u{1b}[2Jb\\u{a}c\\u{202e}d");
+        assert_eq!(text("tab\there"), "tab\\u{9}here");
+        assert_eq!(text("del\x7f"), "del\\u{7f}");
+        assert_eq!(text("naïve ~"), "naïve ~");
     }
 
     #[test]
