@@ -395,31 +395,13 @@ fn real_main(cli: Cli) -> Result<u8> {
     let _ = JSON_VERSION.set(cli.global.json_format_version);
     let cfg = resolve_config(&cli.global)?;
     init_logging(&cfg);
-    if let Cmd::Config = cli.cmd {
-        print!("{}", cfg.render());
-        return Ok(EXIT_OK);
-    }
-    if let Cmd::Db { cmd } = &cli.cmd {
-        let dir = cfg.data_dir.join("pgdata");
-        return match cmd {
-            DbCmd::Start => {
-                // The same path `sync` takes: the cluster, then the database in it.
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .context("starting the async runtime")?;
-                let mut local = cfg.clone();
-                local.database_url = None;
-                local.mode = frostbyte_gitops::config::Mode::Dev;
-                let db = rt.block_on(sync::connect(&local))?;
-                println!("{}", db.url);
-                Ok(EXIT_OK)
-            }
-            DbCmd::Stop => {
-                localpg::stop(&dir)?;
-                Ok(EXIT_OK)
-            }
-        };
+    match &cli.cmd {
+        Cmd::Config => {
+            print!("{}", cfg.render());
+            return Ok(EXIT_OK);
+        }
+        Cmd::Db { cmd } => return db_command(&cfg, cmd),
+        _ => {}
     }
     let keys = load_keys(&cfg)?;
     match &cli.cmd {
@@ -431,16 +413,7 @@ fn real_main(cli: Cli) -> Result<u8> {
                 format,
                 dir,
             },
-        } => {
-            let dir = match dir {
-                Some(dir) => dir.clone(),
-                None => local_tenant_dir(&cfg)?,
-            };
-            let path = dir.join(format!("{tenant_id}.{format}"));
-            files::new_tenant(&path, tenant_id, age_public_key)?;
-            println!("Wrote {}", path.display());
-            return Ok(EXIT_OK);
-        }
+        } => return new_tenant(&cfg, tenant_id, age_public_key, format, dir.as_ref()),
         _ => {}
     }
     // Keys are in hand before any thread starts; nothing reads them from the environment later.
@@ -448,19 +421,7 @@ fn real_main(cli: Cli) -> Result<u8> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let progress = matches!(
-        &cli.cmd,
-        Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
-    );
-    let signers = load_signers(&cfg)?;
-    let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&cfg.notifications)?);
-    let ctx = Ctx {
-        cfg,
-        keys,
-        signers,
-        progress,
-        notifier,
-    };
+    let ctx = context(cfg, keys, &cli.cmd)?;
     if let Cmd::Run = cli.cmd {
         return rt.block_on(async {
             let db = sync::connect(&ctx.cfg).await?;
@@ -469,6 +430,54 @@ fn real_main(cli: Cli) -> Result<u8> {
         });
     }
     rt.block_on(dispatch(&ctx, cli.cmd, cli.global.source.as_deref()))
+}
+
+/// What every command that reads tenants shares: the settings, the keys, the signers it trusts
+/// and where it reports.
+fn context(cfg: Config, keys: AgeKeys, cmd: &Cmd) -> Result<Ctx> {
+    let progress = matches!(
+        cmd,
+        Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
+    );
+    let signers = load_signers(&cfg)?;
+    let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&cfg.notifications)?);
+    Ok(Ctx {
+        cfg,
+        keys,
+        signers,
+        progress,
+        notifier,
+    })
+}
+
+fn db_command(cfg: &Config, cmd: &DbCmd) -> Result<u8> {
+    match cmd {
+        DbCmd::Start => {
+            // The same path `sync` takes: the cluster, then the database in it.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let mut local = cfg.clone();
+            local.database_url = None;
+            local.mode = frostbyte_gitops::config::Mode::Dev;
+            let db = rt.block_on(sync::connect(&local))?;
+            println!("{}", db.url);
+        }
+        DbCmd::Stop => localpg::stop(&cfg.data_dir.join("pgdata"))?,
+    }
+    Ok(EXIT_OK)
+}
+
+fn new_tenant(cfg: &Config, tenant_id: &str, age_public_key: &str, format: &str, dir: Option<&PathBuf>) -> Result<u8> {
+    let dir = match dir {
+        Some(dir) => dir.clone(),
+        None => local_tenant_dir(cfg)?,
+    };
+    let path = dir.join(format!("{tenant_id}.{format}"));
+    files::new_tenant(&path, tenant_id, age_public_key)?;
+    println!("Wrote {}", path.display());
+    Ok(EXIT_OK)
 }
 
 /// The JSON format version asked for with --json-format-version.
