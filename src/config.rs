@@ -594,6 +594,14 @@ impl Reader<'_> {
         self.checked(name, false, |v| parse_bool(&v.unwrap_or_default()))
     }
 
+    /// A list from the settings file, or none with its problems kept.
+    fn all<T>(&mut self, parsed: Result<Vec<T>, Vec<String>>) -> Vec<T> {
+        parsed.unwrap_or_else(|mut e| {
+            self.errors.append(&mut e);
+            vec![]
+        })
+    }
+
     fn number(&mut self, name: &str, min: u64) -> u64 {
         self.checked(name, min, |v| {
             let v = v.unwrap_or_default();
@@ -602,6 +610,17 @@ impl Reader<'_> {
                 .filter(|n| *n >= min)
                 .ok_or_else(|| format!("{v:?} is not a whole number >= {min}"))
         })
+    }
+}
+
+/// The age key file and where it was named; unset, the SOPS CLI's default location when a file
+/// is there.
+fn age_key_file(raw: &Raw, home: Option<PathBuf>) -> (Option<PathBuf>, Origin) {
+    let (given, origin) = &raw["age_key_file"];
+    match (given, home.map(|h| h.join(".config/sops/age/keys.txt"))) {
+        (Some(f), _) => (Some(PathBuf::from(f)), origin.clone()),
+        (None, Some(default)) if default.is_file() => (Some(default), Origin::Default),
+        (None, _) => (None, origin.clone()),
     }
 }
 
@@ -711,10 +730,7 @@ impl Config {
         };
         let sources = match table.get("sources") {
             None => vec![implicit],
-            Some(v) => parse_sources(file.map_or("", |f| f.0), v, &implicit).unwrap_or_else(|mut e| {
-                r.errors.append(&mut e);
-                vec![]
-            }),
+            Some(v) => r.all(parse_sources(file.map_or("", |f| f.0), v, &implicit)),
         };
         let verify_unset = if mode == Mode::Production { VerifyMode::Head } else { VerifyMode::Off };
         let verify_commits = r.checked("verify_commits", VerifyMode::Off, |v| v.map_or(Ok(verify_unset), |v| v.parse()));
@@ -728,18 +744,10 @@ impl Config {
             r.errors.push(e);
             None
         });
-        let (age_key_file, key_file_origin) = match (get("age_key_file"), home.map(|h| h.join(".config/sops/age/keys.txt"))) {
-            (Some(f), _) => (Some(PathBuf::from(f)), raw["age_key_file"].1.clone()),
-            // The SOPS CLI's default location.
-            (None, Some(default)) if default.is_file() => (Some(default), Origin::Default),
-            (None, _) => (None, raw["age_key_file"].1.clone()),
-        };
+        let (age_key_file, key_file_origin) = age_key_file(&raw, home);
         let notifications = match table.get("notifications") {
             None => vec![],
-            Some(v) => parse_notifications(file.map_or("", |f| f.0), v, mode).unwrap_or_else(|mut e| {
-                r.errors.append(&mut e);
-                vec![]
-            }),
+            Some(v) => r.all(parse_notifications(file.map_or("", |f| f.0), v, mode)),
         };
         let errors = r.errors;
         if !errors.is_empty() {
