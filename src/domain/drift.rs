@@ -129,7 +129,7 @@ pub fn drift(desired: &[DesiredTenant], actual: &[ActualTenant], key: &[u8]) -> 
                 (Some(_), None) => t.classes.push(DriftClass::Missing),
                 (None, Some(_)) => t.classes.push(DriftClass::Orphaned),
                 (Some(d), Some(a)) => {
-                    let (doc, actual) = (d.document.value(), a.document.value());
+                    let (doc, actual) = (d.document().value(), a.document.value());
                     t.pending_paths = pending_paths(d, &doc, a, &actual, key);
                     if !t.pending_paths.is_empty() {
                         t.classes.push(DriftClass::Pending);
@@ -226,13 +226,13 @@ mod tests {
             tenant_id: t.tenant_id.clone(),
             state: "pending".into(),
             config_version: 1,
-            document: t.document.clone(),
+            document: t.document().clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: t.file.clone(),
                 config_version: 1,
-                digest: digest(KEY, &t.document.value(), &t.secrets),
-                sealed: JsonText::of(&seal(KEY, &t.document.value(), &t.secrets)),
+                digest: digest(KEY, &t.document().value(), &t.secrets),
+                sealed: JsonText::of(&seal(KEY, &t.document().value(), &t.secrets)),
                 secret_paths: (*t.secrets).clone(),
             }),
             known_secrets: (*t.secrets).clone(),
@@ -262,7 +262,7 @@ mod tests {
             f(&mut a);
             a
         };
-        let unsealed = DesiredTenant::new("acme".into(), t.file.clone(), &t.document.value(), Default::default());
+        let unsealed = DesiredTenant::new("acme".into(), t.file.clone(), &t.document().value(), Default::default());
         let out_of_step = [
             (
                 "edited by hand",

@@ -391,7 +391,7 @@ pub fn plan<'d>(desired: impl IntoIterator<Item = &'d DesiredTenant>, actual: &[
     let tenants = ids
         .into_par_iter()
         .map(|id| match (want.get(id), have.get(id)) {
-            (Some(d), None) => create(d, &d.document.value(), opts.key),
+            (Some(d), None) => create(d, &d.document().value(), opts.key),
             (None, Some(a)) => TenantPlan {
                 tenant_id: id.to_string(),
                 action: Action::Orphaned,
@@ -428,7 +428,7 @@ pub fn create(d: &DesiredTenant, doc: &Value, key: &[u8]) -> TenantPlan {
 }
 
 fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> TenantPlan {
-    plan_parsed(d, &d.document.value(), a, &a.document.value(), opts)
+    plan_parsed(d, &d.document().value(), a, &a.document.value(), opts)
 }
 
 /// Whether a tenant's row holds its file's document, as the agent last wrote it: then [`plan`]
@@ -436,7 +436,7 @@ fn plan_both(d: &DesiredTenant, a: &ActualTenant, opts: PlanOptions<'_>) -> Tena
 /// no more than `TenantDrift::known_in_sync`, so a run that reads every row need not keep it.
 pub fn in_step(d: &DesiredTenant, a: &ActualTenant, key: &[u8]) -> bool {
     let Some(rec) = &a.applied else { return false };
-    let (doc, actual) = (d.document.value(), a.document.value());
+    let (doc, actual) = (d.document().value(), a.document.value());
     // With the documents equal the action is `unchanged` under either drift policy.
     let opts = PlanOptions { key, correct_drift: false };
     doc == actual && plan_parsed(d, &doc, a, &actual, opts) == TenantPlan::unchanged(d.tenant_id.clone(), d.file.clone(), a.config_version, rec.digest.clone())
@@ -716,13 +716,13 @@ mod tests {
             tenant_id: d.tenant_id.clone(),
             state: "pending".into(),
             config_version: version,
-            document: d.document.clone(),
+            document: d.document().clone(),
             applied: Some(AppliedRecord {
                 commit_id: "c1".into(),
                 file: d.file.clone(),
                 config_version: version,
-                digest: digest(KEY, &d.document.value(), &d.secrets),
-                sealed: JsonText::of(&seal(KEY, &d.document.value(), &d.secrets)),
+                digest: digest(KEY, &d.document().value(), &d.secrets),
+                sealed: JsonText::of(&seal(KEY, &d.document().value(), &d.secrets)),
                 secret_paths: (*d.secrets).clone(),
             }),
             known_secrets: (*d.secrets).clone(),
@@ -807,7 +807,7 @@ mod tests {
         let ops: Vec<Value> = p.tenants[0].patch.iter().map(|o| serde_json::to_value(o).unwrap()).collect();
         let mut doc = json!({});
         json::apply_patch(&mut doc, &ops).unwrap();
-        assert_eq!(doc, json::redact(&d.document.value(), "", &d.secrets));
+        assert_eq!(doc, json::redact(&d.document().value(), "", &d.secrets));
     }
 
     #[test]

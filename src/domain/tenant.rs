@@ -23,13 +23,29 @@ pub struct DesiredTenant {
     /// the documents were most of a run's memory (about 6 KB a tenant for 1 KB of text), so whoever
     /// needs the tree parses it for the moment. A sync that reports no drift after applying takes
     /// a created tenant's document out for the write and leaves `null` here: nothing after the
-    /// apply may read it.
-    pub document: JsonText,
+    /// apply may read it. A first sync parks each document outside memory until its write (see
+    /// [`Parked`]); reading a parked document is a bug, and panics rather than read `null`.
+    document: Document,
     /// Pointers into `document` of the values that were encrypted in the file; tenants whose
     /// files encrypt the same paths share one set (see [`SharedPaths`]).
     pub secrets: Arc<SecretPaths>,
     /// `config.embedding.endpoint`, when the file sets one.
     pub embedding_endpoint: Option<String>,
+}
+
+/// Where a document is while its tenant waits for its write.
+#[derive(Clone, PartialEq)]
+enum Document {
+    Here(JsonText),
+    Parked(Parked),
+}
+
+/// Where a document parked outside memory is: the run that parked it knows where that is, and
+/// nothing here does I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parked {
+    pub offset: u64,
+    pub len: u32,
 }
 
 /// Without the document: it holds decrypted values.
@@ -47,11 +63,53 @@ impl DesiredTenant {
     pub fn new(tenant_id: String, file: String, document: &Value, secrets: SecretPaths) -> DesiredTenant {
         DesiredTenant {
             embedding_endpoint: document.pointer("/config/embedding/endpoint").and_then(Value::as_str).map(str::to_string),
-            document: JsonText::of(document),
+            document: Document::Here(JsonText::of(document)),
             tenant_id,
             file,
             secrets: Arc::new(secrets),
         }
+    }
+
+    /// The document. Panics when it is parked: the run must fetch it back first.
+    pub fn document(&self) -> &JsonText {
+        match &self.document {
+            Document::Here(d) => d,
+            Document::Parked(_) => panic!("the document of {} was read while parked", self.tenant_id),
+        }
+    }
+
+    /// Moves the document out, leaving `null`: see [`DesiredTenant::document`].
+    pub fn take_document(&mut self) -> JsonText {
+        std::mem::replace(self.here(), JsonText::null())
+    }
+
+    pub fn into_document(mut self) -> JsonText {
+        self.take_document()
+    }
+
+    fn here(&mut self) -> &mut JsonText {
+        match &mut self.document {
+            Document::Here(d) => d,
+            Document::Parked(_) => panic!("the document of {} was read while parked", self.tenant_id),
+        }
+    }
+
+    /// Where the document is parked, if it is.
+    pub fn parked(&self) -> Option<Parked> {
+        match self.document {
+            Document::Parked(at) => Some(at),
+            Document::Here(_) => None,
+        }
+    }
+
+    /// Records that the document was parked at `at`, and drops it from memory.
+    pub fn park(&mut self, at: Parked) {
+        self.document = Document::Parked(at);
+    }
+
+    /// The document fetched back from where it was parked.
+    pub fn unpark(&mut self, document: JsonText) {
+        self.document = Document::Here(document);
     }
 }
 
@@ -278,7 +336,7 @@ mod tests {
             .into_tenant("tenants/acme.json");
         assert_eq!(t.tenant_id, "acme");
         assert_eq!(
-            t.document.value().as_object().unwrap().keys().collect::<Vec<_>>(),
+            t.document().value().as_object().unwrap().keys().collect::<Vec<_>>(),
             ["age_public_key", "endpoints", "config"]
         );
     }

@@ -70,6 +70,8 @@ pub enum StoreError {
     Transition(String),
     #[error("keeping the created tenants' plans in a temporary file (TMPDIR); nothing was applied")]
     Spill(#[source] std::io::Error),
+    #[error("reading back a decoded document kept in a temporary file (TMPDIR); nothing was applied")]
+    Parked(#[source] std::io::Error),
 }
 
 /// Where an apply puts the plans of the tenants it creates, a chunk at a time as it writes them.
@@ -717,10 +719,19 @@ pub async fn apply(
 /// A tenant an apply creates, planned as it is written.
 pub struct Create<'a> {
     pub tenant: &'a DesiredTenant,
-    /// Its document, when the caller moved it out of `tenant` because nothing reads it after the
-    /// write: it is dropped once its chunk's rows are built, so that a first sync does not hold
-    /// every decoded document beside every created tenant's plan.
-    pub document: Option<JsonText>,
+    pub document: CreateDocument<'a>,
+}
+
+/// Where a created tenant's document comes from when its chunk is built.
+pub enum CreateDocument<'a> {
+    /// Read from the tenant, which keeps it (for a drift report after the apply).
+    InTenant,
+    /// Moved out of the tenant because nothing reads it after the write: dropped once its chunk's
+    /// rows are built, so that a first sync does not hold every decoded document beside every
+    /// created tenant's plan.
+    Moved(JsonText),
+    /// Fetched from where the run parked it, when its chunk is built.
+    Fetch(Box<dyn FnOnce() -> std::io::Result<JsonText> + Send + 'a>),
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
@@ -743,11 +754,18 @@ impl<'a> Change<'a> {
         }
     }
 
-    /// The document to write.
-    fn document(&self) -> serde_json::Value {
+    /// The document to write; the change is spent.
+    fn into_document(self) -> Result<serde_json::Value, StoreError> {
         match self {
-            Change::Create(Create { document: Some(doc), .. }) => doc.value(),
-            _ => self.desired().document.value(),
+            Change::Create(Create {
+                document: CreateDocument::Moved(doc),
+                ..
+            }) => Ok(doc.value()),
+            Change::Create(Create {
+                document: CreateDocument::Fetch(fetch),
+                ..
+            }) => Ok(fetch().map_err(StoreError::Parked)?.value()),
+            Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => Ok(d.document().value()),
         }
     }
 }

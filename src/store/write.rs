@@ -33,7 +33,7 @@ pub async fn changes(
     // is on its way before the second is built.
     futures_util::stream::iter(chunks)
         .map(|chunk| async move {
-            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx)));
+            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx)))?;
             rows.write(tx, statements).await.map(|()| rows.created)
         })
         .buffered(2)
@@ -127,7 +127,7 @@ struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     /// Consumes the chunk: a create's document moved into it is dropped here.
-    fn of(chunk: Vec<Change<'a>>, ctx: &ApplyContext<'a>) -> Rows<'a> {
+    fn of(chunk: Vec<Change<'a>>, ctx: &ApplyContext<'a>) -> Result<Rows<'a>, StoreError> {
         let mut rows = Rows {
             creates: Tenants::default(),
             updates: Tenants::default(),
@@ -146,8 +146,8 @@ impl<'a> Rows<'a> {
             created: Packed::default(),
         };
         for change in chunk {
-            let (d, planned, doc) = (change.desired(), change.planned(), change.document());
-            drop(change);
+            let (d, planned) = (change.desired(), change.planned());
+            let doc = change.into_document()?;
             let c = match planned {
                 Some(c) => Cow::Borrowed(c),
                 None => {
@@ -176,7 +176,7 @@ impl<'a> Rows<'a> {
                 rows.created.push(&c);
             }
         }
-        rows
+        Ok(rows)
     }
 
     /// The chunk's statements, sent together; a tenant created or changed by someone else since

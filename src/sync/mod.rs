@@ -6,7 +6,6 @@ use crate::domain::audit::CommitInfo;
 use crate::domain::commit::CommitId;
 use crate::domain::drift::{TenantDrift, drift};
 use crate::domain::issue::Issue;
-use crate::domain::json::JsonText;
 use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::DesiredTenant;
@@ -19,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod audit;
+mod park;
 pub mod ports;
 mod read;
 mod select;
@@ -288,7 +288,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         key: &key,
         full: opts.full,
         prunes: src.prune || opts.prune,
-        decoded: Decoded::default(),
+        // A first sync decodes every file before the lock and writes them all: their documents
+        // wait outside memory. A run that plans them all under the lock keeps them.
+        decoded: Decoded::new(matches!(run, Run::Apply { .. }) && !opts.want_drift && !opts.full),
         changes: select::Changes::default(),
         verified: None,
     };
@@ -498,9 +500,17 @@ impl Attempts<'_> {
         };
         // Nothing reads a created tenant's document after its write unless drift is reported:
         // then it stays, otherwise the write takes it and drops it once written.
-        let documents: Vec<Option<JsonText>> = to_create
+        let parking = self.decoded.parking();
+        let documents: Vec<store::CreateDocument<'_>> = to_create
             .iter()
-            .map(|&i| (!opts.want_drift).then(|| std::mem::replace(&mut state.desired.tenants[i].document, JsonText::null())))
+            .map(|&i| {
+                let t = &mut state.desired.tenants[i];
+                match (t.parked(), parking, opts.want_drift) {
+                    (Some(at), Some(p), _) => store::CreateDocument::Fetch(Box::new(move || p.fetch(at))),
+                    (None, _, true) => store::CreateDocument::InTenant,
+                    _ => store::CreateDocument::Moved(t.take_document()),
+                }
+            })
             .collect();
         let creates: Vec<store::Create> = to_create
             .iter()
@@ -721,11 +731,11 @@ fn tenants_at(ctx: &Ctx, source: &Source, base_commit: git2::Oid) -> Result<Vec<
     Ok(base
         .tenants
         .into_iter()
-        .map(|t| ActualTenant {
+        .map(|mut t| ActualTenant {
+            document: t.take_document(),
             tenant_id: t.tenant_id,
             state: String::new(),
             config_version: 0,
-            document: t.document,
             applied: None,
             known_secrets: std::sync::Arc::unwrap_or_clone(t.secrets),
             updated_at: None,

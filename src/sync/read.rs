@@ -1,6 +1,7 @@
 //! Tenant files to desired state: decrypt, parse and check each file (on all cores), then the
 //! checks across files.
 
+use super::park::Parking;
 use super::ports::{ReadBody, TenantSource};
 use super::{Ctx, Desired, SyncError, snapshot_of};
 use crate::config::{Mode, SourceConfig};
@@ -24,6 +25,9 @@ pub struct ReadOptions<'a> {
     pub progress: bool,
     /// Keep each decoded document (false for `validate`, which reports problems only).
     pub keep_documents: bool,
+    /// Where to park the kept documents until they are written (a first sync's); when parking
+    /// fails (a full disk, say) a document stays in memory.
+    pub park: Option<&'a Parking>,
 }
 
 impl<'a> ReadOptions<'a> {
@@ -35,6 +39,7 @@ impl<'a> ReadOptions<'a> {
             require_tenant_recipient: ctx.cfg.require_tenant_recipient,
             progress: ctx.progress,
             keep_documents: true,
+            park: None,
         }
     }
 }
@@ -102,6 +107,9 @@ fn decode_files(
                     Ok(checked) if opts.keep_documents => {
                         let mut t = checked.into_tenant(&f.path);
                         t.secrets = shared.share(t.secrets);
+                        if let Some(at) = opts.park.and_then(|p| p.park(t.document()).ok()) {
+                            t.park(at);
+                        }
                         tenants.push(t);
                     }
                     Ok(_) => {}
@@ -379,6 +387,7 @@ mod tests {
             require_tenant_recipient: true,
             progress: false,
             keep_documents: false,
+            park: None,
         };
         let value = serde_json::json!({"age_public_key": own});
         let others = ["age1someoneelse".to_string()];

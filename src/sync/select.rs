@@ -1,6 +1,7 @@
 //! What a run reads: the rows of its source and the files that can differ from what it last
 //! applied, decoded before the apply lock.
 
+use super::park::Parking;
 use super::ports::{TenantSource, TenantStore};
 use super::{Ctx, Desired, ReadOptions, SyncError, decode_from};
 use crate::blocking;
@@ -289,9 +290,25 @@ pub(super) struct Decoded {
     all: bool,
     files: BTreeSet<String>,
     tenants: Vec<DesiredTenant>,
+    /// Where the documents wait, when they are parked.
+    parking: Option<Parking>,
 }
 
 impl Decoded {
+    /// With `park`, documents wait outside memory from their decoding until they are needed
+    /// (unless no temporary file can be made: then they stay).
+    pub(super) fn new(park: bool) -> Decoded {
+        let parking = park.then(Parking::new).transpose().unwrap_or_else(|e| {
+            tracing::debug!(error = %e, "no temporary file: decoded documents stay in memory");
+            None
+        });
+        Decoded { parking, ..Decoded::default() }
+    }
+
+    pub(super) fn parking(&self) -> Option<&Parking> {
+        self.parking.as_ref()
+    }
+
     /// Decodes the files `selection` needs that are not decoded yet. Any problem in any of them
     /// ends the run: nothing is applied.
     pub(super) fn extend(&mut self, ctx: &Ctx, source: &impl TenantSource, snapshot: &Snapshot, selection: &Selection) -> Result<(), SyncError> {
@@ -300,7 +317,11 @@ impl Decoded {
         }
         let missing: Option<BTreeSet<String>> = selection.read.as_ref().map(|r| r.difference(&self.files).cloned().collect());
         tracing::debug!(files = missing.as_ref().map_or(snapshot.files.len(), BTreeSet::len), "decoding tenant files");
-        let desired = blocking(|| decode_from(source, snapshot.clone(), &ReadOptions::from_ctx(ctx), missing.as_ref()))?;
+        let opts = ReadOptions {
+            park: self.parking.as_ref(),
+            ..ReadOptions::from_ctx(ctx)
+        };
+        let desired = blocking(|| decode_from(source, snapshot.clone(), &opts, missing.as_ref()))?;
         if !desired.issues.is_empty() {
             return Err(SyncError::Invalid {
                 at: desired.at(),
@@ -341,6 +362,7 @@ impl Decoded {
             claims,
             ..
         } = selection;
+        self.unpark(&mut tenants, &rows)?;
         let (mut actual, mut kept) = (Vec::new(), vec![true; tenants.len()]);
         // The next chunk is on its way while this one is compared.
         let mut chunks = futures_util::stream::iter(rows.chunks(ROWS_CHUNK)).map(|ids| client.rows(ids)).buffered(2);
@@ -367,6 +389,21 @@ impl Decoded {
             owned,
             claims,
         })
+    }
+}
+
+impl Decoded {
+    /// The documents of the tenants that have rows, fetched back: they are compared with their
+    /// rows and planned under the lock. The rest are created, and fetched as they are written.
+    fn unpark(&self, tenants: &mut [DesiredTenant], rows: &[String]) -> Result<(), SyncError> {
+        let Some(parking) = &self.parking else { return Ok(()) };
+        let rows: BTreeSet<&str> = rows.iter().map(String::as_str).collect();
+        for t in tenants.iter_mut().filter(|t| rows.contains(t.tenant_id.as_str())) {
+            if let Some(at) = t.parked() {
+                t.unpark(parking.fetch(at).map_err(store::StoreError::Parked)?);
+            }
+        }
+        Ok(())
     }
 }
 
