@@ -3,7 +3,7 @@
 use crate::domain::audit::{AuditEvent, CommitInfo};
 use crate::domain::json::{JsonText, SecretPaths};
 use crate::domain::plan::{ActualTenant, AppliedRecord, Packed, Plan, TenantPlan};
-use crate::domain::tenant::DesiredTenant;
+use crate::domain::tenant::{DesiredTenant, Parked};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
 use rayon::prelude::*;
@@ -77,6 +77,11 @@ pub enum StoreError {
 /// Where an apply puts the plans of the tenants it creates, a chunk at a time as it writes them.
 pub trait CreatedSink: Send {
     fn take(&mut self, chunk: Packed) -> std::io::Result<()>;
+}
+
+/// Where a run keeps the documents it parked outside memory until their write.
+pub trait ParkedDocuments: Sync {
+    fn fetch(&self, at: Parked) -> std::io::Result<JsonText>;
 }
 
 /// The error of a statement, with what it was doing.
@@ -671,15 +676,7 @@ pub async fn apply(
     created: &mut dyn CreatedSink,
     ctx: &ApplyContext<'_>,
 ) -> Result<usize, StoreError> {
-    let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
-    let mut changes = Vec::new();
-    for change in plan.changes() {
-        let d = by_id.get(change.tenant_id.as_str()).ok_or_else(|| StoreError::Conflict {
-            tenant: change.tenant_id.clone(),
-            message: "the plan changes a tenant that has no file".into(),
-        })?;
-        changes.push(Change::Planned(change, d));
-    }
+    let mut changes = planned_changes(plan, desired)?;
     changes.extend(creates.into_iter().map(Change::Create));
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
@@ -716,6 +713,21 @@ pub async fn apply(
     Ok(written.len() + plan.decommissions().count())
 }
 
+/// The plan's changes, each beside its tenant's file. (The index of every tenant by id is gone
+/// before the writes: a first sync of 100,000 tenants does not keep it while it writes.)
+fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<Vec<Change<'a>>, StoreError> {
+    let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
+    plan.changes()
+        .map(|change| {
+            let d = by_id.get(change.tenant_id.as_str()).ok_or_else(|| StoreError::Conflict {
+                tenant: change.tenant_id.clone(),
+                message: "the plan changes a tenant that has no file".into(),
+            })?;
+            Ok(Change::Planned(change, d))
+        })
+        .collect()
+}
+
 /// A tenant an apply creates, planned as it is written.
 pub struct Create<'a> {
     pub tenant: &'a DesiredTenant,
@@ -731,7 +743,7 @@ pub enum CreateDocument<'a> {
     /// created tenant's plan.
     Moved(JsonText),
     /// Fetched from where the run parked it, when its chunk is built.
-    Fetch(Box<dyn FnOnce() -> std::io::Result<JsonText> + Send + 'a>),
+    Parked(Parked, &'a dyn ParkedDocuments),
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
@@ -762,9 +774,9 @@ impl<'a> Change<'a> {
                 ..
             }) => Ok(doc.value()),
             Change::Create(Create {
-                document: CreateDocument::Fetch(fetch),
+                document: CreateDocument::Parked(at, parking),
                 ..
-            }) => Ok(fetch().map_err(StoreError::Parked)?.value()),
+            }) => Ok(parking.fetch(at).map_err(StoreError::Parked)?.value()),
             Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => Ok(d.document().value()),
         }
     }

@@ -506,7 +506,7 @@ impl Attempts<'_> {
             .map(|&i| {
                 let t = &mut state.desired.tenants[i];
                 match (t.parked(), parking, opts.want_drift) {
-                    (Some(at), Some(p), _) => store::CreateDocument::Fetch(Box::new(move || p.fetch(at))),
+                    (Some(at), Some(p), _) => store::CreateDocument::Parked(at, p),
                     (None, _, true) => store::CreateDocument::InTenant,
                     _ => store::CreateDocument::Moved(t.take_document()),
                 }

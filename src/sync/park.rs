@@ -7,6 +7,7 @@
 
 use crate::domain::json::JsonText;
 use crate::domain::tenant::Parked;
+use crate::store::ParkedDocuments;
 use aes_gcm::aead::{AeadInPlace, KeyInit, OsRng};
 use aes_gcm::{Aes256Gcm, Nonce};
 use std::fs::File;
@@ -47,9 +48,11 @@ impl Parking {
         self.file.write_all_at(&sealed, offset)?;
         Ok(Parked { offset, len })
     }
+}
 
+impl ParkedDocuments for Parking {
     /// The document parked at `at`.
-    pub fn fetch(&self, at: Parked) -> io::Result<JsonText> {
+    fn fetch(&self, at: Parked) -> io::Result<JsonText> {
         let mut sealed = vec![0; at.len as usize];
         self.file.read_exact_at(&mut sealed, at.offset)?;
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("a parked document {what}"));

@@ -12,6 +12,7 @@ use crate::domain::plan::{ActualTenant, in_step};
 use crate::domain::tenant::DesiredTenant;
 use crate::source::{Snapshot, SourceError};
 use crate::store;
+use crate::store::ParkedDocuments;
 use futures_util::StreamExt;
 use rayon::iter::{Either, IntoParallelIterator, ParallelIterator};
 use std::collections::{BTreeMap, BTreeSet};
