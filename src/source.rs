@@ -88,17 +88,34 @@ pub enum Body {
 pub struct SourceFile {
     /// Relative to the source root, e.g. `tenants/acme.toml`.
     pub path: String,
-    pub stem: String,
+    /// Where in `path` the tenant id its name claims is (empty when it claims none): a string of
+    /// its own was 56 bytes a file, 5.6 MB of a listing of 100,000.
+    stem: (u32, u32),
     pub body: Body,
 }
 
 impl SourceFile {
+    /// A file at `path`, claiming the tenant its name names (`acme` for `tenants/acme.toml`).
+    pub fn new(path: String, body: Body) -> SourceFile {
+        let name_at = path.rfind('/').map_or(0, |i| i + 1);
+        let stem = match (tenant_stem(&path[name_at..]), u32::try_from(name_at)) {
+            (Some(stem), Ok(at)) => (at, at + stem.len() as u32),
+            _ => (0, 0),
+        };
+        SourceFile { path, stem, body }
+    }
+
     fn refused(path: String, why: &str) -> SourceFile {
         SourceFile {
             path,
-            stem: String::new(),
+            stem: (0, 0),
             body: Body::Refused(why.to_string()),
         }
+    }
+
+    /// The tenant id the file's name claims ("" for a file refused for its name or place).
+    pub fn stem(&self) -> &str {
+        &self.path[self.stem.0 as usize..self.stem.1 as usize]
     }
 }
 
@@ -359,20 +376,12 @@ impl Source {
             path.extend([dir, "/", name]);
             let kind = e.kind();
             match (tenant_stem(name), kind) {
-                (Some(stem), Some(git2::ObjectType::Blob)) => {
+                (Some(_), Some(git2::ObjectType::Blob)) => {
                     let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
-                    files.push(SourceFile { path, stem, body });
+                    files.push(SourceFile::new(path, body));
                 }
-                (Some(stem), Some(git2::ObjectType::Commit)) => files.push(SourceFile {
-                    path,
-                    stem,
-                    body: Body::Refused("is a git submodule, not a tenant file".into()),
-                }),
-                (Some(stem), _) => files.push(SourceFile {
-                    path,
-                    stem,
-                    body: Body::Refused("is a directory named like a tenant file".into()),
-                }),
+                (Some(_), Some(git2::ObjectType::Commit)) => files.push(SourceFile::new(path, Body::Refused("is a git submodule, not a tenant file".into()))),
+                (Some(_), _) => files.push(SourceFile::new(path, Body::Refused("is a directory named like a tenant file".into()))),
                 (None, Some(git2::ObjectType::Tree)) if !name.starts_with('.') => {
                     if depth + 1 > MAX_DEPTH {
                         files.push(SourceFile::refused(
@@ -537,7 +546,7 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) ->
         let name = e.file_name().to_string_lossy().to_string();
         let path = format!("{rel}/{name}");
         let meta = std::fs::symlink_metadata(e.path()).map_err(io(&e.path()))?;
-        let Some(stem) = tenant_stem(&name) else {
+        if tenant_stem(&name).is_none() {
             if meta.is_dir() && !name.starts_with('.') {
                 if depth + 1 > MAX_DEPTH {
                     files.push(SourceFile::refused(
@@ -549,7 +558,7 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) ->
                 }
             }
             continue;
-        };
+        }
         let body = if meta.file_type().is_symlink() {
             Body::Symlink
         } else if meta.is_dir() {
@@ -561,7 +570,7 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) ->
         } else {
             Body::Bytes(std::fs::read(e.path()).map_err(io(&e.path()))?)
         };
-        files.push(SourceFile { path, stem, body });
+        files.push(SourceFile::new(path, body));
         if files.len() > MAX_FILES {
             return Ok(());
         }
@@ -569,12 +578,12 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) ->
     Ok(())
 }
 
-fn tenant_stem(name: &str) -> Option<String> {
+fn tenant_stem(name: &str) -> Option<&str> {
     if name.starts_with('.') {
         return None;
     }
     let (stem, ext) = name.rsplit_once('.')?;
-    TENANT_EXTENSIONS.contains(&ext).then(|| stem.to_string())
+    TENANT_EXTENSIONS.contains(&ext).then_some(stem)
 }
 
 fn clone_or_fetch(url: &RemoteUrl, auth: &GitAuth, cache: &Path) -> Result<Repository, SourceError> {

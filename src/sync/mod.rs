@@ -717,7 +717,7 @@ pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result
 /// The tenants at a base revision, as rows to plan against; its invalid files count as absent.
 fn tenants_at(ctx: &Ctx, source: &Source, base_commit: git2::Oid) -> Result<Vec<ActualTenant>, SyncError> {
     let base = match source.snapshot(base_commit) {
-        Ok(s) => decode_from(source, s, &ReadOptions::from_ctx(ctx), None)?,
+        Ok(s) => decode_from(source, &s, &ReadOptions::from_ctx(ctx), None)?,
         // A base without the tenant directory (the PR adds it) has no tenants.
         Err(SourceError::NoTenantDir { .. }) => return Ok(vec![]),
         Err(e) => return Err(e.into()),

@@ -27,11 +27,7 @@ pub fn decode(data: &[u8]) {
     let Some((&selector, body)) = data.split_first() else { return };
     let (_, ext) = FORMATS[selector as usize % 3];
     let path = format!("tenants/fuzz.{ext}");
-    let file = SourceFile {
-        path: path.clone(),
-        stem: "fuzz".into(),
-        body: Body::Bytes(body.to_vec()),
-    };
+    let file = SourceFile::new(path.clone(), Body::Bytes(body.to_vec()));
     let keys = keys();
     let opts = ReadOptions {
         keys: &keys,
