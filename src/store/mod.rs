@@ -662,6 +662,8 @@ pub struct ApplyContext<'a> {
     pub claims: Vec<(String, String)>,
     /// The platform's embedding endpoint, for the plans of the tenants it creates.
     pub embedding_default: Option<&'a str>,
+    /// Where the run parked the documents of [`CreateDocument::Parked`] creates.
+    pub parked: Option<&'a dyn ParkedDocuments>,
 }
 
 /// Writes every change of `plan`, and creates the tenants of `creates` (planned here, chunk by
@@ -731,19 +733,19 @@ fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<V
 /// A tenant an apply creates, planned as it is written.
 pub struct Create<'a> {
     pub tenant: &'a DesiredTenant,
-    pub document: CreateDocument<'a>,
+    pub document: CreateDocument,
 }
 
 /// Where a created tenant's document comes from when its chunk is built.
-pub enum CreateDocument<'a> {
+pub enum CreateDocument {
     /// Read from the tenant, which keeps it (for a drift report after the apply).
     InTenant,
     /// Moved out of the tenant because nothing reads it after the write: dropped once its chunk's
     /// rows are built, so that a first sync does not hold every decoded document beside every
     /// created tenant's plan.
     Moved(JsonText),
-    /// Fetched from where the run parked it, when its chunk is built.
-    Parked(Parked, &'a dyn ParkedDocuments),
+    /// Fetched from where the run parked it ([`ApplyContext::parked`]), when its chunk is built.
+    Parked,
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
@@ -767,16 +769,21 @@ impl<'a> Change<'a> {
     }
 
     /// The document to write; the change is spent.
-    fn into_document(self) -> Result<serde_json::Value, StoreError> {
+    fn into_document(self, parked: Option<&dyn ParkedDocuments>) -> Result<serde_json::Value, StoreError> {
         match self {
             Change::Create(Create {
                 document: CreateDocument::Moved(doc),
                 ..
             }) => Ok(doc.value()),
             Change::Create(Create {
-                document: CreateDocument::Parked(at, parking),
-                ..
-            }) => Ok(parking.fetch(at).map_err(StoreError::Parked)?.value()),
+                tenant,
+                document: CreateDocument::Parked,
+            }) => {
+                let (Some(parked), Some(at)) = (parked, tenant.parked()) else {
+                    panic!("the document of {} is not parked where the run said", tenant.tenant_id)
+                };
+                Ok(parked.fetch(at).map_err(StoreError::Parked)?.value())
+            }
             Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => Ok(d.document().value()),
         }
     }

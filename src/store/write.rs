@@ -147,7 +147,7 @@ impl<'a> Rows<'a> {
         };
         for change in chunk {
             let (d, planned) = (change.desired(), change.planned());
-            let doc = change.into_document()?;
+            let doc = change.into_document(ctx.parked)?;
             let c = match planned {
                 Some(c) => Cow::Borrowed(c),
                 None => {

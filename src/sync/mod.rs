@@ -6,6 +6,7 @@ use crate::domain::audit::CommitInfo;
 use crate::domain::commit::CommitId;
 use crate::domain::drift::{TenantDrift, drift};
 use crate::domain::issue::Issue;
+use crate::domain::json::JsonText;
 use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::DesiredTenant;
@@ -497,27 +498,29 @@ impl Attempts<'_> {
                 .map_or(serde_json::Value::Null, |s| serde_json::to_value(s).expect("serialisable")),
             claims: state.claims.clone(),
             embedding_default: ctx.cfg.embedding_endpoint.as_deref(),
+            parked: self.decoded.parking().map(|p| p as &dyn store::ParkedDocuments),
         };
         // Nothing reads a created tenant's document after its write unless drift is reported:
         // then it stays, otherwise the write takes it and drops it once written.
-        let parking = self.decoded.parking();
-        let documents: Vec<store::CreateDocument<'_>> = to_create
+        // A parked document is fetched as its chunk is built.
+        let moved: Vec<Option<JsonText>> = to_create
             .iter()
             .map(|&i| {
                 let t = &mut state.desired.tenants[i];
-                match (t.parked(), parking, opts.want_drift) {
-                    (Some(at), Some(p), _) => store::CreateDocument::Parked(at, p),
-                    (None, _, true) => store::CreateDocument::InTenant,
-                    _ => store::CreateDocument::Moved(t.take_document()),
-                }
+                (t.parked().is_none() && !opts.want_drift).then(|| t.take_document())
             })
             .collect();
         let creates: Vec<store::Create> = to_create
             .iter()
-            .zip(documents)
-            .map(|(&i, document)| store::Create {
-                tenant: &state.desired.tenants[i],
-                document,
+            .zip(moved)
+            .map(|(&i, moved)| {
+                let tenant = &state.desired.tenants[i];
+                let document = match (moved, tenant.parked()) {
+                    (Some(doc), _) => store::CreateDocument::Moved(doc),
+                    (None, Some(_)) => store::CreateDocument::Parked,
+                    (None, None) => store::CreateDocument::InTenant,
+                };
+                store::Create { tenant, document }
             })
             .collect();
         Ok(store::apply(tx, fresh, &state.desired.tenants, creates, spill, &actx).await?)
