@@ -678,24 +678,28 @@ pub async fn apply(
     created: &mut dyn CreatedSink,
     ctx: &ApplyContext<'_>,
 ) -> Result<usize, StoreError> {
-    let mut changes = planned_changes(plan, desired)?;
-    changes.extend(creates.into_iter().map(Change::Create));
-    // In tenant order, as the plan lists them: the audit trail gets its events in that order.
-    changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
-    let written: Vec<&DesiredTenant> = changes.iter().map(Change::desired).collect();
+    let planned = planned_changes(plan, desired)?;
+    let written: Vec<&DesiredTenant> = planned.iter().map(Change::desired).chain(creates.iter().map(|c| c.tenant)).collect();
+    let count = written.len();
+    let owners = owners(&written, ctx);
+    drop(written);
     // The claim first: a tenant another source owns fails the run before any row is written, and
     // the server records the owners while the first chunk of writes is being built.
-    let statements = match changes.is_empty() {
-        true => None,
-        false => Some(write::Statements::prepare(tx).await?),
+    let statements = match count {
+        0 => None,
+        _ => Some(write::Statements::prepare(tx).await?),
     };
+    // In tenant order, as the plan lists them: the audit trail gets its events in that order.
+    // Both lists are in that order already; merged as the chunks take them, not into a third.
+    debug_assert!(creates.is_sorted_by(|a, b| a.tenant.tenant_id < b.tenant.tenant_id), "creates in tenant order");
+    let changes = in_tenant_order(planned, creates.into_iter().map(Change::Create));
     let writes = async {
         match &statements {
             Some(st) => write::changes(tx, st, changes, ctx, created).await,
             None => Ok(()),
         }
     };
-    futures_util::try_join!(claim(tx, &written, ctx), writes)?;
+    futures_util::try_join!(claim(tx, owners, ctx), writes)?;
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
@@ -712,14 +716,15 @@ pub async fn apply(
         .await
         .map_err(q("recording the applied commit"))?;
     }
-    Ok(written.len() + plan.decommissions().count())
+    Ok(count + plan.decommissions().count())
 }
 
-/// The plan's changes, each beside its tenant's file. (The index of every tenant by id is gone
+/// The plan's changes in tenant order, each beside its tenant's file. (The index of every tenant by id is gone
 /// before the writes: a first sync of 100,000 tenants does not keep it while it writes.)
 fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<Vec<Change<'a>>, StoreError> {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
-    plan.changes()
+    let mut changes = plan
+        .changes()
         .map(|change| {
             let d = by_id.get(change.tenant_id.as_str()).ok_or_else(|| StoreError::Conflict {
                 tenant: change.tenant_id.clone(),
@@ -727,7 +732,9 @@ fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<V
             })?;
             Ok(Change::Planned(change, d))
         })
-        .collect()
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    changes.sort_by(|a, b| a.desired().tenant_id.cmp(&b.desired().tenant_id));
+    Ok(changes)
 }
 
 /// A tenant an apply creates, planned as it is written.
@@ -791,11 +798,26 @@ impl<'a> Change<'a> {
 
 /// Records this source as the owner of what it writes and of the unowned tenants it has files
 /// for; a tenant another source owns (claimed since the plan was made) fails the run.
-async fn claim(tx: &Transaction<'_>, written: &[&DesiredTenant], ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
-    // One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice in one statement.
+/// The tenants a run owns once it applies, each with its file: those it writes, and the
+/// unowned ones it claims. One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice
+/// in one statement.
+fn owners<'a>(written: &[&'a DesiredTenant], ctx: &'a ApplyContext<'_>) -> (Vec<&'a str>, Vec<&'a str>) {
     let mut all: BTreeMap<&str, &str> = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).collect();
     all.extend(written.iter().map(|d| (d.tenant_id.as_str(), d.file.as_str())));
-    let (ids, files): (Vec<&str>, Vec<&str>) = all.into_iter().unzip();
+    all.into_iter().unzip()
+}
+
+/// Two lists of changes, each in tenant order, merged in that order.
+fn in_tenant_order<'a>(a: Vec<Change<'a>>, b: impl Iterator<Item = Change<'a>>) -> impl Iterator<Item = Change<'a>> {
+    let (mut a, mut b) = (a.into_iter().peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.desired().tenant_id < x.desired().tenant_id => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+async fn claim(tx: &Transaction<'_>, (ids, files): (Vec<&str>, Vec<&str>), ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());
     }

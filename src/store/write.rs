@@ -20,11 +20,11 @@ const CHUNK: usize = 500;
 pub async fn changes(
     tx: &Transaction<'_>,
     statements: &Statements,
-    changes: Vec<Change<'_>>,
+    changes: impl Iterator<Item = Change<'_>> + Send,
     ctx: &ApplyContext<'_>,
     created: &mut dyn CreatedSink,
 ) -> Result<(), StoreError> {
-    let mut changes = changes.into_iter().peekable();
+    let mut changes = changes.peekable();
     let chunks = std::iter::from_fn(move || changes.peek().is_some().then(|| changes.by_ref().take(CHUNK).collect::<Vec<_>>()));
     // Two chunks in flight: while the server writes one, the next is planned and built (on rayon's
     // threads, not the runtime's worker, so that the connection's task keeps reading replies, and
