@@ -85,9 +85,10 @@ fn progress(opts: &ReadOptions<'_>, files: usize) -> Option<indicatif::ProgressB
     })
 }
 
-/// Decodes files on all cores, each not read yet read by `read` into a copy first, dropped once
-/// decoded; documents are kept only when `opts.keep_documents` (validate needs the problems, not
-/// the documents). A file that cannot be read at all (a git error) ends the whole read.
+/// Decodes files on all cores; a file whose body is not read yet is read by `read` into a copy,
+/// dropped once decoded. Documents are kept only when `opts.keep_documents` (validate needs the
+/// problems, not the documents). A file that cannot be read at all (a git error) ends the whole
+/// read.
 fn decode_files(
     files: Vec<&SourceFile>,
     opts: &ReadOptions<'_>,
