@@ -83,10 +83,6 @@ impl DesiredTenant {
         std::mem::replace(self.here(), JsonText::null())
     }
 
-    pub fn into_document(mut self) -> JsonText {
-        self.take_document()
-    }
-
     fn here(&mut self) -> &mut JsonText {
         match &mut self.document {
             Document::Here(d) => d,

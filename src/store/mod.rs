@@ -796,8 +796,6 @@ impl<'a> Change<'a> {
     }
 }
 
-/// Records this source as the owner of what it writes and of the unowned tenants it has files
-/// for; a tenant another source owns (claimed since the plan was made) fails the run.
 /// The tenants a run owns once it applies, each with its file: those it writes, and the
 /// unowned ones it claims. One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice
 /// in one statement.
@@ -817,6 +815,8 @@ fn in_tenant_order<'a>(a: Vec<Change<'a>>, b: impl Iterator<Item = Change<'a>>) 
     })
 }
 
+/// Records this source as the owner of what it writes and of the unowned tenants it has files
+/// for (`owners`); a tenant another source owns (claimed since the plan was made) fails the run.
 async fn claim(tx: &Transaction<'_>, (ids, files): (Vec<&str>, Vec<&str>), ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     if ids.is_empty() {
         return Ok(());
