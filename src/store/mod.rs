@@ -70,13 +70,26 @@ pub enum StoreError {
     Transition(String),
     #[error("keeping the created tenants' plans in a temporary file (TMPDIR); nothing was applied")]
     Spill(#[source] std::io::Error),
-    #[error("reading back a decoded document kept in a temporary file (TMPDIR); nothing was applied")]
-    Parked(#[source] std::io::Error),
+    #[error("tenant {tenant}: reading back its decoded document from a temporary file (TMPDIR); nothing was applied")]
+    Parked {
+        tenant: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Where an apply puts the plans of the tenants it creates, a chunk at a time as it writes them.
 pub trait CreatedSink: Send {
     fn take(&mut self, chunk: Packed) -> std::io::Result<()>;
+}
+
+impl StoreError {
+    pub fn parked(tenant: &str, source: std::io::Error) -> StoreError {
+        StoreError::Parked {
+            tenant: tenant.to_string(),
+            source,
+        }
+    }
 }
 
 /// Where a run keeps the documents it parked outside memory until their write.
@@ -719,8 +732,9 @@ pub async fn apply(
     Ok(count + plan.decommissions().count())
 }
 
-/// The plan's changes in tenant order, each beside its tenant's file. (The index of every tenant by id is gone
-/// before the writes: a first sync of 100,000 tenants does not keep it while it writes.)
+/// The plan's changes in tenant order, each beside its tenant's file. (The index of every tenant
+/// by id is gone before the writes: a first sync of 100,000 tenants does not keep it while it
+/// writes.)
 fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<Vec<Change<'a>>, StoreError> {
     let by_id: BTreeMap<&str, &DesiredTenant> = desired.iter().map(|d| (d.tenant_id.as_str(), d)).collect();
     let mut changes = plan
@@ -789,7 +803,7 @@ impl<'a> Change<'a> {
                 let (Some(parked), Some(at)) = (parked, tenant.parked()) else {
                     panic!("the document of {} is not parked where the run said", tenant.tenant_id)
                 };
-                Ok(parked.fetch(at).map_err(StoreError::Parked)?.value())
+                Ok(parked.fetch(at).map_err(|source| StoreError::parked(&tenant.tenant_id, source))?.value())
             }
             Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => Ok(d.document().value()),
         }

@@ -105,7 +105,9 @@ mod tests {
         let parking = Parking::new().unwrap();
         let (a, b) = (JsonText::of(&json!({"a": 1})), JsonText::of(&json!({"b": 2})));
         let (at_a, at_b) = (parking.park(&a).unwrap(), parking.park(&b).unwrap());
-        parking.file.write_all_at(b"X", at_b.offset).unwrap();
+        let mut byte = [0u8];
+        parking.file.read_exact_at(&mut byte, at_b.offset).unwrap();
+        parking.file.write_all_at(&[byte[0] ^ 1], at_b.offset).unwrap();
         let e = parking.fetch(at_b).unwrap_err();
         assert_eq!(
             (e.kind(), e.to_string().as_str()),

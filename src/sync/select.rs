@@ -376,7 +376,7 @@ impl Decoded {
             }
             actual.extend(differ);
         }
-        // In place: a second list of 100,000 tenants was the peak of a first sync's memory.
+        // In place, without a second list of the tenants.
         let mut kept = kept.into_iter();
         tenants.retain(|_| kept.next().unwrap_or(true));
         // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
@@ -403,7 +403,7 @@ impl Decoded {
         let rows: BTreeSet<&str> = rows.iter().map(String::as_str).collect();
         for t in tenants.iter_mut().filter(|t| rows.contains(t.tenant_id.as_str())) {
             if let Some(at) = t.parked() {
-                t.unpark(parking.fetch(at).map_err(store::StoreError::Parked)?);
+                t.unpark(parking.fetch(at).map_err(|e| store::StoreError::parked(&t.tenant_id, e))?);
             }
         }
         Ok(())
