@@ -236,3 +236,33 @@ fn prune_decommissions_deleted_tenants_within_the_safety_limit() {
     assert!(out.stdout.contains("1 orphaned tenant(s) left alone"), "{}", out.stdout);
     assert_eq!(f.state("cargo"), json!("pending"));
 }
+
+/// Another source claims a tenant between this run's plan and its writes: a trigger gives the
+/// owner row this run inserts to another source, as a concurrent claim would leave it. The run
+/// fails naming the owner, and none of the source's tenants is written.
+#[test]
+fn a_tenant_another_source_claims_while_the_run_writes_fails_the_run() {
+    let f = fleet(0.5);
+    let migrated = f.run(&["migrate"]);
+    assert_eq!(migrated.code, 0, "{}", migrated.all());
+    f.db.exec(
+        "CREATE FUNCTION claimed_meanwhile() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.tenant_id = 'golf' THEN NEW.source := 'elsewhere'; NEW.source_name := 'elsewhere'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER claimed_meanwhile BEFORE INSERT ON gitops_owners FOR EACH ROW EXECUTE FUNCTION claimed_meanwhile()",
+    );
+    let out = f.run(&["sync"]);
+    assert_ne!(out.code, 0, "{}", out.all());
+    assert!(
+        out.stderr.contains("golf") && out.stderr.contains("belongs to source elsewhere"),
+        "{}",
+        out.all()
+    );
+    let platform = "tenant_id IN ('delta', 'echo', 'foxtrot', 'golf')";
+    for table in ["tenants", "audit_events", "gitops_owners", "gitops_applied"] {
+        let rows = f.db.rows(&format!("SELECT tenant_id FROM {table} WHERE {platform}"));
+        assert!(rows.is_empty(), "{table}: {rows:?}");
+    }
+}

@@ -692,27 +692,20 @@ pub async fn apply(
     ctx: &ApplyContext<'_>,
 ) -> Result<usize, StoreError> {
     let planned = planned_changes(plan, desired)?;
-    let written: Vec<&DesiredTenant> = planned.iter().map(Change::desired).chain(creates.iter().map(|c| c.tenant)).collect();
-    let count = written.len();
-    let owners = owners(&written, ctx);
-    drop(written);
-    // The claim first: a tenant another source owns fails the run before any row is written, and
-    // the server records the owners while the first chunk of writes is being built.
-    let statements = match count {
-        0 => None,
-        _ => Some(write::Statements::prepare(tx).await?),
+    let count = planned.len() + creates.len();
+    let statements = match count == 0 && ctx.claims.is_empty() {
+        true => None,
+        false => Some(write::Statements::prepare(tx).await?),
     };
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     // Both lists are in that order already; merged as the chunks take them, not into a third.
     debug_assert!(creates.is_sorted_by(|a, b| a.tenant.tenant_id < b.tenant.tenant_id), "creates in tenant order");
     let changes = in_tenant_order(planned, creates.into_iter().map(Change::Create));
-    let writes = async {
-        match &statements {
-            Some(st) => write::changes(tx, st, changes, ctx, created).await,
-            None => Ok(()),
-        }
-    };
-    futures_util::try_join!(claim(tx, owners, ctx), writes)?;
+    // The unowned tenants the run has files for are claimed ahead of the first chunk; each chunk
+    // claims the tenants it writes.
+    if let Some(st) = &statements {
+        futures_util::try_join!(claim(tx, st, ctx), write::changes(tx, st, changes, ctx, created))?;
+    }
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {
         let commit_time = chrono::DateTime::parse_from_rfc3339(&ctx.commit.time)
@@ -810,15 +803,6 @@ impl<'a> Change<'a> {
     }
 }
 
-/// The tenants a run owns once it applies, each with its file: those it writes, and the
-/// unowned ones it claims. One row per tenant: ON CONFLICT DO UPDATE cannot touch a row twice
-/// in one statement.
-fn owners<'a>(written: &[&'a DesiredTenant], ctx: &'a ApplyContext<'_>) -> (Vec<&'a str>, Vec<&'a str>) {
-    let mut all: BTreeMap<&str, &str> = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).collect();
-    all.extend(written.iter().map(|d| (d.tenant_id.as_str(), d.file.as_str())));
-    all.into_iter().unzip()
-}
-
 /// Two lists of changes, each in tenant order, merged in that order.
 fn in_tenant_order<'a>(a: Vec<Change<'a>>, b: impl Iterator<Item = Change<'a>>) -> impl Iterator<Item = Change<'a>> {
     let (mut a, mut b) = (a.into_iter().peekable(), b.peekable());
@@ -829,52 +813,14 @@ fn in_tenant_order<'a>(a: Vec<Change<'a>>, b: impl Iterator<Item = Change<'a>>) 
     })
 }
 
-/// Records this source as the owner of what it writes and of the unowned tenants it has files
-/// for (`owners`); a tenant another source owns (claimed since the plan was made) fails the run.
-async fn claim(tx: &Transaction<'_>, (ids, files): (Vec<&str>, Vec<&str>), ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
-    if ids.is_empty() {
+/// Records this source as the owner of the unowned tenants it has files for; one another source
+/// has claimed since the plan was made fails the run before any row is written.
+async fn claim(tx: &Transaction<'_>, st: &write::Statements, ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+    if ctx.claims.is_empty() {
         return Ok(());
     }
-    use tokio_postgres::types::{ToSql, Type};
-    // Both statements go out when this is first polled, ahead of the run's first chunk of writes
-    // (the caller polls this first), and the check runs after the insert: it sees what the
-    // insert left with another source, and neither meets a transaction a failed write aborted.
-    let record_params: [(&(dyn ToSql + Sync), Type); 4] = [
-        (&ids, Type::TEXT_ARRAY),
-        (&files, Type::TEXT_ARRAY),
-        (&ctx.source, Type::TEXT),
-        (&ctx.source_name, Type::TEXT),
-    ];
-    let check_params: [(&(dyn ToSql + Sync), Type); 2] = [(&ids, Type::TEXT_ARRAY), (&ctx.source, Type::TEXT)];
-    let record = async {
-        tx.query_typed(
-            "INSERT INTO gitops_owners (tenant_id, source, source_name, file_path)
-             SELECT u.id, $3, $4, u.file FROM unnest($1::text[], $2::text[]) AS u(id, file)
-             ON CONFLICT (tenant_id) DO UPDATE SET file_path = EXCLUDED.file_path, source_name = EXCLUDED.source_name
-              WHERE gitops_owners.source = EXCLUDED.source
-                AND (gitops_owners.file_path, gitops_owners.source_name) IS DISTINCT FROM (EXCLUDED.file_path, EXCLUDED.source_name)",
-            &record_params,
-        )
-        .await
-        .map_err(q("recording which source owns each tenant"))
-    };
-    let check = async {
-        tx.query_typed_opt(
-            "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1",
-            &check_params,
-        )
-        .await
-        .map_err(q("checking ownership"))
-    };
-    let (_, owned) = futures_util::try_join!(record, check)?;
-    if let Some(row) = owned {
-        let (tenant, owner): (String, String) = (row.get(0), row.get(1));
-        return Err(StoreError::Conflict {
-            tenant,
-            message: format!("it belongs to source {owner}"),
-        });
-    }
-    Ok(())
+    let (ids, files): (Vec<&str>, Vec<&str>) = ctx.claims.iter().map(|(id, file)| (id.as_str(), file.as_str())).unzip();
+    st.own(tx, &ids, &files, ctx.source, ctx.source_name).await
 }
 
 /// Prune: moves each tenant the plan decommissions to `decommissioning` through
