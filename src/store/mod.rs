@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
@@ -505,13 +506,25 @@ pub struct RowIndex {
     pub config_version: i64,
     /// From the applied record: file, config_version and document digest.
     pub applied: Option<(String, i64, String)>,
-    /// The commit the applied record came from, when this source wrote it.
-    pub applied_commit: Option<String>,
+    /// The commit the applied record came from, when this source wrote it: one string for the
+    /// rows of one commit (after a first sync every row names the same one).
+    pub applied_commit: Option<Arc<str>>,
     /// Changed since the agent wrote it (its trigger-kept updated_at is newer).
     pub touched: bool,
-    /// The file this source owns it by (none: nobody owns it; made by hand, or before sources
-    /// were recorded). The index holds no rows another source owns.
-    pub owned_file: Option<String>,
+    /// Whether this source owns it (if not, nobody does: made by hand, or before sources were
+    /// recorded). The index holds no rows another source owns.
+    pub owned: bool,
+    /// The file this source owns it by, where that is not the applied record's (nearly never).
+    owned_by_other_file: Option<String>,
+}
+
+impl RowIndex {
+    /// The file this source owns it by; None when nobody owns it. Read before the applied record
+    /// is taken from the row.
+    pub fn owned_file(&self) -> Option<&str> {
+        let applied = || self.applied.as_ref().map(|(file, ..)| file.as_str());
+        self.owned.then(|| self.owned_by_other_file.as_deref().or_else(applied).unwrap_or_default())
+    }
 }
 
 /// The index of the rows a run over `source` works on: those it owns, and those nobody owns
@@ -550,30 +563,35 @@ pub async fn load_index(client: &impl GenericClient, source: &str, unowned_ids: 
     // being held until the last one has.
     let rows = client.query_raw(&sql, params).await.map_err(q("indexing tenants"))?;
     futures_util::pin_mut!(rows);
-    let mut index = Vec::new();
+    let (mut index, mut commit) = (Vec::new(), None);
     while let Some(r) = rows.try_next().await.map_err(q("indexing tenants"))? {
-        index.push(index_from_row(&r)?);
+        index.push(index_from_row(&r, &mut commit)?);
     }
     Ok(index)
 }
 
-fn index_from_row(r: &tokio_postgres::Row) -> Result<RowIndex, StoreError> {
+/// `commit`: the last row's applied commit, which this row shares when it names the same one.
+fn index_from_row(r: &tokio_postgres::Row, commit: &mut Option<Arc<str>>) -> Result<RowIndex, StoreError> {
     let tenant_id: String = r.get(0);
     let bad = |e: tokio_postgres::Error| StoreError::BadRow {
         tenant: tenant_id.clone(),
         message: e.to_string(),
     };
     let file: Option<String> = r.try_get(2).map_err(bad)?;
-    let owned: bool = r.try_get(7).map_err(bad)?;
-    let other_file: Option<String> = r.try_get(8).map_err(bad)?;
-    let owned_file = owned.then(|| other_file.or_else(|| file.clone()).unwrap_or_default());
+    let (owned, owned_by_other_file) = (r.try_get(7).map_err(bad)?, r.try_get(8).map_err(bad)?);
     let applied = match file {
         Some(f) => Some((f, r.try_get(3).map_err(bad)?, r.try_get(4).map_err(bad)?)),
         None => None,
     };
-    let (applied_commit, config_version, touched) = (r.try_get(6).map_err(bad)?, r.try_get(1).map_err(bad)?, r.try_get(5).map_err(bad)?);
+    let applied_commit = match r.try_get::<_, Option<&str>>(6).map_err(bad)? {
+        Some(c) if commit.as_deref() != Some(c) => Some(commit.insert(Arc::from(c)).clone()),
+        Some(_) => commit.clone(),
+        None => None,
+    };
+    let (config_version, touched) = (r.try_get(1).map_err(bad)?, r.try_get(5).map_err(bad)?);
     Ok(RowIndex {
-        owned_file,
+        owned,
+        owned_by_other_file,
         applied_commit,
         config_version,
         touched,

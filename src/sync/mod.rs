@@ -681,7 +681,7 @@ fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: Vec<Unchanged>) -> Ve
     report.extend(
         unchanged
             .into_iter()
-            .map(|u| TenantDrift::known_in_sync(u.tenant_id, u.file, u.config_version, u.applied_commit)),
+            .map(|u| TenantDrift::known_in_sync(u.tenant_id, u.file, u.config_version, u.applied_commit.as_deref().map(str::to_string))),
     );
     report.sort_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     report

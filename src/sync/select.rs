@@ -16,6 +16,7 @@ use crate::store::ParkedDocuments;
 use futures_util::StreamExt;
 use rayon::iter::{Either, IntoParallelIterator, ParallelIterator};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 /// A tenant as git says, as the agent wrote it: its file did not change since the last applied
 /// commit and its row did not change since (known from the index, without reading either), or
@@ -27,7 +28,7 @@ pub struct Unchanged {
     pub config_version: i64,
     pub digest: String,
     /// The commit its applied record names.
-    pub applied_commit: Option<String>,
+    pub applied_commit: Option<Arc<str>>,
 }
 
 /// What a run works from.
@@ -143,17 +144,17 @@ pub(super) fn select(
 ) -> Result<Selection, SyncError> {
     // Looked up only for rows nobody owns: when every row has its owner it is never built.
     let stems = std::cell::LazyCell::new(|| snapshot.files.iter().map(|f| (f.stem(), f.path.as_str())).collect::<BTreeMap<_, _>>());
-    let mine = |r: &store::RowIndex| r.owned_file.is_some() || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
+    let mine = |r: &store::RowIndex| r.owned || scope.adopts_unowned || stems.contains_key(r.tenant_id.as_str());
     let index: Vec<store::RowIndex> = index.into_iter().filter(mine).collect();
     let owned = scope.prunes.then(|| {
         index
             .iter()
-            .filter_map(|r| r.owned_file.as_ref().map(|f| (r.tenant_id.clone(), f.clone())))
+            .filter_map(|r| r.owned_file().map(|f| (r.tenant_id.clone(), f.to_string())))
             .collect()
     });
     let claims: Vec<(String, String)> = index
         .iter()
-        .filter(|r| r.owned_file.is_none())
+        .filter(|r| !r.owned)
         .filter_map(|r| stems.get(r.tenant_id.as_str()).map(|f| (r.tenant_id.clone(), f.to_string())))
         .collect();
     let changed = match last {
@@ -196,7 +197,6 @@ fn match_files(
     index.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
     let mut taken = vec![false; index.len()];
     let mut read = BTreeSet::new();
-    let mut same_rows = Vec::new();
     let mut next = 0;
     for f in &snapshot.files {
         let pos = match index.get(next) {
@@ -206,39 +206,43 @@ fn match_files(
         next = pos.map_or(next, |p| p + 1);
         let same = pos.ok().filter(|p| {
             let r = &index[*p];
-            let from_here = r.applied_commit.as_ref().is_some_and(|commit| trusted.contains(commit));
+            let from_here = r.applied_commit.as_deref().is_some_and(|commit| trusted.contains(commit));
             !taken[*p]
                 && r.applied
                     .as_ref()
                     .is_some_and(|(file, version, _)| from_here && !changed.contains(&f.path) && *file == f.path && !r.touched && *version == r.config_version)
         });
         match same {
-            Some(p) => {
-                taken[p] = true;
-                same_rows.push(p);
-            }
+            Some(p) => taken[p] = true,
             None => {
                 read.insert(f.path.clone());
             }
         }
     }
-    // Moved out once the searches are done (an emptied tenant_id would mislead them); a row taken
-    // here is left out of the rows.
-    let unchanged: Vec<Unchanged> = same_rows
+    // Moved out once the searches are done (an emptied tenant_id would mislead them). The rows
+    // left first; then the unchanged ones, collected from the index's own iterator, which builds
+    // them in its memory instead of beside it (10 MB at 100,000 rows, at a no-op run's peak).
+    let rows = index
+        .iter_mut()
+        .zip(&taken)
+        .filter(|(_, t)| !**t)
+        .map(|(r, _)| std::mem::take(&mut r.tenant_id))
+        .collect();
+    let unchanged: Vec<Unchanged> = index
         .into_iter()
-        .map(|p| {
-            let r = &mut index[p];
-            let (file, config_version, digest) = r.applied.take().expect("checked above");
+        .enumerate()
+        .filter(|(i, _)| taken[*i])
+        .map(|(_, r)| {
+            let (file, config_version, digest) = r.applied.expect("checked above");
             Unchanged {
-                tenant_id: std::mem::take(&mut r.tenant_id),
+                tenant_id: r.tenant_id,
                 file,
                 config_version,
                 digest,
-                applied_commit: r.applied_commit.take(),
+                applied_commit: r.applied_commit,
             }
         })
         .collect();
-    let rows = index.into_iter().zip(taken).filter(|(_, t)| !t).map(|(r, _)| r.tenant_id).collect();
     (read, unchanged, rows)
 }
 
@@ -438,7 +442,7 @@ fn fold(tenants: &[DesiredTenant], rows: Vec<ActualTenant>, key: &[u8]) -> (Vec<
                     file: tenants[i].file.clone(),
                     config_version,
                     digest: rec.digest,
-                    applied_commit: Some(rec.commit_id),
+                    applied_commit: Some(rec.commit_id.into()),
                 },
             )),
             (_, a) => Either::Right(a),
