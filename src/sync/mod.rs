@@ -289,9 +289,9 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         key: &key,
         full: opts.full,
         prunes: src.prune || opts.prune,
-        // A first sync decodes every file before the lock and writes them all: their documents
-        // wait outside memory. A run that plans them all under the lock keeps them.
-        decoded: Decoded::new(matches!(run, Run::Apply { .. }) && !opts.want_drift && !opts.full),
+        // An apply decodes files before it takes the lock: their documents wait outside memory
+        // until they are compared with their rows or written.
+        decoded: Decoded::new(matches!(run, Run::Apply { .. })),
         changes: select::Changes::default(),
         verified: None,
     };
@@ -445,7 +445,10 @@ impl Attempts<'_> {
         crate::domain::plan::annotate_embedding(&mut fresh, &state.desired.tenants, ctx.cfg.embedding_endpoint.as_deref());
         let created = spill.finish().map_err(StoreError::Spill)?;
         let drift_report = match opts.want_drift {
-            true => Some(drift_after(&tx, &mut state, applied, key).await?),
+            true => {
+                self.decoded.unpark_all(&mut state.desired.tenants)?;
+                Some(drift_after(&tx, &mut state, applied, key).await?)
+            }
             false => None,
         };
         tx.commit().await.map_err(store::q("committing"))?;

@@ -14,7 +14,7 @@ use crate::source::{Snapshot, SourceError};
 use crate::store;
 use crate::store::ParkedDocuments;
 use futures_util::StreamExt;
-use rayon::iter::{Either, IntoParallelIterator, ParallelIterator};
+use rayon::iter::{Either, IntoParallelIterator, IntoParallelRefIterator, ParallelIterator};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -367,15 +367,21 @@ impl Decoded {
             claims,
             ..
         } = selection;
-        self.unpark(&mut tenants, &rows)?;
         let (mut actual, mut kept) = (Vec::new(), vec![true; tenants.len()]);
         // The next chunk is on its way while this one is compared.
-        let mut chunks = futures_util::stream::iter(rows.chunks(ROWS_CHUNK)).map(|ids| client.rows(ids)).buffered(2);
-        while let Some(read) = chunks.next().await {
+        let mut chunks = futures_util::stream::iter(rows.chunks(ROWS_CHUNK))
+            .map(|ids| async move { (ids, client.rows(ids).await) })
+            .buffered(2);
+        while let Some((ids, read)) = chunks.next().await {
             let read = read?;
+            // A parked document comes back for its row's chunk, and one in step with its row is
+            // dropped with it: a run that reads every row holds those that differ, not all.
+            let parked = tenants_at(&tenants, ids);
+            self.unpark(&mut tenants, parked)?;
             let (steps, differ) = crate::blocking(|| fold(&tenants, read, key));
             for (i, u) in steps {
                 kept[i] = false;
+                drop(tenants[i].take_document());
                 unchanged.push(u);
             }
             actual.extend(differ);
@@ -400,18 +406,37 @@ impl Decoded {
 }
 
 impl Decoded {
-    /// The documents of the tenants that have rows, fetched back: they are compared with their
-    /// rows and planned under the lock. The rest are created, and fetched as they are written.
-    fn unpark(&self, tenants: &mut [DesiredTenant], rows: &[String]) -> Result<(), SyncError> {
+    /// The documents of `tenants` at `positions`, fetched back where they are parked (on every
+    /// core): to be compared with their rows and planned, or reported on after the apply.
+    fn unpark(&self, tenants: &mut [DesiredTenant], positions: Vec<usize>) -> Result<(), SyncError> {
         let Some(parking) = &self.parking else { return Ok(()) };
-        let rows: BTreeSet<&str> = rows.iter().map(String::as_str).collect();
-        for t in tenants.iter_mut().filter(|t| rows.contains(t.tenant_id.as_str())) {
-            if let Some(at) = t.parked() {
-                t.unpark(parking.fetch(at).map_err(|e| store::StoreError::parked(&t.tenant_id, e))?);
+        let fetch = |&i: &usize| {
+            let t: &DesiredTenant = &tenants[i];
+            let doc = t.parked().map(|at| parking.fetch(at).map_err(|e| store::StoreError::parked(&t.tenant_id, e)));
+            doc.transpose().map(|doc| (i, doc))
+        };
+        let fetched = crate::blocking(|| positions.par_iter().map(fetch).collect::<Result<Vec<_>, _>>())?;
+        for (i, doc) in fetched {
+            if let Some(doc) = doc {
+                tenants[i].unpark(doc);
             }
         }
         Ok(())
     }
+
+    /// Every document still parked, fetched back: a drift report after the apply reads the
+    /// created tenants' documents.
+    pub(super) fn unpark_all(&self, tenants: &mut [DesiredTenant]) -> Result<(), SyncError> {
+        let parked = (0..tenants.len()).filter(|&i| tenants[i].parked().is_some()).collect();
+        self.unpark(tenants, parked)
+    }
+}
+
+/// The positions in `tenants` (sorted by id) of the tenants `ids` name.
+fn tenants_at(tenants: &[DesiredTenant], ids: &[String]) -> Vec<usize> {
+    ids.iter()
+        .filter_map(|id| tenants.binary_search_by(|t| t.tenant_id.as_str().cmp(id)).ok())
+        .collect()
 }
 
 /// Rows read in full come this many at a time: all at once, a full read of 100,000 held every
