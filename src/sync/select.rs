@@ -295,6 +295,9 @@ pub(super) struct Decoded {
     all: bool,
     files: BTreeSet<String>,
     tenants: Vec<DesiredTenant>,
+    /// Whether documents are parked: in a file made when the first ones are decoded (a run with
+    /// nothing to decode makes none).
+    park: bool,
     /// Where the documents wait, when they are parked.
     parking: Option<Parking>,
 }
@@ -303,11 +306,7 @@ impl Decoded {
     /// With `park`, documents wait outside memory from their decoding until they are needed
     /// (unless no temporary file can be made: then they stay).
     pub(super) fn new(park: bool) -> Decoded {
-        let parking = park.then(Parking::new).transpose().unwrap_or_else(|e| {
-            tracing::debug!(error = %e, "no temporary file: decoded documents stay in memory");
-            None
-        });
-        Decoded { parking, ..Decoded::default() }
+        Decoded { park, ..Decoded::default() }
     }
 
     pub(super) fn parking(&self) -> Option<&Parking> {
@@ -322,6 +321,11 @@ impl Decoded {
         }
         let missing: Option<BTreeSet<String>> = selection.read.as_ref().map(|r| r.difference(&self.files).cloned().collect());
         tracing::debug!(files = missing.as_ref().map_or(snapshot.files.len(), BTreeSet::len), "decoding tenant files");
+        if std::mem::take(&mut self.park) {
+            self.parking = Parking::new()
+                .inspect_err(|e| tracing::debug!(error = %e, "no temporary file: decoded documents stay in memory"))
+                .ok();
+        }
         let opts = ReadOptions {
             park: self.parking.as_ref(),
             ..ReadOptions::from_ctx(ctx)
