@@ -23,8 +23,9 @@ pub struct DesiredTenant {
     /// the documents were most of a run's memory (about 6 KB a tenant for 1 KB of text), so whoever
     /// needs the tree parses it for the moment. A sync that reports no drift after applying takes
     /// a created tenant's document out for the write and leaves `null` here: nothing after the
-    /// apply may read it. A first sync parks each document outside memory until its write (see
-    /// [`Parked`]); reading a parked document is a bug, and panics rather than read `null`.
+    /// apply may read it. An apply parks each document outside memory until it is compared or
+    /// written (see [`Parked`]); reading a parked document is a bug, and panics rather than read
+    /// `null`.
     document: Document,
     /// Pointers into `document` of the values that were encrypted in the file; tenants whose
     /// files encrypt the same paths share one set (see [`SharedPaths`]).

@@ -1,9 +1,9 @@
-//! Decoded documents parked in a temporary file between their decoding and their write. A first
-//! sync decodes every file before it takes the lock, and then held every document (about 600
-//! bytes of text a tenant, 58 MB at 100,000) until its chunk was written. Parked, a tenant holds
-//! where its document is. The documents hold decrypted secrets, so each is sealed (AES-256-GCM)
-//! under a key that exists only in this process; the file has no name, so nothing else opens it,
-//! and it is gone with the run.
+//! Decoded documents parked in a temporary file between their decoding and their use. An apply
+//! decodes its files before it takes the lock, and then held every document (about 600 bytes of
+//! text a tenant, 58 MB at 100,000) until it was compared with its row or its chunk was written.
+//! Parked, a tenant holds where its document is. The documents hold decrypted secrets, so each is
+//! sealed (AES-256-GCM) under a key that exists only in this process; the file has no name, so
+//! nothing else opens it, and it is gone with the run.
 
 use crate::domain::json::JsonText;
 use crate::domain::tenant::Parked;
