@@ -380,8 +380,8 @@ impl Decoded {
             let read = read?;
             // A parked document comes back for its row's chunk, and one in step with its row is
             // dropped with it: a run that reads every row holds those that differ, not all.
-            let parked = tenants_at(&tenants, ids);
-            self.unpark(&mut tenants, parked)?;
+            let chunk = positions_of(&tenants, ids);
+            self.unpark(&mut tenants, chunk)?;
             let (steps, differ) = crate::blocking(|| fold(&tenants, read, key));
             for (i, u) in steps {
                 kept[i] = false;
@@ -437,7 +437,7 @@ impl Decoded {
 }
 
 /// The positions in `tenants` (sorted by id) of the tenants `ids` name.
-fn tenants_at(tenants: &[DesiredTenant], ids: &[String]) -> Vec<usize> {
+fn positions_of(tenants: &[DesiredTenant], ids: &[String]) -> Vec<usize> {
     ids.iter()
         .filter_map(|id| tenants.binary_search_by(|t| t.tenant_id.as_str().cmp(id)).ok())
         .collect()
