@@ -328,19 +328,10 @@ fn rows_written_from_the_work_tree_are_not_trusted_by_the_next_commit_sync() {
 #[test]
 fn a_full_sync_across_chunks_of_rows_finds_every_hand_edit() {
     let (repo, db) = (TestRepo::new(), TestDb::new());
-    let ids: Vec<String> = (0..2_100).map(|i| format!("t-{i:04}")).collect();
     let formats = [Format::Toml, Format::Json, Format::Yaml];
-    let dir = repo.path();
-    std::thread::scope(|s| {
-        for (n, part) in ids.chunks(ids.len().div_ceil(2)).enumerate() {
-            s.spawn(move || {
-                for (i, id) in part.iter().enumerate() {
-                    let format = formats[(n + i) % 3];
-                    std::fs::write(dir.join(format!("tenants/{id}.{}", ext(format))), encrypt(&tenant_doc(id), format)).unwrap();
-                }
-            });
-        }
-    });
+    for i in 0..2_100 {
+        repo.put_tenant(&tenant_doc(&format!("t-{i:04}")), formats[i % 3]);
+    }
     repo.commit("2,100 tenants");
     let first = run(&repo, Some(&db), &["sync"]);
     assert_eq!(first.code, 0, "{}", first.all());
