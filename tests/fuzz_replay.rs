@@ -78,3 +78,8 @@ fn yaml_roundtrip_regressions() {
 fn render_regressions() {
     replay("render", targets::render);
 }
+
+#[test]
+fn yaml_fast_path_regressions() {
+    replay("yaml_fast_path", targets::yaml_fast_path);
+}

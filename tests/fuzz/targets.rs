@@ -104,3 +104,14 @@ pub fn render(data: &[u8]) {
     }
     let _: Value = render::plan_json(&p, &header);
 }
+
+/// Where the block YAML reader answers, it reads what yaml-rust2 reads: the same tree with its
+/// keys in the same order, or the same refusal with the same line and pointer.
+pub fn yaml_fast_path(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    let (read, full) = (frostbyte_gitops::parse::yaml(text), frostbyte_gitops::parse::yaml_full(text));
+    assert_eq!(read, full, "{text:?}");
+    if let (Ok(a), Ok(b)) = (read, full) {
+        assert_eq!(a.to_string(), b.to_string(), "{text:?}");
+    }
+}

@@ -232,21 +232,38 @@ fn toml_integer(i: &toml::de::DeInteger<'_>) -> Option<Value> {
         .ok()
 }
 
-// ---------- YAML: events from yaml-rust2, pulled one at a time ----------
+// ---------- YAML: events from the block reader or yaml-rust2, pulled one at a time ----------
+
+mod block;
 
 pub fn yaml(text: &str) -> Result<Value, ParseError> {
+    match block::events(text) {
+        Some(events) => yaml_tree(events.into_iter().map(Ok)),
+        None => yaml_full(text),
+    }
+}
+
+/// YAML read by yaml-rust2 alone: what [`yaml`] gives for every text, faster for the block
+/// YAML that sops writes.
+pub fn yaml_full(text: &str) -> Result<Value, ParseError> {
     let mut parser = Parser::new_from_str(text);
+    yaml_tree(std::iter::from_fn(move || {
+        Some(parser.next_token().map(|(event, mark)| (event, mark.line())).map_err(|e| ParseError {
+            line: Some(e.marker().line()),
+            pointer: None,
+            message: e.info().to_string(),
+        }))
+    }))
+}
+
+fn yaml_tree(events: impl Iterator<Item = Result<(Event, usize), ParseError>>) -> Result<Value, ParseError> {
     let mut b = TreeBuilder::new();
     // For each open collection: None for a list; for a mapping, whether the next node is a key.
     let mut expecting_key: Vec<Option<bool>> = Vec::new();
     let mut documents = 0;
-    loop {
-        let (event, mark) = parser.next_token().map_err(|e| ParseError {
-            line: Some(e.marker().line()),
-            pointer: None,
-            message: e.info().to_string(),
-        })?;
-        let line = Some(mark.line());
+    for item in events {
+        let (event, line) = item?;
+        let line = Some(line);
         let refuse = |p: Problem| from_problem(p, line);
         let plain = |message: &str| ParseError {
             line,
