@@ -83,3 +83,8 @@ fn render_regressions() {
 fn yaml_fast_path_regressions() {
     replay("yaml_fast_path", targets::yaml_fast_path);
 }
+
+#[test]
+fn toml_fast_path_regressions() {
+    replay("toml_fast_path", targets::toml_fast_path);
+}

@@ -19,18 +19,7 @@ const MAX_KEY: usize = 128;
 pub(super) type Events = Vec<(Event, usize)>;
 
 pub(super) fn events(text: &str) -> Option<Events> {
-    let body = text.strip_suffix('\n')?;
-    // Without a branch per byte, so that it runs a vector at a time.
-    let outside = body.bytes().fold(false, |out, b| out | ((b < 0x20) & (b != b'\n')) | (b > 0x7e));
-    if outside {
-        return None;
-    }
-    let mut lines = Vec::with_capacity(body.len() / 32);
-    let mut start = 0;
-    for end in memchr::memchr_iter(b'\n', body.as_bytes()).chain([body.len()]) {
-        lines.push(&body[start..end]);
-        start = end + 1;
-    }
+    let lines = super::ascii_lines(text)?;
     if lines.iter().any(|l| l.trim_start_matches(' ').starts_with('#')) {
         return None;
     }

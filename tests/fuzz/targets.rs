@@ -108,8 +108,19 @@ pub fn render(data: &[u8]) {
 /// Where the block YAML reader answers, it reads what yaml-rust2 reads: the same tree with its
 /// keys in the same order, or the same refusal with the same line and pointer.
 pub fn yaml_fast_path(data: &[u8]) {
+    same_reading(data, frostbyte_gitops::parse::yaml, frostbyte_gitops::parse::yaml_full);
+}
+
+/// Where the simple TOML reader answers, it reads what the `toml` crate reads.
+pub fn toml_fast_path(data: &[u8]) {
+    same_reading(data, frostbyte_gitops::parse::toml, frostbyte_gitops::parse::toml_full);
+}
+
+type Reader = fn(&str) -> Result<Value, frostbyte_gitops::parse::ParseError>;
+
+fn same_reading(data: &[u8], read: Reader, full: Reader) {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let (read, full) = (frostbyte_gitops::parse::yaml(text), frostbyte_gitops::parse::yaml_full(text));
+    let (read, full) = (read(text), full(text));
     assert_eq!(read, full, "{text:?}");
     if let (Ok(a), Ok(b)) = (read, full) {
         assert_eq!(a.to_string(), b.to_string(), "{text:?}");
