@@ -186,6 +186,7 @@ fn ascii_lines(text: &str) -> Option<Vec<&str>> {
 
 mod simple_toml;
 
+/// TOML as the `toml` crate reads it, through the simple reader when the text is of its kind.
 pub fn toml(text: &str) -> Result<Value, ParseError> {
     match simple_toml::tree(text) {
         Some(tree) => Ok(tree),
@@ -264,6 +265,7 @@ fn toml_integer(i: &toml::de::DeInteger<'_>) -> Option<Value> {
 
 mod block;
 
+/// YAML as yaml-rust2 reads it, through the block reader when the text is of its kind.
 pub fn yaml(text: &str) -> Result<Value, ParseError> {
     match block::events(text) {
         Some(events) => yaml_tree(events.into_iter().map(Ok)),
