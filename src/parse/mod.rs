@@ -184,6 +184,51 @@ fn ascii_lines(text: &str) -> Option<Vec<&str>> {
     Some(lines)
 }
 
+/// A one-line string in double quotes, from after its opening quote: its text with JSON's escapes
+/// decoded (`\/` only where `slash`, as YAML has it and TOML does not), and what follows the
+/// closing quote. None for any other escape or no closing quote. What the simple readers take.
+fn double_quoted(s: &str, slash: bool) -> Option<(String, &str)> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let special = memchr::memchr2(b'"', b'\\', rest.as_bytes())?;
+        out.push_str(&rest[..special]);
+        if rest.as_bytes()[special] == b'"' {
+            return Some((out, &rest[special + 1..]));
+        }
+        let escape = *rest.as_bytes().get(special + 1)?;
+        rest = &rest[special + 2..];
+        out.push(match escape {
+            b'"' | b'\\' => escape as char,
+            b'/' if slash => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hex = rest.get(..4).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+                rest = &rest[4..];
+                char::from_u32(u32::from_str_radix(hex, 16).ok()?)?
+            }
+            _ => return None,
+        });
+    }
+}
+
+/// The texts of example-repo's tenant files with extension `ext`.
+#[cfg(test)]
+fn example_texts(ext: &str) -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/example-repo/tenants");
+    let paths = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
+    let texts: Vec<String> = paths
+        .filter(|p| p.extension().is_some_and(|e| e == ext))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert!(texts.len() >= 2, "example-repo has {} .{ext} files", texts.len());
+    texts
+}
+
 mod simple_toml;
 
 /// TOML as the `toml` crate reads it, through the simple reader when the text is of its kind.
