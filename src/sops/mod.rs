@@ -118,11 +118,31 @@ pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
     }
 }
 
+mod x25519;
+
 /// The age identities the agent decrypts with, each beside its recipient: deriving a recipient
 /// is a scalar multiplication, and every file's data key is matched against them.
 #[derive(Clone, Default)]
 pub struct AgeKeys {
-    identities: Vec<(age::x25519::Identity, String)>,
+    identities: Vec<AgeKey>,
+}
+
+#[derive(Clone)]
+struct AgeKey {
+    /// age's own: what a key file holds.
+    identity: age::x25519::Identity,
+    unwrapper: x25519::Unwrapper,
+    recipient: String,
+}
+
+impl AgeKey {
+    fn new(identity: age::x25519::Identity) -> AgeKey {
+        AgeKey {
+            unwrapper: x25519::Unwrapper::new(&identity),
+            recipient: identity.to_public().to_string(),
+            identity,
+        }
+    }
 }
 
 impl std::fmt::Debug for AgeKeys {
@@ -141,8 +161,7 @@ impl AgeKeys {
                 continue;
             }
             let id = age::x25519::Identity::from_str(line).map_err(|e| format!("{origin}, line {}: not an age X25519 identity ({e})", n + 1))?;
-            let recipient = id.to_public().to_string();
-            self.identities.push((id, recipient));
+            self.identities.push(AgeKey::new(id));
         }
         Ok(())
     }
@@ -152,25 +171,23 @@ impl AgeKeys {
     }
 
     pub fn recipients(&self) -> Vec<String> {
-        self.identities.iter().map(|(_, r)| r.clone()).collect()
+        self.identities.iter().map(|k| k.recipient.clone()).collect()
     }
 
     /// A new identity and its recipient (for tests and tools).
     pub fn generate() -> (Self, String) {
-        let id = age::x25519::Identity::generate();
-        let public = id.to_public().to_string();
-        (
-            AgeKeys {
-                identities: vec![(id, public.clone())],
-            },
-            public,
-        )
+        let key = AgeKey::new(age::x25519::Identity::generate());
+        let public = key.recipient.clone();
+        (AgeKeys { identities: vec![key] }, public)
     }
 
     /// The identities as an age key file holds them. Secret: for writing a key file, never a log.
     pub fn secret_text(&self) -> String {
         use age::secrecy::ExposeSecret;
-        self.identities.iter().map(|(i, _)| i.to_string().expose_secret().to_string() + "\n").collect()
+        self.identities
+            .iter()
+            .map(|k| k.identity.to_string().expose_secret().to_string() + "\n")
+            .collect()
     }
 
     fn unwrap_data_key(&self, stanzas: &[(String, String)]) -> Result<Vec<u8>, SopsError> {
@@ -180,9 +197,9 @@ impl AgeKeys {
         let mut last_error = None;
         // Match on the recipient first: one X25519 operation instead of one per identity and stanza.
         for (recipient, enc) in stanzas {
-            for (id, public) in &self.identities {
-                if public == recipient.trim() {
-                    match decrypt_age(enc, id) {
+            for key in &self.identities {
+                if key.recipient == recipient.trim() {
+                    match decrypt_age(enc, &key.unwrapper) {
                         Ok(key) => return Ok(key),
                         Err(e) => last_error = Some(e),
                     }
@@ -196,14 +213,14 @@ impl AgeKeys {
     }
 }
 
-fn decrypt_age(armored: &str, id: &age::x25519::Identity) -> Result<Vec<u8>, String> {
+fn decrypt_age(armored: &str, id: &dyn age::Identity) -> Result<Vec<u8>, String> {
     let reader = age::armor::ArmoredReader::new(armored.as_bytes());
     // Not `Decryptor::new`: given a plain reader, it parses the header again from its start for
     // every few bytes it reads (a fifth of `validate`'s time went there); buffered, once a line.
     let decryptor = age::Decryptor::new_buffered(reader).map_err(|e| e.to_string())?;
     let mut out = Vec::with_capacity(32);
     decryptor
-        .decrypt(std::iter::once(id as &dyn age::Identity))
+        .decrypt(std::iter::once(id))
         .map_err(|e| e.to_string())?
         .read_to_end(&mut out)
         .map_err(|e| e.to_string())?;
