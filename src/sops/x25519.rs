@@ -152,6 +152,60 @@ mod tests {
         assert!(opened >= 7, "{opened}");
     }
 
+    /// What an identity made of a stanza, comparable across identities.
+    fn outcome(r: Option<Result<FileKey, DecryptError>>) -> String {
+        match r {
+            None => "not ours".into(),
+            Some(Ok(k)) => format!("{:?}", k.expose_secret()),
+            Some(Err(e)) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn mutated_stanzas_get_what_age_gives_them() {
+        use age::Recipient;
+        use rand::{Rng, SeedableRng};
+        let id = age::x25519::Identity::generate();
+        let unwrapper = Unwrapper::new(&id);
+        let file_key = FileKey::new(Box::new([7; FILE_KEY_BYTES]));
+        let (stanzas, _) = id.to_public().wrap_file_key(&file_key).unwrap();
+        let valid = &stanzas[0];
+        assert_eq!(outcome(age::Identity::unwrap_stanza(&unwrapper, valid)), format!("{:?}", [7u8; FILE_KEY_BYTES]));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=-_ ";
+        let mut kinds = std::collections::BTreeSet::new();
+        for _ in 0..2000 {
+            let mut s = Stanza {
+                tag: valid.tag.clone(),
+                args: valid.args.clone(),
+                body: valid.body.clone(),
+            };
+            match rng.gen_range(0..5) {
+                0 => {
+                    let i = rng.gen_range(0..s.body.len());
+                    s.body[i] ^= 1 << rng.gen_range(0..8);
+                }
+                1 => s.body.truncate(rng.gen_range(0..s.body.len())),
+                2 => s.body.push(rng.r#gen()),
+                3 => {
+                    let mut share = s.args[0].clone().into_bytes();
+                    let i = rng.gen_range(0..share.len());
+                    share[i] = alphabet[rng.gen_range(0..alphabet.len())];
+                    s.args[0] = String::from_utf8(share).unwrap();
+                }
+                _ => {
+                    let cut = rng.gen_range(0..=s.args[0].len());
+                    s.args[0].truncate(cut);
+                }
+            }
+            let ours = outcome(age::Identity::unwrap_stanza(&unwrapper, &s));
+            assert_eq!(ours, outcome(age::Identity::unwrap_stanza(&id, &s)), "{:?} {:?}", s.args, s.body);
+            kinds.insert(ours);
+        }
+        // Both kinds of failure were met (a mutation that leaves the stanza as it was opens it).
+        assert!(kinds.contains("InvalidHeader") && kinds.contains("not ours"), "{kinds:?}");
+    }
+
     fn non_canonical(share: &str) -> String {
         const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let last = ALPHABET.iter().position(|&c| c == *share.as_bytes().last().unwrap()).unwrap();
