@@ -19,6 +19,8 @@ use std::str::FromStr;
 
 use crate::domain::json::child;
 
+mod x25519;
+
 type Cipher = AesGcm<Aes256, U32>;
 
 /// sha256("sops"): the digest starts with it when `mac_only_encrypted` is set (sops.go).
@@ -117,8 +119,6 @@ pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
         Format::Toml => toml::to_string_pretty(value).map_err(|e| SopsError::Encrypt(format!("as TOML: {e}"))),
     }
 }
-
-mod x25519;
 
 /// The age identities the agent decrypts with, each beside its recipient: deriving a recipient
 /// is a scalar multiplication, and every file's data key is matched against them.
