@@ -374,26 +374,22 @@ impl Source {
             // Not format!: at 100,000 entries its machinery was a fifth of listing a tree.
             let mut path = String::with_capacity(dir.len() + 1 + name.len());
             path.extend([dir, "/", name]);
-            let kind = e.kind();
-            match (tenant_stem(name), kind) {
-                (Some(_), Some(git2::ObjectType::Blob)) => {
-                    let body = if e.filemode() == 0o120000 { Body::Symlink } else { Body::Unread(e.id()) };
-                    files.push(SourceFile::new(path, body));
-                }
-                (Some(_), Some(git2::ObjectType::Commit)) => files.push(SourceFile::new(path, Body::Refused("is a git submodule, not a tenant file".into()))),
-                (Some(_), _) => files.push(SourceFile::new(path, Body::Refused("is a directory named like a tenant file".into()))),
-                (None, Some(git2::ObjectType::Tree)) if !name.starts_with('.') => {
-                    if depth + 1 > MAX_DEPTH {
-                        files.push(SourceFile::refused(
-                            path,
-                            &format!("is nested deeper than {MAX_DEPTH} directories under the tenant path"),
-                        ));
-                        continue;
-                    }
+            let kind = match e.kind() {
+                Some(git2::ObjectType::Blob) if e.filemode() == 0o120000 => EntryKind::Symlink,
+                Some(git2::ObjectType::Blob) => EntryKind::File,
+                Some(git2::ObjectType::Tree) => EntryKind::Dir,
+                Some(git2::ObjectType::Commit) => EntryKind::Submodule,
+                _ => EntryKind::Other,
+            };
+            match classify(name, kind, depth) {
+                Entry::Tenant if kind == EntryKind::Symlink => files.push(SourceFile::new(path, Body::Symlink)),
+                Entry::Tenant => files.push(SourceFile::new(path, Body::Unread(e.id()))),
+                Entry::Walk => {
                     let sub = self.repo.find_tree(e.id()).map_err(self.git_err(format!("reading {path}")))?;
                     self.walk_tree(&sub, &path, depth + 1, files)?;
                 }
-                _ => {}
+                Entry::Skip => {}
+                Entry::Refuse(why) => files.push(SourceFile::refused(path, &why)),
             }
             if files.len() > MAX_FILES {
                 return Err(SourceError::TooManyFiles { path: self.tenant_dir() });
@@ -543,39 +539,129 @@ fn walk_dir(dir: &Path, rel: &str, depth: usize, files: &mut Vec<SourceFile>) ->
     };
     for e in std::fs::read_dir(dir).map_err(io(dir))? {
         let e = e.map_err(io(dir))?;
-        let name = e.file_name().to_string_lossy().to_string();
-        let path = format!("{rel}/{name}");
-        let meta = std::fs::symlink_metadata(e.path()).map_err(io(&e.path()))?;
-        if tenant_stem(&name).is_none() {
-            if meta.is_dir() && !name.starts_with('.') {
-                if depth + 1 > MAX_DEPTH {
-                    files.push(SourceFile::refused(
-                        path,
-                        &format!("is nested deeper than {MAX_DEPTH} directories under the tenant path"),
-                    ));
-                } else {
-                    walk_dir(&e.path(), &path, depth + 1, files)?;
-                }
-            }
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            let shown = name.to_string_lossy();
+            files.push(SourceFile::refused(format!("{rel}/{shown}"), "the file name is not valid UTF-8"));
+            continue;
+        };
+        // The repository's own directory, when the tenant path is the work tree's root.
+        if name == ".git" {
             continue;
         }
-        let body = if meta.file_type().is_symlink() {
-            Body::Symlink
-        } else if meta.is_dir() {
-            Body::Refused("is a directory named like a tenant file".into())
-        } else if !meta.is_file() {
-            continue;
-        } else if meta.len() > MAX_FILE_BYTES {
-            Body::TooLarge(meta.len())
-        } else {
-            Body::Bytes(std::fs::read(e.path()).map_err(io(&e.path()))?)
+        let path = format!("{rel}/{name}");
+        let kind = match std::fs::symlink_metadata(e.path()) {
+            Ok(m) if m.file_type().is_symlink() => EntryKind::Symlink,
+            Ok(m) if m.is_dir() => EntryKind::Dir,
+            Ok(m) if m.is_file() => EntryKind::File,
+            Ok(_) => EntryKind::Other,
+            Err(err) => {
+                files.push(SourceFile::refused(path, &format!("cannot be read: {err}")));
+                continue;
+            }
         };
-        files.push(SourceFile::new(path, body));
+        match classify(name, kind, depth) {
+            Entry::Tenant if kind == EntryKind::Symlink => files.push(SourceFile::new(path, Body::Symlink)),
+            Entry::Tenant => {
+                let body = match read_capped(&e.path()) {
+                    Ok(body) => body,
+                    Err(err) => {
+                        files.push(SourceFile::refused(path, &format!("cannot be read: {err}")));
+                        continue;
+                    }
+                };
+                files.push(SourceFile::new(path, body));
+            }
+            Entry::Walk => walk_dir(&e.path(), &path, depth + 1, files)?,
+            Entry::Skip => {}
+            Entry::Refuse(why) => files.push(SourceFile::refused(path, &why)),
+        }
         if files.len() > MAX_FILES {
             return Ok(());
         }
     }
     Ok(())
+}
+
+/// A work-tree file's bytes, or its size when over the limit (never read past it).
+fn read_capped(path: &Path) -> std::io::Result<Body> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        let len = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Ok(Body::TooLarge(len));
+    }
+    Ok(Body::Bytes(bytes))
+}
+
+/// What an entry under the tenant path is, as git or the file system says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntryKind {
+    File,
+    Symlink,
+    Dir,
+    Submodule,
+    /// A socket, a pipe, a device.
+    Other,
+}
+
+/// What the walk does with an entry. Every entry is read, walked, one of the few files a tenant
+/// directory may hold beside tenant files, or reported: none is passed over in silence, since a
+/// tenant file the walk does not see is a tenant a pruning run decommissions.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Tenant,
+    Walk,
+    Skip,
+    Refuse(String),
+}
+
+/// Files a tenant directory may hold that are not tenants: notes for people and git's or sops's
+/// own settings.
+fn is_companion(name: &str) -> bool {
+    matches!(name, ".gitkeep" | ".gitignore" | ".gitattributes" | ".sops.yaml") || (name.ends_with(".md") && !name.starts_with('.'))
+}
+
+fn classify(name: &str, kind: EntryKind, depth: usize) -> Entry {
+    let refuse = |why: &str| Entry::Refuse(why.to_string());
+    let odd_edges = name.trim() != name || name.chars().any(char::is_control);
+    match kind {
+        EntryKind::Submodule => return refuse("is a git submodule; nothing in it is read"),
+        EntryKind::Other => return refuse("is not a regular file or directory"),
+        EntryKind::Symlink if tenant_stem(name).is_none() => {
+            return refuse("is a symbolic link, which is never followed; tenant directories and files must be real ones");
+        }
+        EntryKind::Dir if tenant_stem(name).is_some() => return refuse("is a directory named like a tenant file"),
+        EntryKind::Dir if name.starts_with('.') => {
+            return refuse("is a hidden directory, which is not read; tenant files belong in visible directories");
+        }
+        EntryKind::Dir if odd_edges => return refuse("has white space or a control character in its name"),
+        EntryKind::Dir if depth + 1 > MAX_DEPTH => {
+            return Entry::Refuse(format!("is nested deeper than {MAX_DEPTH} directories under the tenant path"));
+        }
+        EntryKind::Dir => return Entry::Walk,
+        EntryKind::File | EntryKind::Symlink => {}
+    }
+    if odd_edges {
+        return refuse("has white space or a control character in its name");
+    }
+    if tenant_stem(name).is_some() {
+        return Entry::Tenant;
+    }
+    if is_companion(name) {
+        return Entry::Skip;
+    }
+    let ext = name.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    match ext {
+        Some(e) if name.starts_with('.') && TENANT_EXTENSIONS.contains(&e.as_str()) => refuse("is a hidden file; tenant files are not hidden"),
+        Some(e) if TENANT_EXTENSIONS.contains(&e.as_str()) => Entry::Refuse(format!(
+            "has the extension .{}; tenant files end in .toml, .json, .yaml or .yml, in lower case",
+            name.rsplit_once('.').map_or("", |(_, e)| e)
+        )),
+        _ => refuse("is not a tenant file (those end in .toml, .json, .yaml or .yml; notes may end in .md): move it out of the tenant path"),
+    }
 }
 
 fn tenant_stem(name: &str) -> Option<&str> {
@@ -789,5 +875,45 @@ mod tests {
         assert_eq!(RepoLocation::parse("ssh://tok:en@h/r").to_string(), "ssh://h/r");
         assert_eq!(RepoLocation::parse("git@github.com:org/repo.git").to_string(), "git@github.com:org/repo.git");
         assert_eq!(RepoLocation::parse("../tenants-repo"), RepoLocation::Local("../tenants-repo".into()));
+    }
+
+    #[test]
+    fn every_entry_is_read_walked_a_companion_or_refused() {
+        use EntryKind::*;
+        let refused = |name: &str, kind: EntryKind, needle: &str| match classify(name, kind, 0) {
+            Entry::Refuse(why) => assert!(why.contains(needle), "{name:?}: {why}"),
+            other => panic!("{name:?} ({kind:?}) gave {other:?}, not a refusal"),
+        };
+        for (name, kind, want) in [
+            ("acme.toml", File, Entry::Tenant),
+            ("acme.yml", File, Entry::Tenant),
+            ("acme.json", Symlink, Entry::Tenant),
+            ("eu", Dir, Entry::Walk),
+            ("README.md", File, Entry::Skip),
+            (".gitkeep", File, Entry::Skip),
+            (".sops.yaml", File, Entry::Skip),
+        ] {
+            assert_eq!(classify(name, kind, 0), want, "{name:?}");
+        }
+        refused("eu", Symlink, "symbolic link");
+        refused("README.md", Symlink, "symbolic link");
+        refused("vendor", Submodule, "submodule");
+        refused("acme.toml", Submodule, "submodule");
+        refused("acme.toml", Dir, "named like a tenant file");
+        refused(".old", Dir, "hidden directory");
+        refused("acme.TOML", File, "extension .TOML");
+        refused("acme.Yaml", File, "extension .Yaml");
+        refused("acme.toml ", File, "white space");
+        refused(" acme.toml", File, "white space");
+        refused("acme\u{7}.toml", File, "control character");
+        refused("eu ", Dir, "white space");
+        refused(".acme.toml", File, "hidden file");
+        refused("acme.toml.bak", File, "not a tenant file");
+        refused("acme", File, "not a tenant file");
+        refused("fifo", Other, "not a regular file");
+        match classify("eu", Dir, MAX_DEPTH) {
+            Entry::Refuse(why) => assert!(why.contains("nested deeper"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

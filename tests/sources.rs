@@ -266,3 +266,48 @@ fn a_tenant_another_source_claims_while_the_run_writes_fails_the_run() {
         assert!(rows.is_empty(), "{table}: {rows:?}");
     }
 }
+
+#[test]
+fn entries_the_walk_cannot_read_are_problems_and_stop_a_pruning_run() {
+    let f = fleet(1.0);
+    put(&f.platform, "tenants/shard/hotel.toml", "hotel", Format::Toml);
+    f.platform.commit("a sharded tenant");
+    assert_eq!(f.run(&["sync", "--source", "platform"]).code, 0);
+
+    // The shard directory replaced by a link to a directory elsewhere; a tenant file whose
+    // extension has another case; one with a trailing space; one in a hidden directory; a stray file.
+    std::fs::remove_dir_all(f.platform.path().join("tenants/shard")).unwrap();
+    std::os::unix::fs::symlink("../elsewhere", f.platform.path().join("tenants/shard")).unwrap();
+    f.platform.remove("tenants/delta.toml");
+    put(&f.platform, "tenants/delta.TOML", "delta", Format::Toml);
+    f.platform.remove("tenants/echo.toml");
+    put(&f.platform, "tenants/echo.toml ", "echo", Format::Toml);
+    f.platform.remove("tenants/foxtrot.toml");
+    put(&f.platform, "tenants/.old/foxtrot.toml", "foxtrot", Format::Toml);
+    f.platform.write("tenants/golf.toml.bak", "kept by an editor");
+    f.platform.write("tenants/NOTES.md", "notes for people are fine");
+    f.platform.commit("entries nothing reads");
+
+    let out = f.run(&["validate", "--source", "platform"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    for (path, why) in [
+        ("tenants/shard", "symbolic link"),
+        ("tenants/delta.TOML", "extension .TOML"),
+        ("tenants/echo.toml ", "white space"),
+        ("tenants/.old", "hidden directory"),
+        ("tenants/golf.toml.bak", "not a tenant file"),
+    ] {
+        assert!(
+            out.stdout.lines().any(|l| l.contains(path) && l.contains(why)),
+            "{path} not reported as {why:?}: {}",
+            out.stdout
+        );
+    }
+    assert!(!out.stdout.contains("NOTES.md"), "{}", out.stdout);
+
+    let out = f.run(&["sync", "--source", "platform"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("nothing was applied"), "{}", out.all());
+    assert_eq!(f.db.count("SELECT 1 FROM tenants WHERE state = 'decommissioning'"), 0, "a walk that met such entries pruned");
+    assert_eq!(f.db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_DECOMMISSION_REQUESTED'"), 0);
+}
