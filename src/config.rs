@@ -344,27 +344,9 @@ pub fn known_keys() -> Vec<&'static str> {
     DEFS.iter().map(|d| d.name).collect()
 }
 
-/// Masks the password in a `postgres://user:pass@host/db` URL or a `password=...` conninfo.
+/// The database URL or conninfo with its password masked, in every spelling the client reads.
 pub fn mask_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let authority_end = rest.find('/').unwrap_or(rest.len());
-        if let Some((creds, host)) = rest[..authority_end].rsplit_once('@').map(|(c, _)| (c, &rest[c.len() + 1..]))
-            && let Some((user, _)) = creds.split_once(':')
-        {
-            return format!("{scheme}://{user}:****@{host}");
-        }
-        return url.to_string();
-    }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=****".to_string()
-            } else {
-                kv.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    crate::store::conninfo::masked(url)
 }
 
 /// An https URL without credentials; http is allowed in dev mode.
@@ -736,6 +718,16 @@ impl Config {
         let verify_commits = r.checked("verify_commits", VerifyMode::Off, |v| v.map_or(Ok(verify_unset), |v| v.parse()));
         let has_signers = get("allowed_signers").is_some() || get("trusted_pgp_keys").is_some();
         r.errors.extend(production_errors(mode, allow_plaintext, verify_commits, has_signers));
+        if mode == Mode::Production {
+            let token_file = get("git_token_file").is_some();
+            r.errors.extend(sources.iter().filter_map(|s| match &s.repo {
+                RepoLocation::Remote(u) if u.sends_credentials_in_clear(token_file) => Some(format!(
+                    "source {}: repo {} is plain http, which would send the git token or password unencrypted; use https:// (http is allowed in dev mode only)",
+                    s.name, s.repo
+                )),
+                _ => None,
+            }));
+        }
         let embedding_endpoint = get("embedding_endpoint");
         if let Some(url) = &embedding_endpoint {
             r.checked("embedding_endpoint", (), |_| check_endpoint(url, mode));
@@ -989,6 +981,27 @@ mod tests {
         let env = env_of(&[("FROSTBYTE_MODE", "production"), ("FROSTBYTE_ALLOW_PLAINTEXT", "true")]);
         let err = Config::resolve(&Flags::default(), &env, None, None).unwrap_err();
         assert!(err.contains("allow_plaintext cannot be used"), "{err}");
+    }
+
+    #[test]
+    fn production_refuses_a_token_over_plain_http() {
+        let resolve = |pairs: &[(&str, &str)]| Config::resolve(&Flags::default(), &env_of(pairs), None, None);
+        let base = [("FROSTBYTE_MODE", "production"), ("FROSTBYTE_VERIFY_COMMITS", "off")];
+        for extra in [
+            vec![("FROSTBYTE_GITOPS_REPO", "http://bot:ghp_tok@git.example.com/o/r.git")],
+            vec![("FROSTBYTE_GITOPS_REPO", "HTTP://git.example.com/o/r.git"), ("FROSTBYTE_GIT_TOKEN_FILE", "/run/token")],
+        ] {
+            let err = resolve(&[&base[..], &extra[..]].concat()).unwrap_err();
+            assert!(err.contains("plain http") && err.contains("source default"), "{err}");
+            assert!(!err.contains("ghp_tok"), "{err}");
+            let mut dev = extra.clone();
+            dev.push(("FROSTBYTE_VERIFY_COMMITS", "off"));
+            assert!(resolve(&dev).is_ok(), "dev mode warns instead");
+        }
+        let anonymous = [("FROSTBYTE_GITOPS_REPO", "http://git.example.com/o/r.git")];
+        assert!(resolve(&[&base[..], &anonymous[..]].concat()).is_ok(), "nothing secret to send");
+        let https = [("FROSTBYTE_GITOPS_REPO", "https://bot:tok@git.example.com/o/r.git")];
+        assert!(resolve(&[&base[..], &https[..]].concat()).is_ok());
     }
 
     #[test]

@@ -190,6 +190,12 @@ impl std::fmt::Debug for RemoteUrl {
 }
 
 impl RemoteUrl {
+    /// Whether fetching would send a password or token unencrypted: plain `http://` with a
+    /// password in the URL or a token file to offer.
+    pub fn sends_credentials_in_clear(&self, token_file: bool) -> bool {
+        self.public.get(..7).is_some_and(|s| s.eq_ignore_ascii_case("http://")) && (self.password.is_some() || token_file)
+    }
+
     pub fn parse(url: &str) -> RemoteUrl {
         let Some((scheme, rest)) = url.split_once("://") else {
             // scp-like `user@host:path`: the user is not a secret.
@@ -784,6 +790,10 @@ fn fetch(repo: &Repository, url: &RemoteUrl, auth: &GitAuth) -> Result<(), Sourc
         }
     };
     set_git_timeouts();
+    if url.sends_credentials_in_clear(auth.token_file.is_some()) {
+        // Production refuses this at start-up; in dev it is said on every fetch.
+        tracing::warn!(repo = %url.public, "plain http: the git token or password goes over the network unencrypted; use https://");
+    }
     let mut remote = repo.find_remote("origin").map_err(err("finding the remote"))?;
     let mut cb = git2::RemoteCallbacks::new();
     cb.credentials(credentials(url, auth));

@@ -90,6 +90,20 @@ fn production_requires_tls_over_tcp_unless_the_url_says_otherwise() {
     let production = migrate(&plain, "production");
     let dev = migrate(&plain, "dev");
     let explicit = migrate(&format!("{plain}?sslmode=disable"), "production");
+    // The word in a password, an application name or a conninfo value names no sslmode; `prefer`
+    // would still hand the password to a server that declines TLS.
+    let tricked: Vec<(String, Out)> = [
+        format!("postgres://postgres:sslmode@127.0.0.1:{port}/postgres"),
+        format!("{plain}?application_name=sslmode"),
+        format!("{plain}?sslmode=prefer"),
+        format!("host=127.0.0.1 port={port} user=postgres application_name='sslmode=disable'"),
+    ]
+    .into_iter()
+    .map(|url| {
+        let out = migrate(&url, "production");
+        (url, out)
+    })
+    .collect();
     frostbyte_gitops::localpg::stop(&pgdata).unwrap();
     let _ = std::fs::remove_dir_all(&base);
 
@@ -97,4 +111,8 @@ fn production_requires_tls_over_tcp_unless_the_url_says_otherwise() {
     assert!(production.stderr.contains("TLS") || production.stderr.contains("SSL"), "{}", production.stderr);
     assert_eq!(dev.code, 0, "{}", dev.all());
     assert_eq!(explicit.code, 0, "an explicit sslmode is the operator's call: {}", explicit.all());
+    for (url, out) in tricked {
+        assert_eq!(out.code, 1, "{url}: production connected without TLS: {}", out.all());
+        assert!(out.stderr.contains("TLS") || out.stderr.contains("SSL"), "{url}: {}", out.stderr);
+    }
 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
+pub mod conninfo;
 mod write;
 
 /// Migrations in the order they apply. Their text is part of the binary so that a deployed agent
@@ -178,7 +179,7 @@ pub const SESSION_OPTIONS: &str = "-c statement_timeout=120s -c lock_timeout=60s
 pub enum TlsPolicy {
     /// As the URL says (`sslmode=prefer` when it says nothing).
     AsGiven,
-    /// `sslmode=require` for TCP unless the URL names an sslmode itself (production).
+    /// `sslmode=require` for TCP unless the URL asks for `disable` or a stricter mode (production).
     RequireForTcp,
 }
 
@@ -189,7 +190,9 @@ pub fn session_config(url: &str, tls_policy: TlsPolicy) -> Result<tokio_postgres
         cfg.options(SESSION_OPTIONS);
     }
     let tcp = any_tcp_host(&cfg);
-    if tls_policy == TlsPolicy::RequireForTcp && tcp && !url.to_ascii_lowercase().contains("sslmode") {
+    // From the parsed settings, never the text: "sslmode" may sit in a password or an application
+    // name. `prefer`, named or not, would send the password to a server that declines TLS.
+    if tls_policy == TlsPolicy::RequireForTcp && tcp && cfg.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
         cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
     }
     Ok(cfg)
