@@ -69,6 +69,8 @@ pub enum SopsError {
     NoMatchingKey(String),
     #[error("cannot decrypt the data key: {0}")]
     DataKey(String),
+    #[error("the data key sits behind more than {MAX_AGE_STANZAS} age stanzas addressed to our identities; refused unread (sops writes one per recipient)")]
+    StanzaBudget,
     #[error("cannot decrypt the value at {pointer}: {reason}")]
     Value { pointer: String, reason: String },
     #[error("MAC mismatch: the file was changed after it was encrypted, or was not written by sops")]
@@ -195,12 +197,18 @@ impl AgeKeys {
             return Err(SopsError::NoIdentities);
         }
         let mut last_error = None;
+        let budget = std::cell::Cell::new(MAX_AGE_STANZAS);
         // Match on the recipient first: one X25519 operation instead of one per identity and stanza.
         for (recipient, enc) in stanzas {
             for key in &self.identities {
                 if key.recipient == recipient.trim() {
-                    match decrypt_age(enc, &key.unwrapper) {
+                    let budgeted = Budgeted {
+                        inner: &key.unwrapper,
+                        left: &budget,
+                    };
+                    match decrypt_age(enc, &budgeted) {
                         Ok(key) => return Ok(key),
+                        Err(_) if budget.get() == 0 => return Err(SopsError::StanzaBudget),
                         Err(e) => last_error = Some(e),
                     }
                 }
@@ -210,6 +218,27 @@ impl AgeKeys {
             return Err(SopsError::DataKey(e));
         }
         Err(SopsError::NoMatchingKey(stanzas.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(", ")))
+    }
+}
+
+/// Age stanzas one file's data key may make us try. Each is an X25519 operation, and the
+/// recipients are public: anyone can write a file whose key sits behind thousands of stanzas
+/// addressed to us, all but the last garbage. sops writes one stanza per recipient.
+pub const MAX_AGE_STANZAS: usize = 16;
+
+/// An identity that gives up once a file has cost its budget of stanzas.
+struct Budgeted<'a> {
+    inner: &'a dyn age::Identity,
+    left: &'a std::cell::Cell<usize>,
+}
+
+impl age::Identity for Budgeted<'_> {
+    fn unwrap_stanza(&self, stanza: &age_core::format::Stanza) -> Option<Result<age_core::format::FileKey, age::DecryptError>> {
+        if self.left.get() == 0 {
+            return Some(Err(age::DecryptError::NoMatchingKeys));
+        }
+        self.left.set(self.left.get() - 1);
+        self.inner.unwrap_stanza(stanza)
     }
 }
 
@@ -743,6 +772,41 @@ mod tests {
             "nothing": null, "nested": {"list": [1, "two", {"deep": "x"}], "unicode": "žluťoučký 🐴"},
             "token_unencrypted": "plain"
         })
+    }
+
+    /// An age file of a data key for `ours`, behind `decoys` stanzas for other keys, and a sops
+    /// document whose `copies` age entries all name `ours` and hold that file.
+    fn behind_stanzas(ours: &str, decoys: usize, copies: usize) -> Value {
+        let mut to: Vec<Box<dyn age::Recipient>> = (0..decoys)
+            .map(|_| Box::new(age::x25519::Identity::generate().to_public()) as Box<dyn age::Recipient>)
+            .collect();
+        to.push(Box::new(age::x25519::Recipient::from_str(ours).unwrap()));
+        let encryptor = age::Encryptor::with_recipients(to.iter().map(|r| r.as_ref() as &dyn age::Recipient)).unwrap();
+        let mut buf = Vec::new();
+        let armor = age::armor::ArmoredWriter::wrap_output(&mut buf, age::armor::Format::AsciiArmor).unwrap();
+        let mut w = encryptor.wrap_output(armor).unwrap();
+        w.write_all(&[7; 32]).unwrap();
+        w.finish().and_then(|a| a.finish()).unwrap();
+        let enc = String::from_utf8(buf).unwrap();
+        let entries: Vec<Value> = (0..copies).map(|_| json!({"recipient": ours, "enc": enc})).collect();
+        json!({"sops": {"age": entries, "lastmodified": "2024-01-01T00:00:00Z", "mac": "x", "version": "3.9.0"}})
+    }
+
+    #[test]
+    fn a_data_key_behind_more_stanzas_than_the_budget_is_refused_unread() {
+        let (k, r) = keys();
+        assert_eq!(data_key(&behind_stanzas(&r, MAX_AGE_STANZAS - 1, 1), &k).unwrap(), vec![7; 32]);
+        let e = data_key(&behind_stanzas(&r, MAX_AGE_STANZAS, 1), &k).unwrap_err();
+        assert!(matches!(e, SopsError::StanzaBudget), "{e}");
+        // The budget is the file's, not each entry's: many entries naming us cost it too.
+        let e = data_key(&behind_stanzas(&r, 2, 6), &k);
+        assert_eq!(e.unwrap(), vec![7; 32], "the first entry opens it");
+        let mut doc = behind_stanzas(&r, 3, 1);
+        let garbage = behind_stanzas(&AgeKeys::generate().1, 3, 1)["sops"]["age"][0]["enc"].clone();
+        let mut entries = vec![json!({"recipient": r, "enc": garbage}); 5];
+        entries.push(doc["sops"]["age"][0].clone());
+        doc["sops"]["age"] = Value::Array(entries);
+        assert!(matches!(data_key(&doc, &k).unwrap_err(), SopsError::StanzaBudget), "5 x 4 stanzas tried before the good entry");
     }
 
     #[test]
