@@ -389,3 +389,18 @@ fn a_remote_that_refuses_credentials_is_asked_a_bounded_number_of_times() {
     let n = requests.load(std::sync::atomic::Ordering::SeqCst);
     assert!(n <= 4, "{n} requests for one fetch");
 }
+
+#[test]
+fn a_number_past_what_the_database_would_store_exactly_is_refused_in_every_format() {
+    let json_text = encrypted(&tenant_doc("bigjson"), Format::Json).replace("\"max_users\": 50", "\"max_users\": 100000000000000000000");
+    let out = refused("tenants/bigjson.json", json_text, "/config/limits/max_users");
+    assert!(out.stdout.contains("64-bit range"), "{}", out.stdout);
+    let yaml_text = encrypted(&tenant_doc("bigyaml"), Format::Yaml).replace("max_users: 50", "max_users: 100000000000000000000");
+    let out = refused("tenants/bigyaml.yaml", yaml_text, "/config/limits/max_users");
+    assert!(out.stdout.contains("64-bit range"), "{}", out.stdout);
+    let toml_text = encrypted(&tenant_doc("bigtoml"), Format::Toml).replace("max_users = 50", "max_users = 100000000000000000000");
+    let out = refused("tenants/bigtoml.toml", toml_text, "/config/limits/max_users");
+    assert!(out.stdout.contains("64-bit range"), "{}", out.stdout);
+    let float = encrypted(&tenant_doc("finefloat"), Format::Json).replace("\"storage_gb\": 10", "\"storage_gb\": 10.000000000000000001");
+    refused("tenants/finefloat.json", float, "more digits than a 64-bit float holds");
+}

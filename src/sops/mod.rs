@@ -620,19 +620,15 @@ fn decrypt_value(enc: &str, key: &[u8], aad: &str) -> Result<Value, String> {
     let text = String::from_utf8(plain).map_err(|_| "decrypted bytes are not UTF-8")?;
     match ty {
         "str" | "bytes" => Ok(Value::String(text)),
-        "int" => text
-            .parse::<i64>()
-            .map(|i| Value::Number(i.into()))
-            .map_err(|_| "type int, but not an integer".into()),
+        "int" if !crate::domain::document::is_integer_literal(&text) => Err("type int, but not an integer".into()),
+        "int" => crate::domain::document::exact_number(&text).map(Value::Number),
         // sops's JSON store reads every number as a float and writes whole ones without a point
         // ("42"); `sops decrypt` prints them back as integers, and so do we.
         "float" if !text.contains(['.', 'e', 'E']) && text.parse::<i64>().is_ok() => Ok(Value::Number(text.parse::<i64>().expect("checked").into())),
-        "float" => text
-            .parse::<f64>()
-            .ok()
-            .and_then(Number::from_f64)
-            .map(Value::Number)
-            .ok_or_else(|| "type float, but not a number".into()),
+        "float" => crate::domain::document::exact_float(&text).map(Value::Number).map_err(|e| match e.as_str() {
+            "not a number" => "type float, but not a number".into(),
+            _ => e,
+        }),
         "bool" => parse_go_bool(&text).map(Value::Bool).ok_or_else(|| "type bool, but not a boolean".into()),
         other => Err(format!("unsupported value type {other:?}")),
     }
