@@ -358,3 +358,31 @@ fn a_full_sync_across_chunks_of_rows_finds_every_hand_edit() {
     let (code, report) = drift_json(&repo, &db, &["--full"]);
     assert_eq!(code, 0, "{report}");
 }
+
+#[test]
+fn a_value_added_by_hand_under_a_secret_path_is_never_shown() {
+    let (repo, db) = synced();
+    psql(
+        &db,
+        "UPDATE tenants SET config = jsonb_set(config, '{secrets,typed_in}', '\"hand-typed-secret-42\"') WHERE tenant_id = 'alpha'",
+    );
+    let mut outputs = vec![];
+    for format in ["text", "json", "markdown"] {
+        let out = run(&repo, Some(&db), &["drift", "--format", format]);
+        assert_eq!(out.code, 2, "{format}: {}", out.all());
+        assert!(out.stdout.contains("/config/secrets/typed_in"), "{format}: the path is named: {}", out.stdout);
+        outputs.push(out);
+    }
+    for format in ["text", "json", "markdown"] {
+        outputs.push(run(&repo, Some(&db), &["plan", "--format", format]));
+    }
+    let sync = run(&repo, Some(&db), &["sync"]);
+    assert_eq!(sync.code, 0, "{}", sync.all());
+    outputs.push(sync);
+    for out in &outputs {
+        assert!(!out.all().contains("hand-typed-secret-42"), "a secret in the output: {}", out.all());
+    }
+    let events = db.rows("SELECT details::text AS d FROM audit_events");
+    assert!(!format!("{events:?}").contains("hand-typed-secret-42"), "a secret in the audit trail");
+    assert_eq!(db.count("SELECT 1 FROM tenants WHERE config->'secrets' ? 'typed_in'"), 0, "corrected");
+}

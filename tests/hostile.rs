@@ -404,3 +404,20 @@ fn a_number_past_what_the_database_would_store_exactly_is_refused_in_every_forma
     let float = encrypted(&tenant_doc("finefloat"), Format::Json).replace("\"storage_gb\": 10", "\"storage_gb\": 10.000000000000000001");
     refused("tenants/finefloat.json", float, "more digits than a 64-bit float holds");
 }
+
+#[test]
+fn a_file_whose_own_rules_leave_a_secret_in_plaintext_is_refused() {
+    let mut doc = tenant_doc("leaky");
+    doc["config"]["secrets"]["api_key_unencrypted"] = json!("plain-sight-key-77");
+    // A rule sops offers: a key ending in _unencrypted stays in the clear.
+    let rules = Rules {
+        unencrypted_suffix: Some("_unencrypted".into()),
+        ..Rules::default()
+    };
+    let enc = sops::encrypt(&doc, &[agent_recipient(), tenant_recipient()], &rules, None).unwrap();
+    let text = sops::serialize(Format::Json, &enc).unwrap();
+    assert!(text.contains("plain-sight-key-77"), "the file's rules left it in plaintext");
+    let out = refused("tenants/leaky.json", text, "/config/secrets/api_key_unencrypted");
+    assert!(out.stdout.contains("unencrypted"), "{}", out.stdout);
+    assert!(!out.stdout.contains("plain-sight-key-77"), "{}", out.stdout);
+}

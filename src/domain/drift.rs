@@ -1,6 +1,6 @@
 //! Drift: how the database differs from git and from what the agent last wrote.
 
-use super::json::{SecretPaths, is_within, redact};
+use super::json::{SecretPaths, redact};
 use super::plan::{ActualTenant, PatchOp, diff, digest, modified_paths, seal};
 use super::tenant::DesiredTenant;
 use serde::Serialize;
@@ -162,7 +162,7 @@ fn field_drift(path: &str, d: &DesiredTenant, doc: &Value, a: &ActualTenant, act
         };
     }
     let secrets: SecretPaths = d.secrets.union(&a.known_secrets).cloned().collect();
-    if secrets.iter().any(|s| is_within(path, s)) {
+    if crate::domain::secret_paths::covers(&secrets, path) {
         return FieldDrift {
             path: path.into(),
             git: None,
@@ -262,7 +262,16 @@ mod tests {
             f(&mut a);
             a
         };
+        // A value under a declared secret path is sealed whether or not the file encrypted it;
+        // one elsewhere that the record sealed and git no longer encrypts is a change.
+        let plan_was_secret = DesiredTenant::new(
+            "acme".into(),
+            t.file.clone(),
+            &t.document().value(),
+            ["/config/secrets/k".to_string(), "/config/plan".to_string()].into(),
+        );
         let unsealed = DesiredTenant::new("acme".into(), t.file.clone(), &t.document().value(), Default::default());
+        assert!(in_step(&unsealed, &applied(&t), KEY), "declared secret either way");
         let out_of_step = [
             (
                 "edited by hand",
@@ -278,7 +287,7 @@ mod tests {
             ("never applied", t.clone(), with(&|a| a.applied = None)),
             ("changed in git", d("acme", json!({"plan": "team", "secrets": {"k": "v"}})), applied(&t)),
             ("a secret changed in git", d("acme", json!({"plan": "pro", "secrets": {"k": "w"}})), applied(&t)),
-            ("no longer a secret in git", unsealed, applied(&t)),
+            ("no longer a secret in git", t.clone(), applied(&plan_was_secret)),
         ];
         for (why, t, a) in out_of_step {
             assert!(!in_step(&t, &a, KEY), "{why}");

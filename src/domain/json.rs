@@ -1,14 +1,13 @@
 //! JSON helpers the rest of the domain builds on: pointers, canonical form, redaction.
 
 use serde_json::{Map, Value};
-use std::collections::BTreeSet;
 use std::fmt::Write;
 
 /// What a secret value is replaced with wherever a document leaves the process.
 pub const REDACTED: &str = "[REDACTED]";
 
-/// JSON pointers (RFC 6901) of the leaves that were encrypted in a tenant file.
-pub type SecretPaths = BTreeSet<String>;
+pub use super::secret_paths::{SecretPaths, is_within};
+use super::secret_paths::{hides, touches};
 
 pub fn escape_token(token: &str) -> String {
     token.replace('~', "~0").replace('/', "~1")
@@ -35,14 +34,9 @@ fn push_token(pointer: &mut String, token: &str) {
     }
 }
 
-/// Whether `pointer` names `prefix` itself or something below it.
-pub fn is_within(pointer: &str, prefix: &str) -> bool {
-    pointer == prefix || (pointer.starts_with(prefix) && pointer.as_bytes().get(prefix.len()) == Some(&b'/'))
-}
-
-/// Whether the value at `pointer` is a secret or holds one.
+/// Whether the value at `pointer` is a secret or holds one (encrypted or declared secret).
 pub fn touches_secret(pointer: &str, secrets: &SecretPaths) -> bool {
-    secrets.iter().any(|s| is_within(s, pointer) || is_within(pointer, s))
+    touches(secrets, pointer)
 }
 
 /// A JSON value kept as its compact text. A plan holds one per operation, and a created tenant's
@@ -184,10 +178,10 @@ struct Redacted<'a> {
 impl serde::Serialize for Redacted<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq};
-        if self.secrets.contains(&self.pointer) {
+        if hides(self.secrets, &self.pointer, self.value) {
             return s.serialize_str(REDACTED);
         }
-        if !self.secrets.iter().any(|p| is_within(p, &self.pointer)) {
+        if !touches(self.secrets, &self.pointer) {
             return self.value.serialize(s);
         }
         let at = |value, pointer| Redacted {
@@ -424,10 +418,17 @@ mod tests {
 
     #[test]
     fn redact_replaces_only_secret_leaves() {
-        let secrets: SecretPaths = ["/config/secrets/token".to_string(), "/list/1".to_string()].into();
-        let doc = json!({"config": {"secrets": {"token": "s3cret", "other": "x"}}, "list": ["a", "b"]});
+        let secrets: SecretPaths = ["/config/vault/token".to_string(), "/list/1".to_string()].into();
+        let doc = json!({"config": {"vault": {"token": "s3cret", "other": "x"}}, "list": ["a", "b"]});
         let red = redact(&doc, "", &secrets);
-        assert_eq!(red, json!({"config": {"secrets": {"token": REDACTED, "other": "x"}}, "list": ["a", REDACTED]}));
+        assert_eq!(red, json!({"config": {"vault": {"token": REDACTED, "other": "x"}}, "list": ["a", REDACTED]}));
+        // Under a path the schema declares secret, every leaf is, encrypted in its file or not.
+        let doc = json!({"config": {"secrets": {"typed_by_hand": "x", "nested": {"n": 1}, "empty": {}}}});
+        assert_eq!(
+            redact(&doc, "", &SecretPaths::new()),
+            json!({"config": {"secrets": {"typed_by_hand": REDACTED, "nested": {"n": REDACTED}, "empty": REDACTED}}})
+        );
+        assert_eq!(redact(&doc["config"]["secrets"]["typed_by_hand"], "/config/secrets/typed_by_hand", &SecretPaths::new()), json!(REDACTED));
     }
 
     #[test]

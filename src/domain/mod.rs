@@ -9,5 +9,6 @@ pub mod issue;
 pub mod json;
 pub mod plan;
 pub mod render;
+pub mod secret_paths;
 pub mod shard;
 pub mod tenant;

@@ -1,6 +1,7 @@
 //! Desired state against actual state: what a sync would do, as data.
 
 use super::json::{self, JsonText, SecretPaths, child};
+use super::secret_paths::{self, covers_encrypted, hides};
 use super::tenant::DesiredTenant;
 use hmac::{Hmac, Mac};
 use rayon::prelude::*;
@@ -43,9 +44,13 @@ pub struct ActualTenant {
 /// for drift detection without keeping or showing a secret. The key never leaves the database.
 pub fn seal(key: &[u8], doc: &Value, secrets: &SecretPaths) -> Value {
     let mut sealed = doc.clone();
+    // Leaves under a declared secret path that the file did not encrypt (a row edited by hand, a
+    // plaintext file in dev) are sealed too; a document whose secrets were all encrypted has none,
+    // so its digest is what it always was.
+    let plaintext = secret_paths::plaintext_under_declared(doc, secrets);
     // In order, so that a secret object is sealed whole before any path inside it is looked at
     // (which then no longer resolves).
-    for pointer in secrets {
+    for pointer in secrets.iter().chain(&plaintext) {
         if let Some(v) = sealed.pointer_mut(pointer) {
             let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
             mac.update(pointer.as_bytes());
@@ -520,7 +525,7 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                 match a.get(k) {
                     None => ops.push(PatchOp {
                         op: Op::Add,
-                        secret: to_secrets.contains(&p).then_some(SecretChange::Added),
+                        secret: hides(to_secrets, &p, vb).then_some(SecretChange::Added),
                         value: Some(JsonText::redacted(vb, &p, to_secrets)),
                         old: None,
                         path: p,
@@ -533,25 +538,25 @@ pub fn diff(from: &Value, to: &Value, ptr: &str, from_secrets: &SecretPaths, to_
                 let p = child(ptr, k);
                 ops.push(PatchOp {
                     op: Op::Remove,
-                    secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
+                    secret: hides(from_secrets, &p, va).then_some(SecretChange::Removed),
                     value: None,
                     old: Some(JsonText::redacted(va, &p, from_secrets)),
                     path: p,
                 });
             }
         }
-        (Value::Array(a), Value::Array(b)) if a != b && !to_secrets.contains(ptr) && !from_secrets.contains(ptr) => {
+        (Value::Array(a), Value::Array(b)) if a != b && !covers_encrypted(to_secrets, ptr) && !covers_encrypted(from_secrets, ptr) => {
             diff_arrays(a, b, ptr, from_secrets, to_secrets, ops);
         }
         (a, b) if a == b => {}
         (a, b) => {
-            let secret = if to_secrets.contains(ptr) {
-                Some(if from_secrets.contains(ptr) {
+            let secret = if hides(to_secrets, ptr, b) {
+                Some(if hides(from_secrets, ptr, a) {
                     SecretChange::Changed
                 } else {
                     SecretChange::Added
                 })
-            } else if from_secrets.contains(ptr) {
+            } else if hides(from_secrets, ptr, a) {
                 Some(SecretChange::Removed)
             } else {
                 None
@@ -579,7 +584,7 @@ fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, 
             let p = at(i);
             ops.push(PatchOp {
                 op: Op::Add,
-                secret: to_secrets.contains(&p).then_some(SecretChange::Added),
+                secret: hides(to_secrets, &p, v).then_some(SecretChange::Added),
                 value: Some(JsonText::redacted(v, &p, to_secrets)),
                 old: None,
                 path: p,
@@ -590,7 +595,7 @@ fn diff_arrays(a: &[Value], b: &[Value], ptr: &str, from_secrets: &SecretPaths, 
             let p = at(i);
             ops.push(PatchOp {
                 op: Op::Remove,
-                secret: from_secrets.contains(&p).then_some(SecretChange::Removed),
+                secret: hides(from_secrets, &p, &a[i]).then_some(SecretChange::Removed),
                 value: None,
                 old: Some(JsonText::redacted(&a[i], &p, from_secrets)),
                 path: p,

@@ -216,6 +216,9 @@ pub fn decode_file(f: &SourceFile, opts: &ReadOptions<'_>) -> Result<Checked, Ve
     let doc = parse_file(f, text)?;
     let Opened { value, secrets, recipients } = open_document(f, text, doc, opts)?;
     let mut issues: Vec<Issue> = recipient_issue(f, opts, recipients.as_deref(), &value, &secrets).into_iter().collect();
+    if recipients.is_some() {
+        issues.extend(plaintext_secret_issues(f, text, &value, &secrets));
+    }
     let encrypted = (!opts.decrypt).then(|| secrets.clone());
     match check_document(&f.path, f.stem(), text, value, secrets) {
         Ok(t) if issues.is_empty() => Ok(t),
@@ -332,6 +335,24 @@ fn open_document(f: &SourceFile, text: &str, doc: serde_json::Value, opts: &Read
             "is not encrypted (no sops metadata); encrypt it with `frostbyte-gitops secrets encrypt`, or set allow_plaintext in dev mode".into(),
         )),
     }
+}
+
+/// An encrypted file must have encrypted every value under a path the schema declares secret,
+/// whatever its own sops rules (`encrypted_regex`, `unencrypted_suffix`, ...) chose: otherwise
+/// the value is in git in the clear, and would be written to plans and the audit trail.
+fn plaintext_secret_issues(f: &SourceFile, text: &str, value: &serde_json::Value, secrets: &SecretPaths) -> Vec<Issue> {
+    crate::domain::secret_paths::plaintext_under_declared(value, secrets)
+        .into_iter()
+        .map(|pointer| {
+            let under = crate::domain::secret_paths::declared().iter().find(|d| crate::domain::json::is_within(&pointer, d)).cloned().unwrap_or_default();
+            Issue::new(
+                &f.path,
+                format!("is under {under}, which holds secrets, but the file leaves it unencrypted (value not shown): make its sops rules encrypt it (encrypted_regex, unencrypted_suffix, ...) and encrypt the file again"),
+            )
+            .line(crate::domain::json::locate_line(text, &pointer))
+            .at(pointer)
+        })
+        .collect()
 }
 
 /// With `require_tenant_recipient`, a file must be encrypted to its tenant's own age key. The
