@@ -521,3 +521,19 @@ fn two_replicas_share_four_sources_and_the_survivor_takes_over_after_sigkill() {
     assert!(all_at(3).is_some(), "B:\n{}", b.log());
     assert_eq!(db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_CONFIG_UPDATED'"), 12);
 }
+
+#[test]
+fn an_agent_whose_key_opens_nothing_is_not_ready_and_says_why() {
+    let (repo, db) = one_tenant();
+    assert_eq!(run(&repo, Some(&db), &["sync"]).code, 0);
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), frostbyte_gitops::sops::AgeKeys::generate().0.secret_text()).unwrap();
+    let key = wrong.path().display().to_string();
+    let agent = Agent::start(&repo, &db.url, &[("SOPS_AGE_KEY_FILE", key.as_str())]);
+    let body = wait_for(Duration::from_secs(20), || {
+        let (status, body) = agent.get("/readyz");
+        (status == 503 && body.contains("open none")).then_some(body)
+    })
+    .unwrap_or_else(|| panic!("readyz never said the key opens nothing: {:?}\n{}", agent.get("/readyz"), agent.log()));
+    assert!(body.contains(&key), "{body}");
+}

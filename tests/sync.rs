@@ -571,3 +571,21 @@ fn the_incremental_read_follows_nested_files_and_ignores_the_rest_of_the_reposit
     let out = sync(&repo, &db);
     assert!(out.stderr.contains("incremental read decrypting=1 unchanged=3"), "{}", out.stderr);
 }
+
+#[test]
+fn a_key_that_opens_nothing_fails_a_run_with_nothing_to_decrypt() {
+    let (repo, db) = three_tenants();
+    assert_eq!(sync(&repo, &db).code, 0);
+    // The key rotated away: no new commit, so no file would be decrypted.
+    let wrong = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(wrong.path(), frostbyte_gitops::sops::AgeKeys::generate().0.secret_text()).unwrap();
+    for args in [&["sync"][..], &["plan"], &["drift"]] {
+        let mut c = command(repo.path(), Some(&db));
+        c.env("SOPS_AGE_KEY_FILE", wrong.path()).args(args);
+        let out = output(c);
+        assert_eq!(out.code, 1, "{args:?}: {}", out.all());
+        assert!(out.stderr.contains("open none of source default's files"), "{args:?}: {}", out.stderr);
+        assert!(out.stderr.contains(&wrong.path().display().to_string()), "{args:?}: the key file is named: {}", out.stderr);
+    }
+    assert_eq!(sync(&repo, &db).code, 0, "the right key still says no changes");
+}

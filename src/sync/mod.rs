@@ -55,6 +55,8 @@ pub enum SyncError {
     Refused(#[from] crate::verify::Refused),
     #[error("source {name}: {why}")]
     MassPrune { name: String, why: String },
+    #[error("the age identities from {keys} open none of source {name}'s files (tried {file}: {why}); nothing was applied. The key may have been rotated or the wrong file given")]
+    Keys { keys: String, name: String, file: String, why: String },
 }
 
 fn files_with_issues(issues: &[Issue]) -> usize {
@@ -85,6 +87,17 @@ impl SyncError {
 }
 
 impl Ctx {
+    /// Where the age identities came from, for messages: the key file, SOPS_AGE_KEY, or both.
+    pub fn key_origin(&self) -> String {
+        let file = self.cfg.age_key_file.as_ref().map(|p| p.display().to_string());
+        let env = self.cfg.age_key.as_ref().map(|_| "SOPS_AGE_KEY".to_string());
+        let named: Vec<String> = file.into_iter().chain(env).collect();
+        match named.is_empty() {
+            true => "(no key file)".into(),
+            false => named.join(" and "),
+        }
+    }
+
     pub fn source_spec(&self, src: &SourceConfig) -> SourceSpec {
         SourceSpec {
             repo: src.repo.clone(),
@@ -279,6 +292,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     }
     let mut client = store::client(pool).await?;
     let snapshot = snapshot_for(&source, rev.as_deref(), worktree, &**client).await?;
+    blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
     let key = store::digest_key(&**client).await?;
     let mut attempts = Attempts {
         ctx,
@@ -777,6 +791,7 @@ pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool
     let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
     let client = store::client(pool).await?;
     let snapshot = snapshot_for(&source, src.git_ref.as_deref(), ctx.cfg.worktree, &**client).await?;
+    blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
     let key = store::digest_key(&**client).await?;
     let State {
         desired, actual, unchanged, ..

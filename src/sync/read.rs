@@ -383,6 +383,46 @@ fn encrypted_leaves(v: &serde_json::Value, pointer: &str, out: &mut SecretPaths)
     }
 }
 
+/// Files tried before a run gives up proving its identities: a file that cannot be read or is
+/// not encrypted proves nothing either way, and its problem is reported when it is decoded.
+const PROOF_TRIES: usize = 8;
+
+/// That the configured identities still open this source's files: one data key unwrapped is
+/// enough. A run that reads no file (nothing changed since the last applied commit) would
+/// otherwise go on saying "no changes" with a key that opens nothing.
+pub fn prove_identities(ctx: &Ctx, src: &SourceConfig, source: &Source, snapshot: &Snapshot) -> Result<(), SyncError> {
+    if ctx.keys.is_empty() {
+        return Ok(());
+    }
+    let reader = source.body_reader();
+    let mut failure = None;
+    for f in snapshot.files.iter().filter(|f| matches!(f.body, Body::Unread(_) | Body::Bytes(_))).take(PROOF_TRIES) {
+        let mut f = f.clone();
+        let Ok(()) = reader.read(&mut f) else { continue };
+        let (Body::Bytes(bytes), Some(format)) = (&f.body, Format::from_path(&f.path)) else { continue };
+        let Some(doc) = std::str::from_utf8(bytes).ok().and_then(|t| sops::parse(format, t).ok()) else { continue };
+        if !sops::is_encrypted(&doc) {
+            continue;
+        }
+        match sops::data_key(&doc, &ctx.keys) {
+            Ok(_) => return Ok(()),
+            Err(e @ (sops::SopsError::NoMatchingKey(_) | sops::SopsError::DataKey(_))) => {
+                failure.get_or_insert((f.path.clone(), e.to_string()));
+            }
+            Err(_) => continue,
+        }
+    }
+    match failure {
+        None => Ok(()),
+        Some((file, why)) => Err(SyncError::Keys {
+            keys: ctx.key_origin(),
+            name: src.name.clone(),
+            file,
+            why,
+        }),
+    }
+}
+
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
 /// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
 pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
