@@ -40,7 +40,7 @@ fn main() {
     let n = env_count("FROSTBYTE_BENCH_EVENTS", 100_000);
     let url = database();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let pool = store::pool(&url, store::TlsPolicy::AsGiven).unwrap();
+    let pool = store::pool(&url, store::TlsPolicy::AsGiven, std::time::Duration::from_secs(30)).unwrap();
     rt.block_on(async {
         let mut c = store::client(&pool).await.unwrap();
         store::migrate(&mut c).await.unwrap();

@@ -79,6 +79,9 @@ pub struct Config {
     /// Seconds between the agent's full runs.
     pub full_resync_secs: u64,
     pub debounce_ms: u64,
+    /// Seconds a command waits for the database to connect, shake hands, hand out a connection
+    /// and answer its first query.
+    pub db_timeout_secs: u64,
     pub listen: String,
     /// Bearer token for `POST /sync`. Secret.
     pub webhook_token: Option<String>,
@@ -273,6 +276,12 @@ const DEFS: &[Def] = &[
         name: "full_resync_interval",
         env: &["FROSTBYTE_FULL_RESYNC_INTERVAL"],
         default: Some("3600"),
+        secret: false,
+    },
+    Def {
+        name: "db_timeout",
+        env: &["FROSTBYTE_DB_TIMEOUT"],
+        default: Some("30"),
         secret: false,
     },
     Def {
@@ -699,6 +708,7 @@ impl Config {
         let interval_secs = r.number("interval", 1);
         let full_resync_secs = r.number("full_resync_interval", 1);
         let debounce_ms = r.number("debounce_ms", 0);
+        let db_timeout_secs = r.number("db_timeout", 1);
         let database_url = get("database_url");
         let prune_max_fraction = r.checked("prune_max_fraction", DEFAULT_PRUNE_MAX_FRACTION, |v| parse_fraction(&v.unwrap_or_default()));
         let repo = RepoLocation::parse(&get("repo").unwrap_or_else(|| ".".into()));
@@ -771,6 +781,7 @@ impl Config {
             interval_secs,
             full_resync_secs,
             debounce_ms,
+            db_timeout_secs,
             listen: get("listen").unwrap_or_default(),
             webhook_token,
             embedding_endpoint,

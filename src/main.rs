@@ -572,7 +572,7 @@ async fn tenant_state(ctx: &Ctx, tenant_id: &str, state: &str, reason: Option<St
 
 async fn migrate(ctx: &Ctx, app_role: Option<String>) -> Result<u8> {
     let db = sync::connect(&ctx.cfg).await?;
-    let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
+    let mut client = db.client(&ctx.cfg).await?;
     let applied = store::migrate(&mut client).await?;
     if applied.is_empty() {
         println!("Migrations: nothing to apply ({} applied already).", store::MIGRATIONS.len());

@@ -12,7 +12,13 @@ use std::time::{Duration, Instant};
 /// Runs the binary, killing it if it outlives `limit` (a hang is a failure, not a stuck suite).
 fn bounded(repo: &TestRepo, db: Option<&TestDb>, args: &[&str], limit: Duration) -> (Out, Duration) {
     let mut c = command(repo.path(), db);
-    c.args(args).env("FROSTBYTE_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.args(args);
+    bounded_command(c, limit)
+}
+
+fn bounded_command(mut c: std::process::Command, limit: Duration) -> (Out, Duration) {
+    let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+    c.env("FROSTBYTE_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = c.spawn().unwrap();
     let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
@@ -420,4 +426,31 @@ fn a_file_whose_own_rules_leave_a_secret_in_plaintext_is_refused() {
     let out = refused("tenants/leaky.json", text, "/config/secrets/api_key_unencrypted");
     assert!(out.stdout.contains("unencrypted"), "{}", out.stdout);
     assert!(!out.stdout.contains("plain-sight-key-77"), "{}", out.stdout);
+}
+
+#[test]
+fn a_database_that_accepts_and_never_answers_fails_every_command_within_its_deadline() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Accepts, then holds every connection open in silence.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming().take(64).flatten() {
+            held.push(s);
+        }
+    });
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.commit("alpha");
+    let url = format!("postgres://app:pw@127.0.0.1:{port}/frostbyte?connect_timeout=1");
+    for args in [&["sync"][..], &["plan"], &["drift"], &["migrate"], &["audit", "verify"]] {
+        let mut c = command(repo.path(), None);
+        c.args(args).env("FROSTBYTE_CONTROL_DB_URL", &url).env("FROSTBYTE_DB_TIMEOUT", "2");
+        let (out, took) = bounded_command(c, Duration::from_secs(60));
+        assert_eq!(out.code, 1, "{args:?}: {}", out.all());
+        assert!(took < Duration::from_secs(20), "{args:?} took {took:?}");
+        assert!(out.stderr.contains(&format!("127.0.0.1:{port}")), "{args:?}: host:port not named: {}", out.stderr);
+        assert!(out.stderr.contains("db_timeout"), "{args:?}: the setting is named: {}", out.stderr);
+        assert!(!out.stderr.contains("pw@"), "{}", out.stderr);
+    }
 }

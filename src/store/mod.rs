@@ -198,7 +198,10 @@ pub fn session_config(url: &str, tls_policy: TlsPolicy) -> Result<tokio_postgres
     Ok(cfg)
 }
 
-pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
+/// A pool whose connections, handshakes and waits for a free connection each end at `deadline`:
+/// a server that accepts and never answers fails the command instead of hanging it (the URL's
+/// `connect_timeout` bounds only the TCP connect).
+pub fn pool(url: &str, tls_policy: TlsPolicy, deadline: std::time::Duration) -> Result<Pool, StoreError> {
     let cfg = session_config(url, tls_policy)?;
     let manager = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
@@ -209,11 +212,44 @@ pub fn pool(url: &str, tls_policy: TlsPolicy) -> Result<Pool, StoreError> {
         true => Manager::from_config(cfg, tls()?, manager),
         false => Manager::from_config(cfg, tokio_postgres::NoTls, manager),
     };
-    Pool::builder(mgr).max_size(4).build().map_err(|e| StoreError::Url(e.to_string()))
+    let timeouts = deadpool_postgres::Timeouts {
+        wait: Some(deadline),
+        create: Some(deadline),
+        recycle: Some(deadline),
+    };
+    Pool::builder(mgr)
+        .max_size(4)
+        .timeouts(timeouts)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| StoreError::Url(e.to_string()))
+}
+
+/// A round trip within `deadline`: a server that finished the handshake but answers nothing is
+/// caught before any real work waits on it.
+pub async fn first_response(client: &tokio_postgres::Client, deadline: std::time::Duration) -> Result<(), StoreError> {
+    match tokio::time::timeout(deadline, client.simple_query("SELECT 1")).await {
+        Ok(answer) => answer.map(|_| ()).map_err(q("asking the server its first question")),
+        Err(_) => Err(StoreError::Connect {
+            target: String::new(),
+            cause: format!("connected, but no answer to a first query within {} s (db_timeout)", deadline.as_secs()),
+        }),
+    }
 }
 
 pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
     pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Timeout(kind) => StoreError::Connect {
+            target: String::new(),
+            cause: format!(
+                "no answer within the deadline (db_timeout) while {}",
+                match kind {
+                    deadpool_postgres::TimeoutType::Wait => "waiting for a free connection",
+                    deadpool_postgres::TimeoutType::Create => "connecting (TCP, TLS and login)",
+                    deadpool_postgres::TimeoutType::Recycle => "checking a pooled connection",
+                }
+            ),
+        },
         deadpool_postgres::PoolError::Backend(e) => {
             let mut cause: &dyn std::error::Error = &e;
             while let Some(inner) = cause.source() {

@@ -155,6 +155,16 @@ pub struct Database {
 
 impl Database {
     /// A connection error, with where it tried to connect.
+    /// A connection that has answered a first query within the deadline, or an error naming
+    /// where the database is.
+    pub async fn client(&self, cfg: &Config) -> Result<deadpool_postgres::Object, StoreError> {
+        let client = store::client(&self.pool).await.map_err(|e| self.named(e))?;
+        store::first_response(&client, std::time::Duration::from_secs(cfg.db_timeout_secs))
+            .await
+            .map_err(|e| self.named(e))?;
+        Ok(client)
+    }
+
     pub fn named(&self, e: StoreError) -> StoreError {
         match e {
             StoreError::Connect { target, cause } if target.is_empty() => StoreError::Connect {
@@ -168,6 +178,7 @@ impl Database {
 
 /// The configured database; in dev mode with none configured, the agent's own cluster.
 pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
+    let deadline = std::time::Duration::from_secs(cfg.db_timeout_secs);
     let url = match &cfg.database_url {
         Some(url) => url.clone(),
         None if cfg.mode == Mode::Production => {
@@ -180,7 +191,7 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
             let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[]))
                 .await
                 .expect("local PostgreSQL start panicked")?;
-            let admin = store::pool(&cluster.conninfo("postgres"), store::TlsPolicy::AsGiven)?;
+            let admin = store::pool(&cluster.conninfo("postgres"), store::TlsPolicy::AsGiven, deadline)?;
             store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
             cluster.conninfo("frostbyte")
         }
@@ -191,7 +202,7 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
         store::TlsPolicy::AsGiven
     };
     Ok(Database {
-        pool: store::pool(&url, policy)?,
+        pool: store::pool(&url, policy, deadline)?,
         url,
         tls_policy: policy,
     })
@@ -199,7 +210,7 @@ pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
 
 /// Dev mode migrates on the way in; production expects `migrate` to have run.
 pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
-    let mut client = store::client(&db.pool).await.map_err(|e| db.named(e))?;
+    let mut client = db.client(cfg).await?;
     // Dev mode migrates unless it need not: the agent may run as an app role that cannot.
     if cfg.mode == Mode::Dev && store::check_migrated(&**client).await.is_err() {
         store::migrate(&mut client).await?;
