@@ -861,8 +861,12 @@ async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&std::path::P
                 println!("Audit trail broken: {b}");
             }
             for m in &report.version_mismatches {
+                let why = match m.config_events > m.config_version {
+                    true => " (its row was most likely deleted outside git and created again from version 1; docs/security.md, \"A row deleted by hand\", gives the repair)",
+                    false => "",
+                };
                 println!(
-                    "Tenant {}: config_version {} but {} TENANT_CONFIG_UPDATED event(s)",
+                    "Tenant {}: config_version {} but {} TENANT_CONFIG_UPDATED event(s){why}",
                     frostbyte_gitops::domain::escape::text(&m.tenant_id),
                     m.config_version,
                     m.config_events

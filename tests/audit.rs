@@ -194,3 +194,36 @@ fn a_config_version_bumped_by_hand_is_named() {
         json!([{"tenant_id": "charlie", "config_version": 9, "config_events": 1}])
     );
 }
+
+#[test]
+fn a_row_deleted_by_hand_is_created_again_at_the_next_version_and_the_trail_stays_intact() {
+    let (repo, db) = synced();
+    db.exec("DELETE FROM tenants WHERE tenant_id = 'bravo'");
+    let out = run(&repo, Some(&db), &["sync"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert_eq!(db.scalar("SELECT config_version AS v FROM tenants WHERE tenant_id = 'bravo'"), json!(3));
+    let created = db.scalar("SELECT details FROM audit_events WHERE tenant_id = 'bravo' AND event_type = 'TENANT_CREATED' ORDER BY event_seq DESC LIMIT 1");
+    assert_eq!(created["recreated"]["previous_version"], json!(2), "{created}");
+    assert!(created["recreated"]["reason"].as_str().unwrap().contains("deleted outside git"), "{created}");
+    let updated = db.scalar("SELECT details FROM audit_events WHERE tenant_id = 'bravo' ORDER BY event_seq DESC LIMIT 1");
+    assert_eq!((updated["from_version"].clone(), updated["to_version"].clone()), (json!(2), json!(3)));
+    let (code, report) = verify(&repo, &db, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(run(&repo, Some(&db), &["drift"]).code, 0, "in sync after the re-creation");
+}
+
+#[test]
+fn a_trail_left_behind_by_an_older_re_creation_names_the_repair_and_the_repair_holds() {
+    let (repo, db) = synced();
+    // What a re-creation at version 1 left: two config events, version 1.
+    db.exec("UPDATE tenants SET config_version = 1 WHERE tenant_id = 'bravo'; UPDATE gitops_applied SET config_version = 1 WHERE tenant_id = 'bravo'");
+    let text = run(&repo, Some(&db), &["audit", "verify"]);
+    assert_eq!(text.code, 1, "{}", text.all());
+    assert!(text.stdout.contains("Tenant bravo: config_version 1 but 2 TENANT_CONFIG_UPDATED event(s)"), "{}", text.stdout);
+    assert!(text.stdout.contains("deleted outside git") && text.stdout.contains("docs/security.md"), "{}", text.stdout);
+    // The documented repair.
+    db.exec("BEGIN; UPDATE tenants SET config_version = 2 WHERE tenant_id = 'bravo'; UPDATE gitops_applied SET config_version = 2 WHERE tenant_id = 'bravo'; COMMIT");
+    let (code, report) = verify(&repo, &db, &[]);
+    assert_eq!(code, 0, "{report}");
+    assert_eq!(run(&repo, Some(&db), &["drift"]).code, 0, "in sync after the repair");
+}

@@ -51,11 +51,18 @@ pub struct AuditEvent {
 pub fn events_for(change: &TenantPlan, commit: &CommitInfo, source: &str, actor: &str, signer: &Value) -> Vec<AuditEvent> {
     let mut out = Vec::new();
     if change.action == Action::Create {
+        let mut details = json!({"state": "pending", "commit": commit.id, "file": change.file, "source": source});
+        if let Some(before) = change.current_version {
+            details["recreated"] = json!({
+                "reason": "its row was deleted outside git; the version goes on from the audit trail",
+                "previous_version": before,
+            });
+        }
         out.push(AuditEvent {
             tenant_id: change.tenant_id.clone(),
             event_type: TENANT_CREATED,
             actor: actor.to_string(),
-            details: json!({"state": "pending", "commit": commit.id, "file": change.file, "source": source}),
+            details,
         });
     }
     if matches!(change.action, Action::Create | Action::Update) {

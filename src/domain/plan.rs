@@ -170,6 +170,15 @@ fn shows_embedding(action: Action) -> bool {
 }
 
 impl TenantPlan {
+    /// A create of a tenant whose row was deleted outside git after `config_events` versions:
+    /// its version goes on from them, so that it still counts its config events.
+    pub fn continue_from(&mut self, config_events: i64) {
+        if self.action == Action::Create && config_events > 0 {
+            self.current_version = Some(config_events);
+            self.next_version = Some(config_events + 1);
+        }
+    }
+
     /// The embedding endpoint that will serve this tenant, if the plan writes it: `own` (its
     /// file's), else the platform default.
     pub fn annotate_embedding(&mut self, own: Option<&str>, platform_default: Option<&str>) {

@@ -4,7 +4,7 @@
 
 use super::{ApplyContext, Change, CreatedSink, EMIT_AUDIT_EVENTS, StoreError, q};
 use crate::domain::audit::events_for;
-use crate::domain::plan::{self, Action, Packed, TenantPlan, seal};
+use crate::domain::plan::{self, Action, Packed, seal};
 use crate::domain::tenant::DesiredTenant;
 use futures_util::{StreamExt, TryStreamExt};
 use std::borrow::Cow;
@@ -33,7 +33,8 @@ pub async fn changes(
     // is on its way before the second is built.
     futures_util::stream::iter(chunks)
         .map(|chunk| async move {
-            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx)))?;
+            let history = statements.history(tx, &chunk).await?;
+            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx, &history)))?;
             rows.write(tx, statements).await.map(|()| rows.created)
         })
         .buffered(2)
@@ -46,6 +47,7 @@ pub async fn changes(
 }
 
 pub struct Statements {
+    history: Statement,
     create: Statement,
     update: Statement,
     emit: Statement,
@@ -57,9 +59,10 @@ pub struct Statements {
 impl Statements {
     pub async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
         let p = |sql| async move { tx.prepare(sql).await.map_err(q("preparing the writes")) };
-        let (create, update, emit, applied, own, owned_elsewhere) =
-            futures_util::try_join!(p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD), p(OWN), p(OWNED_ELSEWHERE))?;
+        let (history, create, update, emit, applied, own, owned_elsewhere) =
+            futures_util::try_join!(p(HISTORY), p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD), p(OWN), p(OWNED_ELSEWHERE))?;
         Ok(Statements {
+            history,
             create,
             update,
             emit,
@@ -67,6 +70,22 @@ impl Statements {
             own,
             owned_elsewhere,
         })
+    }
+
+    /// The versions the audit trail already holds for the tenants this chunk creates: a row
+    /// deleted outside git leaves its events behind, and the tenant created again goes on from
+    /// them, so that its version still counts its config events.
+    async fn history(&self, tx: &Transaction<'_>, chunk: &[Change<'_>]) -> Result<History, StoreError> {
+        let creates: Vec<&str> = chunk
+            .iter()
+            .filter(|c| c.planned().is_none_or(|p| p.action == Action::Create))
+            .map(|c| c.desired().tenant_id.as_str())
+            .collect();
+        if creates.is_empty() {
+            return Ok(History::new());
+        }
+        let rows = tx.query(&self.history, &[&creates]).await.map_err(q("reading the audit history of the tenants to create"))?;
+        Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
     }
 
     /// Records `source` as the owner of each of `ids` (with its file in `files`) that no other
@@ -101,9 +120,16 @@ const OWN: &str = "INSERT INTO gitops_owners (tenant_id, source, source_name, fi
 
 const OWNED_ELSEWHERE: &str = "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1";
 
+/// Config events already in the trail, by tenant: none for a tenant that never existed.
+type History = std::collections::HashMap<String, i64>;
+
+const HISTORY: &str = "SELECT tenant_id, count(*) FROM audit_events
+      WHERE tenant_id = ANY($1) AND event_type = 'TENANT_CONFIG_UPDATED'
+      GROUP BY tenant_id";
+
 const CREATE: &str = "INSERT INTO tenants (tenant_id, state, config, config_version, age_public_key, endpoints)
-     SELECT u.id, 'pending', u.config, 1, u.key, u.endpoints
-       FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[]) AS u(id, config, key, endpoints)
+     SELECT u.id, 'pending', u.config, u.version, u.key, u.endpoints
+       FROM unnest($1::text[], $2::jsonb[], $3::text[], $4::jsonb[], $5::bigint[]) AS u(id, config, key, endpoints, version)
      ON CONFLICT (tenant_id) DO NOTHING
      RETURNING tenant_id";
 
@@ -132,17 +158,17 @@ struct Tenants<'a> {
     configs: Vec<Jsonb>,
     keys: Vec<String>,
     endpoints: Vec<Jsonb>,
-    /// For an update: the version it expects to find.
+    /// For an update: the version it expects to find; for a create: the version it writes.
     versions: Vec<i64>,
 }
 
 impl<'a> Tenants<'a> {
-    fn push(&mut self, c: &TenantPlan, d: &'a DesiredTenant, doc: &serde_json::Value) {
+    fn push(&mut self, version: i64, d: &'a DesiredTenant, doc: &serde_json::Value) {
         self.ids.push(&d.tenant_id);
         self.configs.push(Jsonb::of(&doc["config"]));
         self.keys.push(doc["age_public_key"].as_str().unwrap_or_default().to_string());
         self.endpoints.push(Jsonb::of(&doc["endpoints"]));
-        self.versions.push(c.current_version.unwrap_or(0));
+        self.versions.push(version);
     }
 }
 
@@ -169,7 +195,7 @@ struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     /// Consumes the chunk: a create's document moved into it is dropped here.
-    fn of(chunk: Vec<Change<'a>>, ctx: &ApplyContext<'a>) -> Result<Rows<'a>, StoreError> {
+    fn of(chunk: Vec<Change<'a>>, ctx: &ApplyContext<'a>, history: &History) -> Result<Rows<'a>, StoreError> {
         let mut rows = Rows {
             creates: Tenants::default(),
             updates: Tenants::default(),
@@ -191,7 +217,7 @@ impl<'a> Rows<'a> {
         for change in chunk {
             let (d, planned) = (change.desired(), change.planned());
             let doc = change.into_document(ctx.parked)?;
-            let c = match planned {
+            let mut c = match planned {
                 Some(c) => Cow::Borrowed(c),
                 None => {
                     let mut c = plan::create(d, &doc, ctx.key);
@@ -199,9 +225,12 @@ impl<'a> Rows<'a> {
                     Cow::Owned(c)
                 }
             };
+            if let Some(&before) = history.get(&d.tenant_id).filter(|_| c.action == Action::Create) {
+                c.to_mut().continue_from(before);
+            }
             match c.action {
-                Action::Create => rows.creates.push(&c, d, &doc),
-                _ => rows.updates.push(&c, d, &doc),
+                Action::Create => rows.creates.push(c.next_version.unwrap_or(1), d, &doc),
+                _ => rows.updates.push(c.current_version.unwrap_or(0), d, &doc),
             }
             for e in events_for(&c, ctx.commit, ctx.source, ctx.actor, &ctx.signer) {
                 rows.event_tenants.push(e.tenant_id);
@@ -234,7 +263,7 @@ impl<'a> Rows<'a> {
             match c.ids.is_empty() {
                 true => Ok(vec![]),
                 false => tx
-                    .query(&st.create, &[&c.ids, &c.configs, &c.keys, &c.endpoints])
+                    .query(&st.create, &[&c.ids, &c.configs, &c.keys, &c.endpoints, &c.versions])
                     .await
                     .map_err(q(format!("creating {} tenant(s)", c.ids.len()))),
             }
