@@ -173,6 +173,42 @@ struct Def {
     env: &'static [&'static str],
     default: Option<&'static str>,
     secret: bool,
+    kind: Kind,
+}
+
+/// What a setting's value is, as the config file must write it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Text,
+    /// A whole number (also accepted as a string, as the environment gives it).
+    Number,
+    /// A number between 0 and 1 (also as a string).
+    Fraction,
+    /// true or false (also as a string).
+    Bool,
+}
+
+impl Kind {
+    /// The text of a config file's value, or why it has the wrong type.
+    fn text_of(self, v: &toml::Value) -> Result<String, String> {
+        match (self, v) {
+            (_, toml::Value::String(s)) => Ok(s.clone()),
+            (Kind::Number, toml::Value::Integer(i)) => Ok(i.to_string()),
+            (Kind::Fraction, toml::Value::Integer(_) | toml::Value::Float(_)) => Ok(v.to_string()),
+            (Kind::Bool, toml::Value::Boolean(b)) => Ok(b.to_string()),
+            (kind, other) => Err(format!(
+                "is {} {}, but must be {}",
+                if other.type_str().starts_with(['a', 'i']) { "an" } else { "a" },
+                other.type_str(),
+                match kind {
+                    Kind::Text => "a string",
+                    Kind::Number => "a whole number",
+                    Kind::Fraction => "a number",
+                    Kind::Bool => "true or false",
+                }
+            )),
+        }
+    }
 }
 
 const DEFS: &[Def] = &[
@@ -181,168 +217,196 @@ const DEFS: &[Def] = &[
         env: &["FROSTBYTE_MODE"],
         default: Some("dev"),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "database_url",
         env: &["FROSTBYTE_CONTROL_DB_URL"],
         default: None,
         secret: true,
+        kind: Kind::Text,
     },
     Def {
         name: "repo",
         env: &["FROSTBYTE_GITOPS_REPO"],
         default: Some("."),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "ref",
         env: &["FROSTBYTE_GITOPS_REF"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "path",
         env: &["FROSTBYTE_GITOPS_PATH"],
         default: Some("tenants"),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "prune",
         env: &["FROSTBYTE_PRUNE"],
         default: Some("false"),
         secret: false,
+        kind: Kind::Bool,
     },
     Def {
         name: "prune_max_fraction",
         env: &["FROSTBYTE_PRUNE_MAX_FRACTION"],
         default: Some("0.1"),
         secret: false,
+        kind: Kind::Fraction,
     },
     Def {
         name: "age_key_file",
         env: &["SOPS_AGE_KEY_FILE"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "age_key",
         env: &["SOPS_AGE_KEY"],
         default: None,
         secret: true,
+        kind: Kind::Text,
     },
     Def {
         name: "log_format",
         env: &["FROSTBYTE_LOG_FORMAT"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "data_dir",
         env: &["FROSTBYTE_DATA_DIR"],
         default: Some(".frostbyte"),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "allow_plaintext",
         env: &["FROSTBYTE_ALLOW_PLAINTEXT"],
         default: Some("false"),
         secret: false,
+        kind: Kind::Bool,
     },
     Def {
         name: "require_tenant_recipient",
         env: &["FROSTBYTE_REQUIRE_TENANT_RECIPIENT"],
         default: Some("true"),
         secret: false,
+        kind: Kind::Bool,
     },
     Def {
         name: "drift_policy",
         env: &["FROSTBYTE_DRIFT_POLICY"],
         default: Some("correct"),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "worktree",
         env: &["FROSTBYTE_WORKTREE"],
         default: Some("false"),
         secret: false,
+        kind: Kind::Bool,
     },
     Def {
         name: "interval",
         env: &["FROSTBYTE_SYNC_INTERVAL"],
         default: Some("60"),
         secret: false,
+        kind: Kind::Number,
     },
     Def {
         name: "full_resync_interval",
         env: &["FROSTBYTE_FULL_RESYNC_INTERVAL"],
         default: Some("3600"),
         secret: false,
+        kind: Kind::Number,
     },
     Def {
         name: "db_timeout",
         env: &["FROSTBYTE_DB_TIMEOUT"],
         default: Some("30"),
         secret: false,
+        kind: Kind::Number,
     },
     Def {
         name: "debounce_ms",
         env: &["FROSTBYTE_DEBOUNCE_MS"],
         default: Some("500"),
         secret: false,
+        kind: Kind::Number,
     },
     Def {
         name: "listen",
         env: &["FROSTBYTE_LISTEN"],
         default: Some("127.0.0.1:8686"),
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "webhook_token",
         env: &["FROSTBYTE_WEBHOOK_TOKEN"],
         default: None,
         secret: true,
+        kind: Kind::Text,
     },
     Def {
         name: "embedding_endpoint",
         env: &["FROSTBYTE_EMBEDDING_ENDPOINT"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "verify_commits",
         env: &["FROSTBYTE_VERIFY_COMMITS"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "allowed_signers",
         env: &["FROSTBYTE_ALLOWED_SIGNERS"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "trusted_pgp_keys",
         env: &["FROSTBYTE_TRUSTED_PGP_KEYS"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "git_token_file",
         env: &["FROSTBYTE_GIT_TOKEN_FILE"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "git_ssh_key_file",
         env: &["FROSTBYTE_GIT_SSH_KEY_FILE"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
     Def {
         name: "git_known_hosts",
         env: &["FROSTBYTE_GIT_KNOWN_HOSTS"],
         default: None,
         secret: false,
+        kind: Kind::Text,
     },
 ];
 
@@ -447,7 +511,27 @@ fn parse_sources(file: &str, v: &toml::Value, top: &SourceConfig) -> Result<Vec<
     if list.is_empty() {
         errors.push(format!("config file {file}: sources is empty; remove it to use repo/ref/path"));
     }
+    errors.extend(overlapping_sources(file, &out));
     if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+/// Two sources of one repository whose tenant paths nest would each claim the other's files.
+fn overlapping_sources(file: &str, sources: &[SourceConfig]) -> Vec<String> {
+    let norm = |p: &str| p.trim_start_matches("./").trim_matches('/').to_string();
+    let nests = |a: &str, b: &str| a.is_empty() || b.is_empty() || a == b || b.starts_with(&format!("{a}/")) || a.starts_with(&format!("{b}/"));
+    let mut errors = Vec::new();
+    for (i, a) in sources.iter().enumerate() {
+        for b in &sources[i + 1..] {
+            let (pa, pb) = (norm(&a.path), norm(&b.path));
+            if crate::source::same_repository(&a.repo.to_string(), &b.repo.to_string()) && nests(&pa, &pb) {
+                errors.push(format!(
+                    "config file {file}: sources {} (path {:?}) and {} (path {:?}) read overlapping directories of one repository; give each its own directory",
+                    a.name, a.path, b.name, b.path
+                ));
+            }
+        }
+    }
+    errors
 }
 
 /// `[[notifications]]`: every entry checked, every problem reported.
@@ -549,11 +633,15 @@ fn file_table(file: Option<(&str, &str)>) -> Result<(toml::Table, Vec<String>), 
         return Ok((toml::Table::new(), Vec::new()));
     };
     let table: toml::Table = toml::from_str(text).map_err(|e| format!("config file {path}: {}", e.message()))?;
-    let errors = table
+    let mut errors: Vec<String> = table
         .keys()
         .filter(|key| !DEFS.iter().any(|d| d.name == *key) && *key != "sources" && *key != "notifications")
         .map(|key| format!("config file {path}: unknown setting {key:?} (known: {})", known_keys().join(", ")))
         .collect();
+    errors.extend(DEFS.iter().filter_map(|d| {
+        let why = d.kind.text_of(table.get(d.name)?).err()?;
+        Some(format!("config file {path}: {} {why}", d.name))
+    }));
     Ok((table, errors))
 }
 
@@ -623,11 +711,8 @@ fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &tom
         } else if let Some((name, v)) = d.env.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v))) {
             (Some(v), Origin::Env(name.to_string()))
         } else if let Some(v) = table.get(d.name) {
-            let text = match v {
-                toml::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (Some(text), Origin::File)
+            // A value of the wrong type was refused by file_table; it reads as unset here.
+            (d.kind.text_of(v).ok(), Origin::File)
         } else {
             (d.default.map(str::to_string), Origin::Default)
         };
@@ -992,6 +1077,40 @@ mod tests {
         let env = env_of(&[("FROSTBYTE_MODE", "production"), ("FROSTBYTE_ALLOW_PLAINTEXT", "true")]);
         let err = Config::resolve(&Flags::default(), &env, None, None).unwrap_err();
         assert!(err.contains("allow_plaintext cannot be used"), "{err}");
+    }
+
+    #[test]
+    fn sources_that_overlap_in_one_repository_are_refused() {
+        let resolve = |text: &str| Config::resolve(&Flags::default(), &env_of(&[]), Some(("frostbyte.toml", text)), None);
+        let two = |p1: &str, r2: &str, p2: &str| {
+            format!("[[sources]]\nname = \"a\"\nrepo = \"https://g.example.com/o/r.git\"\npath = \"{p1}\"\n\n[[sources]]\nname = \"b\"\nrepo = \"{r2}\"\npath = \"{p2}\"\n")
+        };
+        for (p1, r2, p2) in [
+            ("tenants", "https://g.example.com/o/r.git", "tenants/eu"),
+            ("tenants/", "git@g.example.com:o/r", "./tenants"),
+            ("", "https://g.example.com/o/r", "tenants"),
+        ] {
+            let err = resolve(&two(p1, r2, p2)).unwrap_err();
+            assert!(err.contains("overlapping directories"), "{p1} {r2} {p2}: {err}");
+        }
+        for (p1, r2, p2) in [
+            ("tenants/eu", "https://g.example.com/o/r.git", "tenants/us"),
+            ("tenants", "https://g.example.com/o/other.git", "tenants"),
+            ("tenants/e", "https://g.example.com/o/r.git", "tenants/eu"),
+        ] {
+            assert!(resolve(&two(p1, r2, p2)).is_ok(), "{p1} {r2} {p2}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_in_the_config_file_are_refused() {
+        let resolve = |text: &str| Config::resolve(&Flags::default(), &env_of(&[]), Some(("frostbyte.toml", text)), None);
+        let err = resolve("repo = 42\ninterval = true\nprune = \"yes\"\nworktree = 1\n").unwrap_err();
+        assert!(err.contains("repo is an integer, but must be a string"), "{err}");
+        assert!(err.contains("interval is a boolean, but must be a whole number"), "{err}");
+        assert!(err.contains("worktree is an integer, but must be true or false"), "{err}");
+        let ok = resolve("interval = 30\nprune = true\nprune_max_fraction = 0.5\ndebounce_ms = \"250\"\n").unwrap();
+        assert_eq!((ok.interval_secs, ok.debounce_ms), (30, 250));
     }
 
     #[test]

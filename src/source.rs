@@ -226,6 +226,47 @@ impl RemoteUrl {
     }
 }
 
+/// Whether two source ids (`<repository>#<path>`) name the same tenant directory of the same
+/// repository, however the repository is spelled: a path or a `file://` URL to it, https or ssh
+/// (`git@host:org/repo.git`) to one host and path, with or without `.git` or a user.
+pub fn same_source(a: &str, b: &str) -> bool {
+    let split = |id: &str| id.split_once('#').map_or((id.to_string(), String::new()), |(r, p)| (repository_identity(r), p.trim_matches('/').to_string()));
+    split(a) == split(b)
+}
+
+/// Whether two spellings (URLs or paths) name one repository.
+pub fn same_repository(a: &str, b: &str) -> bool {
+    repository_identity(a) == repository_identity(b)
+}
+
+/// A repository's spelling reduced to what names it: `host/path` for a network URL, the
+/// canonical directory of a local one.
+fn repository_identity(spelled: &str) -> String {
+    let s = spelled.trim_end_matches('/');
+    let s = s.strip_suffix(".git").unwrap_or(s).trim_end_matches('/');
+    let local = |p: &str| {
+        let p = Path::new(p).canonicalize().unwrap_or_else(|_| PathBuf::from(p));
+        let p = if p.ends_with(".git") { p.parent().map(Path::to_path_buf).unwrap_or(p) } else { p };
+        p.display().to_string()
+    };
+    if let Some(path) = s.strip_prefix("file://") {
+        return local(path);
+    }
+    let host_path = |authority: &str, path: &str| {
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        let host = host.split(':').next().unwrap_or(host).to_ascii_lowercase();
+        format!("{host}/{}", path.trim_start_matches('/'))
+    };
+    if let Some((_, rest)) = s.split_once("://") {
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        return host_path(authority, path);
+    }
+    match s.split_once(':') {
+        Some((authority, path)) if !s.starts_with('/') && authority.contains('@') => host_path(authority, path),
+        _ => local(s),
+    }
+}
+
 impl Source {
     pub fn open(spec: &SourceSpec) -> Result<Source, SourceError> {
         let path = spec.path.trim_matches('/').to_string();
@@ -526,6 +567,10 @@ impl Source {
 
     pub fn is_remote(&self) -> bool {
         self.remote
+    }
+
+    pub fn is_shallow(&self) -> bool {
+        self.repo.is_shallow()
     }
 
     /// Fetches again (remote sources only).
@@ -885,6 +930,27 @@ mod tests {
         assert_eq!(RepoLocation::parse("ssh://tok:en@h/r").to_string(), "ssh://h/r");
         assert_eq!(RepoLocation::parse("git@github.com:org/repo.git").to_string(), "git@github.com:org/repo.git");
         assert_eq!(RepoLocation::parse("../tenants-repo"), RepoLocation::Local("../tenants-repo".into()));
+    }
+
+    #[test]
+    fn a_repository_respelled_is_the_same_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().display().to_string();
+        for (a, b) in [
+            ("https://git.example.com/org/repo.git#tenants", "git@git.example.com:org/repo.git#tenants"),
+            ("https://git.example.com/org/repo#tenants", "ssh://git@GIT.example.com:22/org/repo.git#tenants/"),
+            (&format!("{p}#tenants"), &format!("file://{p}#tenants")),
+            (&format!("{p}#tenants"), &format!("file://{p}/.git#tenants")),
+        ] {
+            assert!(same_source(a, b), "{a} ~ {b}");
+        }
+        for (a, b) in [
+            ("https://git.example.com/org/repo.git#tenants", "https://git.example.com/org/other.git#tenants"),
+            ("https://git.example.com/org/repo.git#tenants", "https://git.example.com/org/repo.git#tenants/eu"),
+            ("https://a.example.com/org/repo#tenants", "https://b.example.com/org/repo#tenants"),
+        ] {
+            assert!(!same_source(a, b), "{a} !~ {b}");
+        }
     }
 
     #[test]

@@ -311,3 +311,38 @@ fn entries_the_walk_cannot_read_are_problems_and_stop_a_pruning_run() {
     assert_eq!(f.db.count("SELECT 1 FROM tenants WHERE state = 'decommissioning'"), 0, "a walk that met such entries pruned");
     assert_eq!(f.db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_DECOMMISSION_REQUESTED'"), 0);
 }
+
+#[test]
+fn a_repository_spelled_another_way_keeps_its_tenants_and_another_repository_is_said_once() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    for id in ["alpha", "bravo", "charlie"] {
+        put(&repo, &format!("tenants/{id}.toml"), id, Format::Toml);
+    }
+    repo.commit("three");
+    let with_repo = |spelled: &str, args: &[&str]| {
+        let mut c = command(repo.path(), Some(&db));
+        c.env("FROSTBYTE_GITOPS_REPO", spelled).args(args);
+        output(c)
+    };
+    let path = repo.path().display().to_string();
+    assert_eq!(with_repo(&path, &["sync"]).code, 0);
+    // The same repository as a file:// URL: the same source, nothing to do.
+    let out = with_repo(&format!("file://{path}"), &["sync"]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains("No changes"), "{}", out.stdout);
+    let sources = db.rows("SELECT DISTINCT source FROM gitops_owners");
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    assert!(sources[0]["source"].as_str().unwrap().starts_with("file://"), "{sources:?}");
+    assert_eq!(with_repo(&path, &["sync"]).code, 0, "and back");
+
+    // Another repository under the same name, with the same tenants: one message, not three.
+    let other = TestRepo::new();
+    for id in ["alpha", "bravo", "charlie"] {
+        put(&other, &format!("tenants/{id}.toml"), id, Format::Toml);
+    }
+    other.commit("the same tenants elsewhere");
+    let out = with_repo(&other.path().display().to_string(), &["sync"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert_eq!(out.stderr.matches("source default now reads").count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("3 of its tenants") && out.stderr.contains("tenant move"), "{}", out.stderr);
+}

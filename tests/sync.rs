@@ -589,3 +589,29 @@ fn a_key_that_opens_nothing_fails_a_run_with_nothing_to_decrypt() {
     }
     assert_eq!(sync(&repo, &db).code, 0, "the right key still says no changes");
 }
+
+#[test]
+fn a_last_applied_commit_beyond_a_shallow_clones_history_is_called_that() {
+    let (repo, db) = three_tenants();
+    assert_eq!(sync(&repo, &db).code, 0);
+    for plan in ["enterprise", "starter"] {
+        let mut doc = tenant_doc("alpha");
+        doc["config"]["plan"] = json!(plan);
+        repo.put_tenant(&doc, Format::Toml);
+        repo.commit(plan);
+    }
+    let shallow = tempfile::tempdir().unwrap();
+    let clone = std::process::Command::new("git")
+        .args(["clone", "-q", "--depth", "1"])
+        .arg(format!("file://{}", repo.path().display()))
+        .arg(shallow.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(clone.status.success(), "{}", String::from_utf8_lossy(&clone.stderr));
+    let mut c = command(repo.path(), Some(&db));
+    c.env("FROSTBYTE_GITOPS_REPO", shallow.path().join("c")).arg("sync");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("shallow clone"), "{}", out.stderr);
+    assert!(!out.stderr.contains("history was rewritten"), "{}", out.stderr);
+}

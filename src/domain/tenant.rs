@@ -2,6 +2,7 @@
 
 use super::issue::Issue;
 use super::json::{self, JsonText, SecretPaths};
+use super::secret_paths;
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -286,13 +287,20 @@ fn schema_issues(validator: &jsonschema::Validator, at: &str, value: &Value, sec
     let mut out: BTreeMap<(String, String), ()> = BTreeMap::new();
     for error in validator.iter_errors(value) {
         let pointer = format!("{at}{}", error.instance_path().as_str());
-        let message = if json::touches_secret(&pointer, secrets) {
-            format!(
-                "value does not satisfy the schema's {:?} rule (value not shown: it is a secret)",
-                error.kind().keyword()
-            )
-        } else {
-            error.to_string()
+        let message = match error.kind() {
+            // About key names, never values: said in full even for an object that holds secrets.
+            jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                let names: Vec<String> = unexpected.iter().map(|k| format!("{k:?}")).collect();
+                format!("unknown key {} (the schema allows no other keys here)", names.join(", "))
+            }
+            jsonschema::error::ValidationErrorKind::Required { property } => format!("missing the required key {property}"),
+            kind if secret_paths::covers(secrets, &pointer) => {
+                format!("value does not satisfy the schema's {:?} rule (value not shown: it is a secret)", kind.keyword())
+            }
+            kind if json::touches_secret(&pointer, secrets) => {
+                format!("value does not satisfy the schema's {:?} rule (value not shown: it holds a secret)", kind.keyword())
+            }
+            _ => error.to_string(),
         };
         out.insert((pointer, message), ());
     }
@@ -376,6 +384,28 @@ mod tests {
         assert_eq!(issues.len(), 1);
         assert!(!issues[0].message.contains("12345678"), "{}", issues[0].message);
         assert_eq!(issues[0].pointer.as_deref(), Some("/config/secrets/db_password"));
+    }
+
+    #[test]
+    fn a_misspelt_key_is_named_and_secret_only_where_the_value_is_one() {
+        let mut doc = good();
+        doc["config"]["regoin"] = json!("eu-west-1");
+        let secrets: SecretPaths = ["/config/secrets/db_password".to_string()].into();
+        let issues = check_document("t/acme.json", "acme", "", doc, secrets.clone()).unwrap_err();
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert_eq!(issues[0].pointer.as_deref(), Some("/config"));
+        assert!(issues[0].message.contains("unknown key \"regoin\""), "{}", issues[0].message);
+        assert!(!issues[0].message.contains("secret"), "{}", issues[0].message);
+        let mut doc = good();
+        doc["config"].as_object_mut().unwrap().remove("region");
+        let issues = check_document("t/acme.json", "acme", "", doc, secrets.clone()).unwrap_err();
+        assert!(issues[0].message.contains("missing the required key \"region\""), "{}", issues[0].message);
+        // A rule broken by a whole object that holds a secret: the rule, never the object.
+        let mut doc = good();
+        doc["config"]["secrets"]["n"] = json!(5);
+        let issues = check_document("t/acme.json", "acme", "", doc, secrets).unwrap_err();
+        assert_eq!(issues[0].pointer.as_deref(), Some("/config/secrets/n"));
+        assert!(issues[0].message.contains("it is a secret") && !issues[0].message.contains('5'), "{}", issues[0].message);
     }
 
     #[test]

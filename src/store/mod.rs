@@ -17,6 +17,7 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
 pub mod conninfo;
+pub mod respell;
 mod write;
 
 /// Migrations in the order they apply. Their text is part of the binary so that a deployed agent

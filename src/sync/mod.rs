@@ -47,6 +47,10 @@ pub enum SyncError {
         "commit {new} does not descend from the last applied commit {old} (history was rewritten, or the branch was reset); nothing was applied. Pass --allow-non-fast-forward to apply it anyway"
     )]
     NonFastForward { new: String, old: String },
+    #[error(
+        "commit {new} cannot be shown to descend from the last applied commit {old}: the repository is a shallow clone whose history stops before it; nothing was applied. Fetch the history (git fetch --unshallow), or pass --allow-non-fast-forward to apply it anyway"
+    )]
+    ShallowClone { new: String, old: String },
     #[error("the saved plan is stale; nothing was applied:\n  {}", .0.join("\n  "))]
     Stale(Vec<String>),
     #[error("{0}")]
@@ -80,7 +84,7 @@ impl SyncError {
     /// `refused`; anything else that stopped it is `failed`.
     pub fn notify_event(&self) -> crate::config::NotifyEvent {
         match self {
-            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::MassPrune { .. } => crate::config::NotifyEvent::Refused,
+            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => crate::config::NotifyEvent::Refused,
             _ => crate::config::NotifyEvent::Failed,
         }
     }
@@ -302,6 +306,7 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         ));
     }
     let mut client = store::client(pool).await?;
+    follow_respelling(src, &source.id, &mut client).await?;
     let snapshot = snapshot_for(&source, rev.as_deref(), worktree, &**client).await?;
     blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
     let key = store::digest_key(&**client).await?;
@@ -342,6 +347,18 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
         }
     };
     attempts.conclude(locked, opts).await
+}
+
+/// A source whose repository is spelled another way than when it claimed its tenants (a path
+/// for a `file://` URL, ssh for https) is the same source: its records follow the new spelling.
+async fn follow_respelling(src: &SourceConfig, id: &str, client: &mut tokio_postgres::Client) -> Result<(), SyncError> {
+    for old in store::respell::other_spellings(&*client, &src.name, id).await? {
+        if crate::source::same_source(&old, id) {
+            let moved = store::respell::respell(client, &old, id).await?;
+            tracing::info!(source = %src.name, was = %old, now = %id, tenants = moved, "the source's repository is spelled another way; its records follow");
+        }
+    }
+    Ok(())
 }
 
 /// The revision a run reads: a saved plan's commit (refused if it was made for another source),
@@ -430,9 +447,10 @@ impl Attempts<'_> {
         ) = (run, snapshot.commit.as_ref().and_then(|c| CommitId::parse(&c.id)), &last)
             && !TenantSource::descends_from(source, &new, old)?
         {
-            return Err(SyncError::NonFastForward {
-                new: new.to_string(),
-                old: old.to_string(),
+            let (new, old) = (new.to_string(), old.to_string());
+            return Err(match TenantSource::is_shallow(source) {
+                true => SyncError::ShallowClone { new, old },
+                false => SyncError::NonFastForward { new, old },
             });
         }
         let scope = scope_of(ctx, src, source, snapshot, &*tx, prunes).await?;
@@ -800,7 +818,8 @@ fn plan_between_revisions(desired: &[DesiredTenant], actual: &[ActualTenant], em
 /// The drift report for the configured revision.
 pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
     let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
-    let client = store::client(pool).await?;
+    let mut client = store::client(pool).await?;
+    follow_respelling(src, &source.id, &mut client).await?;
     let snapshot = snapshot_for(&source, src.git_ref.as_deref(), ctx.cfg.worktree, &**client).await?;
     blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
     let key = store::digest_key(&**client).await?;

@@ -18,6 +18,8 @@ pub trait TenantSource {
     fn body_reader(&self) -> impl ReadBody;
     /// Whether `new` is `old` or descends from it; a commit the source does not have is not.
     fn descends_from(&self, new: &CommitId, old: &CommitId) -> Result<bool, SourceError>;
+    /// Whether the repository is a shallow clone, whose history stops before its first commits.
+    fn is_shallow(&self) -> bool;
     /// The tenant files that differ between two commits; None when `old` is unknown.
     fn changed_files(&self, old: &CommitId, new: &CommitId) -> Result<Option<BTreeSet<String>>, SourceError>;
     /// Whether `new` passes signature verification, `last` being the last applied commit.
@@ -51,6 +53,10 @@ impl TenantSource for Source {
 
     fn descends_from(&self, new: &CommitId, old: &CommitId) -> Result<bool, SourceError> {
         Source::descends_from(self, oid(new), old.as_str())
+    }
+
+    fn is_shallow(&self) -> bool {
+        Source::is_shallow(self)
     }
 
     fn changed_files(&self, old: &CommitId, new: &CommitId) -> Result<Option<BTreeSet<String>>, SourceError> {

@@ -499,6 +499,19 @@ pub(super) async fn scope_of<'a>(
         prunes,
         foreign: client.foreign_owners(source.id(), &stems(snapshot)).await?,
     };
+    // A source whose spelling changed to another repository or path: said once, not once for
+    // every tenant it had claimed.
+    let renamed: BTreeSet<&str> = scope.foreign.values().filter(|o| o.name.as_deref() == Some(&src.name)).map(|o| o.source.as_str()).collect();
+    if let Some(old) = renamed.first() {
+        return Err(SyncError::Usage(format!(
+            "source {name} now reads {id}, but {n} of its tenants were claimed when it read {old}, which is another repository or path: \
+             nothing was applied. Set the source back to what it read, or give it another name and move the tenants to it with \
+             `frostbyte-gitops tenant move ID --to NAME`",
+            name = src.name,
+            id = scope.id,
+            n = scope.foreign.values().filter(|o| o.source == *old).count(),
+        )));
+    }
     let refused = scope.claims_refused(snapshot);
     if !refused.is_empty() {
         return Err(SyncError::Invalid {
