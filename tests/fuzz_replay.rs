@@ -34,14 +34,23 @@ unsafe impl GlobalAlloc for Ceiling {
 #[global_allocator]
 static ALLOCATOR: Ceiling = Ceiling;
 
-fn replay(target: &str, run: fn(&[u8])) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz/regressions").join(target);
+/// The inputs saved under `tests/fuzz/<kind>/<target>/`.
+fn saved(kind: &str, target: &str) -> Vec<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz").join(kind).join(target);
     let mut inputs: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
         .collect();
     inputs.sort();
     assert!(!inputs.is_empty(), "no saved inputs in {}", dir.display());
+    inputs
+}
+
+fn replay(target: &str, run: fn(&[u8])) {
+    replay_inputs(saved("regressions", target), run);
+}
+
+fn replay_inputs(inputs: Vec<std::path::PathBuf>, run: fn(&[u8])) {
     for path in inputs {
         let data = std::fs::read(&path).unwrap();
         let (done, wait) = std::sync::mpsc::channel();
@@ -87,4 +96,16 @@ fn yaml_fast_path_regressions() {
 #[test]
 fn toml_fast_path_regressions() {
     replay("toml_fast_path", targets::toml_fast_path);
+}
+
+/// The minimised corpora the fuzzers built (tests/fuzz/corpora): thousands of inputs on which
+/// the line readers and the full parsers must agree, replayed on stable.
+#[test]
+fn yaml_fast_path_corpus() {
+    replay_inputs(saved("corpora", "yaml_fast_path"), targets::yaml_fast_path);
+}
+
+#[test]
+fn toml_fast_path_corpus() {
+    replay_inputs(saved("corpora", "toml_fast_path"), targets::toml_fast_path);
 }
