@@ -47,7 +47,7 @@ pub async fn changes(
 }
 
 pub struct Statements {
-    history: Statement,
+    applied_before: Statement,
     create: Statement,
     update: Statement,
     emit: Statement,
@@ -59,10 +59,17 @@ pub struct Statements {
 impl Statements {
     pub async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
         let p = |sql| async move { tx.prepare(sql).await.map_err(q("preparing the writes")) };
-        let (history, create, update, emit, applied, own, owned_elsewhere) =
-            futures_util::try_join!(p(HISTORY), p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD), p(OWN), p(OWNED_ELSEWHERE))?;
+        let (applied_before, create, update, emit, applied, own, owned_elsewhere) = futures_util::try_join!(
+            p(APPLIED_BEFORE),
+            p(CREATE),
+            p(UPDATE),
+            p(EMIT_AUDIT_EVENTS),
+            p(RECORD),
+            p(OWN),
+            p(OWNED_ELSEWHERE)
+        )?;
         Ok(Statements {
-            history,
+            applied_before,
             create,
             update,
             emit,
@@ -84,7 +91,15 @@ impl Statements {
         if creates.is_empty() {
             return Ok(History::new());
         }
-        let rows = tx.query(&self.history, &[&creates]).await.map_err(q("reading the audit history of the tenants to create"))?;
+        // Only a tenant the agent applied before can have a history: the trail is read for those
+        // alone (a first sync reads none of it, nor waits on its locks).
+        let known = tx.query(&self.applied_before, &[&creates]).await.map_err(q("reading the applied records of the tenants to create"))?;
+        let known: Vec<String> = known.iter().map(|r| r.get(0)).collect();
+        if known.is_empty() {
+            return Ok(History::new());
+        }
+        // Not prepared with the others: preparing it would wait on the trail's locks in every run.
+        let rows = tx.query(HISTORY, &[&known]).await.map_err(q("reading the audit history of the tenants to create"))?;
         Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
     }
 
@@ -122,6 +137,8 @@ const OWNED_ELSEWHERE: &str = "SELECT tenant_id, source FROM gitops_owners WHERE
 
 /// Config events already in the trail, by tenant: none for a tenant that never existed.
 type History = std::collections::HashMap<String, i64>;
+
+const APPLIED_BEFORE: &str = "SELECT tenant_id FROM gitops_applied WHERE tenant_id = ANY($1)";
 
 const HISTORY: &str = "SELECT tenant_id, count(*) FROM audit_events
       WHERE tenant_id = ANY($1) AND event_type = 'TENANT_CONFIG_UPDATED'
