@@ -8,22 +8,12 @@
 //! holds once it has it (a fencing token would guard the same thing again).
 
 use crate::domain::shard;
-use sha2::{Digest, Sha256};
+use crate::store::lease::{alive, join, live_members, release, try_take};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-/// First key of the member slot locks ("frmb"); the second is the slot.
-const MEMBER_NS: i32 = 0x6672_6d62;
-/// More replicas than this share nothing: the extra ones wait for a slot.
-const SLOTS: i32 = 1024;
 /// A lease round (connect, join, read members, take and release) that takes longer fails.
 const ROUND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The lock key of a source's lease.
-pub fn source_key(name: &str) -> i64 {
-    let d = Sha256::digest(format!("frostbyte source lease\0{name}").as_bytes());
-    i64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
-}
 
 pub struct Leases {
     config: tokio_postgres::Config,
@@ -69,7 +59,7 @@ impl Leases {
 
     async fn round(&mut self, sources: &[&str]) -> Result<BTreeSet<String>, String> {
         if let Some(c) = &self.client
-            && c.simple_query("SELECT 1").await.is_err()
+            && !alive(c).await
         {
             self.drop_session();
         }
@@ -97,20 +87,12 @@ impl Leases {
         let assignment = shard::assign(sources, &members);
         let mine: BTreeSet<String> = assignment.into_iter().filter(|(_, m)| *m == me).map(|(s, _)| s).collect();
         for gone in self.held.difference(&mine).cloned().collect::<Vec<_>>() {
-            client
-                .query_one("SELECT pg_advisory_unlock($1)", &[&source_key(&gone)])
-                .await
-                .map_err(|e| format!("releasing the lease of source {gone}: {e}"))?;
+            release(client, &gone).await?;
             tracing::info!(source = %gone, "released the source lease: another replica's share now");
             self.held.remove(&gone);
         }
         for s in mine.difference(&self.held.clone()) {
-            let got: bool = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&source_key(s)])
-                .await
-                .map_err(|e| format!("taking the lease of source {s}: {e}"))?
-                .get(0);
-            if got {
+            if try_take(client, s).await? {
                 tracing::info!(source = %s, "holding the source lease: this replica syncs it");
                 self.held.insert(s.clone());
             } else {
@@ -119,36 +101,4 @@ impl Leases {
         }
         Ok(self.held.clone())
     }
-}
-
-/// The slots held now, in this database.
-async fn live_members(client: &tokio_postgres::Client) -> Result<Vec<u32>, String> {
-    let rows = client
-        .query(
-            "SELECT objid::bigint FROM pg_locks
-              WHERE locktype = 'advisory' AND classid = $1::int::oid AND objsubid = 2 AND granted
-                AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[&MEMBER_NS],
-        )
-        .await
-        .map_err(|e| format!("reading the members: {e}"))?;
-    let mut slots: Vec<u32> = rows.iter().map(|r| r.get::<_, i64>(0) as u32).collect();
-    slots.sort_unstable();
-    Ok(slots)
-}
-
-/// Takes the lowest free slot (another replica may take it first: then the next).
-async fn join(client: &tokio_postgres::Client, taken: &[u32]) -> Result<Option<u32>, String> {
-    for slot in (0..SLOTS).filter(|s| !taken.contains(&(*s as u32))) {
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&MEMBER_NS, &slot])
-            .await
-            .map_err(|e| format!("joining the replicas: {e}"))?
-            .get(0);
-        if got {
-            tracing::info!(slot, "joined the replicas");
-            return Ok(Some(slot as u32));
-        }
-    }
-    Ok(None)
 }

@@ -17,6 +17,8 @@ use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
 pub mod conninfo;
+pub mod lease;
+pub mod locks;
 pub mod respell;
 mod write;
 
@@ -36,8 +38,6 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
 ];
 
 /// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
-const MIGRATE_LOCK: i64 = 0x66726f7374627974;
-const APPLY_LOCK: i64 = 0x66726f737461706c;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -294,12 +294,12 @@ pub fn checksum(sql: &str) -> String {
 /// processes migrating at once apply each migration once. Returns the names applied.
 pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
     client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATE_LOCK])
+        .execute("SELECT pg_advisory_lock($1)", &[&locks::MIGRATE])
         .await
         .map_err(q("taking the migration lock"))?;
     let result = migrate_locked(client).await;
     let unlock = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATE_LOCK])
+        .execute("SELECT pg_advisory_unlock($1)", &[&locks::MIGRATE])
         .await
         .map_err(q("releasing the migration lock"));
     let applied = result?;
@@ -372,16 +372,9 @@ pub async fn check_migrated(client: &impl GenericClient) -> Result<(), StoreErro
     }
 }
 
-/// The advisory lock key of a source's applies: sources apply side by side, one run per source
-/// at a time.
-pub fn apply_lock_key(source: &str) -> i64 {
-    let d = Sha256::digest(format!("apply\0{source}").as_bytes());
-    i64::from_be_bytes(d[..8].try_into().expect("8 bytes")) ^ APPLY_LOCK
-}
-
 /// Serialises the appliers of one source until the transaction ends.
 pub async fn lock_apply(tx: &Transaction<'_>, source: &str) -> Result<(), StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&apply_lock_key(source)])
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&locks::apply(source)])
         .await
         .map_err(q("taking the apply lock"))
         .map(|_| ())
