@@ -554,7 +554,7 @@ fn parse_notifications(file: &str, v: &toml::Value, mode: Mode) -> Result<Vec<No
         }
         let url = t.get("url").and_then(|v| v.as_str()).unwrap_or_default().to_string();
         if let Err(e) = check_endpoint(&url, mode) {
-            errors.push(format!("{at}: url {}: {e}", crate::notify::shown_url(&url)));
+            errors.push(format!("{at}: url {}: {e}", crate::domain::escape::shown_url(&url)));
         }
         let events = match t.get("events") {
             None => NotifyEvent::ALL.to_vec(),
@@ -892,7 +892,7 @@ impl Config {
             let events: Vec<&str> = n.events.iter().map(|e| e.as_str()).collect();
             out.push_str(&format!(
                 "notification: {} events {} format {:?}, {}\n",
-                crate::notify::shown_url(&n.url),
+                crate::domain::escape::shown_url(&n.url),
                 events.join(","),
                 n.format,
                 if n.secret_file.is_some() { "signed" } else { "unsigned" }

@@ -458,7 +458,7 @@ fn context(cfg: Config, keys: AgeKeys, cmd: &Cmd) -> Result<Ctx> {
         Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
     );
     let signers = load_signers(&cfg)?;
-    let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&cfg.notifications)?);
+    let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&notify_targets(&cfg.notifications))?);
     Ok(Ctx {
         cfg,
         keys,
@@ -466,6 +466,33 @@ fn context(cfg: Config, keys: AgeKeys, cmd: &Cmd) -> Result<Ctx> {
         progress,
         notifier,
     })
+}
+
+/// The receivers as the notifier takes them, from the settings that describe them.
+fn notify_targets(configs: &[frostbyte_gitops::config::NotificationConfig]) -> Vec<frostbyte_gitops::notify::Target> {
+    use frostbyte_gitops::config::{NotifyEvent, NotifyFormat};
+    use frostbyte_gitops::notify::{Event, Format, Target};
+    configs
+        .iter()
+        .map(|c| Target {
+            url: c.url.clone(),
+            secret_file: c.secret_file.clone(),
+            events: c
+                .events
+                .iter()
+                .map(|e| match e {
+                    NotifyEvent::Applied => Event::Applied,
+                    NotifyEvent::Failed => Event::Failed,
+                    NotifyEvent::Refused => Event::Refused,
+                    NotifyEvent::Drift => Event::Drift,
+                })
+                .collect(),
+            format: match c.format {
+                NotifyFormat::Generic => Format::Generic,
+                NotifyFormat::Slack => Format::Slack,
+            },
+        })
+        .collect()
 }
 
 fn db_command(cfg: &Config, cmd: &DbCmd) -> Result<u8> {

@@ -3,7 +3,7 @@
 //! carry no secret; receivers are shown by host only (a Slack webhook's path is its credential).
 //! Delivery is retried with backoff and bounded in time, and its failure never fails a run.
 
-use crate::config::{NotificationConfig, NotifyEvent, NotifyFormat};
+use crate::domain::escape::shown_url;
 use crate::domain::plan::{Action, Entries};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -39,10 +39,56 @@ pub enum NotifyError {
     Client(#[source] reqwest::Error),
 }
 
+/// What a receiver subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Event {
+    /// A sync or apply wrote something.
+    Applied,
+    /// A run failed (invalid files, a database or git error).
+    Failed,
+    /// A run was refused on policy: an untrusted commit, a rewritten history, a mass prune.
+    Refused,
+    /// A drift report found tenants out of sync.
+    Drift,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::Drift => "drift",
+        }
+    }
+}
+
+/// The body a receiver takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Generic,
+    /// A Slack incoming-webhook body (`{"text": ...}`).
+    Slack,
+}
+
+/// One receiver: where, with which key, for which events, in which format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Target {
+    pub url: String,
+    /// The HMAC key for `X-Frostbyte-Signature-256`, read when the notifier is built.
+    pub secret_file: Option<std::path::PathBuf>,
+    pub events: Vec<Event>,
+    pub format: Format,
+}
+
+/// Sent as the user agent of every delivery.
+const USER_AGENT: &str = concat!("frostbyte-gitops/", env!("CARGO_PKG_VERSION"));
+
 /// What happened, for the receivers.
 #[derive(Debug, Clone)]
 pub struct Notification {
-    pub event: NotifyEvent,
+    pub event: Event,
     pub source: String,
     pub commit: Option<String>,
     pub counts: BTreeMap<String, usize>,
@@ -84,12 +130,12 @@ impl Notification {
             Err(e) if !e.get_ref().is_some_and(|e| e.is::<Enough>()) => return Err(e),
             _ => {}
         }
-        let mut n = Notification::new(NotifyEvent::Applied, source, commit, &counts, changed);
+        let mut n = Notification::new(Event::Applied, source, commit, &counts, changed);
         n.more_tenants = written - n.tenants.len();
         Ok(n)
     }
 
-    pub fn failed(event: NotifyEvent, source: &str, error: &str) -> Notification {
+    pub fn failed(event: Event, source: &str, error: &str) -> Notification {
         let mut n = Notification::new(event, source, None, &[], vec![]);
         n.error = Some(error.lines().next().unwrap_or_default().chars().take(500).collect());
         n
@@ -103,10 +149,10 @@ impl Notification {
             .filter(|t| !t.in_sync())
             .map(|t| (t.tenant_id.clone(), t.classes.iter().map(|c| c.as_str()).collect::<Vec<_>>().join("+")))
             .collect();
-        Notification::new(NotifyEvent::Drift, source, commit, &counts, drifted)
+        Notification::new(Event::Drift, source, commit, &counts, drifted)
     }
 
-    fn new(event: NotifyEvent, source: &str, commit: Option<&str>, counts: &[(&str, usize)], mut tenants: Vec<(String, String)>) -> Notification {
+    fn new(event: Event, source: &str, commit: Option<&str>, counts: &[(&str, usize)], mut tenants: Vec<(String, String)>) -> Notification {
         let more_tenants = tenants.len().saturating_sub(MAX_TENANTS);
         tenants.truncate(MAX_TENANTS);
         Notification {
@@ -120,9 +166,9 @@ impl Notification {
         }
     }
 
-    pub fn body(&self, format: NotifyFormat) -> Value {
+    pub fn body(&self, format: Format) -> Value {
         match format {
-            NotifyFormat::Generic => json!({
+            Format::Generic => json!({
                 "event": self.event,
                 "source": self.source,
                 "commit": self.commit,
@@ -131,7 +177,7 @@ impl Notification {
                 "more_tenants": self.more_tenants,
                 "error": self.error,
             }),
-            NotifyFormat::Slack => json!({"text": self.slack_text()}),
+            Format::Slack => json!({"text": self.slack_text()}),
         }
     }
 
@@ -167,8 +213,8 @@ struct Receiver {
     /// Scheme and host: what logs and errors show.
     shown: String,
     key: Option<Vec<u8>>,
-    events: Vec<NotifyEvent>,
-    format: NotifyFormat,
+    events: Vec<Event>,
+    format: Format,
 }
 
 /// How one delivery ended.
@@ -187,7 +233,7 @@ pub struct Notifier {
 
 impl Notifier {
     /// Reads each receiver's key file; an unreadable or empty one is refused, naming it.
-    pub fn new(configs: &[NotificationConfig]) -> Result<Notifier, NotifyError> {
+    pub fn new(configs: &[Target]) -> Result<Notifier, NotifyError> {
         let mut receivers = Vec::new();
         for (index, c) in configs.iter().enumerate() {
             let key = match &c.secret_file {
@@ -251,7 +297,7 @@ impl Notifier {
             let mut req = client
                 .post(&r.url)
                 .header("content-type", "application/json")
-                .header("user-agent", crate::sync::ACTOR)
+                .header("user-agent", USER_AGENT)
                 .header("x-frostbyte-event", n.event.as_str())
                 .body(body.clone());
             if let Some(s) = &signature {
@@ -269,18 +315,6 @@ impl Notifier {
         }
         tracing::warn!(receiver = %r.shown, event = n.event.as_str(), "notification given up after {ATTEMPTS} attempts");
         Delivery::Failed
-    }
-}
-
-/// Scheme, host and port of a URL: never its path, query or userinfo.
-pub fn shown_url(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => {
-            let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-            let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            format!("{scheme}://{host}")
-        }
-        None => "(not a URL)".into(),
     }
 }
 
@@ -351,12 +385,12 @@ mod tests {
     #[test]
     fn bodies_name_at_most_a_hundred_tenants() {
         let tenants: Vec<(String, String)> = (0..150).map(|i| (format!("t{i}"), "create".to_string())).collect();
-        let n = Notification::new(NotifyEvent::Applied, "eu", Some("377f5f3efb2413fb"), &[("created", 150)], tenants);
-        let body = n.body(NotifyFormat::Generic);
+        let n = Notification::new(Event::Applied, "eu", Some("377f5f3efb2413fb"), &[("created", 150)], tenants);
+        let body = n.body(Format::Generic);
         assert_eq!(body["tenants"].as_array().unwrap().len(), 100);
         assert_eq!(body["more_tenants"], json!(50));
         assert_eq!(body["event"], json!("applied"));
-        let slack = n.body(NotifyFormat::Slack);
+        let slack = n.body(Format::Slack);
         assert!(
             slack["text"]
                 .as_str()

@@ -82,10 +82,10 @@ pub struct Ctx {
 impl SyncError {
     /// A run declined on policy (an untrusted commit, a rewritten history, a mass prune) is
     /// `refused`; anything else that stopped it is `failed`.
-    pub fn notify_event(&self) -> crate::config::NotifyEvent {
+    pub fn notify_event(&self) -> crate::notify::Event {
         match self {
-            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => crate::config::NotifyEvent::Refused,
-            _ => crate::config::NotifyEvent::Failed,
+            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => crate::notify::Event::Refused,
+            _ => crate::notify::Event::Failed,
         }
     }
 }
