@@ -9,7 +9,6 @@ use rand::RngCore;
 use rayon::prelude::*;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::sync::Arc;
@@ -19,25 +18,12 @@ use tokio_postgres::{GenericClient, Transaction};
 pub mod conninfo;
 pub mod lease;
 pub mod locks;
+mod migrate;
 pub mod respell;
 mod write;
 
-/// Migrations in the order they apply. Their text is part of the binary so that a deployed agent
-/// cannot drift from the files it was built with.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[
-    (1, "001_tenant_registry.sql", include_str!("../../migrations/001_tenant_registry.sql")),
-    (2, "002_audit_events.sql", include_str!("../../migrations/002_audit_events.sql")),
-    (3, "003_gitops_state.sql", include_str!("../../migrations/003_gitops_state.sql")),
-    (4, "004_audit_chain.sql", include_str!("../../migrations/004_audit_chain.sql")),
-    (5, "005_tenant_lifecycle.sql", include_str!("../../migrations/005_tenant_lifecycle.sql")),
-    (6, "006_sources.sql", include_str!("../../migrations/006_sources.sql")),
-    (7, "007_audit_batch.sql", include_str!("../../migrations/007_audit_batch.sql")),
-    (8, "008_audit_head.sql", include_str!("../../migrations/008_audit_head.sql")),
-    (9, "009_cheaper_checks.sql", include_str!("../../migrations/009_cheaper_checks.sql")),
-    (10, "010_covering_keys.sql", include_str!("../../migrations/010_covering_keys.sql")),
-];
+pub use migrate::{MIGRATIONS, check_migrated, checksum, migrate};
 
-/// Advisory lock keys ("frostbyt" and "frostapl" as integers), held while migrating and applying.
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -284,92 +270,6 @@ pub fn target_of(url: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-pub fn checksum(sql: &str) -> String {
-    hex::encode(Sha256::digest(sql.as_bytes()))
-}
-
-/// Applies pending migrations, each in its own transaction, under an advisory lock so that two
-/// processes migrating at once apply each migration once. Returns the names applied.
-pub async fn migrate(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&locks::MIGRATE])
-        .await
-        .map_err(q("taking the migration lock"))?;
-    let result = migrate_locked(client).await;
-    let unlock = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&locks::MIGRATE])
-        .await
-        .map_err(q("releasing the migration lock"));
-    let applied = result?;
-    unlock?;
-    Ok(applied)
-}
-
-async fn migrate_locked(client: &mut tokio_postgres::Client) -> Result<Vec<String>, StoreError> {
-    client
-        .batch_execute(
-            "SET client_min_messages TO warning;
-             CREATE TABLE IF NOT EXISTS schema_migrations (
-                version    integer     PRIMARY KEY,
-                name       text        NOT NULL,
-                checksum   text        NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now());
-             RESET client_min_messages",
-        )
-        .await
-        .map_err(q("creating schema_migrations"))?;
-    let rows = client
-        .query("SELECT version, name, checksum FROM schema_migrations ORDER BY version", &[])
-        .await
-        .map_err(q("reading schema_migrations"))?;
-    let mut done = BTreeMap::new();
-    for row in rows {
-        let (version, name, sum): (i32, String, String) = (row.get(0), row.get(1), row.get(2));
-        match MIGRATIONS.iter().find(|m| m.0 == version) {
-            None => return Err(StoreError::UnknownMigration { version, name }),
-            Some((_, file, sql)) if checksum(sql) != sum => {
-                return Err(StoreError::ChecksumMismatch {
-                    name: file.to_string(),
-                    applied: sum,
-                    now: checksum(sql),
-                });
-            }
-            Some(_) => {
-                done.insert(version, ());
-            }
-        }
-    }
-    let mut applied = Vec::new();
-    for (version, name, sql) in MIGRATIONS.iter().filter(|m| !done.contains_key(&m.0)) {
-        let tx = client.transaction().await.map_err(q("starting a migration"))?;
-        tx.batch_execute(sql).await.map_err(q(format!("applying migration {name}")))?;
-        tx.execute(
-            "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[version, name, &checksum(sql)],
-        )
-        .await
-        .map_err(q(format!("recording migration {name}")))?;
-        tx.commit().await.map_err(q(format!("committing migration {name}")))?;
-        applied.push(name.to_string());
-    }
-    Ok(applied)
-}
-
-/// Fails unless every migration this build knows is applied.
-pub async fn check_migrated(client: &impl GenericClient) -> Result<(), StoreError> {
-    let rows = client
-        .query("SELECT version FROM schema_migrations", &[])
-        .await
-        .map_err(|e| StoreError::NotMigrated(e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())))?;
-    let have: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
-    let missing: Vec<&str> = MIGRATIONS.iter().filter(|m| !have.contains(&m.0)).map(|m| m.1).collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(StoreError::NotMigrated(format!("pending: {}", missing.join(", "))))
-    }
 }
 
 /// Serialises the appliers of one source until the transaction ends.
