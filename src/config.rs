@@ -1083,7 +1083,9 @@ mod tests {
     fn sources_that_overlap_in_one_repository_are_refused() {
         let resolve = |text: &str| Config::resolve(&Flags::default(), &env_of(&[]), Some(("frostbyte.toml", text)), None);
         let two = |p1: &str, r2: &str, p2: &str| {
-            format!("[[sources]]\nname = \"a\"\nrepo = \"https://g.example.com/o/r.git\"\npath = \"{p1}\"\n\n[[sources]]\nname = \"b\"\nrepo = \"{r2}\"\npath = \"{p2}\"\n")
+            format!(
+                "[[sources]]\nname = \"a\"\nrepo = \"https://g.example.com/o/r.git\"\npath = \"{p1}\"\n\n[[sources]]\nname = \"b\"\nrepo = \"{r2}\"\npath = \"{p2}\"\n"
+            )
         };
         for (p1, r2, p2) in [
             ("tenants", "https://g.example.com/o/r.git", "tenants/eu"),
@@ -1119,7 +1121,10 @@ mod tests {
         let base = [("FROSTBYTE_MODE", "production"), ("FROSTBYTE_VERIFY_COMMITS", "off")];
         for extra in [
             vec![("FROSTBYTE_GITOPS_REPO", "http://bot:ghp_tok@git.example.com/o/r.git")],
-            vec![("FROSTBYTE_GITOPS_REPO", "HTTP://git.example.com/o/r.git"), ("FROSTBYTE_GIT_TOKEN_FILE", "/run/token")],
+            vec![
+                ("FROSTBYTE_GITOPS_REPO", "HTTP://git.example.com/o/r.git"),
+                ("FROSTBYTE_GIT_TOKEN_FILE", "/run/token"),
+            ],
         ] {
             let err = resolve(&[&base[..], &extra[..]].concat()).unwrap_err();
             assert!(err.contains("plain http") && err.contains("source default"), "{err}");

@@ -230,7 +230,11 @@ impl RemoteUrl {
 /// repository, however the repository is spelled: a path or a `file://` URL to it, https or ssh
 /// (`git@host:org/repo.git`) to one host and path, with or without `.git` or a user.
 pub fn same_source(a: &str, b: &str) -> bool {
-    let split = |id: &str| id.split_once('#').map_or((id.to_string(), String::new()), |(r, p)| (repository_identity(r), p.trim_matches('/').to_string()));
+    let split = |id: &str| {
+        id.split_once('#').map_or((id.to_string(), String::new()), |(r, p)| {
+            (repository_identity(r), p.trim_matches('/').to_string())
+        })
+    };
     split(a) == split(b)
 }
 
@@ -246,7 +250,11 @@ fn repository_identity(spelled: &str) -> String {
     let s = s.strip_suffix(".git").unwrap_or(s).trim_end_matches('/');
     let local = |p: &str| {
         let p = Path::new(p).canonicalize().unwrap_or_else(|_| PathBuf::from(p));
-        let p = if p.ends_with(".git") { p.parent().map(Path::to_path_buf).unwrap_or(p) } else { p };
+        let p = if p.ends_with(".git") {
+            p.parent().map(Path::to_path_buf).unwrap_or(p)
+        } else {
+            p
+        };
         p.display().to_string()
     };
     if let Some(path) = s.strip_prefix("file://") {
@@ -946,7 +954,10 @@ mod tests {
         }
         for (a, b) in [
             ("https://git.example.com/org/repo.git#tenants", "https://git.example.com/org/other.git#tenants"),
-            ("https://git.example.com/org/repo.git#tenants", "https://git.example.com/org/repo.git#tenants/eu"),
+            (
+                "https://git.example.com/org/repo.git#tenants",
+                "https://git.example.com/org/repo.git#tenants/eu",
+            ),
             ("https://a.example.com/org/repo#tenants", "https://b.example.com/org/repo#tenants"),
         ] {
             assert!(!same_source(a, b), "{a} !~ {b}");

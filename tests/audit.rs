@@ -219,8 +219,16 @@ fn a_trail_left_behind_by_an_older_re_creation_names_the_repair_and_the_repair_h
     db.exec("UPDATE tenants SET config_version = 1 WHERE tenant_id = 'bravo'; UPDATE gitops_applied SET config_version = 1 WHERE tenant_id = 'bravo'");
     let text = run(&repo, Some(&db), &["audit", "verify"]);
     assert_eq!(text.code, 1, "{}", text.all());
-    assert!(text.stdout.contains("Tenant bravo: config_version 1 but 2 TENANT_CONFIG_UPDATED event(s)"), "{}", text.stdout);
-    assert!(text.stdout.contains("deleted outside git") && text.stdout.contains("docs/security.md"), "{}", text.stdout);
+    assert!(
+        text.stdout.contains("Tenant bravo: config_version 1 but 2 TENANT_CONFIG_UPDATED event(s)"),
+        "{}",
+        text.stdout
+    );
+    assert!(
+        text.stdout.contains("deleted outside git") && text.stdout.contains("docs/security.md"),
+        "{}",
+        text.stdout
+    );
     // The documented repair.
     db.exec("BEGIN; UPDATE tenants SET config_version = 2 WHERE tenant_id = 'bravo'; UPDATE gitops_applied SET config_version = 2 WHERE tenant_id = 'bravo'; COMMIT");
     let (code, report) = verify(&repo, &db, &[]);

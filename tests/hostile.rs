@@ -449,7 +449,11 @@ fn a_database_that_accepts_and_never_answers_fails_every_command_within_its_dead
         let (out, took) = bounded_command(c, Duration::from_secs(60));
         assert_eq!(out.code, 1, "{args:?}: {}", out.all());
         assert!(took < Duration::from_secs(20), "{args:?} took {took:?}");
-        assert!(out.stderr.contains(&format!("127.0.0.1:{port}")), "{args:?}: host:port not named: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("127.0.0.1:{port}")),
+            "{args:?}: host:port not named: {}",
+            out.stderr
+        );
         assert!(out.stderr.contains("db_timeout"), "{args:?}: the setting is named: {}", out.stderr);
         assert!(!out.stderr.contains("pw@"), "{}", out.stderr);
     }

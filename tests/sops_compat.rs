@@ -288,7 +288,10 @@ fn yaml_we_write_with_line_separators_and_controls_reads_the_same_in_the_sops_cl
     for raw in ['\u{7f}', '\u{85}', '\u{9f}', '\u{2028}', '\u{2029}'] {
         assert!(!text.contains(raw), "{raw:?} written raw:\n{text}");
     }
-    assert_eq!(sops::decrypt(sops::parse(Format::Yaml, &text).unwrap(), &key("test.agekey")).unwrap().value, doc);
+    assert_eq!(
+        sops::decrypt(sops::parse(Format::Yaml, &text).unwrap(), &key("test.agekey")).unwrap().value,
+        doc
+    );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.yaml");
     std::fs::write(&path, &text).unwrap();

@@ -308,7 +308,11 @@ fn entries_the_walk_cannot_read_are_problems_and_stop_a_pruning_run() {
     let out = f.run(&["sync", "--source", "platform"]);
     assert_eq!(out.code, 1, "{}", out.all());
     assert!(out.stderr.contains("nothing was applied"), "{}", out.all());
-    assert_eq!(f.db.count("SELECT 1 FROM tenants WHERE state = 'decommissioning'"), 0, "a walk that met such entries pruned");
+    assert_eq!(
+        f.db.count("SELECT 1 FROM tenants WHERE state = 'decommissioning'"),
+        0,
+        "a walk that met such entries pruned"
+    );
     assert_eq!(f.db.count("SELECT 1 FROM audit_events WHERE event_type = 'TENANT_DECOMMISSION_REQUESTED'"), 0);
 }
 

@@ -585,7 +585,11 @@ fn a_key_that_opens_nothing_fails_a_run_with_nothing_to_decrypt() {
         let out = output(c);
         assert_eq!(out.code, 1, "{args:?}: {}", out.all());
         assert!(out.stderr.contains("open none of source default's files"), "{args:?}: {}", out.stderr);
-        assert!(out.stderr.contains(&wrong.path().display().to_string()), "{args:?}: the key file is named: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&wrong.path().display().to_string()),
+            "{args:?}: the key file is named: {}",
+            out.stderr
+        );
     }
     assert_eq!(sync(&repo, &db).code, 0, "the right key still says no changes");
 }

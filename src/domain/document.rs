@@ -77,8 +77,10 @@ pub fn number_from_f64(f: f64) -> Result<Number, String> {
 }
 
 /// Refusals name no digits: the value may sit under a secret path.
-pub const INTEGER_RANGE: &str = "an integer outside the 64-bit range (-9223372036854775808 to 18446744073709551615) cannot be stored exactly; quote it to keep it as a string";
-const INEXACT_FLOAT: &str = "a number with more digits than a 64-bit float holds cannot be stored exactly; quote it to keep it as a string, or use fewer digits";
+pub const INTEGER_RANGE: &str =
+    "an integer outside the 64-bit range (-9223372036854775808 to 18446744073709551615) cannot be stored exactly; quote it to keep it as a string";
+const INEXACT_FLOAT: &str =
+    "a number with more digits than a 64-bit float holds cannot be stored exactly; quote it to keep it as a string, or use fewer digits";
 
 /// Whether a number's text is an integer (no point, no exponent), in any of the formats' decimal
 /// spellings.
@@ -127,7 +129,10 @@ fn decimal(text: &str) -> (bool, String, i64) {
     let (mantissa, exponent) = rest.split_once(['e', 'E']).unwrap_or((rest, "0"));
     // An exponent past any f64's is clamped: the value is then infinite or zero, refused or
     // compared as such.
-    let exponent: i64 = exponent.parse().unwrap_or(if exponent.starts_with('-') { -100_000 } else { 100_000 }).clamp(-100_000, 100_000);
+    let exponent: i64 = exponent
+        .parse()
+        .unwrap_or(if exponent.starts_with('-') { -100_000 } else { 100_000 })
+        .clamp(-100_000, 100_000);
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
     let all = format!("{int}{frac}");
     let leading = all.len() - all.trim_start_matches('0').len();

@@ -428,7 +428,10 @@ mod tests {
             redact(&doc, "", &SecretPaths::new()),
             json!({"config": {"secrets": {"typed_by_hand": REDACTED, "nested": {"n": REDACTED}, "empty": REDACTED}}})
         );
-        assert_eq!(redact(&doc["config"]["secrets"]["typed_by_hand"], "/config/secrets/typed_by_hand", &SecretPaths::new()), json!(REDACTED));
+        assert_eq!(
+            redact(&doc["config"]["secrets"]["typed_by_hand"], "/config/secrets/typed_by_hand", &SecretPaths::new()),
+            json!(REDACTED)
+        );
     }
 
     #[test]

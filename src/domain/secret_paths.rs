@@ -111,7 +111,11 @@ mod tests {
     fn the_schema_declares_config_secrets() {
         assert_eq!(declared(), ["/config/secrets"]);
         let mut out = Vec::new();
-        declared_in(&json!({"properties": {"a": {"properties": {"b": {ANNOTATION: true}}}, "c": {ANNOTATION: false}}}), "", &mut out);
+        declared_in(
+            &json!({"properties": {"a": {"properties": {"b": {ANNOTATION: true}}}, "c": {ANNOTATION: false}}}),
+            "",
+            &mut out,
+        );
         assert_eq!(out, ["/a/b"]);
     }
 

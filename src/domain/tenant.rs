@@ -295,10 +295,16 @@ fn schema_issues(validator: &jsonschema::Validator, at: &str, value: &Value, sec
             }
             jsonschema::error::ValidationErrorKind::Required { property } => format!("missing the required key {property}"),
             kind if secret_paths::covers(secrets, &pointer) => {
-                format!("value does not satisfy the schema's {:?} rule (value not shown: it is a secret)", kind.keyword())
+                format!(
+                    "value does not satisfy the schema's {:?} rule (value not shown: it is a secret)",
+                    kind.keyword()
+                )
             }
             kind if json::touches_secret(&pointer, secrets) => {
-                format!("value does not satisfy the schema's {:?} rule (value not shown: it holds a secret)", kind.keyword())
+                format!(
+                    "value does not satisfy the schema's {:?} rule (value not shown: it holds a secret)",
+                    kind.keyword()
+                )
             }
             _ => error.to_string(),
         };
@@ -405,7 +411,11 @@ mod tests {
         doc["config"]["secrets"]["n"] = json!(5);
         let issues = check_document("t/acme.json", "acme", "", doc, secrets).unwrap_err();
         assert_eq!(issues[0].pointer.as_deref(), Some("/config/secrets/n"));
-        assert!(issues[0].message.contains("it is a secret") && !issues[0].message.contains('5'), "{}", issues[0].message);
+        assert!(
+            issues[0].message.contains("it is a secret") && !issues[0].message.contains('5'),
+            "{}",
+            issues[0].message
+        );
     }
 
     #[test]

@@ -144,7 +144,11 @@ impl<'de> Visitor<'de> for Seed<'_, '_> {
     }
 }
 
-fn with_seed<E>(text: &str, run: impl FnOnce(Seed<'_, '_>) -> Result<(), E>, error: impl FnOnce(E, Option<Problem>) -> ParseError) -> Result<Value, ParseError> {
+fn with_seed<E>(
+    text: &str,
+    run: impl FnOnce(Seed<'_, '_>) -> Result<(), E>,
+    error: impl FnOnce(E, Option<Problem>) -> ParseError,
+) -> Result<Value, ParseError> {
     let mut builder = TreeBuilder::new();
     let mut refusal = None;
     let mut floats = FloatTokens { text, at: 0 };

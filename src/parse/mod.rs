@@ -219,17 +219,25 @@ mod tests {
         let e = toml("a = 1\n\"\" = 2\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e:?}");
         let e = toml("a = 1\nb = 18446744073709551616\n").unwrap_err();
-        assert_eq!(
-            (e.line, e.pointer.as_deref(), e.message.as_str()),
-            (Some(2), Some("/b"), INTEGER_RANGE)
-        );
+        assert_eq!((e.line, e.pointer.as_deref(), e.message.as_str()), (Some(2), Some("/b"), INTEGER_RANGE));
     }
 
     #[test]
     fn numbers_reach_the_tree_exactly_or_are_refused_alike_in_every_format() {
-        let texts = |n: &str| [format!("{{\"a\": 1,\n\"b\": {{\"c\": {n}}}}}"), format!("a: 1\nb:\n  c: {n}\n"), format!("a = 1\n[b]\nc = {n}\n")];
+        let texts = |n: &str| {
+            [
+                format!("{{\"a\": 1,\n\"b\": {{\"c\": {n}}}}}"),
+                format!("a: 1\nb:\n  c: {n}\n"),
+                format!("a = 1\n[b]\nc = {n}\n"),
+            ]
+        };
         let read = |i: usize, t: &str| [json, yaml, toml][i](t);
-        for n in ["100000000000000000000", "-9223372036854775809", "1.0000000000000001", "123456789012345678901234567890.5"] {
+        for n in [
+            "100000000000000000000",
+            "-9223372036854775809",
+            "1.0000000000000001",
+            "123456789012345678901234567890.5",
+        ] {
             for (i, t) in texts(n).iter().enumerate() {
                 let e = read(i, t).expect_err(t);
                 assert_eq!((e.line, e.pointer.as_deref()), (Some(2 + (i > 0) as usize), Some("/b/c")), "{t}: {e:?}");
@@ -237,7 +245,13 @@ mod tests {
                 assert!(!e.message.contains(n), "the digits are not repeated (they may be secret): {e:?}");
             }
         }
-        for (n, want) in [("-0", json!(0)), ("-0.0", json!(0.0)), ("18446744073709551615", json!(u64::MAX)), ("0.1", json!(0.1)), ("1e300", json!(1e300))] {
+        for (n, want) in [
+            ("-0", json!(0)),
+            ("-0.0", json!(0.0)),
+            ("18446744073709551615", json!(u64::MAX)),
+            ("0.1", json!(0.1)),
+            ("1e300", json!(1e300)),
+        ] {
             for (i, t) in texts(n).iter().enumerate() {
                 let v = read(i, t).unwrap_or_else(|e| panic!("{t}: {e:?}"));
                 assert_eq!(v["b"]["c"], want, "{t}");

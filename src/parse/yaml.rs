@@ -217,4 +217,3 @@ fn is_yaml_float(t: &str) -> bool {
     });
     mantissa_ok && exponent_ok && !mantissa.is_empty()
 }
-

@@ -802,7 +802,10 @@ mod tests {
         let mut entries = vec![json!({"recipient": r, "enc": garbage}); 5];
         entries.push(doc["sops"]["age"][0].clone());
         doc["sops"]["age"] = Value::Array(entries);
-        assert!(matches!(data_key(&doc, &k).unwrap_err(), SopsError::StanzaBudget), "5 x 4 stanzas tried before the good entry");
+        assert!(
+            matches!(data_key(&doc, &k).unwrap_err(), SopsError::StanzaBudget),
+            "5 x 4 stanzas tried before the good entry"
+        );
     }
 
     #[test]

@@ -120,8 +120,14 @@ mod tests {
             ("postgres://app:hun?ter2@db/x", "postgres://app:****@db/x"),
             ("postgres://u:p@ss@h/db", "postgres://u:****@h/db"),
             ("postgres://app:hunter%2F2@db/x?sslmode=require", "postgres://app:****@db/x?sslmode=require"),
-            ("postgres://app@db/x?password=hunter2&sslmode=require", "postgres://app@db/x?password=****&sslmode=require"),
-            ("postgres://app@db/x?sslmode=require&pass%77ord=hunter2", "postgres://app@db/x?sslmode=require&pass%77ord=****"),
+            (
+                "postgres://app@db/x?password=hunter2&sslmode=require",
+                "postgres://app@db/x?password=****&sslmode=require",
+            ),
+            (
+                "postgres://app@db/x?sslmode=require&pass%77ord=hunter2",
+                "postgres://app@db/x?sslmode=require&pass%77ord=****",
+            ),
             ("postgres://db/x", "postgres://db/x"),
             ("host=/tmp user=x password=pw dbname=y", "host=/tmp user=x password=**** dbname=y"),
             ("host=db password = hunter2 user=x", "host=db password = **** user=x"),

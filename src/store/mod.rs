@@ -24,7 +24,6 @@ mod write;
 
 pub use migrate::{MIGRATIONS, check_migrated, checksum, migrate};
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid database URL: {0}")]

@@ -8,7 +8,10 @@ use tokio_postgres::GenericClient;
 /// than `id`.
 pub async fn other_spellings(client: &impl GenericClient, name: &str, id: &str) -> Result<Vec<String>, StoreError> {
     let rows = client
-        .query("SELECT DISTINCT source FROM gitops_owners WHERE source_name = $1 AND source <> $2", &[&name, &id])
+        .query(
+            "SELECT DISTINCT source FROM gitops_owners WHERE source_name = $1 AND source <> $2",
+            &[&name, &id],
+        )
         .await
         .map_err(q("reading which sources own tenants"))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())

@@ -93,13 +93,19 @@ impl Statements {
         }
         // Only a tenant the agent applied before can have a history: the trail is read for those
         // alone (a first sync reads none of it, nor waits on its locks).
-        let known = tx.query(&self.applied_before, &[&creates]).await.map_err(q("reading the applied records of the tenants to create"))?;
+        let known = tx
+            .query(&self.applied_before, &[&creates])
+            .await
+            .map_err(q("reading the applied records of the tenants to create"))?;
         let known: Vec<String> = known.iter().map(|r| r.get(0)).collect();
         if known.is_empty() {
             return Ok(History::new());
         }
         // Not prepared with the others: preparing it would wait on the trail's locks in every run.
-        let rows = tx.query(HISTORY, &[&known]).await.map_err(q("reading the audit history of the tenants to create"))?;
+        let rows = tx
+            .query(HISTORY, &[&known])
+            .await
+            .map_err(q("reading the audit history of the tenants to create"))?;
         Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
     }
 

@@ -59,7 +59,9 @@ pub enum SyncError {
     Refused(#[from] crate::verify::Refused),
     #[error("source {name}: {why}")]
     MassPrune { name: String, why: String },
-    #[error("the age identities from {keys} open none of source {name}'s files (tried {file}: {why}); nothing was applied. The key may have been rotated or the wrong file given")]
+    #[error(
+        "the age identities from {keys} open none of source {name}'s files (tried {file}: {why}); nothing was applied. The key may have been rotated or the wrong file given"
+    )]
     Keys { keys: String, name: String, file: String, why: String },
 }
 
@@ -84,7 +86,9 @@ impl SyncError {
     /// `refused`; anything else that stopped it is `failed`.
     pub fn notify_event(&self) -> crate::notify::Event {
         match self {
-            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => crate::notify::Event::Refused,
+            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => {
+                crate::notify::Event::Refused
+            }
             _ => crate::notify::Event::Failed,
         }
     }

@@ -396,11 +396,20 @@ pub fn prove_identities(ctx: &Ctx, src: &SourceConfig, source: &Source, snapshot
     }
     let reader = source.body_reader();
     let mut failure = None;
-    for f in snapshot.files.iter().filter(|f| matches!(f.body, Body::Unread(_) | Body::Bytes(_))).take(PROOF_TRIES) {
+    for f in snapshot
+        .files
+        .iter()
+        .filter(|f| matches!(f.body, Body::Unread(_) | Body::Bytes(_)))
+        .take(PROOF_TRIES)
+    {
         let mut f = f.clone();
         let Ok(()) = reader.read(&mut f) else { continue };
-        let (Body::Bytes(bytes), Some(format)) = (&f.body, Format::from_path(&f.path)) else { continue };
-        let Some(doc) = std::str::from_utf8(bytes).ok().and_then(|t| sops::parse(format, t).ok()) else { continue };
+        let (Body::Bytes(bytes), Some(format)) = (&f.body, Format::from_path(&f.path)) else {
+            continue;
+        };
+        let Some(doc) = std::str::from_utf8(bytes).ok().and_then(|t| sops::parse(format, t).ok()) else {
+            continue;
+        };
         if !sops::is_encrypted(&doc) {
             continue;
         }

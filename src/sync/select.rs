@@ -501,7 +501,12 @@ pub(super) async fn scope_of<'a>(
     };
     // A source whose spelling changed to another repository or path: said once, not once for
     // every tenant it had claimed.
-    let renamed: BTreeSet<&str> = scope.foreign.values().filter(|o| o.name.as_deref() == Some(&src.name)).map(|o| o.source.as_str()).collect();
+    let renamed: BTreeSet<&str> = scope
+        .foreign
+        .values()
+        .filter(|o| o.name.as_deref() == Some(&src.name))
+        .map(|o| o.source.as_str())
+        .collect();
     if let Some(old) = renamed.first() {
         return Err(SyncError::Usage(format!(
             "source {name} now reads {id}, but {n} of its tenants were claimed when it read {old}, which is another repository or path: \
