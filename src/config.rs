@@ -164,12 +164,75 @@ pub enum NotifyFormat {
 pub const DEFAULT_SOURCE: &str = "default";
 pub const DEFAULT_PRUNE_MAX_FRACTION: f64 = 0.1;
 
+/// Every setting. Each has one definition in [`DEFS`]: its name in the config file, its flag and
+/// environment variables, its default, whether it is secret, and its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Setting {
+    Mode,
+    DatabaseUrl,
+    Repo,
+    Ref,
+    Path,
+    Prune,
+    PruneMaxFraction,
+    AgeKeyFile,
+    AgeKey,
+    LogFormat,
+    DataDir,
+    AllowPlaintext,
+    RequireTenantRecipient,
+    DriftPolicy,
+    Worktree,
+    Interval,
+    FullResyncInterval,
+    DbTimeout,
+    DebounceMs,
+    Listen,
+    WebhookToken,
+    EmbeddingEndpoint,
+    VerifyCommits,
+    AllowedSigners,
+    TrustedPgpKeys,
+    GitTokenFile,
+    GitSshKeyFile,
+    GitKnownHosts,
+}
+
+impl Setting {
+    fn def(self) -> &'static Def {
+        DEFS.iter().find(|d| d.key == self).expect("every setting is defined")
+    }
+
+    /// Its key in the config file.
+    pub fn name(self) -> &'static str {
+        self.def().name
+    }
+
+    /// Its command-line flag, where it has one.
+    pub fn flag(self) -> Option<&'static str> {
+        self.def().flag
+    }
+
+    /// Whether its value is true or false (a flag without a value).
+    pub fn is_bool(self) -> bool {
+        self.def().kind == Kind::Bool
+    }
+
+    /// Every setting, in the order of the README's table.
+    pub fn all() -> impl Iterator<Item = Setting> {
+        DEFS.iter().map(|d| d.key)
+    }
+}
+
 /// Flags as given on the command line; None when absent.
 #[derive(Debug, Clone, Default)]
-pub struct Flags(pub BTreeMap<&'static str, String>);
+pub struct Flags(pub BTreeMap<Setting, String>);
 
 struct Def {
+    key: Setting,
     name: &'static str,
+    /// Its command-line flag, where it has one.
+    flag: Option<&'static str>,
     env: &'static [&'static str],
     default: Option<&'static str>,
     secret: bool,
@@ -213,196 +276,253 @@ impl Kind {
 
 const DEFS: &[Def] = &[
     Def {
+        key: Setting::Mode,
         name: "mode",
+        flag: Some("--mode"),
         env: &["FROSTBYTE_MODE"],
         default: Some("dev"),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::DatabaseUrl,
         name: "database_url",
+        flag: Some("--database-url"),
         env: &["FROSTBYTE_CONTROL_DB_URL"],
         default: None,
         secret: true,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::Repo,
         name: "repo",
+        flag: Some("--repo"),
         env: &["FROSTBYTE_GITOPS_REPO"],
         default: Some("."),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::Ref,
         name: "ref",
+        flag: Some("--ref"),
         env: &["FROSTBYTE_GITOPS_REF"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::Path,
         name: "path",
+        flag: Some("--path"),
         env: &["FROSTBYTE_GITOPS_PATH"],
         default: Some("tenants"),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::Prune,
         name: "prune",
+        // `--prune` is an option of one run (sync, plan, apply), not this setting.
+        flag: None,
         env: &["FROSTBYTE_PRUNE"],
         default: Some("false"),
         secret: false,
         kind: Kind::Bool,
     },
     Def {
+        key: Setting::PruneMaxFraction,
         name: "prune_max_fraction",
+        flag: None,
         env: &["FROSTBYTE_PRUNE_MAX_FRACTION"],
         default: Some("0.1"),
         secret: false,
         kind: Kind::Fraction,
     },
     Def {
+        key: Setting::AgeKeyFile,
         name: "age_key_file",
+        flag: Some("--age-key-file"),
         env: &["SOPS_AGE_KEY_FILE"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::AgeKey,
         name: "age_key",
+        flag: None,
         env: &["SOPS_AGE_KEY"],
         default: None,
         secret: true,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::LogFormat,
         name: "log_format",
+        flag: Some("--log-format"),
         env: &["FROSTBYTE_LOG_FORMAT"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::DataDir,
         name: "data_dir",
+        flag: Some("--data-dir"),
         env: &["FROSTBYTE_DATA_DIR"],
         default: Some(".frostbyte"),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::AllowPlaintext,
         name: "allow_plaintext",
+        flag: Some("--allow-plaintext"),
         env: &["FROSTBYTE_ALLOW_PLAINTEXT"],
         default: Some("false"),
         secret: false,
         kind: Kind::Bool,
     },
     Def {
+        key: Setting::RequireTenantRecipient,
         name: "require_tenant_recipient",
+        flag: None,
         env: &["FROSTBYTE_REQUIRE_TENANT_RECIPIENT"],
         default: Some("true"),
         secret: false,
         kind: Kind::Bool,
     },
     Def {
+        key: Setting::DriftPolicy,
         name: "drift_policy",
+        flag: Some("--drift-policy"),
         env: &["FROSTBYTE_DRIFT_POLICY"],
         default: Some("correct"),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::Worktree,
         name: "worktree",
+        flag: Some("--worktree"),
         env: &["FROSTBYTE_WORKTREE"],
         default: Some("false"),
         secret: false,
         kind: Kind::Bool,
     },
     Def {
+        key: Setting::Interval,
         name: "interval",
+        flag: Some("--interval"),
         env: &["FROSTBYTE_SYNC_INTERVAL"],
         default: Some("60"),
         secret: false,
         kind: Kind::Number,
     },
     Def {
+        key: Setting::FullResyncInterval,
         name: "full_resync_interval",
+        flag: None,
         env: &["FROSTBYTE_FULL_RESYNC_INTERVAL"],
         default: Some("3600"),
         secret: false,
         kind: Kind::Number,
     },
     Def {
-        name: "db_timeout",
-        env: &["FROSTBYTE_DB_TIMEOUT"],
-        default: Some("30"),
-        secret: false,
-        kind: Kind::Number,
-    },
-    Def {
+        key: Setting::DebounceMs,
         name: "debounce_ms",
+        flag: Some("--debounce-ms"),
         env: &["FROSTBYTE_DEBOUNCE_MS"],
         default: Some("500"),
         secret: false,
         kind: Kind::Number,
     },
     Def {
+        key: Setting::DbTimeout,
+        name: "db_timeout",
+        flag: None,
+        env: &["FROSTBYTE_DB_TIMEOUT"],
+        default: Some("30"),
+        secret: false,
+        kind: Kind::Number,
+    },
+    Def {
+        key: Setting::Listen,
         name: "listen",
+        flag: Some("--listen"),
         env: &["FROSTBYTE_LISTEN"],
         default: Some("127.0.0.1:8686"),
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::WebhookToken,
         name: "webhook_token",
+        flag: None,
         env: &["FROSTBYTE_WEBHOOK_TOKEN"],
         default: None,
         secret: true,
         kind: Kind::Text,
     },
     Def {
-        name: "embedding_endpoint",
-        env: &["FROSTBYTE_EMBEDDING_ENDPOINT"],
-        default: None,
-        secret: false,
-        kind: Kind::Text,
-    },
-    Def {
+        key: Setting::VerifyCommits,
         name: "verify_commits",
+        flag: Some("--verify-commits"),
         env: &["FROSTBYTE_VERIFY_COMMITS"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::AllowedSigners,
         name: "allowed_signers",
+        flag: Some("--allowed-signers"),
         env: &["FROSTBYTE_ALLOWED_SIGNERS"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::TrustedPgpKeys,
         name: "trusted_pgp_keys",
+        flag: Some("--trusted-pgp-keys"),
         env: &["FROSTBYTE_TRUSTED_PGP_KEYS"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::EmbeddingEndpoint,
+        name: "embedding_endpoint",
+        flag: None,
+        env: &["FROSTBYTE_EMBEDDING_ENDPOINT"],
+        default: None,
+        secret: false,
+        kind: Kind::Text,
+    },
+    Def {
+        key: Setting::GitTokenFile,
         name: "git_token_file",
+        flag: None,
         env: &["FROSTBYTE_GIT_TOKEN_FILE"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::GitSshKeyFile,
         name: "git_ssh_key_file",
+        flag: None,
         env: &["FROSTBYTE_GIT_SSH_KEY_FILE"],
         default: None,
         secret: false,
         kind: Kind::Text,
     },
     Def {
+        key: Setting::GitKnownHosts,
         name: "git_known_hosts",
+        flag: None,
         env: &["FROSTBYTE_GIT_KNOWN_HOSTS"],
         default: None,
         secret: false,
@@ -618,6 +738,34 @@ fn production_errors(mode: Mode, allow_plaintext: bool, verify_commits: VerifyMo
     errors
 }
 
+/// A plain `http://` remote with a token or password to send is refused in production (dev warns
+/// on every fetch).
+fn plain_http_errors(mode: Mode, sources: &[SourceConfig], token_file: bool) -> Vec<String> {
+    if mode != Mode::Production {
+        return vec![];
+    }
+    sources
+        .iter()
+        .filter_map(|s| match &s.repo {
+            RepoLocation::Remote(u) if u.sends_credentials_in_clear(token_file) => Some(format!(
+                "source {}: repo {} is plain http, which would send the git token or password unencrypted; use https:// (http is allowed in dev mode only)",
+                s.name, s.repo
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What `config` says of a setting nothing gave a value.
+fn unset_text(key: Setting, log_format: LogFormat, verify_commits: VerifyMode) -> String {
+    match key {
+        Setting::DatabaseUrl => "(unset: local PostgreSQL under data_dir)".to_string(),
+        Setting::LogFormat => format!("{log_format:?}").to_lowercase(),
+        Setting::VerifyCommits => verify_commits.to_string(),
+        _ => "(unset)".to_string(),
+    }
+}
+
 /// Which of `choices` a setting names (`unset` when it has no value), or an error listing them.
 fn one_of<T: Copy>(value: Option<&str>, choices: &[(&str, T)], unset: T) -> Result<T, String> {
     let Some(v) = value else { return Ok(unset) };
@@ -647,7 +795,7 @@ fn file_table(file: Option<(&str, &str)>) -> Result<(toml::Table, Vec<String>), 
 
 /// Each setting's text and where it came from: a flag beats the environment, which beats the
 /// file, which beats the default.
-type Raw = BTreeMap<&'static str, (Option<String>, Origin)>;
+type Raw = BTreeMap<Setting, (Option<String>, Origin)>;
 
 /// Reads settings out of [`Raw`], keeping every problem (named with where its value came from)
 /// so that all of them are said at once; a bad value reads as the fallback given.
@@ -657,32 +805,54 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn checked<T>(&mut self, name: &str, fallback: T, parse: impl FnOnce(Option<String>) -> Result<T, String>) -> T {
-        let (value, origin) = &self.raw[name];
+    fn checked<T>(&mut self, key: Setting, fallback: T, parse: impl FnOnce(Option<String>) -> Result<T, String>) -> T {
+        let (value, origin) = &self.raw[&key];
         parse(value.clone()).unwrap_or_else(|e| {
-            self.errors.push(format!("{name} (from {origin}): {e}"));
+            self.errors.push(format!("{} (from {origin}): {e}", key.name()));
             fallback
         })
     }
 
-    fn choice<T: Copy>(&mut self, name: &str, choices: &[(&str, T)], unset: T, fallback: T) -> T {
-        self.checked(name, fallback, |v| one_of(v.as_deref(), choices, unset))
+    fn choice<T: Copy>(&mut self, key: Setting, choices: &[(&str, T)], unset: T, fallback: T) -> T {
+        self.checked(key, fallback, |v| one_of(v.as_deref(), choices, unset))
     }
 
-    fn flag(&mut self, name: &str) -> bool {
-        self.checked(name, false, |v| parse_bool(&v.unwrap_or_default()))
+    fn flag(&mut self, key: Setting) -> bool {
+        self.checked(key, false, |v| parse_bool(&v.unwrap_or_default()))
     }
 
-    /// A list from the settings file, or none with its problems kept.
-    fn all<T>(&mut self, parsed: Result<Vec<T>, Vec<String>>) -> Vec<T> {
-        parsed.unwrap_or_else(|mut e| {
+    /// The list of tables a config file keeps under `key` (`[[sources]]`), or `absent` without
+    /// one; none, with its problems kept, when it has any.
+    fn table_list<T>(
+        &mut self,
+        table: &toml::Table,
+        key: &str,
+        absent: impl FnOnce() -> Vec<T>,
+        parse: impl FnOnce(&toml::Value) -> Result<Vec<T>, Vec<String>>,
+    ) -> Vec<T> {
+        let Some(v) = table.get(key) else { return absent() };
+        parse(v).unwrap_or_else(|mut e| {
             self.errors.append(&mut e);
             vec![]
         })
     }
 
-    fn number(&mut self, name: &str, min: u64) -> u64 {
-        self.checked(name, min, |v| {
+    /// The mode and the choices whose default follows from it.
+    fn policies(&mut self) -> (Mode, LogFormat, DriftPolicy) {
+        let mode = self.choice(Setting::Mode, &[("dev", Mode::Dev), ("production", Mode::Production)], Mode::Dev, Mode::Dev);
+        let log_unset = if mode == Mode::Production { LogFormat::Json } else { LogFormat::Text };
+        let log_formats = [("text", LogFormat::Text), ("json", LogFormat::Json)];
+        let log_format = self.choice(Setting::LogFormat, &log_formats, log_unset, LogFormat::Text);
+        let policies = [("correct", DriftPolicy::Correct), ("warn", DriftPolicy::Warn)];
+        (
+            mode,
+            log_format,
+            self.choice(Setting::DriftPolicy, &policies, DriftPolicy::Correct, DriftPolicy::Correct),
+        )
+    }
+
+    fn number(&mut self, key: Setting, min: u64) -> u64 {
+        self.checked(key, min, |v| {
             let v = v.unwrap_or_default();
             u64::from_str(v.trim())
                 .ok()
@@ -695,7 +865,7 @@ impl Reader<'_> {
 /// The age key file and where it was named; unset, the SOPS CLI's default location when a file
 /// is there.
 fn age_key_file(raw: &Raw, home: Option<PathBuf>) -> (Option<PathBuf>, Origin) {
-    let (given, origin) = &raw["age_key_file"];
+    let (given, origin) = &raw[&Setting::AgeKeyFile];
     match (given, home.map(|h| h.join(".config/sops/age/keys.txt"))) {
         (Some(f), _) => (Some(PathBuf::from(f)), origin.clone()),
         (None, Some(default)) if default.is_file() => (Some(default), Origin::Default),
@@ -706,7 +876,7 @@ fn age_key_file(raw: &Raw, home: Option<PathBuf>) -> (Option<PathBuf>, Origin) {
 fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &toml::Table) -> Raw {
     let mut raw = Raw::new();
     for d in DEFS {
-        let v = if let Some(v) = flags.0.get(d.name) {
+        let v = if let Some(v) = flags.0.get(&d.key) {
             (Some(v.clone()), Origin::Flag)
         } else if let Some((name, v)) = d.env.iter().find_map(|n| env(n).filter(|v| !v.is_empty()).map(|v| (*n, v))) {
             (Some(v), Origin::Env(name.to_string()))
@@ -716,14 +886,14 @@ fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &tom
         } else {
             (d.default.map(str::to_string), Origin::Default)
         };
-        raw.insert(d.name, v);
+        raw.insert(d.key, v);
     }
     raw
 }
 
 /// The webhook token, refused when too short to guard `POST /sync`.
 fn webhook_token(raw: &Raw, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
-    let (given, origin) = raw["webhook_token"].clone();
+    let (given, origin) = raw[&Setting::WebhookToken].clone();
     // An empty value in the environment counts as given here: it opens the door, not closes it.
     let (token, from) = match given {
         Some(t) => (t, origin),
@@ -743,17 +913,17 @@ fn webhook_token(raw: &Raw, env: &dyn Fn(&str) -> Option<String>) -> Result<Opti
 
 /// Every setting as `frostbyte-gitops config` shows it: secrets hidden, a URL without its
 /// credentials; `unset` says what an unset setting means.
-fn shown_settings(raw: &Raw, key_file: (Option<String>, Origin), unset: &dyn Fn(&str) -> String) -> Vec<Shown> {
+fn shown_settings(raw: &Raw, key_file: (Option<String>, Origin), unset: &dyn Fn(Setting) -> String) -> Vec<Shown> {
     DEFS.iter()
         .map(|d| {
-            let (value, origin) = match d.name {
-                "age_key_file" => key_file.clone(),
-                _ => raw[d.name].clone(),
+            let (value, origin) = match d.key {
+                Setting::AgeKeyFile => key_file.clone(),
+                _ => raw[&d.key].clone(),
             };
             let value = match (value, d.secret) {
-                (None, _) => unset(d.name),
-                (Some(v), true) if d.name == "database_url" => mask_url(&v),
-                (Some(v), false) if d.name == "repo" => RepoLocation::parse(&v).to_string(),
+                (None, _) => unset(d.key),
+                (Some(v), true) if d.key == Setting::DatabaseUrl => mask_url(&v),
+                (Some(v), false) if d.key == Setting::Repo => RepoLocation::parse(&v).to_string(),
                 (Some(_), true) => "(set, hidden)".to_string(),
                 (Some(v), false) => v,
             };
@@ -777,88 +947,62 @@ impl Config {
         let (table, errors) = file_table(file)?;
         let raw = raw_settings(flags, env, &table);
         let mut r = Reader { raw: &raw, errors };
-        let get = |name: &str| raw[name].0.clone();
-        let mode = r.choice("mode", &[("dev", Mode::Dev), ("production", Mode::Production)], Mode::Dev, Mode::Dev);
-        let log_unset = if mode == Mode::Production { LogFormat::Json } else { LogFormat::Text };
-        let log_format = r.choice(
-            "log_format",
-            &[("text", LogFormat::Text), ("json", LogFormat::Json)],
-            log_unset,
-            LogFormat::Text,
-        );
-        let policies = [("correct", DriftPolicy::Correct), ("warn", DriftPolicy::Warn)];
-        let drift_policy = r.choice("drift_policy", &policies, DriftPolicy::Correct, DriftPolicy::Correct);
+        let get = |key: Setting| raw[&key].0.clone();
+        // A setting with a default always has a value: its definition's, when nothing else gave one.
+        let defaulted = |key: Setting| get(key).or_else(|| key.def().default.map(str::to_string)).unwrap_or_default();
+        let path = |key: Setting| get(key).map(PathBuf::from);
+        let (mode, log_format, drift_policy) = r.policies();
         let [allow_plaintext, prune, require_tenant_recipient, worktree] =
-            ["allow_plaintext", "prune", "require_tenant_recipient", "worktree"].map(|n| r.flag(n));
-        let interval_secs = r.number("interval", 1);
-        let full_resync_secs = r.number("full_resync_interval", 1);
-        let debounce_ms = r.number("debounce_ms", 0);
-        let db_timeout_secs = r.number("db_timeout", 1);
-        let database_url = get("database_url");
-        let prune_max_fraction = r.checked("prune_max_fraction", DEFAULT_PRUNE_MAX_FRACTION, |v| parse_fraction(&v.unwrap_or_default()));
-        let repo = RepoLocation::parse(&get("repo").unwrap_or_else(|| ".".into()));
+            [Setting::AllowPlaintext, Setting::Prune, Setting::RequireTenantRecipient, Setting::Worktree].map(|n| r.flag(n));
+        let timing = [
+            (Setting::Interval, 1),
+            (Setting::FullResyncInterval, 1),
+            (Setting::DebounceMs, 0),
+            (Setting::DbTimeout, 1),
+        ];
+        let [interval_secs, full_resync_secs, debounce_ms, db_timeout_secs] = timing.map(|(n, min)| r.number(n, min));
+        let fraction = |v: Option<String>| parse_fraction(&v.unwrap_or_default());
+        let prune_max_fraction = r.checked(Setting::PruneMaxFraction, DEFAULT_PRUNE_MAX_FRACTION, fraction);
+        let repo = RepoLocation::parse(&defaulted(Setting::Repo));
         let implicit = SourceConfig {
             name: DEFAULT_SOURCE.into(),
             repo: repo.clone(),
-            git_ref: get("ref"),
-            path: get("path").unwrap_or_else(|| "tenants".into()),
+            git_ref: get(Setting::Ref),
+            path: defaulted(Setting::Path),
             prune,
             prune_max_fraction,
         };
-        let sources = match table.get("sources") {
-            None => vec![implicit],
-            Some(v) => r.all(parse_sources(file.map_or("", |f| f.0), v, &implicit)),
-        };
+        let file_name = file.map_or("", |f| f.0);
+        let sources = r.table_list(&table, "sources", || vec![implicit.clone()], |v| parse_sources(file_name, v, &implicit));
         let verify_unset = if mode == Mode::Production { VerifyMode::Head } else { VerifyMode::Off };
-        let verify_commits = r.checked("verify_commits", VerifyMode::Off, |v| v.map_or(Ok(verify_unset), |v| v.parse()));
-        let has_signers = get("allowed_signers").is_some() || get("trusted_pgp_keys").is_some();
+        let verify_commits = r.checked(Setting::VerifyCommits, VerifyMode::Off, |v| v.map_or(Ok(verify_unset), |v| v.parse()));
+        let has_signers = get(Setting::AllowedSigners).is_some() || get(Setting::TrustedPgpKeys).is_some();
         r.errors.extend(production_errors(mode, allow_plaintext, verify_commits, has_signers));
-        if mode == Mode::Production {
-            let token_file = get("git_token_file").is_some();
-            r.errors.extend(sources.iter().filter_map(|s| match &s.repo {
-                RepoLocation::Remote(u) if u.sends_credentials_in_clear(token_file) => Some(format!(
-                    "source {}: repo {} is plain http, which would send the git token or password unencrypted; use https:// (http is allowed in dev mode only)",
-                    s.name, s.repo
-                )),
-                _ => None,
-            }));
-        }
-        let embedding_endpoint = get("embedding_endpoint");
+        r.errors.extend(plain_http_errors(mode, &sources, get(Setting::GitTokenFile).is_some()));
+        let embedding_endpoint = get(Setting::EmbeddingEndpoint);
         if let Some(url) = &embedding_endpoint {
-            r.checked("embedding_endpoint", (), |_| check_endpoint(url, mode));
+            r.checked(Setting::EmbeddingEndpoint, (), |_| check_endpoint(url, mode));
         }
-        let webhook_token = webhook_token(&raw, env).unwrap_or_else(|e| {
-            r.errors.push(e);
-            None
-        });
+        let webhook_token = webhook_token(&raw, env).map_err(|e| r.errors.push(e)).unwrap_or_default();
         let (age_key_file, key_file_origin) = age_key_file(&raw, home);
-        let notifications = match table.get("notifications") {
-            None => vec![],
-            Some(v) => r.all(parse_notifications(file.map_or("", |f| f.0), v, mode)),
-        };
-        let errors = r.errors;
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
+        let notifications = r.table_list(&table, "notifications", Vec::new, |v| parse_notifications(file_name, v, mode));
+        if !r.errors.is_empty() {
+            return Err(r.errors.join("\n"));
         }
 
         let key_file = age_key_file.as_ref().map(|p| p.display().to_string());
-        let unset = |name: &str| match name {
-            "database_url" => "(unset: local PostgreSQL under data_dir)".to_string(),
-            "log_format" => format!("{log_format:?}").to_lowercase(),
-            "verify_commits" => verify_commits.to_string(),
-            _ => "(unset)".to_string(),
-        };
+        let unset = |key: Setting| unset_text(key, log_format, verify_commits);
         let shown = shown_settings(&raw, (key_file, key_file_origin), &unset);
         Ok(Config {
             mode,
-            database_url,
+            database_url: get(Setting::DatabaseUrl),
             repo,
-            git_ref: get("ref"),
-            path: get("path").unwrap_or_else(|| "tenants".into()),
+            git_ref: get(Setting::Ref),
+            path: defaulted(Setting::Path),
             age_key_file,
-            age_key: get("age_key"),
+            age_key: get(Setting::AgeKey),
             log_format,
-            data_dir: PathBuf::from(get("data_dir").unwrap_or_else(|| ".frostbyte".into())),
+            data_dir: PathBuf::from(defaulted(Setting::DataDir)),
             allow_plaintext,
             require_tenant_recipient,
             drift_policy,
@@ -867,17 +1011,13 @@ impl Config {
             full_resync_secs,
             debounce_ms,
             db_timeout_secs,
-            listen: get("listen").unwrap_or_default(),
+            listen: get(Setting::Listen).unwrap_or_default(),
             webhook_token,
             embedding_endpoint,
             verify_commits,
-            allowed_signers: get("allowed_signers").map(PathBuf::from),
-            trusted_pgp_keys: get("trusted_pgp_keys").map(PathBuf::from),
-            git_auth: crate::source::GitAuth {
-                token_file: get("git_token_file").map(PathBuf::from),
-                ssh_key_file: get("git_ssh_key_file").map(PathBuf::from),
-                known_hosts: get("git_known_hosts").map(PathBuf::from),
-            },
+            allowed_signers: path(Setting::AllowedSigners),
+            trusted_pgp_keys: path(Setting::TrustedPgpKeys),
+            git_auth: crate::source::GitAuth::from_files(path(Setting::GitTokenFile), path(Setting::GitSshKeyFile), path(Setting::GitKnownHosts)),
             sources,
             notifications,
             shown,
@@ -925,7 +1065,7 @@ mod tests {
     #[test]
     fn flag_beats_env_beats_file_beats_default() {
         let mut flags = Flags::default();
-        flags.0.insert("path", "from-flag".into());
+        flags.0.insert(Setting::Path, "from-flag".into());
         let env = env_of(&[("FROSTBYTE_GITOPS_PATH", "from-env"), ("FROSTBYTE_GITOPS_REF", "env-ref")]);
         let file = "path = \"from-file\"\nref = \"file-ref\"\nrepo = \"file-repo\"\n";
         let c = Config::resolve(&flags, &env, Some(("f.toml", file)), None).unwrap();
@@ -1077,6 +1217,40 @@ mod tests {
         let env = env_of(&[("FROSTBYTE_MODE", "production"), ("FROSTBYTE_ALLOW_PLAINTEXT", "true")]);
         let err = Config::resolve(&Flags::default(), &env, None, None).unwrap_err();
         assert!(err.contains("allow_plaintext cannot be used"), "{err}");
+    }
+
+    /// The README's table of settings is the definitions', row for row: key, flag, environment
+    /// variables and default.
+    #[test]
+    fn the_readme_table_lists_every_setting_as_defined() {
+        let readme = include_str!("../README.md");
+        let rows: Vec<Vec<&str>> = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| key | flag | environment | default |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim().trim_matches('|').split('|').map(str::trim).collect())
+            .collect();
+        let named: Vec<&str> = rows.iter().map(|r| r[0].trim_matches('`')).filter(|n| *n != "sources").collect();
+        let defined: Vec<&str> = DEFS.iter().map(|d| d.name).collect();
+        assert_eq!(named, defined, "the README lists the settings in their definitions' order");
+        for d in DEFS {
+            let row = rows.iter().find(|r| r[0] == format!("`{}`", d.name)).unwrap();
+            match d.flag {
+                Some(flag) => assert!(row[1].starts_with(&format!("`{flag}`")), "{}: flag {flag} not in {:?}", d.name, row[1]),
+                None => assert!(row[1].is_empty(), "{}: no flag is defined, the README names {:?}", d.name, row[1]),
+            }
+            let envs: Vec<&str> = row[2].split(", ").map(|e| e.trim_matches('`')).filter(|e| !e.is_empty()).collect();
+            assert_eq!(envs, d.env, "{}", d.name);
+            if let Some(default) = d.default {
+                assert!(
+                    row[3].starts_with(&format!("`{default}`")),
+                    "{}: default {default} not at the start of {:?}",
+                    d.name,
+                    row[3]
+                );
+            }
+        }
     }
 
     #[test]

@@ -58,6 +58,16 @@ pub struct GitAuth {
     pub known_hosts: Option<PathBuf>,
 }
 
+impl GitAuth {
+    pub fn from_files(token_file: Option<PathBuf>, ssh_key_file: Option<PathBuf>, known_hosts: Option<PathBuf>) -> GitAuth {
+        GitAuth {
+            token_file,
+            ssh_key_file,
+            known_hosts,
+        }
+    }
+}
+
 /// Longest a fetch may take, and longest the server may stay silent, before the fetch fails.
 pub const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 const SERVER_TIMEOUT_MS: i32 = 30_000;

@@ -2,7 +2,7 @@
 //! and an in-process context. N comes from FROSTBYTE_BENCH_TENANTS (default 10,000).
 #![allow(dead_code)]
 
-use frostbyte_gitops::config::{Config, Flags};
+use frostbyte_gitops::config::{Config, Flags, Setting};
 use frostbyte_gitops::sops::{self, AgeKeys, Format, Rules};
 use frostbyte_gitops::sync::Ctx;
 use rayon::prelude::*;
@@ -144,9 +144,9 @@ impl Repo {
 
     pub fn ctx(&self, database_url: Option<&str>) -> Ctx {
         let mut flags = Flags::default();
-        flags.0.insert("repo", self.dir.path().display().to_string());
+        flags.0.insert(Setting::Repo, self.dir.path().display().to_string());
         if let Some(url) = database_url {
-            flags.0.insert("database_url", url.to_string());
+            flags.0.insert(Setting::DatabaseUrl, url.to_string());
         }
         let sources: String = (0..self.sources)
             .map(|k| format!("[[sources]]\nname = \"src{k}\"\npath = \"tenants/src{k}\"\n"))

@@ -3,7 +3,7 @@
 
 use super::args::*;
 use anyhow::{Context, Result, anyhow};
-use frostbyte_gitops::config::{Config, Flags, LogFormat};
+use frostbyte_gitops::config::{Config, Flags, LogFormat, Setting};
 use frostbyte_gitops::sops::AgeKeys;
 use frostbyte_gitops::sync::Ctx;
 use std::io::IsTerminal;
@@ -26,33 +26,36 @@ pub(crate) fn tune_malloc() {
     }
 }
 
+/// The settings given as flags. Which flag sets which setting is the setting's definition
+/// (`Setting::flag`); a test holds clap's arguments to it.
 pub(crate) fn flags(g: &Global) -> Flags {
     let mut f = Flags::default();
-    let mut put = |k: &'static str, v: &Option<String>| {
-        if let Some(v) = v {
-            f.0.insert(k, v.clone());
+    let given = [
+        (Setting::Mode, &g.mode),
+        (Setting::DatabaseUrl, &g.database_url),
+        (Setting::Repo, &g.repo),
+        (Setting::Ref, &g.git_ref),
+        (Setting::Path, &g.path),
+        (Setting::AgeKeyFile, &g.age_key_file),
+        (Setting::LogFormat, &g.log_format),
+        (Setting::DataDir, &g.data_dir),
+        (Setting::DriftPolicy, &g.drift_policy),
+        (Setting::Interval, &g.interval),
+        (Setting::DebounceMs, &g.debounce_ms),
+        (Setting::Listen, &g.listen),
+        (Setting::VerifyCommits, &g.verify_commits),
+        (Setting::AllowedSigners, &g.allowed_signers),
+        (Setting::TrustedPgpKeys, &g.trusted_pgp_keys),
+    ];
+    for (key, value) in given {
+        if let Some(v) = value {
+            f.0.insert(key, v.clone());
         }
-    };
-    put("mode", &g.mode);
-    put("database_url", &g.database_url);
-    put("repo", &g.repo);
-    put("ref", &g.git_ref);
-    put("path", &g.path);
-    put("age_key_file", &g.age_key_file);
-    put("log_format", &g.log_format);
-    put("data_dir", &g.data_dir);
-    put("drift_policy", &g.drift_policy);
-    put("interval", &g.interval);
-    put("debounce_ms", &g.debounce_ms);
-    put("listen", &g.listen);
-    put("verify_commits", &g.verify_commits);
-    put("allowed_signers", &g.allowed_signers);
-    put("trusted_pgp_keys", &g.trusted_pgp_keys);
-    if g.allow_plaintext {
-        f.0.insert("allow_plaintext", "true".into());
     }
-    if g.worktree {
-        f.0.insert("worktree", "true".into());
+    for (key, on) in [(Setting::AllowPlaintext, g.allow_plaintext), (Setting::Worktree, g.worktree)] {
+        if on {
+            f.0.insert(key, "true".into());
+        }
     }
     f
 }
@@ -153,4 +156,26 @@ pub(crate) fn notify_targets(configs: &[frostbyte_gitops::config::NotificationCo
             },
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// Every setting with a flag is set by that flag; the rest have none on the command line.
+    #[test]
+    fn each_flag_sets_the_setting_its_definition_names() {
+        for key in Setting::all() {
+            let Some(flag) = key.flag() else { continue };
+            let mut args = vec!["frostbyte-gitops", flag];
+            if !key.is_bool() {
+                args.push("x");
+            }
+            args.push("config");
+            let cli = Cli::try_parse_from(&args).unwrap_or_else(|e| panic!("{flag}: {e}"));
+            let f = flags(&cli.global);
+            assert_eq!(f.0.keys().collect::<Vec<_>>(), [&key], "{flag}");
+        }
+    }
 }
