@@ -536,4 +536,11 @@ fn an_agent_whose_key_opens_nothing_is_not_ready_and_says_why() {
     })
     .unwrap_or_else(|| panic!("readyz never said the key opens nothing: {:?}\n{}", agent.get("/readyz"), agent.log()));
     assert!(body.contains(&key), "{body}");
+    // A refusal, not an outage: told apart, and not retried on a backoff.
+    assert!(body.contains("last sync refused (waits for a new commit"), "{body}");
+    assert!(agent.metric("frostbyte_sync_runs_total{outcome=\"refused\"}").unwrap_or(0.0) >= 1.0);
+    assert_eq!(agent.metric("frostbyte_sync_runs_total{outcome=\"failure\"}"), Some(0.0));
+    let log = agent.log();
+    assert!(log.contains("sync refused; it runs again on the next commit"), "{log}");
+    assert!(!log.contains("will retry"), "a refusal put on a backoff: {log}");
 }

@@ -83,9 +83,9 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     })
     .await
     .unwrap_or_else(|_| Err("timed out".into()));
-    let (checked, leader, last_ok, last_err) = {
+    let (checked, leader, last_ok, last_err, transient) = {
         let m = s.metrics.lock().expect("metrics lock");
-        (m.lease_checked, m.leader, m.last_sync_ok, m.last_sync_error.clone())
+        (m.lease_checked, m.leader, m.last_sync_ok, m.last_sync_error.clone(), m.last_sync_transient)
     };
     match (db, leader, last_ok) {
         (Err(e), _, _) => (StatusCode::SERVICE_UNAVAILABLE, format!("database unreachable: {e}\n")),
@@ -94,7 +94,13 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         (Ok(()), false, _) => (StatusCode::OK, "ready (standby)\n".to_string()),
         (Ok(()), true, Some(true)) => (StatusCode::OK, "ready\n".to_string()),
         (Ok(()), true, None) => (StatusCode::SERVICE_UNAVAILABLE, "no sync has completed yet\n".to_string()),
-        (Ok(()), true, Some(false)) => (StatusCode::SERVICE_UNAVAILABLE, format!("last sync failed: {}\n", last_err.unwrap_or_default())),
+        (Ok(()), true, Some(false)) => {
+            let state = match transient {
+                true => "last sync failed (retrying with backoff)",
+                false => "last sync refused (waits for a new commit or a changed setting)",
+            };
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{state}: {}\n", last_err.unwrap_or_default()))
+        }
     }
 }
 

@@ -9,16 +9,21 @@ use std::fmt::Write;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum RunOutcome {
     Success,
+    /// Failed for a reason that passes (the database, the git remote): retried with backoff.
     Failure,
+    /// Refused for a reason retrying cannot change (invalid files, an untrusted commit, ...):
+    /// waits for the next commit, trigger or interval.
+    Refused,
 }
 
 impl RunOutcome {
-    const ALL: [RunOutcome; 2] = [RunOutcome::Success, RunOutcome::Failure];
+    const ALL: [RunOutcome; 3] = [RunOutcome::Success, RunOutcome::Failure, RunOutcome::Refused];
 
     fn as_str(self) -> &'static str {
         match self {
             RunOutcome::Success => "success",
             RunOutcome::Failure => "failure",
+            RunOutcome::Refused => "refused",
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct Metrics {
     pub conflicts: usize,
     /// Whether the last sync was refused for its commit's signature.
     pub commit_refused: bool,
+    /// Whether the last failed round failed for a reason that passes (else it was refused).
+    pub last_sync_transient: bool,
     /// When the last full run (every file and row read) succeeded.
     pub last_full: Option<std::time::Instant>,
     pub leader: bool,

@@ -14,7 +14,7 @@ use crate::source::Source;
 use crate::sync::{self, Ctx, Database, Run, SyncError};
 use metrics::{Metrics, NotificationOutcome, RunOutcome};
 use notify::Watcher;
-use schedule::{Timing, Trigger, reconcile_loop};
+use schedule::{Failed, Timing, Trigger, reconcile_loop};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -100,16 +100,20 @@ async fn reconcile_once(
     metrics: &Arc<Mutex<Metrics>>,
     lease: &tokio::sync::Mutex<lease::Leases>,
     prepared: &std::sync::atomic::AtomicBool,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     let started = Instant::now();
-    let held = take_leases(ctx, metrics, lease, started).await?;
+    let held = take_leases(ctx, metrics, lease, started).await.map_err(Failed::transient)?;
     if held.is_empty() {
         tracing::debug!("standby: other replicas hold every source's lease");
         return Ok(());
     }
     if !prepared.load(std::sync::atomic::Ordering::Relaxed) {
         if let Err(e) = sync::prepare(&ctx.cfg, db).await {
-            return Err(record_failure(metrics, None, started, e));
+            let transient = e.retry() == sync::Retry::Backoff;
+            return Err(Failed {
+                message: record_failure(metrics, None, started, e),
+                transient,
+            });
         }
         prepared.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -180,7 +184,7 @@ async fn take_leases(
 /// What one round's syncs of this replica's sources add up to.
 #[derive(Default)]
 struct Tally {
-    first_error: Option<String>,
+    first_error: Option<Failed>,
     drift: std::collections::BTreeMap<DriftClass, usize>,
     conflicts: usize,
     oldest_commit: Option<i64>,
@@ -213,6 +217,7 @@ impl Tally {
 
     fn failure(&mut self, ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, e: SyncError, started: Instant) {
         let event = e.notify_event();
+        let transient = e.retry() == sync::Retry::Backoff;
         let text = record_failure(metrics, Some(source), started, e);
         // Once per distinct error, not at every retry.
         let repeated = {
@@ -223,11 +228,14 @@ impl Tally {
         if !repeated {
             announce(ctx, metrics, Notification::failed(event, source, &text));
         }
-        self.first_error.get_or_insert(format!("source {source}: {text}"));
+        self.first_error.get_or_insert(Failed {
+            message: format!("source {source}: {text}"),
+            transient,
+        });
     }
 
     /// The round's metrics; its first error, if a source failed.
-    fn finish(self, ctx: &Ctx, metrics: &Mutex<Metrics>, started: Instant, full: bool) -> Result<(), String> {
+    fn finish(self, ctx: &Ctx, metrics: &Mutex<Metrics>, started: Instant, full: bool) -> Result<(), Failed> {
         let seconds = started.elapsed().as_secs_f64();
         let mut m = metrics.lock().expect("metrics lock");
         m.conflicts = self.conflicts;
@@ -257,9 +265,10 @@ impl Tally {
                 Ok(())
             }
             Some(e) => {
-                m.record_run(RunOutcome::Failure, seconds);
+                m.record_run(if e.transient { RunOutcome::Failure } else { RunOutcome::Refused }, seconds);
                 m.last_sync_ok = Some(false);
-                m.last_sync_error = Some(e.lines().next().unwrap_or_default().to_string());
+                m.last_sync_transient = e.transient;
+                m.last_sync_error = Some(e.message.lines().next().unwrap_or_default().to_string());
                 Err(e)
             }
         }

@@ -57,12 +57,27 @@ impl Timing {
     }
 }
 
+/// Why a run failed, and whether retrying soon can help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failed {
+    pub message: String,
+    /// An outage (retried with backoff), not a refusal (which waits for the next commit, trigger
+    /// or interval).
+    pub transient: bool,
+}
+
+impl Failed {
+    pub fn transient(message: String) -> Failed {
+        Failed { message, transient: true }
+    }
+}
+
 /// Runs `reconcile` once at start, then on every interval, trigger and retry, one run at a time,
 /// until `shutdown` turns true. A run in progress is finished before returning.
 pub async fn reconcile_loop<F, Fut>(timing: Timing, mut triggers: mpsc::Receiver<Trigger>, mut shutdown: watch::Receiver<bool>, mut reconcile: F)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), Failed>>,
 {
     let mut failures = 0u32;
     let mut next_tick = Instant::now();
@@ -101,11 +116,17 @@ where
                 failures = 0;
                 retry_at = None;
             }
-            Err(e) => {
+            Err(e) if e.transient => {
                 failures += 1;
                 let delay = timing.backoff(failures);
-                tracing::warn!(error = %e, failures, retry_in_ms = delay.as_millis() as u64, "sync failed; will retry");
+                tracing::warn!(error = %e.message, failures, retry_in_ms = delay.as_millis() as u64, "sync failed; will retry");
                 retry_at = Some(Instant::now() + delay);
+            }
+            Err(e) => {
+                // The same refusal at every retry: wait for a commit, a trigger or the interval.
+                failures = 0;
+                retry_at = None;
+                tracing::warn!(error = %e.message, "sync refused; it runs again on the next commit, trigger or interval");
             }
         }
         next_tick = timing.next_tick(Instant::now());
@@ -137,6 +158,16 @@ mod tests {
     /// Starts the loop with a reconcile that records when it ran, takes `work` and fails while
     /// `fail` says so.
     fn start(timing: Timing, work: Duration, fail: Arc<Mutex<u32>>) -> (mpsc::Sender<Trigger>, watch::Sender<bool>, Runs, tokio::task::JoinHandle<()>) {
+        start_failing(timing, work, fail, true)
+    }
+
+    /// As [`start`], the failures being outages (`transient`) or refusals.
+    fn start_failing(
+        timing: Timing,
+        work: Duration,
+        fail: Arc<Mutex<u32>>,
+        transient: bool,
+    ) -> (mpsc::Sender<Trigger>, watch::Sender<bool>, Runs, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(64);
         let (stop_tx, stop_rx) = watch::channel(false);
         let runs: Runs = Arc::default();
@@ -150,7 +181,10 @@ mod tests {
                 let mut f = fail.lock().unwrap();
                 if *f > 0 {
                     *f -= 1;
-                    Err("database down".into())
+                    Err(Failed {
+                        message: "database down".into(),
+                        transient,
+                    })
                 } else {
                     Ok(())
                 }
@@ -211,6 +245,19 @@ mod tests {
         assert_eq!(gaps, [1, 2, 4, 8, 8], "{gaps:?}");
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(runs.lock().unwrap().len(), 7, "the interval run after recovery");
+        stop.send(true).unwrap();
+        handle.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_is_not_retried_on_a_backoff_but_on_the_next_trigger() {
+        let fail = Arc::new(Mutex::new(3));
+        let (tx, stop, runs, handle) = start_failing(timing(), Duration::ZERO, fail, false);
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        assert_eq!(runs.lock().unwrap().len(), 1, "no retry within the interval");
+        tx.send(Trigger::Watch).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(runs.lock().unwrap().len(), 2, "a new commit runs at once");
         stop.send(true).unwrap();
         handle.await.unwrap();
     }

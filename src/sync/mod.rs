@@ -81,7 +81,33 @@ pub struct Ctx {
     pub notifier: std::sync::Arc<crate::notify::Notifier>,
 }
 
+/// What the agent does after a failed run, decided by the kind of failure (kube-runtime's
+/// `error_policy`): a refusal is the same at every retry until something changes; an outage
+/// passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Retry with capped exponential backoff: the database or the git remote did not answer.
+    Backoff,
+    /// Retrying cannot help: invalid files, an untrusted commit, a rewritten history, a mass
+    /// prune, a key that opens nothing. The next commit, trigger or interval runs again.
+    AwaitChange,
+}
+
 impl SyncError {
+    pub fn retry(&self) -> Retry {
+        match self {
+            SyncError::Source(_) | SyncError::Store(_) | SyncError::LocalPg(_) => Retry::Backoff,
+            SyncError::Invalid { .. }
+            | SyncError::NonFastForward { .. }
+            | SyncError::ShallowClone { .. }
+            | SyncError::Stale(_)
+            | SyncError::Usage(_)
+            | SyncError::Refused(_)
+            | SyncError::MassPrune { .. }
+            | SyncError::Keys { .. } => Retry::AwaitChange,
+        }
+    }
+
     /// A run declined on policy (an untrusted commit, a rewritten history, a mass prune) is
     /// `refused`; anything else that stopped it is `failed`.
     pub fn notify_event(&self) -> crate::notify::Event {
