@@ -303,3 +303,16 @@ fn a_missing_key_is_reported_once_before_the_per_file_problems() {
     assert!(errors[1].contains("tenants/broken.toml:2: cannot parse"), "{}", out.stdout);
     assert_eq!(out.stdout.matches("no age identity").count(), 1);
 }
+
+#[test]
+fn an_empty_secret_which_sops_leaves_unencrypted_is_not_a_plaintext_secret() {
+    let repo = TestRepo::new();
+    let mut doc = tenant_doc("blank");
+    doc["config"]["secrets"]["smtp_password"] = json!("");
+    repo.put_tenant(&doc, Format::Json);
+    repo.commit("an empty secret");
+    for args in [&[][..], &["--no-decrypt"]] {
+        let out = validate(&repo, args);
+        assert_eq!(out.code, 0, "{args:?}: {}", out.all());
+    }
+}

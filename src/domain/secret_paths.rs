@@ -72,13 +72,19 @@ pub fn hides(secrets: &SecretPaths, pointer: &str, value: &Value) -> bool {
 }
 
 /// The leaves below the declared paths in `doc` that `secrets` does not name: values a file left
-/// in plaintext where only ciphertext belongs.
+/// in plaintext where only ciphertext belongs. An empty string or null holds nothing to hide
+/// (sops leaves both as they are).
 pub fn plaintext_under_declared(doc: &Value, secrets: &SecretPaths) -> Vec<String> {
     let mut out = Vec::new();
     for d in declared() {
         if let Some(v) = doc.pointer(d) {
             leaves(v, d, &mut |p| {
-                if !covers_encrypted(secrets, p) {
+                let empty = match doc.pointer(p) {
+                    Some(Value::Null) => true,
+                    Some(Value::String(s)) => s.is_empty(),
+                    _ => false,
+                };
+                if !empty && !covers_encrypted(secrets, p) {
                     out.push(p.to_string());
                 }
             });
@@ -147,5 +153,8 @@ mod tests {
         assert_eq!(plaintext_under_declared(&doc, &secrets), ["/config/secrets/b", "/config/secrets/c/d"]);
         let all: SecretPaths = ["/config/secrets".to_string()].into();
         assert!(plaintext_under_declared(&doc, &all).is_empty());
+        // sops encrypts neither an empty string nor null: there is nothing in them to hide.
+        let doc = json!({"config": {"secrets": {"empty": "", "none": null, "set": "x"}}});
+        assert_eq!(plaintext_under_declared(&doc, &SecretPaths::new()), ["/config/secrets/set"]);
     }
 }
