@@ -79,7 +79,7 @@ pub fn router(state: AppState) -> axum::Router {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let db = tokio::time::timeout(Duration::from_secs(2), async {
         let c = s.pool.get().await.map_err(|e| e.to_string())?;
-        c.simple_query("SELECT 1").await.map_err(|e| e.to_string()).map(|_| ())
+        crate::store::ping(&c).await
     })
     .await
     .unwrap_or_else(|_| Err("timed out".into()));

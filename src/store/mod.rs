@@ -223,6 +223,11 @@ pub async fn first_response(client: &tokio_postgres::Client, deadline: std::time
     }
 }
 
+/// Whether the server answers a trivial query (the agent's readiness check).
+pub async fn ping(client: &tokio_postgres::Client) -> Result<(), String> {
+    client.simple_query("SELECT 1").await.map(|_| ()).map_err(|e| e.to_string())
+}
+
 pub async fn client(pool: &Pool) -> Result<deadpool_postgres::Object, StoreError> {
     pool.get().await.map_err(|e| match e {
         deadpool_postgres::PoolError::Timeout(kind) => StoreError::Connect {

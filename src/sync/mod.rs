@@ -1,24 +1,24 @@
 //! Orchestration: snapshot -> decrypt -> validate -> load actual -> plan -> apply.
 
 use crate::blocking;
-use crate::config::{Config, DriftPolicy, Mode, SourceConfig};
+use crate::config::{DriftPolicy, Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::commit::CommitId;
 use crate::domain::drift::{TenantDrift, drift};
-use crate::domain::issue::Issue;
 use crate::domain::json::JsonText;
 use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::DesiredTenant;
-use crate::localpg::{self, LocalPgError};
-use crate::sops::AgeKeys;
-use crate::source::{Snapshot, Source, SourceError, SourceSpec};
+use crate::source::{Snapshot, Source, SourceError};
 use crate::store::{self, ApplyContext, StoreError};
 use deadpool_postgres::Pool;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 mod audit;
+mod ctx;
+mod database;
+mod error;
 mod park;
 pub mod ports;
 mod read;
@@ -26,233 +26,15 @@ mod select;
 mod spill;
 
 pub use audit::{AuditReport, VersionMismatch, verify_audit};
+pub use ctx::{Ctx, Desired};
+pub use database::{Database, connect, prepare};
+pub use error::{Retry, SyncError};
 use ports::{TenantSource, TenantStore};
 pub use read::{ReadOptions, decode_file, decode_from, read_desired, read_snapshot, read_snapshot_subset, validate};
 pub use select::Unchanged;
 use select::{Decoded, State, read_state, scope_of, select};
 
 pub const ACTOR: &str = concat!("frostbyte-gitops/", env!("CARGO_PKG_VERSION"));
-
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    #[error(transparent)]
-    Source(#[from] SourceError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    LocalPg(#[from] LocalPgError),
-    #[error("{} problem(s) in {} file(s) at {at}; nothing was applied:\n{}", issues.len(), files_with_issues(issues), issues.iter().map(|i| format!("  {i}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { at: String, issues: Vec<Issue> },
-    #[error(
-        "commit {new} does not descend from the last applied commit {old} (history was rewritten, or the branch was reset); nothing was applied. Pass --allow-non-fast-forward to apply it anyway"
-    )]
-    NonFastForward { new: String, old: String },
-    #[error(
-        "commit {new} cannot be shown to descend from the last applied commit {old}: the repository is a shallow clone whose history stops before it; nothing was applied. Fetch the history (git fetch --unshallow), or pass --allow-non-fast-forward to apply it anyway"
-    )]
-    ShallowClone { new: String, old: String },
-    #[error("the saved plan is stale; nothing was applied:\n  {}", .0.join("\n  "))]
-    Stale(Vec<String>),
-    #[error("{0}")]
-    Usage(String),
-    #[error(transparent)]
-    Refused(#[from] crate::verify::Refused),
-    #[error("source {name}: {why}")]
-    MassPrune { name: String, why: String },
-    #[error(
-        "the age identities from {keys} open none of source {name}'s files (tried {file}: {why}); nothing was applied. The key may have been rotated or the wrong file given"
-    )]
-    Keys { keys: String, name: String, file: String, why: String },
-}
-
-fn files_with_issues(issues: &[Issue]) -> usize {
-    issues.iter().filter(|i| !i.is_configuration()).map(|i| &i.file).collect::<BTreeSet<_>>().len()
-}
-
-/// What every command gets: the resolved configuration, the age identities and the trusted
-/// commit signers.
-pub struct Ctx {
-    pub cfg: Config,
-    pub keys: AgeKeys,
-    pub signers: crate::verify::TrustedSigners,
-    /// Show a progress bar on a terminal.
-    pub progress: bool,
-    /// The receivers of `[[notifications]]`, keys read.
-    pub notifier: std::sync::Arc<crate::notify::Notifier>,
-}
-
-/// What the agent does after a failed run, decided by the kind of failure (kube-runtime's
-/// `error_policy`): a refusal is the same at every retry until something changes; an outage
-/// passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Retry {
-    /// Retry with capped exponential backoff: the database or the git remote did not answer.
-    Backoff,
-    /// Retrying cannot help: invalid files, an untrusted commit, a rewritten history, a mass
-    /// prune, a key that opens nothing. The next commit, trigger or interval runs again.
-    AwaitChange,
-}
-
-impl SyncError {
-    pub fn retry(&self) -> Retry {
-        match self {
-            SyncError::Source(_) | SyncError::Store(_) | SyncError::LocalPg(_) => Retry::Backoff,
-            SyncError::Invalid { .. }
-            | SyncError::NonFastForward { .. }
-            | SyncError::ShallowClone { .. }
-            | SyncError::Stale(_)
-            | SyncError::Usage(_)
-            | SyncError::Refused(_)
-            | SyncError::MassPrune { .. }
-            | SyncError::Keys { .. } => Retry::AwaitChange,
-        }
-    }
-
-    /// A run declined on policy (an untrusted commit, a rewritten history, a mass prune) is
-    /// `refused`; anything else that stopped it is `failed`.
-    pub fn notify_event(&self) -> crate::notify::Event {
-        match self {
-            SyncError::Refused(_) | SyncError::NonFastForward { .. } | SyncError::ShallowClone { .. } | SyncError::MassPrune { .. } => {
-                crate::notify::Event::Refused
-            }
-            _ => crate::notify::Event::Failed,
-        }
-    }
-}
-
-impl Ctx {
-    /// Where the age identities came from, for messages: the key file, SOPS_AGE_KEY, or both.
-    pub fn key_origin(&self) -> String {
-        let file = self.cfg.age_key_file.as_ref().map(|p| p.display().to_string());
-        let env = self.cfg.age_key.as_ref().map(|_| "SOPS_AGE_KEY".to_string());
-        let named: Vec<String> = file.into_iter().chain(env).collect();
-        match named.is_empty() {
-            true => "(no key file)".into(),
-            false => named.join(" and "),
-        }
-    }
-
-    pub fn source_spec(&self, src: &SourceConfig) -> SourceSpec {
-        SourceSpec {
-            repo: src.repo.clone(),
-            auth: self.cfg.git_auth.clone(),
-            path: src.path.clone(),
-            cache_dir: self.cfg.data_dir.join("git-cache"),
-        }
-    }
-
-    /// The source named `only`, or every configured one.
-    pub fn sources(&self, only: Option<&str>) -> Result<Vec<&SourceConfig>, SyncError> {
-        match only {
-            None => Ok(self.cfg.sources.iter().collect()),
-            Some(name) => match self.cfg.sources.iter().find(|s| s.name == name) {
-                Some(s) => Ok(vec![s]),
-                None => Err(SyncError::Usage(format!(
-                    "no source named {name:?} (configured: {})",
-                    self.cfg.sources.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
-                ))),
-            },
-        }
-    }
-
-    /// The first configured source also reports the rows no source owns (made by hand, or before
-    /// ownership was recorded), so that every row is some source's concern.
-    fn adopts_unowned(&self, src: &SourceConfig) -> bool {
-        self.cfg.sources.first().is_some_and(|f| f.name == src.name)
-    }
-}
-
-/// The tenant files at one revision, decrypted and checked.
-#[derive(Debug, Clone)]
-pub struct Desired {
-    pub commit: Option<CommitInfo>,
-    pub tenants: Vec<DesiredTenant>,
-    pub issues: Vec<Issue>,
-    pub files: usize,
-}
-
-impl Desired {
-    pub fn at(&self) -> String {
-        self.commit
-            .as_ref()
-            .map_or_else(|| "the work tree".to_string(), |c| format!("commit {}", &c.id[..12.min(c.id.len())]))
-    }
-}
-
-/// The configured database: a pool, and the connection string for the agent's leader lease.
-#[derive(Clone)]
-pub struct Database {
-    pub pool: Pool,
-    pub url: String,
-    pub tls_policy: store::TlsPolicy,
-}
-
-impl Database {
-    /// A connection error, with where it tried to connect.
-    /// A connection that has answered a first query within the deadline, or an error naming
-    /// where the database is.
-    pub async fn client(&self, cfg: &Config) -> Result<deadpool_postgres::Object, StoreError> {
-        let client = store::client(&self.pool).await.map_err(|e| self.named(e))?;
-        store::first_response(&client, std::time::Duration::from_secs(cfg.db_timeout_secs))
-            .await
-            .map_err(|e| self.named(e))?;
-        Ok(client)
-    }
-
-    pub fn named(&self, e: StoreError) -> StoreError {
-        match e {
-            StoreError::Connect { target, cause } if target.is_empty() => StoreError::Connect {
-                target: store::target_of(&self.url),
-                cause,
-            },
-            other => other,
-        }
-    }
-}
-
-/// The configured database; in dev mode with none configured, the agent's own cluster.
-pub async fn connect(cfg: &Config) -> Result<Database, SyncError> {
-    let deadline = std::time::Duration::from_secs(cfg.db_timeout_secs);
-    let url = match &cfg.database_url {
-        Some(url) => url.clone(),
-        None if cfg.mode == Mode::Production => {
-            return Err(SyncError::Usage(
-                "production mode needs a database: set FROSTBYTE_CONTROL_DB_URL (the local PostgreSQL is for dev mode only)".into(),
-            ));
-        }
-        None => {
-            let dir = cfg.data_dir.join("pgdata");
-            let cluster = tokio::task::spawn_blocking(move || localpg::ensure(&dir, &[]))
-                .await
-                .expect("local PostgreSQL start panicked")?;
-            let admin = store::pool(&cluster.conninfo("postgres"), store::TlsPolicy::AsGiven, deadline)?;
-            store::create_database(&**store::client(&admin).await?, "frostbyte").await?;
-            cluster.conninfo("frostbyte")
-        }
-    };
-    let policy = if cfg.mode == Mode::Production {
-        store::TlsPolicy::RequireForTcp
-    } else {
-        store::TlsPolicy::AsGiven
-    };
-    Ok(Database {
-        pool: store::pool(&url, policy, deadline)?,
-        url,
-        tls_policy: policy,
-    })
-}
-
-/// Dev mode migrates on the way in; production expects `migrate` to have run.
-pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
-    let mut client = db.client(cfg).await?;
-    // Dev mode migrates unless it need not: the agent may run as an app role that cannot.
-    if cfg.mode == Mode::Dev && store::check_migrated(&**client).await.is_err() {
-        store::migrate(&mut client).await?;
-    } else {
-        store::check_migrated(&**client).await?;
-    }
-    Ok(())
-}
 
 /// A plan saved by `plan --out`, applied later by `apply FILE`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
