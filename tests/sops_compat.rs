@@ -149,16 +149,7 @@ fn files_we_write_decrypt_with_the_sops_cli() {
         let enc = sops::encrypt(&plain(), &recipients, &rules, None).unwrap();
         let path = dir.path().join(format!("ours.{ext}"));
         std::fs::write(&path, sops::serialize(format, &enc).unwrap()).unwrap();
-        let out = std::process::Command::new(&cli)
-            .args(["decrypt", "--output-type", "json"])
-            .arg(&path)
-            .env("SOPS_AGE_KEY_FILE", fixtures().join("keys/test.agekey"))
-            .env("SOPS_DISABLE_VERSION_CHECK", "1")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{ext}: sops said {}", String::from_utf8_lossy(&out.stderr));
-        let back: Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(back, plain(), "{ext}");
+        assert_eq!(sops_cli_decrypts(&cli, &path), plain(), "{ext}");
     }
 }
 
@@ -295,14 +286,18 @@ fn yaml_we_write_with_line_separators_and_controls_reads_the_same_in_the_sops_cl
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.yaml");
     std::fs::write(&path, &text).unwrap();
-    let out = std::process::Command::new(&cli)
+    assert_eq!(sops_cli_decrypts(&cli, &path), doc);
+}
+
+/// What the sops CLI decrypts `path` to, with the test key.
+fn sops_cli_decrypts(cli: &std::path::Path, path: &std::path::Path) -> Value {
+    let out = std::process::Command::new(cli)
         .args(["decrypt", "--output-type", "json"])
-        .arg(&path)
+        .arg(path)
         .env("SOPS_AGE_KEY_FILE", fixtures().join("keys/test.agekey"))
         .env("SOPS_DISABLE_VERSION_CHECK", "1")
         .output()
         .unwrap();
-    assert!(out.status.success(), "sops said {}", String::from_utf8_lossy(&out.stderr));
-    let back: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(back, doc);
+    assert!(out.status.success(), "{}: sops said {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
 }
