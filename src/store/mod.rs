@@ -2,7 +2,7 @@
 
 use crate::domain::audit::{AuditEvent, CommitInfo};
 use crate::domain::json::{JsonText, SecretPaths};
-use crate::domain::plan::{ActualTenant, AppliedRecord, Packed, Plan, TenantPlan};
+use crate::domain::plan::{self as domain_plan, ActualTenant, AppliedRecord, Packed, Plan, TenantPlan};
 use crate::domain::tenant::{DesiredTenant, Parked};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
@@ -655,11 +655,19 @@ pub async fn apply(
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     // Both lists are in that order already; merged as the chunks take them, not into a third.
     debug_assert!(creates.is_sorted_by(|a, b| a.tenant.tenant_id < b.tenant.tenant_id), "creates in tenant order");
+    let to_create: Vec<&str> = planned
+        .iter()
+        .filter(|c| c.planned().is_some_and(|p| p.action == domain_plan::Action::Create))
+        .map(|c| c.desired().tenant_id.as_str())
+        .chain(creates.iter().map(|c| c.tenant.tenant_id.as_str()))
+        .collect();
+    let history = write::history(tx, &to_create).await?;
+    drop(to_create);
     let changes = in_tenant_order(planned, creates.into_iter().map(Change::Create));
     // The unowned tenants the run has files for are claimed ahead of the first chunk; each chunk
     // claims the tenants it writes.
     if let Some(st) = &statements {
-        futures_util::try_join!(claim(tx, st, ctx), write::changes(tx, st, changes, ctx, created))?;
+        futures_util::try_join!(claim(tx, st, ctx), write::changes(tx, st, changes, ctx, created, &history))?;
     }
     decommission(tx, plan, ctx).await?;
     if ctx.record_commit {

@@ -23,6 +23,7 @@ pub async fn changes(
     changes: impl Iterator<Item = Change<'_>> + Send,
     ctx: &ApplyContext<'_>,
     created: &mut dyn CreatedSink,
+    history: &History,
 ) -> Result<(), StoreError> {
     let mut changes = changes.peekable();
     let chunks = std::iter::from_fn(move || changes.peek().is_some().then(|| changes.by_ref().take(CHUNK).collect::<Vec<_>>()));
@@ -33,8 +34,7 @@ pub async fn changes(
     // is on its way before the second is built.
     futures_util::stream::iter(chunks)
         .map(|chunk| async move {
-            let history = statements.history(tx, &chunk).await?;
-            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx, &history)))?;
+            let rows = crate::blocking(|| on_decoding_threads(|| Rows::of(chunk, ctx, history)))?;
             rows.write(tx, statements).await.map(|()| rows.created)
         })
         .buffered(2)
@@ -47,7 +47,6 @@ pub async fn changes(
 }
 
 pub struct Statements {
-    applied_before: Statement,
     create: Statement,
     update: Statement,
     emit: Statement,
@@ -59,17 +58,9 @@ pub struct Statements {
 impl Statements {
     pub async fn prepare(tx: &Transaction<'_>) -> Result<Statements, StoreError> {
         let p = |sql| async move { tx.prepare(sql).await.map_err(q("preparing the writes")) };
-        let (applied_before, create, update, emit, applied, own, owned_elsewhere) = futures_util::try_join!(
-            p(APPLIED_BEFORE),
-            p(CREATE),
-            p(UPDATE),
-            p(EMIT_AUDIT_EVENTS),
-            p(RECORD),
-            p(OWN),
-            p(OWNED_ELSEWHERE)
-        )?;
+        let (create, update, emit, applied, own, owned_elsewhere) =
+            futures_util::try_join!(p(CREATE), p(UPDATE), p(EMIT_AUDIT_EVENTS), p(RECORD), p(OWN), p(OWNED_ELSEWHERE))?;
         Ok(Statements {
-            applied_before,
             create,
             update,
             emit,
@@ -77,36 +68,6 @@ impl Statements {
             own,
             owned_elsewhere,
         })
-    }
-
-    /// The versions the audit trail already holds for the tenants this chunk creates: a row
-    /// deleted outside git leaves its events behind, and the tenant created again goes on from
-    /// them, so that its version still counts its config events.
-    async fn history(&self, tx: &Transaction<'_>, chunk: &[Change<'_>]) -> Result<History, StoreError> {
-        let creates: Vec<&str> = chunk
-            .iter()
-            .filter(|c| c.planned().is_none_or(|p| p.action == Action::Create))
-            .map(|c| c.desired().tenant_id.as_str())
-            .collect();
-        if creates.is_empty() {
-            return Ok(History::new());
-        }
-        // Only a tenant the agent applied before can have a history: the trail is read for those
-        // alone (a first sync reads none of it, nor waits on its locks).
-        let known = tx
-            .query(&self.applied_before, &[&creates])
-            .await
-            .map_err(q("reading the applied records of the tenants to create"))?;
-        let known: Vec<String> = known.iter().map(|r| r.get(0)).collect();
-        if known.is_empty() {
-            return Ok(History::new());
-        }
-        // Not prepared with the others: preparing it would wait on the trail's locks in every run.
-        let rows = tx
-            .query(HISTORY, &[&known])
-            .await
-            .map_err(q("reading the audit history of the tenants to create"))?;
-        Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
     }
 
     /// Records `source` as the owner of each of `ids` (with its file in `files`) that no other
@@ -142,7 +103,39 @@ const OWN: &str = "INSERT INTO gitops_owners (tenant_id, source, source_name, fi
 const OWNED_ELSEWHERE: &str = "SELECT tenant_id, source FROM gitops_owners WHERE tenant_id = ANY($1) AND source <> $2 LIMIT 1";
 
 /// Config events already in the trail, by tenant: none for a tenant that never existed.
-type History = std::collections::HashMap<String, i64>;
+pub type History = std::collections::HashMap<String, i64>;
+
+/// The versions the audit trail already holds for the tenants a run creates: a row deleted
+/// outside git leaves its events behind, and the tenant created again goes on from them, so that
+/// its version still counts its config events. Asked once, before the writes (a question inside
+/// the chunks' pipeline would wait for the chunk before it and undo their overlap).
+pub async fn history(tx: &Transaction<'_>, creates: &[&str]) -> Result<History, StoreError> {
+    if creates.is_empty() {
+        return Ok(History::new());
+    }
+    // Only a tenant the agent applied before can have a history, and a first sync has applied
+    // none: it sends no ids, reads nothing of the trail, and waits on none of its locks.
+    let any = tx
+        .query_one("SELECT EXISTS (SELECT 1 FROM gitops_applied)", &[])
+        .await
+        .map_err(q("reading gitops_applied"))?;
+    if !any.get::<_, bool>(0) {
+        return Ok(History::new());
+    }
+    let known = tx
+        .query(APPLIED_BEFORE, &[&creates])
+        .await
+        .map_err(q("reading the applied records of the tenants to create"))?;
+    let known: Vec<String> = known.iter().map(|r| r.get(0)).collect();
+    if known.is_empty() {
+        return Ok(History::new());
+    }
+    let rows = tx
+        .query(HISTORY, &[&known])
+        .await
+        .map_err(q("reading the audit history of the tenants to create"))?;
+    Ok(rows.iter().map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))).collect())
+}
 
 const APPLIED_BEFORE: &str = "SELECT tenant_id FROM gitops_applied WHERE tenant_id = ANY($1)";
 
