@@ -7,7 +7,6 @@
 mod support;
 use frostbyte_gitops::domain::audit::AuditEvent;
 use frostbyte_gitops::store;
-use frostbyte_gitops::sync;
 use serde_json::json;
 use std::time::{Duration, Instant};
 use support::*;
@@ -129,7 +128,7 @@ fn main() {
         assert_eq!(rows.len(), total);
         start.elapsed()
     });
-    let (report, verify) = time(|| rt.block_on(sync::verify_audit(&pool, None)).unwrap());
+    let (report, verify) = time(|| rt.block_on(async { store::verify_audit(&**store::client(&pool).await?, None).await }).unwrap());
     assert!(report.intact(), "{:?}", report.broken);
     assert_eq!(report.events as usize, total);
     line("audit verify (chain + config_version check)", verify, floor_read, total);

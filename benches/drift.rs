@@ -2,8 +2,9 @@
 //! edited by hand. `cargo bench --bench drift`.
 
 mod support;
+use frostbyte_gitops::compose;
 use frostbyte_gitops::domain::drift::{DriftClass, counts};
-use frostbyte_gitops::sync::{self, Run};
+use frostbyte_gitops::sync::Run;
 use support::*;
 
 fn main() {
@@ -14,17 +15,17 @@ fn main() {
     let url = database();
     let ctx = repo.ctx(Some(&url));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
-    rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
-    rt.block_on(sync::run(
+    let db = rt.block_on(compose::connect(&ctx.cfg)).unwrap();
+    rt.block_on(compose::prepare(&ctx.cfg, &db)).unwrap();
+    rt.block_on(compose::run(
         &ctx,
-        &db.pool,
+        &db,
         &ctx.cfg.sources[0],
         Run::Apply { allow_non_fast_forward: false },
         Default::default(),
     ))
     .unwrap();
-    let report_once = || rt.block_on(sync::drift_report(&ctx, &db.pool, &ctx.cfg.sources[0], false)).unwrap().1;
+    let report_once = || rt.block_on(compose::drift(&ctx, &db, &ctx.cfg.sources[0], false)).unwrap().1;
     let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(&ctx.cfg.sources[0])).unwrap();
     let (_, listing) = time(|| source.snapshot(source.resolve(None).unwrap()).unwrap());
 

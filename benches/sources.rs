@@ -5,6 +5,7 @@
 //! listing plus decoding the changed files (1% changed).
 
 mod support;
+use frostbyte_gitops::compose;
 use frostbyte_gitops::source::Source;
 use frostbyte_gitops::sync::{self, Run};
 use std::time::Duration;
@@ -21,14 +22,14 @@ fn main() {
     let url = database();
     let ctx = repo.ctx(Some(&url));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
-    rt.block_on(sync::prepare(&ctx.cfg, &db)).unwrap();
+    let db = rt.block_on(compose::connect(&ctx.cfg)).unwrap();
+    rt.block_on(compose::prepare(&ctx.cfg, &db)).unwrap();
 
     let sync_all = || {
         let mut applied = 0;
         for src in &ctx.cfg.sources {
             let o = rt
-                .block_on(sync::run(&ctx, &db.pool, src, Run::Apply { allow_non_fast_forward: false }, Default::default()))
+                .block_on(compose::run(&ctx, &db, src, Run::Apply { allow_non_fast_forward: false }, Default::default()))
                 .unwrap();
             applied += o.applied;
         }

@@ -2,7 +2,8 @@
 //! to do, and a sync where 1% of the files changed. `cargo bench --bench sync`.
 
 mod support;
-use frostbyte_gitops::sync::{self, Run};
+use frostbyte_gitops::compose;
+use frostbyte_gitops::sync::Run;
 use support::*;
 
 fn main() {
@@ -46,10 +47,10 @@ fn main() {
 
     let ctx = repo.ctx(Some(&url));
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let db = rt.block_on(sync::connect(&ctx.cfg)).unwrap();
+    let db = rt.block_on(compose::connect(&ctx.cfg)).unwrap();
     let src = &ctx.cfg.sources[0];
     let apply = || {
-        rt.block_on(sync::run(&ctx, &db.pool, src, Run::Apply { allow_non_fast_forward: false }, Default::default()))
+        rt.block_on(compose::run(&ctx, &db, src, Run::Apply { allow_non_fast_forward: false }, Default::default()))
             .unwrap()
     };
 

@@ -1,7 +1,7 @@
 //! Configuration, resolved once at start-up: flag > environment > config file > default.
 
-use crate::source::RepoLocation;
-use crate::verify::VerifyMode;
+use crate::domain::commit::VerifyMode;
+use crate::location::RepoLocation;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -86,7 +86,7 @@ pub struct Config {
     /// Bearer token for `POST /sync`. Secret.
     pub webhook_token: Option<String>,
     /// Credentials for a remote repository.
-    pub git_auth: crate::source::GitAuth,
+    pub git_auth: crate::location::GitAuth,
     pub verify_commits: VerifyMode,
     /// OpenSSH allowed_signers file of trusted commit signers.
     pub allowed_signers: Option<PathBuf>,
@@ -643,7 +643,7 @@ fn overlapping_sources(file: &str, sources: &[SourceConfig]) -> Vec<String> {
     for (i, a) in sources.iter().enumerate() {
         for b in &sources[i + 1..] {
             let (pa, pb) = (norm(&a.path), norm(&b.path));
-            if crate::source::same_repository(&a.repo.to_string(), &b.repo.to_string()) && nests(&pa, &pb) {
+            if crate::location::same_repository(&a.repo.to_string(), &b.repo.to_string()) && nests(&pa, &pb) {
                 errors.push(format!(
                     "config file {file}: sources {} (path {:?}) and {} (path {:?}) read overlapping directories of one repository; give each its own directory",
                     a.name, a.path, b.name, b.path
@@ -1017,7 +1017,7 @@ impl Config {
             verify_commits,
             allowed_signers: path(Setting::AllowedSigners),
             trusted_pgp_keys: path(Setting::TrustedPgpKeys),
-            git_auth: crate::source::GitAuth::from_files(path(Setting::GitTokenFile), path(Setting::GitSshKeyFile), path(Setting::GitKnownHosts)),
+            git_auth: crate::location::GitAuth::from_files(path(Setting::GitTokenFile), path(Setting::GitSshKeyFile), path(Setting::GitKnownHosts)),
             sources,
             notifications,
             shown,

@@ -6,12 +6,15 @@
 //! the CLI in `main.rs`.
 
 pub mod agent;
+pub mod compose;
 pub mod config;
 pub mod domain;
 pub mod files;
 pub mod localpg;
+pub mod location;
 pub mod notify;
 pub mod parse;
+pub mod ports;
 pub mod sops;
 pub mod source;
 pub mod store;

@@ -5,37 +5,7 @@
 use serde::Serialize;
 use std::path::Path;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VerifyMode {
-    Off,
-    /// The commit being applied must carry a good signature by a trusted signer.
-    Head,
-    /// Every commit since the last applied one (or the first applied commit itself) must.
-    Strict,
-}
-
-impl std::fmt::Display for VerifyMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            VerifyMode::Off => "off",
-            VerifyMode::Head => "head",
-            VerifyMode::Strict => "strict",
-        })
-    }
-}
-
-impl std::str::FromStr for VerifyMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "off" => Ok(VerifyMode::Off),
-            "head" => Ok(VerifyMode::Head),
-            "strict" => Ok(VerifyMode::Strict),
-            other => Err(format!("{other:?} is not off, head or strict")),
-        }
-    }
-}
+use crate::domain::commit::VerifyMode;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

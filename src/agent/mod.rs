@@ -6,12 +6,13 @@ pub mod lease;
 pub mod metrics;
 pub mod schedule;
 
+use crate::compose::{self, Database};
 use crate::config::DriftPolicy;
 use crate::domain::drift::{DriftClass, counts};
 use crate::domain::plan::Entries;
 use crate::notify::Notification;
 use crate::source::Source;
-use crate::sync::{self, Ctx, Database, Run, SyncError};
+use crate::sync::{self, Ctx, Run, SyncError};
 use metrics::{Metrics, NotificationOutcome, RunOutcome};
 use notify::Watcher;
 use schedule::{Failed, Timing, Trigger, reconcile_loop};
@@ -108,7 +109,7 @@ async fn reconcile_once(
         return Ok(());
     }
     if !prepared.load(std::sync::atomic::Ordering::Relaxed) {
-        if let Err(e) = sync::prepare(&ctx.cfg, db).await {
+        if let Err(e) = compose::prepare(&ctx.cfg, db).await {
             let transient = e.retry() == sync::Retry::Backoff;
             return Err(Failed {
                 message: record_failure(metrics, None, started, e),
@@ -134,7 +135,7 @@ async fn reconcile_once(
             ..Default::default()
         };
         let span = tracing::info_span!("source", source = %src.name);
-        match sync::run(ctx, &db.pool, src, Run::Apply { allow_non_fast_forward: false }, opts)
+        match compose::run(ctx, db, src, Run::Apply { allow_non_fast_forward: false }, opts)
             .instrument(span)
             .await
         {

@@ -4,8 +4,9 @@ use super::args::*;
 use super::output::*;
 use super::{EXIT_ERROR, EXIT_OK};
 use anyhow::{Context, Result, anyhow};
+use frostbyte_gitops::compose;
 use frostbyte_gitops::config::Config;
-use frostbyte_gitops::sync::{self, Ctx};
+use frostbyte_gitops::sync::Ctx;
 use frostbyte_gitops::{localpg, store};
 
 pub(crate) fn db_command(cfg: &Config, cmd: &DbCmd) -> Result<u8> {
@@ -19,7 +20,7 @@ pub(crate) fn db_command(cfg: &Config, cmd: &DbCmd) -> Result<u8> {
             let mut local = cfg.clone();
             local.database_url = None;
             local.mode = frostbyte_gitops::config::Mode::Dev;
-            let db = rt.block_on(sync::connect(&local))?;
+            let db = rt.block_on(compose::connect(&local))?;
             println!("{}", db.url);
         }
         DbCmd::Stop => localpg::stop(&cfg.data_dir.join("pgdata"))?,
@@ -28,7 +29,7 @@ pub(crate) fn db_command(cfg: &Config, cmd: &DbCmd) -> Result<u8> {
 }
 
 pub(crate) async fn migrate(ctx: &Ctx, app_role: Option<String>) -> Result<u8> {
-    let db = sync::connect(&ctx.cfg).await?;
+    let db = compose::connect(&ctx.cfg).await?;
     let mut client = db.client(&ctx.cfg).await?;
     let applied = store::migrate(&mut client).await?;
     if applied.is_empty() {
@@ -54,9 +55,9 @@ pub(crate) async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&s
             Some((seq, hash))
         }
     };
-    let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db).await?;
-    let report = sync::verify_audit(&db.pool, anchored).await?;
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
+    let report = store::verify_audit(&**store::client(&db.pool).await?, anchored).await?;
     match format {
         OutFormat::Json => print_json(&serde_json::to_value(&report)?),
         _ => {

@@ -86,7 +86,7 @@ pub(crate) fn load_keys(cfg: &Config) -> Result<AgeKeys> {
 
 pub(crate) fn load_signers(cfg: &Config) -> Result<frostbyte_gitops::verify::TrustedSigners> {
     let signers = frostbyte_gitops::verify::TrustedSigners::load(cfg.allowed_signers.as_deref(), cfg.trusted_pgp_keys.as_deref())?;
-    if cfg.verify_commits != frostbyte_gitops::verify::VerifyMode::Off && signers.is_empty() {
+    if cfg.verify_commits != frostbyte_gitops::domain::commit::VerifyMode::Off && signers.is_empty() {
         return Err(anyhow!(
             "verify_commits is {} but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS)",
             cfg.verify_commits

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use args::*;
 use boot::*;
 use clap::Parser;
-use frostbyte_gitops::sync::{self, Ctx, Run};
+use frostbyte_gitops::compose;
+use frostbyte_gitops::sync::{Ctx, Run};
 use output::*;
 use std::process::ExitCode;
 use sync_cmds::*;
@@ -70,7 +71,7 @@ pub(crate) fn real_main(cli: Cli) -> Result<u8> {
     let ctx = context(cfg, keys, &cli.cmd)?;
     if let Cmd::Run = cli.cmd {
         return rt.block_on(async {
-            let db = sync::connect(&ctx.cfg).await?;
+            let db = compose::connect(&ctx.cfg).await?;
             frostbyte_gitops::agent::run(std::sync::Arc::new(ctx), db).await?;
             Ok(EXIT_OK)
         });

@@ -5,6 +5,7 @@ use super::args::*;
 use super::output::*;
 use super::{EXIT_CHANGES, EXIT_ERROR, EXIT_OK};
 use anyhow::{Context, Result, anyhow};
+use frostbyte_gitops::compose;
 use frostbyte_gitops::config::SourceConfig;
 use frostbyte_gitops::domain::drift::DriftClass;
 use frostbyte_gitops::domain::plan::Entries;
@@ -57,8 +58,8 @@ pub(crate) async fn plan(
     let against = match &against_ref {
         Some(base) => Against::Ref(base),
         None => {
-            let db = sync::connect(&ctx.cfg).await?;
-            sync::prepare(&ctx.cfg, &db).await?;
+            let db = compose::connect(&ctx.cfg).await?;
+            compose::prepare(&ctx.cfg, &db).await?;
             Against::Database(db)
         }
     };
@@ -81,7 +82,7 @@ pub(crate) async fn plan(
 /// What `plan` compares the files with.
 pub(crate) enum Against<'a> {
     Ref(&'a str),
-    Database(sync::Database),
+    Database(compose::Database),
 }
 
 /// One source's plan; saved to `out` when given. The outer error ends the command, the inner one
@@ -94,7 +95,7 @@ pub(crate) async fn plan_source(
     out: Option<&std::path::Path>,
 ) -> Result<Result<(render::Header, frostbyte_gitops::domain::plan::Plan), sync::SyncError>> {
     let db = match against {
-        Against::Ref(base) => return Ok(sync::plan_against_ref(ctx, src, base)),
+        Against::Ref(base) => return Ok(compose::open_source(ctx, src).and_then(|source| sync::plan_against_ref(ctx, &source, src, base))),
         Against::Database(db) => db,
     };
     let opts = sync::RunOptions {
@@ -102,7 +103,7 @@ pub(crate) async fn plan_source(
         allow_mass_prune: prune.allow_mass_prune,
         ..Default::default()
     };
-    Ok(match sync::run(ctx, &db.pool, src, Run::Plan, opts).await {
+    Ok(match compose::run(ctx, db, src, Run::Plan, opts).await {
         Ok(outcome) => {
             if let Some(path) = out {
                 save_plan(path, &outcome)?;
@@ -169,10 +170,10 @@ pub(crate) async fn drift(ctx: &Ctx, only: Option<&str>, format: OutFormat, fail
             .map_err(|e| anyhow!("--fail-on: {e}"))?
     };
     let sources = ctx.sources(only)?;
-    let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db).await?;
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
     let mut notes = Vec::new();
-    let each = async |src: &SourceConfig| Ok(sync::drift_report(ctx, &db.pool, src, full).await);
+    let each = async |src: &SourceConfig| Ok(compose::drift(ctx, &db, src, full).await);
     let show = |src: &SourceConfig, (header, report): (render::Header, Vec<frostbyte_gitops::domain::drift::TenantDrift>)| {
         match format {
             OutFormat::Text => print!("{}", render::drift_text(&report, &header)),
@@ -214,8 +215,8 @@ pub(crate) fn save_plan(path: &std::path::Path, outcome: &sync::Outcome) -> Resu
 /// Each source is applied and committed on its own; the exit code is the worst of them.
 pub(crate) async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn() -> Run, format: OutFormat, full: bool, prune: PruneArgs) -> Result<u8> {
     let sources = ctx.sources(only)?;
-    let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db).await?;
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
     let opts = sync::RunOptions {
         want_drift: false,
         full,
@@ -227,7 +228,7 @@ pub(crate) async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn
         if src.repo.is_remote() {
             tracing::info!(source = %src.name, repo = %src.repo, "fetching");
         }
-        let o = match sync::run(ctx, &db.pool, src, run(), opts).await {
+        let o = match compose::run(ctx, &db, src, run(), opts).await {
             Ok(o) => o,
             Err(e) => {
                 let text = error_text(&e);

@@ -3,9 +3,10 @@
 use super::EXIT_OK;
 use super::args::*;
 use anyhow::{Context, Result, anyhow};
+use frostbyte_gitops::compose;
 use frostbyte_gitops::config::Config;
+use frostbyte_gitops::location::RepoLocation;
 use frostbyte_gitops::sops::AgeKeys;
-use frostbyte_gitops::source::RepoLocation;
 use frostbyte_gitops::sync::{self, Ctx};
 use frostbyte_gitops::{files, store};
 use std::path::PathBuf;
@@ -24,8 +25,8 @@ pub(crate) fn new_tenant(cfg: &Config, tenant_id: &str, age_public_key: &str, fo
 pub(crate) async fn tenant_move(ctx: &Ctx, tenant_id: &str, to: &str) -> Result<u8> {
     let target = ctx.sources(Some(to))?[0];
     let source = frostbyte_gitops::source::Source::open(&ctx.source_spec(target))?;
-    let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db).await?;
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
     let mut client = store::client(&db.pool).await?;
     let event = store::move_tenant(&mut client, tenant_id, &source.id, &target.name, sync::ACTOR).await?;
     println!(
@@ -38,8 +39,8 @@ pub(crate) async fn tenant_move(ctx: &Ctx, tenant_id: &str, to: &str) -> Result<
 }
 
 pub(crate) async fn tenant_state(ctx: &Ctx, tenant_id: &str, state: &str, reason: Option<String>) -> Result<u8> {
-    let db = sync::connect(&ctx.cfg).await?;
-    sync::prepare(&ctx.cfg, &db).await?;
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
     let mut client = store::client(&db.pool).await?;
     let details = serde_json::json!({ "reason": reason });
     let event = store::transition_tenant_state(&mut client, tenant_id, state, sync::ACTOR, &details).await?;

@@ -1,6 +1,7 @@
 //! A commit's id as the orchestration handles it: checked once, then passed around instead of
 //! strings that might be anything ("worktree", a ref name, a truncated id).
 
+use serde::Serialize;
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -25,6 +26,39 @@ impl CommitId {
 impl fmt::Display for CommitId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// Which commits must carry a trusted signature before a run applies them (`verify_commits`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Off,
+    /// The commit being applied must carry a good signature by a trusted signer.
+    Head,
+    /// Every commit since the last applied one (or the first applied commit itself) must.
+    Strict,
+}
+
+impl std::fmt::Display for VerifyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VerifyMode::Off => "off",
+            VerifyMode::Head => "head",
+            VerifyMode::Strict => "strict",
+        })
+    }
+}
+
+impl std::str::FromStr for VerifyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(VerifyMode::Off),
+            "head" => Ok(VerifyMode::Head),
+            "strict" => Ok(VerifyMode::Strict),
+            other => Err(format!("{other:?} is not off, head or strict")),
+        }
     }
 }
 

@@ -15,14 +15,18 @@ use std::sync::Arc;
 use tokio_postgres::types::Json;
 use tokio_postgres::{GenericClient, Transaction};
 
+mod audit;
 pub mod conninfo;
 pub mod lease;
 pub mod locks;
 mod migrate;
+pub mod port;
 pub mod respell;
 mod write;
 
+pub use audit::{AuditReport, VersionMismatch, verify_audit};
 pub use migrate::{MIGRATIONS, check_migrated, checksum, migrate};
+pub use port::{Db, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -452,7 +456,7 @@ pub struct RowIndex {
     /// recorded). The index holds no rows another source owns.
     pub owned: bool,
     /// The file this source owns it by, where that is not the applied record's (nearly never).
-    owned_by_other_file: Option<String>,
+    pub owned_by_other_file: Option<String>,
 }
 
 impl RowIndex {
@@ -750,20 +754,24 @@ impl<'a> Change<'a> {
     /// The document to write; the change is spent.
     fn into_document(self, parked: Option<&dyn ParkedDocuments>) -> Result<serde_json::Value, StoreError> {
         match self {
-            Change::Create(Create {
-                document: CreateDocument::Moved(doc),
-                ..
-            }) => Ok(doc.value()),
-            Change::Create(Create {
-                tenant,
-                document: CreateDocument::Parked,
-            }) => {
-                let (Some(parked), Some(at)) = (parked, tenant.parked()) else {
-                    panic!("the document of {} is not parked where the run said", tenant.tenant_id)
+            Change::Create(c) => c.into_document(parked),
+            Change::Planned(_, d) => Ok(d.document().value()),
+        }
+    }
+}
+
+impl Create<'_> {
+    /// The document to write, from wherever the run left it; `parked`: where it parked documents.
+    pub fn into_document(self, parked: Option<&dyn ParkedDocuments>) -> Result<serde_json::Value, StoreError> {
+        match self.document {
+            CreateDocument::Moved(doc) => Ok(doc.value()),
+            CreateDocument::Parked => {
+                let (Some(parked), Some(at)) = (parked, self.tenant.parked()) else {
+                    panic!("the document of {} is not parked where the run said", self.tenant.tenant_id)
                 };
-                Ok(parked.fetch(at).map_err(|source| StoreError::parked(&tenant.tenant_id, source))?.value())
+                Ok(parked.fetch(at).map_err(|source| StoreError::parked(&self.tenant.tenant_id, source))?.value())
             }
-            Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => Ok(d.document().value()),
+            CreateDocument::InTenant => Ok(self.tenant.document().value()),
         }
     }
 }

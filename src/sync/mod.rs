@@ -9,27 +9,25 @@ use crate::domain::json::JsonText;
 use crate::domain::plan::{Action, ActualTenant, Plan, PlanOptions, TenantPlan, plan, stale_reasons};
 use crate::domain::render::Header;
 use crate::domain::tenant::DesiredTenant;
-use crate::source::{Snapshot, Source, SourceError};
+use crate::ports::{Store, StoreTx, TenantSource, TenantStore};
+use crate::source::{Snapshot, SourceError};
 use crate::store::{self, ApplyContext, StoreError};
-use deadpool_postgres::Pool;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-mod audit;
 mod ctx;
-mod database;
 mod error;
+#[cfg(test)]
+mod fake;
 mod park;
-pub mod ports;
 mod read;
 mod select;
 mod spill;
+#[cfg(test)]
+mod tests;
 
-pub use audit::{AuditReport, VersionMismatch, verify_audit};
 pub use ctx::{Ctx, Desired};
-pub use database::{Database, connect, prepare};
 pub use error::{Retry, SyncError};
-use ports::{TenantSource, TenantStore};
 pub use read::{ReadOptions, decode_file, decode_from, read_desired, read_snapshot, read_snapshot_subset, validate};
 pub use select::Unchanged;
 use select::{Decoded, State, read_state, scope_of, select};
@@ -106,26 +104,24 @@ pub struct RunOptions {
 
 /// Plans one source against the database and, unless `run` is `Plan`, applies in one transaction
 /// under the source's apply lock: the plan is made from what the database holds once the lock is
-/// ours, so two concurrent runs never apply a change twice.
-pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
-    // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
-    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
-    let rev = revision(&run, src, &source)?;
+/// ours, so two concurrent runs never apply a change twice. `source` is `src`, opened.
+pub async fn run<S: TenantSource, D: Store>(ctx: &Ctx, source: &S, db: &mut D, src: &SourceConfig, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
+    let rev = revision(&run, src, source)?;
     let worktree = ctx.cfg.worktree && !matches!(run, Run::ApplySaved { .. });
     if worktree && !matches!(run, Run::Plan) && ctx.cfg.mode == Mode::Production {
         return Err(SyncError::Usage(
             "--worktree cannot apply in production mode: apply commits, not uncommitted files".into(),
         ));
     }
-    let mut client = store::client(pool).await?;
-    follow_respelling(src, &source.id, &mut client).await?;
-    let snapshot = snapshot_for(&source, rev.as_deref(), worktree, &**client).await?;
-    blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
-    let key = store::digest_key(&**client).await?;
+    follow_respelling(src, source.id(), db).await?;
+    // git and decryption block; on the multi-threaded runtime, say so instead of starving it.
+    let snapshot = snapshot_for(source, rev.as_deref(), worktree, db).await?;
+    blocking(|| read::prove_identities(ctx, src, source, &snapshot))?;
+    let key = db.digest_key().await?;
     let mut attempts = Attempts {
         ctx,
         src,
-        source: &source,
+        source,
         snapshot: &snapshot,
         run: &run,
         key: &key,
@@ -142,11 +138,11 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
     // between rounds, outside the lock.
     let locked = loop {
         round += 1;
-        let last = attempts.verify(&**client).await?;
+        let last = attempts.verify(&*db).await?;
         if round == 1 {
             attempts.decode_likely(last.as_ref())?;
         }
-        let tx = client.transaction().await.map_err(store::q("starting a transaction"))?;
+        let tx = db.begin().await?;
         match attempts.lock(tx).await? {
             Round::Locked(locked) => break *locked,
             Round::Decode(selection) => attempts.decode(&selection)?,
@@ -163,10 +159,10 @@ pub async fn run(ctx: &Ctx, pool: &Pool, src: &SourceConfig, run: Run, opts: Run
 
 /// A source whose repository is spelled another way than when it claimed its tenants (a path
 /// for a `file://` URL, ssh for https) is the same source: its records follow the new spelling.
-async fn follow_respelling(src: &SourceConfig, id: &str, client: &mut tokio_postgres::Client) -> Result<(), SyncError> {
-    for old in store::respell::other_spellings(&*client, &src.name, id).await? {
-        if crate::source::same_source(&old, id) {
-            let moved = store::respell::respell(client, &old, id).await?;
+async fn follow_respelling(src: &SourceConfig, id: &str, db: &mut impl Store) -> Result<(), SyncError> {
+    for old in db.other_spellings(&src.name, id).await? {
+        if crate::location::same_source(&old, id) {
+            let moved = db.respell(&old, id).await?;
             tracing::info!(source = %src.name, was = %old, now = %id, tenants = moved, "the source's repository is spelled another way; its records follow");
         }
     }
@@ -189,8 +185,8 @@ fn revision(run: &Run, src: &SourceConfig, source: &impl TenantSource) -> Result
 
 /// A run's transaction, holding the source's apply lock when it applies, with the state read
 /// under it.
-struct Locked<'c> {
-    tx: deadpool_postgres::Transaction<'c>,
+struct Locked<T> {
+    tx: T,
     last: Option<CommitId>,
     state: State,
     verified: Verified,
@@ -202,10 +198,10 @@ struct Locked<'c> {
 /// file it needs is decoded (nearly always: only rows edited since they were applied add files) it
 /// goes on under the lock, and otherwise it lets go, decodes what is missing, and tries again
 /// (another run may have moved the database meanwhile).
-struct Attempts<'r> {
+struct Attempts<'r, S> {
     ctx: &'r Ctx,
     src: &'r SourceConfig,
-    source: &'r Source,
+    source: &'r S,
     snapshot: &'r Snapshot,
     run: &'r Run,
     key: &'r [u8],
@@ -216,12 +212,12 @@ struct Attempts<'r> {
     verified: Option<Verified>,
 }
 
-impl Attempts<'_> {
+impl<S: TenantSource> Attempts<'_, S> {
     /// Before the lock: the commit's signature, against the last applied commit (strict mode
     /// walks every commit since it), which it returns.
     async fn verify(&mut self, client: &impl TenantStore) -> Result<Option<CommitId>, SyncError> {
         let Attempts { ctx, source, snapshot, .. } = *self;
-        let last = client.last_applied(&source.id).await?;
+        let last = client.last_applied(source.id()).await?;
         self.verified = Some(match self.verified.take() {
             Some(v) if v.holds_for(ctx, last.as_ref()) => v,
             _ => blocking(|| Verified::check(ctx, source, snapshot, last.as_ref())),
@@ -234,7 +230,7 @@ impl Attempts<'_> {
 
     /// Under the lock: the state, or (rolled back) what must be decoded first, or None when the
     /// signature check no longer holds for the last applied commit.
-    async fn lock<'c>(&mut self, tx: deadpool_postgres::Transaction<'c>) -> Result<Round<'c>, SyncError> {
+    async fn lock<T: StoreTx>(&mut self, tx: T) -> Result<Round<T>, SyncError> {
         let Attempts {
             ctx,
             src,
@@ -246,9 +242,9 @@ impl Attempts<'_> {
             ..
         } = *self;
         if !matches!(run, Run::Plan) {
-            store::lock_apply(&tx, &source.id).await?;
+            tx.lock_apply(source.id()).await?;
         }
-        let last = (*tx).last_applied(&source.id).await?;
+        let last = tx.last_applied(source.id()).await?;
         if let (
             Run::Apply { allow_non_fast_forward: false }
             | Run::ApplySaved {
@@ -265,22 +261,22 @@ impl Attempts<'_> {
                 false => SyncError::NonFastForward { new, old },
             });
         }
-        let scope = scope_of(ctx, src, source, snapshot, &*tx, prunes).await?;
-        let index = scope.index(&*tx, snapshot).await?;
+        let scope = scope_of(ctx, src, source, snapshot, &tx, prunes).await?;
+        let index = scope.index(&tx, snapshot).await?;
         let selection = select(source, snapshot, &scope, last.as_ref(), index, full, &mut self.changes)?;
         let holds = self.verified.as_ref().is_some_and(|v| v.holds_for(ctx, last.as_ref()));
         if self.decoded.covers(&selection) && holds {
-            let state = self.decoded.state(&*tx, snapshot, selection, self.key).await?;
+            let state = self.decoded.state(&tx, snapshot, selection, self.key).await?;
             let verified = self.verified.take().expect("checked above");
             return Ok(Round::Locked(Box::new(Locked { tx, last, state, verified })));
         }
-        tx.rollback().await.map_err(store::q("rolling back"))?;
+        tx.rollback().await?;
         Ok(if holds { Round::Decode(selection) } else { Round::Reverify })
     }
 
     /// Under the lock: plans, applies unless `run` is `Plan`, reports drift when asked, and
     /// commits.
-    async fn conclude(&self, mut locked: Locked<'_>, opts: RunOptions) -> Result<Outcome, SyncError> {
+    async fn conclude<T: StoreTx>(&self, mut locked: Locked<T>, opts: RunOptions) -> Result<Outcome, SyncError> {
         let Attempts {
             ctx, src, source, run, key, ..
         } = *self;
@@ -306,7 +302,7 @@ impl Attempts<'_> {
             }
             false => None,
         };
-        tx.commit().await.map_err(store::q("committing"))?;
+        tx.commit().await?;
         if applied > 0 {
             tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
         }
@@ -319,7 +315,7 @@ impl Attempts<'_> {
             plan: fresh,
             created,
             applied,
-            source: source.id.clone(),
+            source: source.id().to_string(),
             source_name: src.name.clone(),
             drift: drift_report,
             commit_time: state.desired.commit.map(|c| c.time),
@@ -328,14 +324,21 @@ impl Attempts<'_> {
 
     /// Applies `fresh` and creates the tenants at `to_create` in the locked transaction; the
     /// created tenants' plans go to `spill`.
-    async fn apply(&self, locked: &mut Locked<'_>, fresh: &Plan, to_create: &[usize], opts: RunOptions, spill: &mut spill::Spill) -> Result<usize, SyncError> {
+    async fn apply<T: StoreTx>(
+        &self,
+        locked: &mut Locked<T>,
+        fresh: &Plan,
+        to_create: &[usize],
+        opts: RunOptions,
+        spill: &mut spill::Spill,
+    ) -> Result<usize, SyncError> {
         let Attempts {
             ctx, source, snapshot, key, ..
         } = *self;
         let Locked { tx, last, state, verified } = locked;
         let commit = snapshot.commit.clone().unwrap_or_else(CommitInfo::worktree);
         let actx = ApplyContext {
-            source: &source.id,
+            source: source.id(),
             source_name: &self.src.name,
             commit: &commit,
             actor: ACTOR,
@@ -381,7 +384,7 @@ impl Attempts<'_> {
                 store::Create { tenant, document }
             })
             .collect();
-        Ok(store::apply(tx, fresh, &state.desired.tenants, creates, spill, &actx).await?)
+        Ok(tx.apply(fresh, &state.desired.tenants, creates, spill, &actx).await?)
     }
 
     /// Before the first round, once the commit is verified against `last`: what git changed since
@@ -400,8 +403,8 @@ impl Attempts<'_> {
 }
 
 /// How a round under the lock ended.
-enum Round<'c> {
-    Locked(Box<Locked<'c>>),
+enum Round<T> {
+    Locked(Box<Locked<T>>),
     /// Rolled back: these files must be decoded first.
     Decode(select::Selection),
     /// Rolled back: the last applied commit moved, and strict verification must run again.
@@ -416,7 +419,7 @@ enum Round<'c> {
 fn plan_run(
     ctx: &Ctx,
     src: &SourceConfig,
-    locked: &Locked<'_>,
+    locked: &Locked<impl StoreTx>,
     key: &[u8],
     unchanged: Vec<Unchanged>,
     run: &Run,
@@ -457,7 +460,7 @@ fn plan_run(
 }
 
 /// Drift as the run leaves it: the rows it wrote read again, in its transaction.
-async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &mut State, applied: usize, key: &[u8]) -> Result<Vec<TenantDrift>, SyncError> {
+async fn drift_after(tx: &impl TenantStore, state: &mut State, applied: usize, key: &[u8]) -> Result<Vec<TenantDrift>, SyncError> {
     let after = if applied > 0 {
         let ids: BTreeSet<String> = state
             .actual
@@ -472,20 +475,20 @@ async fn drift_after(tx: &tokio_postgres::Transaction<'_>, state: &mut State, ap
     Ok(with_unchanged(drift(&state.desired.tenants, &after, key), std::mem::take(&mut state.unchanged)))
 }
 
-fn snapshot_of(source: &Source, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
+fn snapshot_of(source: &impl TenantSource, rev: Option<&str>, worktree: bool) -> Result<Snapshot, SyncError> {
     Ok(if worktree {
-        source.worktree_snapshot()?
+        source.worktree()?
     } else {
-        source.snapshot(source.resolve(rev)?)?
+        source.snapshot_at(&source.commit_of(rev)?)?
     })
 }
 
 /// As [`snapshot_of`], for a source that has applied before: its tenant directory gone is every
 /// tenant gone (which prune's safety limit is for), not a configuration mistake.
-async fn snapshot_for(source: &Source, rev: Option<&str>, worktree: bool, client: &impl tokio_postgres::GenericClient) -> Result<Snapshot, SyncError> {
+async fn snapshot_for(source: &impl TenantSource, rev: Option<&str>, worktree: bool, db: &impl TenantStore) -> Result<Snapshot, SyncError> {
     match blocking(|| snapshot_of(source, rev, worktree)) {
-        Err(SyncError::Source(SourceError::NoTenantDir { .. })) if !worktree && store::last_applied_commit(client, &source.id).await?.is_some() => {
-            Ok(blocking(|| source.empty_snapshot(source.resolve(rev)?))?)
+        Err(SyncError::Source(SourceError::NoTenantDir { .. })) if !worktree && db.last_applied(source.id()).await?.is_some() => {
+            Ok(blocking(|| source.empty_at(&source.commit_of(rev)?))?)
         }
         other => other,
     }
@@ -511,19 +514,22 @@ impl Verified {
     }
 
     fn holds_for(&self, ctx: &Ctx, last: Option<&CommitId>) -> bool {
-        ctx.cfg.verify_commits != crate::verify::VerifyMode::Strict || self.against.as_ref() == last
+        ctx.cfg.verify_commits != crate::domain::commit::VerifyMode::Strict || self.against.as_ref() == last
     }
 
     /// For a plan's header.
-    fn describe(&self, mode: crate::verify::VerifyMode) -> Option<String> {
+    fn describe(&self, mode: crate::domain::commit::VerifyMode) -> Option<String> {
         signature_words(mode, &self.result)
     }
 }
 
 /// A signature check in words, for a plan's header (none when verification is off).
-pub fn signature_words(mode: crate::verify::VerifyMode, result: &Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>) -> Option<String> {
+pub fn signature_words(
+    mode: crate::domain::commit::VerifyMode,
+    result: &Result<Option<crate::verify::CommitSigner>, crate::verify::Refused>,
+) -> Option<String> {
     match result {
-        _ if mode == crate::verify::VerifyMode::Off => None,
+        _ if mode == crate::domain::commit::VerifyMode::Off => None,
         Ok(Some(s)) => Some(format!(
             "verified ({mode}): {} key {} of {}",
             if s.kind == crate::verify::SignerKind::Ssh { "SSH" } else { "OpenPGP" },
@@ -546,38 +552,33 @@ fn with_unchanged(mut report: Vec<TenantDrift>, unchanged: Vec<Unchanged>) -> Ve
 }
 
 /// `plan --against-ref`: the change between two revisions, without a database.
-pub fn plan_against_ref(ctx: &Ctx, src: &SourceConfig, base_rev: &str) -> Result<(Header, Plan), SyncError> {
-    let source = Source::open(&ctx.source_spec(src))?;
-    let desired = read_desired(&source, src, ctx, ctx.cfg.worktree, true)?;
+pub fn plan_against_ref(ctx: &Ctx, source: &impl TenantSource, src: &SourceConfig, base_rev: &str) -> Result<(Header, Plan), SyncError> {
+    let desired = read_desired(source, src, ctx, ctx.cfg.worktree, true)?;
     if !desired.issues.is_empty() {
         return Err(SyncError::Invalid {
             at: desired.at(),
             issues: desired.issues,
         });
     }
-    let base_commit = source.resolve(Some(base_rev))?;
-    let actual = tenants_at(ctx, &source, base_commit)?;
+    let base = source.commit_of(Some(base_rev))?;
+    let actual = tenants_at(ctx, source, &base)?;
     let p = plan_between_revisions(&desired.tenants, &actual, ctx.cfg.embedding_endpoint.as_deref());
     // Would the merge pass verification? In strict mode, every commit since the base.
-    let base = CommitId::parse(&base_commit.to_string());
     let signature = match desired.commit.as_ref().and_then(|c| CommitId::parse(&c.id)) {
-        Some(new) => signature_words(
-            ctx.cfg.verify_commits,
-            &TenantSource::verify(&source, ctx.cfg.verify_commits, base.as_ref(), &new, &ctx.signers),
-        ),
+        Some(new) => signature_words(ctx.cfg.verify_commits, &source.verify(ctx.cfg.verify_commits, Some(&base), &new, &ctx.signers)),
         None => None,
     };
     let header = Header {
         commit: desired.commit.map(|c| c.id),
-        against: format!("ref {base_rev} ({})", &base_commit.to_string()[..12]),
+        against: format!("ref {base_rev} ({})", &base.as_str()[..12]),
         signature,
     };
     Ok((header, p))
 }
 
 /// The tenants at a base revision, as rows to plan against; its invalid files count as absent.
-fn tenants_at(ctx: &Ctx, source: &Source, base_commit: git2::Oid) -> Result<Vec<ActualTenant>, SyncError> {
-    let base = match source.snapshot(base_commit) {
+fn tenants_at(ctx: &Ctx, source: &impl TenantSource, base_commit: &CommitId) -> Result<Vec<ActualTenant>, SyncError> {
+    let base = match source.snapshot_at(base_commit) {
         Ok(s) => decode_from(source, &s, &ReadOptions::from_ctx(ctx), None)?,
         // A base without the tenant directory (the PR adds it) has no tenants.
         Err(SourceError::NoTenantDir { .. }) => return Ok(vec![]),
@@ -628,16 +629,20 @@ fn plan_between_revisions(desired: &[DesiredTenant], actual: &[ActualTenant], em
 }
 
 /// The drift report for the configured revision.
-pub async fn drift_report(ctx: &Ctx, pool: &Pool, src: &SourceConfig, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
-    let source = blocking(|| Source::open(&ctx.source_spec(src)))?;
-    let mut client = store::client(pool).await?;
-    follow_respelling(src, &source.id, &mut client).await?;
-    let snapshot = snapshot_for(&source, src.git_ref.as_deref(), ctx.cfg.worktree, &**client).await?;
-    blocking(|| read::prove_identities(ctx, src, &source, &snapshot))?;
-    let key = store::digest_key(&**client).await?;
+pub async fn drift_report<S: TenantSource>(
+    ctx: &Ctx,
+    source: &S,
+    db: &mut impl Store,
+    src: &SourceConfig,
+    full: bool,
+) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+    follow_respelling(src, source.id(), db).await?;
+    let snapshot = snapshot_for(source, src.git_ref.as_deref(), ctx.cfg.worktree, db).await?;
+    blocking(|| read::prove_identities(ctx, src, source, &snapshot))?;
+    let key = db.digest_key().await?;
     let State {
         desired, actual, unchanged, ..
-    } = read_state(ctx, src, &source, &snapshot, &**client, full, &key).await?;
+    } = read_state(ctx, src, source, &snapshot, db, full, &key).await?;
     let report = with_unchanged(drift(&desired.tenants, &actual, &key), unchanged);
     Ok((
         Header {

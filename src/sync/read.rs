@@ -2,15 +2,15 @@
 //! checks across files.
 
 use super::park::Parking;
-use super::ports::{ReadBody, TenantSource};
 use super::{Ctx, Desired, SyncError, snapshot_of};
 use crate::config::{Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
 use crate::domain::tenant::{Checked, DesiredTenant, SharedPaths, check_document};
+use crate::ports::{ReadBody, TenantSource};
 use crate::sops::{self, AgeKeys, Format};
-use crate::source::{Body, Snapshot, Source, SourceError, SourceFile};
+use crate::source::{Body, Snapshot, SourceError, SourceFile};
 use rayon::prelude::*;
 use std::collections::BTreeSet;
 use std::io::IsTerminal;
@@ -390,7 +390,7 @@ const PROOF_TRIES: usize = 8;
 /// That the configured identities still open this source's files: one data key unwrapped is
 /// enough. A run that reads no file (nothing changed since the last applied commit) would
 /// otherwise go on saying "no changes" with a key that opens nothing.
-pub fn prove_identities(ctx: &Ctx, src: &SourceConfig, source: &Source, snapshot: &Snapshot) -> Result<(), SyncError> {
+pub fn prove_identities(ctx: &Ctx, src: &SourceConfig, source: &impl TenantSource, snapshot: &Snapshot) -> Result<(), SyncError> {
     if ctx.keys.is_empty() {
         return Ok(());
     }
@@ -434,7 +434,7 @@ pub fn prove_identities(ctx: &Ctx, src: &SourceConfig, source: &Source, snapshot
 
 /// Opens the source and reads the desired state at the configured revision (or `rev`).
 /// `decrypt` false: `validate --no-decrypt`, for jobs that must not hold a key.
-pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
+pub fn read_desired(source: &impl TenantSource, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
     let opts = ReadOptions {
         decrypt,
         ..ReadOptions::from_ctx(ctx)
@@ -444,7 +444,7 @@ pub fn read_desired(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bo
 }
 
 /// `validate`: every problem of every file, without keeping the documents.
-pub fn validate(source: &Source, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
+pub fn validate(source: &impl TenantSource, src: &SourceConfig, ctx: &Ctx, worktree: bool, decrypt: bool) -> Result<Desired, SyncError> {
     let opts = ReadOptions {
         decrypt,
         keep_documents: false,

@@ -2,7 +2,6 @@
 //! applied, decoded before the apply lock.
 
 use super::park::Parking;
-use super::ports::{TenantSource, TenantStore};
 use super::{Ctx, Desired, ReadOptions, SyncError, decode_from};
 use crate::blocking;
 use crate::config::SourceConfig;
@@ -10,6 +9,7 @@ use crate::domain::commit::CommitId;
 use crate::domain::issue::Issue;
 use crate::domain::plan::{ActualTenant, in_step};
 use crate::domain::tenant::DesiredTenant;
+use crate::ports::{TenantSource, TenantStore};
 use crate::source::{Snapshot, SourceError};
 use crate::store;
 use crate::store::ParkedDocuments;

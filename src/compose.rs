@@ -1,9 +1,14 @@
-//! The configured database, or in dev mode the agent's own local cluster, connected and migrated.
+//! The binary's edge, where adapters meet orchestration: the configured database (or in dev mode
+//! the agent's own local cluster) connected and migrated, and a run of a source wired to its
+//! repository and a connection. Commands and the agent start here; `sync` never sees a pool.
 
-use super::SyncError;
-use crate::config::{Config, Mode};
+use crate::config::{Config, Mode, SourceConfig};
+use crate::domain::drift::TenantDrift;
+use crate::domain::render::Header;
 use crate::localpg;
-use crate::store::{self, StoreError};
+use crate::source::Source;
+use crate::store::{self, Db, StoreError};
+use crate::sync::{self, Ctx, Outcome, Run, RunOptions, SyncError};
 use deadpool_postgres::Pool;
 
 /// The configured database: a pool, and the connection string for the agent's leader lease.
@@ -79,4 +84,23 @@ pub async fn prepare(cfg: &Config, db: &Database) -> Result<(), SyncError> {
         store::check_migrated(&**client).await?;
     }
     Ok(())
+}
+
+/// Opens `src`'s repository; a remote one is cloned or fetched first, so this blocks.
+pub fn open_source(ctx: &Ctx, src: &SourceConfig) -> Result<Source, SyncError> {
+    crate::blocking(|| Ok(Source::open(&ctx.source_spec(src))?))
+}
+
+/// One run of `src` against the database.
+pub async fn run(ctx: &Ctx, db: &Database, src: &SourceConfig, run: Run, opts: RunOptions) -> Result<Outcome, SyncError> {
+    let source = open_source(ctx, src)?;
+    let mut store = Db::new(store::client(&db.pool).await?);
+    sync::run(ctx, &source, &mut store, src, run, opts).await
+}
+
+/// The drift report of `src` at its configured revision.
+pub async fn drift(ctx: &Ctx, db: &Database, src: &SourceConfig, full: bool) -> Result<(Header, Vec<TenantDrift>), SyncError> {
+    let source = open_source(ctx, src)?;
+    let mut store = Db::new(store::client(&db.pool).await?);
+    sync::drift_report(ctx, &source, &mut store, src, full).await
 }

@@ -1,8 +1,7 @@
 //! `audit verify`: the chain recomputed outside the database.
 
-use super::SyncError;
+use super::StoreError;
 use crate::store;
-use deadpool_postgres::Pool;
 use serde::Serialize;
 
 /// A tenant whose `config_version` differs from its number of `TENANT_CONFIG_UPDATED` events.
@@ -32,9 +31,8 @@ impl AuditReport {
 
 /// Recomputes the audit chain outside the database, and checks every tenant's config_version
 /// against its config events. `anchor`: an event (seq, hash) an earlier verification recorded.
-pub async fn verify_audit(pool: &Pool, anchor: Option<(i64, Vec<u8>)>) -> Result<AuditReport, SyncError> {
+pub async fn verify_audit(client: &tokio_postgres::Client, anchor: Option<(i64, Vec<u8>)>) -> Result<AuditReport, StoreError> {
     use crate::domain::audit::{ChainBreak, ChainVerifier};
-    let client = store::client(pool).await?;
     // One snapshot for the events, the head and the versions.
     client
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -42,7 +40,7 @@ pub async fn verify_audit(pool: &Pool, anchor: Option<(i64, Vec<u8>)>) -> Result
         .map_err(store::q("starting a read-only transaction"))?;
     let mut verifier = ChainVerifier::new(anchor);
     let mut broken: Option<ChainBreak> = None;
-    store::for_each_audit_event(&**client, |row| {
+    store::for_each_audit_event(client, |row| {
         if broken.is_none()
             && let Err(b) = verifier.push(row.seq, &row.event_id, &row.fields, &row.prev_hash, &row.chain_hash)
         {
@@ -51,7 +49,7 @@ pub async fn verify_audit(pool: &Pool, anchor: Option<(i64, Vec<u8>)>) -> Result
         Ok(())
     })
     .await?;
-    let (head, versions) = store::audit_head_and_versions(&**client).await?;
+    let (head, versions) = store::audit_head_and_versions(client).await?;
     let _ = client.batch_execute("COMMIT").await;
     let events = verifier.events;
     let (head_seq, head_hash) = match broken {
