@@ -2,7 +2,7 @@
 
 use super::json::{self, JsonText, SecretPaths, child};
 use super::secret_paths::{self, covers_encrypted, hides};
-use super::tenant::DesiredTenant;
+use super::tenant::{DesiredTenant, TenantMeta};
 use hmac::{Hmac, Mac};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -426,7 +426,7 @@ pub fn plan<'d>(desired: impl IntoIterator<Item = &'d DesiredTenant>, actual: &[
 }
 
 /// The plan of a tenant that has no row, `doc` being its document: every field added.
-pub fn create(d: &DesiredTenant, doc: &Value, key: &[u8]) -> TenantPlan {
+pub fn create(d: &TenantMeta, doc: &Value, key: &[u8]) -> TenantPlan {
     TenantPlan {
         tenant_id: d.tenant_id.clone(),
         action: Action::Create,

@@ -14,35 +14,35 @@ pub use super::document::MAX_DEPTH;
 
 pub const STATES: [&str; 6] = ["pending", "provisioning", "active", "suspended", "decommissioning", "decommissioned"];
 
-/// A tenant as git declares it.
-#[derive(Clone, PartialEq)]
-pub struct DesiredTenant {
+/// What a tenant's file says besides its document: the same whether the document is in memory
+/// or parked.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TenantMeta {
     pub tenant_id: String,
     /// Path of the file inside the repository, as shown to people.
     pub file: String,
-    /// `{"age_public_key", "endpoints", "config"}`, decrypted, as JSON text: as serde_json trees
-    /// the documents were most of a run's memory (about 6 KB a tenant for 1 KB of text), so whoever
-    /// needs the tree parses it for the moment. A sync that reports no drift after applying takes
-    /// a created tenant's document out for the write and leaves `null` here: nothing after the
-    /// apply may read it. An apply parks each document outside memory until it is compared or
-    /// written (see [`Parked`]); reading a parked document is a bug, and panics rather than read
-    /// `null`.
-    document: Document,
-    /// Pointers into `document` of the values that were encrypted in the file; tenants whose
+    /// Pointers into the document of the values that were encrypted in the file; tenants whose
     /// files encrypt the same paths share one set (see [`SharedPaths`]).
     pub secrets: Arc<SecretPaths>,
     /// `config.embedding.endpoint`, when the file sets one.
     pub embedding_endpoint: Option<String>,
 }
 
-/// Where a document is while its tenant waits for its write.
+/// A tenant as git declares it, its document `D` in memory ([`JsonText`], the default) or parked
+/// outside it ([`Parked`]): which one is a type, so nothing can read a document that is not there.
+///
+/// The document is `{"age_public_key", "endpoints", "config"}`, decrypted, as JSON text: as
+/// serde_json trees the documents were most of a run's memory (about 6 KB a tenant for 1 KB of
+/// text), so whoever needs the tree parses it for the moment. An apply parks each document until
+/// it is compared or written; a sync that reports no drift after applying moves a created tenant's
+/// document out for the write ([`DesiredTenant::take_document`]), leaving `null`.
 #[derive(Clone, PartialEq)]
-enum Document {
-    Here(JsonText),
-    Parked(Parked),
+pub struct DesiredTenant<D = JsonText> {
+    meta: TenantMeta,
+    document: D,
 }
 
-/// Where a document parked outside memory is: the run that parked it knows where that is, and
+/// Where a run parked a document outside memory: the run that parked it knows where that is, and
 /// nothing here does I/O.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Parked {
@@ -50,8 +50,50 @@ pub struct Parked {
     pub len: u32,
 }
 
+/// A tenant whose document waits outside memory.
+pub type ParkedTenant = DesiredTenant<Parked>;
+
+/// A decoded tenant of a run that parks documents: parked, or kept when parking failed.
+pub enum Held {
+    Here(DesiredTenant),
+    Parked(ParkedTenant),
+}
+
+impl<D> std::ops::Deref for DesiredTenant<D> {
+    type Target = TenantMeta;
+    fn deref(&self) -> &TenantMeta {
+        &self.meta
+    }
+}
+
+impl<D> std::ops::DerefMut for DesiredTenant<D> {
+    fn deref_mut(&mut self) -> &mut TenantMeta {
+        &mut self.meta
+    }
+}
+
+impl Held {
+    /// Puts a parked tenant's document, fetched back, in its place.
+    pub fn unpark(&mut self, document: JsonText) {
+        if let Held::Parked(t) = self {
+            let meta = std::mem::take(&mut t.meta);
+            *self = Held::Here(DesiredTenant { meta, document });
+        }
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = TenantMeta;
+    fn deref(&self) -> &TenantMeta {
+        match self {
+            Held::Here(t) => t,
+            Held::Parked(t) => t,
+        }
+    }
+}
+
 /// Without the document: it holds decrypted values.
-impl std::fmt::Debug for DesiredTenant {
+impl<D> std::fmt::Debug for DesiredTenant<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DesiredTenant")
             .field("tenant_id", &self.tenant_id)
@@ -64,50 +106,44 @@ impl std::fmt::Debug for DesiredTenant {
 impl DesiredTenant {
     pub fn new(tenant_id: String, file: String, document: &Value, secrets: SecretPaths) -> DesiredTenant {
         DesiredTenant {
-            embedding_endpoint: document.pointer("/config/embedding/endpoint").and_then(Value::as_str).map(str::to_string),
-            document: Document::Here(JsonText::of(document)),
-            tenant_id,
-            file,
-            secrets: Arc::new(secrets),
+            meta: TenantMeta {
+                embedding_endpoint: document.pointer("/config/embedding/endpoint").and_then(Value::as_str).map(str::to_string),
+                tenant_id,
+                file,
+                secrets: Arc::new(secrets),
+            },
+            document: JsonText::of(document),
         }
     }
 
-    /// The document. Panics when it is parked: the run must fetch it back first.
     pub fn document(&self) -> &JsonText {
-        match &self.document {
-            Document::Here(d) => d,
-            Document::Parked(_) => panic!("the document of {} was read while parked", self.tenant_id),
-        }
+        &self.document
     }
 
-    /// Moves the document out, leaving `null`: see [`DesiredTenant::document`].
+    /// Moves the document out, leaving `null`: for a write after which nothing reads it.
     pub fn take_document(&mut self) -> JsonText {
-        std::mem::replace(self.here(), JsonText::null())
+        std::mem::replace(&mut self.document, JsonText::null())
     }
 
-    fn here(&mut self) -> &mut JsonText {
-        match &mut self.document {
-            Document::Here(d) => d,
-            Document::Parked(_) => panic!("the document of {} was read while parked", self.tenant_id),
-        }
+    /// What the file says besides the document, and the document.
+    pub fn into_parts(self) -> (TenantMeta, JsonText) {
+        (self.meta, self.document)
     }
 
-    /// Where the document is parked, if it is.
-    pub fn parked(&self) -> Option<Parked> {
-        match self.document {
-            Document::Parked(at) => Some(at),
-            Document::Here(_) => None,
-        }
+    /// The tenant once its document was parked at `at`; the document is dropped from memory.
+    pub fn park(self, at: Parked) -> ParkedTenant {
+        DesiredTenant { meta: self.meta, document: at }
+    }
+}
+
+impl ParkedTenant {
+    pub fn at(&self) -> Parked {
+        self.document
     }
 
-    /// Records that the document was parked at `at`, and drops it from memory.
-    pub fn park(&mut self, at: Parked) {
-        self.document = Document::Parked(at);
-    }
-
-    /// The document fetched back from where it was parked.
-    pub fn unpark(&mut self, document: JsonText) {
-        self.document = Document::Here(document);
+    /// The tenant with its document fetched back from where it was parked.
+    pub fn unpark(self, document: JsonText) -> DesiredTenant {
+        DesiredTenant { meta: self.meta, document }
     }
 }
 

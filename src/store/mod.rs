@@ -3,7 +3,7 @@
 use crate::domain::audit::{AuditEvent, CommitInfo};
 use crate::domain::json::{JsonText, SecretPaths};
 use crate::domain::plan::{self as domain_plan, ActualTenant, AppliedRecord, Packed, Plan, TenantPlan};
-use crate::domain::tenant::{DesiredTenant, Parked};
+use crate::domain::tenant::{DesiredTenant, Parked, ParkedTenant, TenantMeta};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use rand::RngCore;
 use rayon::prelude::*;
@@ -634,7 +634,7 @@ pub struct ApplyContext<'a> {
     pub claims: Vec<(String, String)>,
     /// The platform's embedding endpoint, for the plans of the tenants it creates.
     pub embedding_default: Option<&'a str>,
-    /// Where the run parked the documents of [`CreateDocument::Parked`] creates.
+    /// Where the run parked the documents of [`Create::Parked`] creates.
     pub parked: Option<&'a dyn ParkedDocuments>,
 }
 
@@ -658,12 +658,15 @@ pub async fn apply(
     };
     // In tenant order, as the plan lists them: the audit trail gets its events in that order.
     // Both lists are in that order already; merged as the chunks take them, not into a third.
-    debug_assert!(creates.is_sorted_by(|a, b| a.tenant.tenant_id < b.tenant.tenant_id), "creates in tenant order");
+    debug_assert!(
+        creates.is_sorted_by(|a, b| a.tenant().tenant_id < b.tenant().tenant_id),
+        "creates in tenant order"
+    );
     let to_create: Vec<&str> = planned
         .iter()
         .filter(|c| c.planned().is_some_and(|p| p.action == domain_plan::Action::Create))
         .map(|c| c.desired().tenant_id.as_str())
-        .chain(creates.iter().map(|c| c.tenant.tenant_id.as_str()))
+        .chain(creates.iter().map(|c| c.tenant().tenant_id.as_str()))
         .collect();
     let history = write::history(tx, &to_create).await?;
     drop(to_create);
@@ -713,22 +716,42 @@ fn planned_changes<'a>(plan: &'a Plan, desired: &'a [DesiredTenant]) -> Result<V
     Ok(changes)
 }
 
-/// A tenant an apply creates, planned as it is written.
-pub struct Create<'a> {
-    pub tenant: &'a DesiredTenant,
-    pub document: CreateDocument,
-}
-
-/// Where a created tenant's document comes from when its chunk is built.
-pub enum CreateDocument {
+/// A tenant an apply creates, planned as it is written, and where its document comes from when
+/// its chunk is built.
+pub enum Create<'a> {
     /// Read from the tenant, which keeps it (for a drift report after the apply).
-    InTenant,
+    Kept(&'a DesiredTenant),
     /// Moved out of the tenant because nothing reads it after the write: dropped once its chunk's
     /// rows are built, so that a first sync does not hold every decoded document beside every
     /// created tenant's plan.
-    Moved(JsonText),
-    /// Fetched from where the run parked it ([`ApplyContext::parked`]), when its chunk is built.
-    Parked,
+    Moved(&'a TenantMeta, JsonText),
+    /// Fetched from where the run parked it ([`ApplyContext::parked`]).
+    Parked(&'a ParkedTenant),
+}
+
+impl<'a> Create<'a> {
+    pub fn tenant(&self) -> &'a TenantMeta {
+        match self {
+            Create::Kept(t) => t,
+            Create::Moved(t, _) => t,
+            Create::Parked(t) => t,
+        }
+    }
+
+    /// The document to write; `parked`: where the run parked documents.
+    pub fn into_document(self, parked: Option<&dyn ParkedDocuments>) -> Result<serde_json::Value, StoreError> {
+        match self {
+            Create::Kept(t) => Ok(t.document().value()),
+            Create::Moved(_, doc) => Ok(doc.value()),
+            Create::Parked(t) => {
+                let fetched = match parked {
+                    Some(parked) => parked.fetch(t.at()),
+                    None => Err(std::io::Error::other("the run parked no documents")),
+                };
+                Ok(fetched.map_err(|source| StoreError::parked(&t.tenant_id, source))?.value())
+            }
+        }
+    }
 }
 
 /// A tenant a run writes: planned already, or a create planned as it is written.
@@ -738,9 +761,10 @@ enum Change<'a> {
 }
 
 impl<'a> Change<'a> {
-    fn desired(&self) -> &'a DesiredTenant {
+    fn desired(&self) -> &'a TenantMeta {
         match self {
-            Change::Planned(_, d) | Change::Create(Create { tenant: d, .. }) => d,
+            Change::Planned(_, d) => d,
+            Change::Create(c) => c.tenant(),
         }
     }
 
@@ -756,22 +780,6 @@ impl<'a> Change<'a> {
         match self {
             Change::Create(c) => c.into_document(parked),
             Change::Planned(_, d) => Ok(d.document().value()),
-        }
-    }
-}
-
-impl Create<'_> {
-    /// The document to write, from wherever the run left it; `parked`: where it parked documents.
-    pub fn into_document(self, parked: Option<&dyn ParkedDocuments>) -> Result<serde_json::Value, StoreError> {
-        match self.document {
-            CreateDocument::Moved(doc) => Ok(doc.value()),
-            CreateDocument::Parked => {
-                let (Some(parked), Some(at)) = (parked, self.tenant.parked()) else {
-                    panic!("the document of {} is not parked where the run said", self.tenant.tenant_id)
-                };
-                Ok(parked.fetch(at).map_err(|source| StoreError::parked(&self.tenant.tenant_id, source))?.value())
-            }
-            CreateDocument::InTenant => Ok(self.tenant.document().value()),
         }
     }
 }

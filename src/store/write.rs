@@ -5,7 +5,7 @@
 use super::{ApplyContext, Change, CreatedSink, EMIT_AUDIT_EVENTS, StoreError, q};
 use crate::domain::audit::events_for;
 use crate::domain::plan::{self, Action, Packed, seal};
-use crate::domain::tenant::DesiredTenant;
+use crate::domain::tenant::TenantMeta;
 use futures_util::{StreamExt, TryStreamExt};
 use std::borrow::Cow;
 use tokio_postgres::types::{IsNull, ToSql, Type, accepts, to_sql_checked};
@@ -179,7 +179,7 @@ struct Tenants<'a> {
 }
 
 impl<'a> Tenants<'a> {
-    fn push(&mut self, version: i64, d: &'a DesiredTenant, doc: &serde_json::Value) {
+    fn push(&mut self, version: i64, d: &'a TenantMeta, doc: &serde_json::Value) {
         self.ids.push(&d.tenant_id);
         self.configs.push(Jsonb::of(&doc["config"]));
         self.keys.push(doc["age_public_key"].as_str().unwrap_or_default().to_string());

@@ -63,15 +63,16 @@ impl Ctx {
 }
 
 /// The tenant files at one revision, decrypted and checked.
+/// `T`: each tenant, its document in memory unless the run parks them ([`crate::domain::tenant::Held`]).
 #[derive(Debug, Clone)]
-pub struct Desired {
+pub struct Desired<T = DesiredTenant> {
     pub commit: Option<CommitInfo>,
-    pub tenants: Vec<DesiredTenant>,
+    pub tenants: Vec<T>,
     pub issues: Vec<Issue>,
     pub files: usize,
 }
 
-impl Desired {
+impl<T> Desired<T> {
     pub fn at(&self) -> String {
         self.commit
             .as_ref()

@@ -9,7 +9,7 @@ use crate::domain::commit::CommitId;
 use crate::domain::commit::VerifyMode;
 use crate::domain::json::JsonText;
 use crate::domain::plan::{self, Action, ActualTenant, AppliedRecord, Packed, Plan, seal};
-use crate::domain::tenant::DesiredTenant;
+use crate::domain::tenant::{DesiredTenant, TenantMeta};
 use crate::ports::{ReadBody, Store, StoreTx, TenantSource, TenantStore};
 use crate::source::{Body, Snapshot, SourceError, SourceFile};
 use crate::store::{ApplyContext, Create, CreatedSink, Owner, RowIndex, StoreError};
@@ -369,14 +369,14 @@ impl StoreTx for FakeTx<'_> {
         ctx: &ApplyContext<'_>,
     ) -> Result<usize, StoreError> {
         let mut work = self.work.borrow_mut();
-        let mut writes: Vec<(plan::TenantPlan, &DesiredTenant, Value)> = vec![];
+        let mut writes: Vec<(plan::TenantPlan, &TenantMeta, Value)> = vec![];
         for change in plan.changes() {
             let d = desired.iter().find(|d| d.tenant_id == change.tenant_id).expect("a planned change has its file");
-            writes.push((change.clone(), d, d.document().value()));
+            writes.push((change.clone(), &**d, d.document().value()));
         }
         let mut packed = Packed::default();
         for c in creates {
-            let d = c.tenant;
+            let d = c.tenant();
             let doc = c.into_document(ctx.parked)?;
             let planned = plan::create(d, &doc, ctx.key);
             packed.push(&planned);
@@ -420,7 +420,7 @@ fn owner(ctx: &ApplyContext<'_>, file: &str) -> Owner {
 
 /// One tenant's write, refused as the database refuses it: another source's tenant, or a row
 /// that is not at the version the plan saw.
-fn write(work: &mut Tables, change: &plan::TenantPlan, d: &DesiredTenant, doc: &Value, ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
+fn write(work: &mut Tables, change: &plan::TenantPlan, d: &TenantMeta, doc: &Value, ctx: &ApplyContext<'_>) -> Result<(), StoreError> {
     let conflict = |message: &str| StoreError::Conflict {
         tenant: d.tenant_id.clone(),
         message: message.into(),

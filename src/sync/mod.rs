@@ -297,7 +297,7 @@ impl<S: TenantSource> Attempts<'_, S> {
         let created = spill.finish().map_err(StoreError::Spill)?;
         let drift_report = match opts.want_drift {
             true => {
-                self.decoded.unpark_all(&mut state.desired.tenants)?;
+                self.decoded.unpark_all(&mut state.desired.tenants, std::mem::take(&mut state.parked))?;
                 Some(drift_after(&tx, &mut state, applied, key).await?)
             }
             false => None,
@@ -366,24 +366,21 @@ impl<S: TenantSource> Attempts<'_, S> {
         // A parked document is fetched as its chunk is built.
         let moved: Vec<Option<JsonText>> = to_create
             .iter()
-            .map(|&i| {
-                let t = &mut state.desired.tenants[i];
-                (t.parked().is_none() && !opts.want_drift).then(|| t.take_document())
-            })
+            .map(|&i| (!opts.want_drift).then(|| state.desired.tenants[i].take_document()))
             .collect();
-        let creates: Vec<store::Create> = to_create
+        let mut creates: Vec<store::Create> = to_create
             .iter()
             .zip(moved)
             .map(|(&i, moved)| {
                 let tenant = &state.desired.tenants[i];
-                let document = match (moved, tenant.parked()) {
-                    (Some(doc), _) => store::CreateDocument::Moved(doc),
-                    (None, Some(_)) => store::CreateDocument::Parked,
-                    (None, None) => store::CreateDocument::InTenant,
-                };
-                store::Create { tenant, document }
+                match moved {
+                    Some(doc) => store::Create::Moved(tenant, doc),
+                    None => store::Create::Kept(tenant),
+                }
             })
+            .chain(state.parked.iter().map(store::Create::Parked))
             .collect();
+        creates.sort_unstable_by(|a, b| a.tenant().tenant_id.cmp(&b.tenant().tenant_id));
         Ok(tx.apply(fresh, &state.desired.tenants, creates, spill, &actx).await?)
     }
 
@@ -593,14 +590,17 @@ fn tenants_at(ctx: &Ctx, source: &impl TenantSource, base_commit: &CommitId) -> 
     Ok(base
         .tenants
         .into_iter()
-        .map(|mut t| ActualTenant {
-            document: t.take_document(),
-            tenant_id: t.tenant_id,
-            state: String::new(),
-            config_version: 0,
-            applied: None,
-            known_secrets: std::sync::Arc::unwrap_or_clone(t.secrets),
-            updated_at: None,
+        .map(|t| {
+            let (meta, document) = t.into_parts();
+            ActualTenant {
+                document,
+                tenant_id: meta.tenant_id,
+                state: String::new(),
+                config_version: 0,
+                applied: None,
+                known_secrets: std::sync::Arc::unwrap_or_clone(meta.secrets),
+                updated_at: None,
+            }
         })
         .collect())
 }

@@ -7,7 +7,7 @@ use crate::config::{Mode, SourceConfig};
 use crate::domain::audit::CommitInfo;
 use crate::domain::issue::Issue;
 use crate::domain::json::SecretPaths;
-use crate::domain::tenant::{Checked, DesiredTenant, SharedPaths, check_document};
+use crate::domain::tenant::{Checked, DesiredTenant, Held, SharedPaths, TenantMeta, check_document};
 use crate::ports::{ReadBody, TenantSource};
 use crate::sops::{self, AgeKeys, Format};
 use crate::source::{Body, Snapshot, SourceError, SourceFile};
@@ -25,9 +25,6 @@ pub struct ReadOptions<'a> {
     pub progress: bool,
     /// Keep each decoded document (false for `validate`, which reports problems only).
     pub keep_documents: bool,
-    /// Where to park the kept documents until they are written (a first sync's); when parking
-    /// fails (a full disk, say) a document stays in memory.
-    pub park: Option<&'a Parking>,
 }
 
 impl<'a> ReadOptions<'a> {
@@ -39,7 +36,6 @@ impl<'a> ReadOptions<'a> {
             require_tenant_recipient: ctx.cfg.require_tenant_recipient,
             progress: ctx.progress,
             keep_documents: true,
-            park: None,
         }
     }
 }
@@ -55,7 +51,7 @@ pub fn read_snapshot_subset(snapshot: Snapshot, opts: &ReadOptions<'_>, only: Op
     let listing = Listing::of(&snapshot);
     let to_read = to_read(&snapshot, only);
     let bar = progress(opts, to_read.len());
-    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |_| Ok(())).expect("no file is read");
+    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |_| Ok(()), |t| t).expect("no file is read");
     listing.finish(snapshot.commit, tenants, issues, bar)
 }
 
@@ -69,11 +65,37 @@ fn to_read<'s>(snapshot: &'s Snapshot, only: Option<&BTreeSet<String>>) -> Vec<&
 /// and dropped once decoded: what a run holds is the decoded documents, never every file's bytes
 /// as well, and reading git overlaps with decrypting.
 pub fn decode_from(source: &impl TenantSource, snapshot: &Snapshot, opts: &ReadOptions<'_>, only: Option<&BTreeSet<String>>) -> Result<Desired, SourceError> {
+    decode_into(source, snapshot, opts, only, |t| t)
+}
+
+/// As [`decode_from`], each document parked in `parking` as soon as it is decoded (an apply's,
+/// which holds them until they are compared or written); one that cannot be parked (a full disk,
+/// say) stays in memory.
+pub(super) fn decode_parked(
+    source: &impl TenantSource,
+    snapshot: &Snapshot,
+    opts: &ReadOptions<'_>,
+    only: Option<&BTreeSet<String>>,
+    parking: Option<&Parking>,
+) -> Result<Desired<Held>, SourceError> {
+    decode_into(source, snapshot, opts, only, |t| match parking.map(|p| p.park(t.document())) {
+        Some(Ok(at)) => Held::Parked(t.park(at)),
+        _ => Held::Here(t),
+    })
+}
+
+fn decode_into<T: Send + std::ops::Deref<Target = TenantMeta>>(
+    source: &impl TenantSource,
+    snapshot: &Snapshot,
+    opts: &ReadOptions<'_>,
+    only: Option<&BTreeSet<String>>,
+    keep: impl Fn(DesiredTenant) -> T + Sync,
+) -> Result<Desired<T>, SourceError> {
     let listing = Listing::of(snapshot);
     let to_read = to_read(snapshot, only);
     let bar = progress(opts, to_read.len());
     let reader = source.body_reader();
-    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |f| reader.read(f))?;
+    let (tenants, issues) = decode_files(to_read, opts, bar.as_ref(), |f| reader.read(f), keep)?;
     Ok(listing.finish(snapshot.commit.clone(), tenants, issues, bar))
 }
 
@@ -86,20 +108,21 @@ fn progress(opts: &ReadOptions<'_>, files: usize) -> Option<indicatif::ProgressB
 }
 
 /// Decodes files on all cores; a file whose body is not read yet is read by `read` into a copy,
-/// dropped once decoded. Documents are kept only when `opts.keep_documents` (validate needs the
-/// problems, not the documents). A file that cannot be read at all (a git error) ends the whole
-/// read.
-fn decode_files(
+/// dropped once decoded. Documents are kept (as `keep` makes them) only when
+/// `opts.keep_documents` (validate needs the problems, not the documents). A file that cannot be
+/// read at all (a git error) ends the whole read.
+fn decode_files<T: Send>(
     files: Vec<&SourceFile>,
     opts: &ReadOptions<'_>,
     bar: Option<&indicatif::ProgressBar>,
     read: impl Fn(&mut SourceFile) -> Result<(), SourceError> + Sync,
-) -> Result<(Vec<DesiredTenant>, Vec<Issue>), SourceError> {
+    keep: impl Fn(DesiredTenant) -> T + Sync,
+) -> Result<(Vec<T>, Vec<Issue>), SourceError> {
     // Folded into each thread's lists as decoded, not collected into a slot per file first: for
     // `validate` of 100,000 files those slots were most of its memory.
-    type Lists = (Vec<DesiredTenant>, Vec<Issue>);
+    type Lists<T> = (Vec<T>, Vec<Issue>);
     let shared = SharedPaths::default();
-    let join = |(mut t, mut i): Lists, (t2, i2): Lists| -> Result<Lists, SourceError> {
+    let join = |(mut t, mut i): Lists<T>, (t2, i2): Lists<T>| -> Result<Lists<T>, SourceError> {
         t.extend(t2);
         i.extend(i2);
         Ok((t, i))
@@ -108,7 +131,7 @@ fn decode_files(
         .into_par_iter()
         .try_fold(
             || (Vec::new(), Vec::new()),
-            |(mut tenants, mut issues): Lists, f| {
+            |(mut tenants, mut issues): Lists<T>, f| {
                 let read_now;
                 let f = match f.body {
                     Body::Unread(_) => {
@@ -122,11 +145,8 @@ fn decode_files(
                 match decode_file(f, opts) {
                     Ok(checked) if opts.keep_documents => {
                         let mut t = checked.into_tenant(&f.path);
-                        t.secrets = shared.share(t.secrets);
-                        if let Some(at) = opts.park.and_then(|p| p.park(t.document()).ok()) {
-                            t.park(at);
-                        }
-                        tenants.push(t);
+                        t.secrets = shared.share(t.secrets.clone());
+                        tenants.push(keep(t));
                     }
                     Ok(_) => {}
                     Err(mut i) => issues.append(&mut i),
@@ -174,7 +194,13 @@ impl Listing {
         }
     }
 
-    fn finish(self, commit: Option<CommitInfo>, mut tenants: Vec<DesiredTenant>, mut issues: Vec<Issue>, bar: Option<indicatif::ProgressBar>) -> Desired {
+    fn finish<T: std::ops::Deref<Target = TenantMeta>>(
+        self,
+        commit: Option<CommitInfo>,
+        mut tenants: Vec<T>,
+        mut issues: Vec<Issue>,
+        bar: Option<indicatif::ProgressBar>,
+    ) -> Desired<T> {
         if let Some(b) = bar {
             b.finish_and_clear();
         }
@@ -472,7 +498,6 @@ mod tests {
             require_tenant_recipient: true,
             progress: false,
             keep_documents: false,
-            park: None,
         };
         let value = serde_json::json!({"age_public_key": own});
         let others = ["age1someoneelse".to_string()];

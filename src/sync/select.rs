@@ -2,13 +2,14 @@
 //! applied, decoded before the apply lock.
 
 use super::park::Parking;
-use super::{Ctx, Desired, ReadOptions, SyncError, decode_from};
+use super::read::decode_parked;
+use super::{Ctx, Desired, ReadOptions, SyncError};
 use crate::blocking;
 use crate::config::SourceConfig;
 use crate::domain::commit::CommitId;
 use crate::domain::issue::Issue;
 use crate::domain::plan::{ActualTenant, in_step};
-use crate::domain::tenant::DesiredTenant;
+use crate::domain::tenant::{DesiredTenant, Held, ParkedTenant};
 use crate::ports::{TenantSource, TenantStore};
 use crate::source::{Snapshot, SourceError};
 use crate::store;
@@ -33,8 +34,12 @@ pub struct Unchanged {
 
 /// What a run works from.
 pub(super) struct State {
-    /// The files that may differ from what was applied, decrypted and checked.
+    /// The files that may differ from what was applied, decrypted and checked, their documents in
+    /// memory: every tenant with a row to compare, and the new ones that were not parked.
     pub desired: Desired,
+    /// New tenants whose documents wait outside memory until their write (an apply's), in tenant
+    /// order.
+    pub parked: Vec<ParkedTenant>,
     /// The rows of every tenant that is not `unchanged` (orphans included), in full.
     pub actual: Vec<ActualTenant>,
     pub unchanged: Vec<Unchanged>,
@@ -297,7 +302,7 @@ fn trusted_records(source: &impl TenantSource, index: &[store::RowIndex], last: 
 pub(super) struct Decoded {
     all: bool,
     files: BTreeSet<String>,
-    tenants: Vec<DesiredTenant>,
+    tenants: Vec<Held>,
     /// Whether documents are parked: in a file made when the first ones are decoded (a run with
     /// nothing to decode makes none).
     park: bool,
@@ -329,11 +334,8 @@ impl Decoded {
                 .inspect_err(|e| tracing::debug!(error = %e, "no temporary file: decoded documents stay in memory"))
                 .ok();
         }
-        let opts = ReadOptions {
-            park: self.parking.as_ref(),
-            ..ReadOptions::from_ctx(ctx)
-        };
-        let desired = blocking(|| decode_from(source, snapshot, &opts, missing.as_ref()))?;
+        let opts = ReadOptions::from_ctx(ctx);
+        let desired = blocking(|| decode_parked(source, snapshot, &opts, missing.as_ref(), self.parking.as_ref()))?;
         if !desired.issues.is_empty() {
             return Err(SyncError::Invalid {
                 at: desired.at(),
@@ -362,7 +364,7 @@ impl Decoded {
     /// [`in_step`] with its file is kept only as an [`Unchanged`], its document dropped with the
     /// file's, so a run that reads every row holds those that differ, not all of them.
     pub(super) async fn state(&mut self, client: &impl TenantStore, snapshot: &Snapshot, selection: Selection, key: &[u8]) -> Result<State, SyncError> {
-        let mut tenants: Vec<DesiredTenant> = std::mem::take(&mut self.tenants)
+        let mut tenants: Vec<Held> = std::mem::take(&mut self.tenants)
             .into_iter()
             .filter(|t| selection.read.as_ref().is_none_or(|r| r.contains(&t.file)))
             .collect();
@@ -388,22 +390,30 @@ impl Decoded {
             let (steps, differ) = crate::blocking(|| fold(&tenants, read, key));
             for (i, u) in steps {
                 kept[i] = false;
-                drop(tenants[i].take_document());
                 unchanged.push(u);
             }
             actual.extend(differ);
         }
-        // In place, without a second list of the tenants.
+        // In place, without a second list of the tenants; the in-step ones' documents go with them.
         let mut kept = kept.into_iter();
         tenants.retain(|_| kept.next().unwrap_or(true));
+        // What is still parked had no row to compare with: new tenants, written from where they are.
+        let (mut here, mut parked) = (Vec::with_capacity(tenants.len()), Vec::new());
+        for t in tenants {
+            match t {
+                Held::Here(t) => here.push(t),
+                Held::Parked(t) => parked.push(t),
+            }
+        }
         // A duplicate file for an unchanged tenant is an issue when decoding; nothing stands in twice.
         Ok(State {
             desired: Desired {
                 commit: snapshot.commit.clone(),
-                tenants,
+                tenants: here,
                 issues: vec![],
                 files: snapshot.files.len(),
             },
+            parked,
             actual,
             unchanged,
             owned,
@@ -415,32 +425,38 @@ impl Decoded {
 impl Decoded {
     /// The documents of `tenants` at `positions`, fetched back where they are parked (on every
     /// core): to be compared with their rows and planned, or reported on after the apply.
-    fn unpark(&self, tenants: &mut [DesiredTenant], positions: Vec<usize>) -> Result<(), SyncError> {
-        let Some(parking) = &self.parking else { return Ok(()) };
-        let fetch = |&i: &usize| {
-            let t: &DesiredTenant = &tenants[i];
-            let doc = t.parked().map(|at| parking.fetch(at).map_err(|e| store::StoreError::parked(&t.tenant_id, e)));
-            doc.transpose().map(|doc| (i, doc))
+    fn unpark(&self, tenants: &mut [Held], positions: Vec<usize>) -> Result<(), SyncError> {
+        let fetch = |&i: &usize| match &tenants[i] {
+            Held::Parked(t) => Some(self.fetch(t).map(|doc| (i, doc))),
+            Held::Here(_) => None,
         };
-        let fetched = crate::blocking(|| positions.par_iter().map(fetch).collect::<Result<Vec<_>, _>>())?;
+        let fetched = crate::blocking(|| positions.par_iter().filter_map(fetch).collect::<Result<Vec<_>, _>>())?;
         for (i, doc) in fetched {
-            if let Some(doc) = doc {
-                tenants[i].unpark(doc);
-            }
+            tenants[i].unpark(doc);
         }
         Ok(())
     }
 
+    fn fetch(&self, t: &ParkedTenant) -> Result<crate::domain::json::JsonText, SyncError> {
+        let fetched = match &self.parking {
+            Some(parking) => parking.fetch(t.at()),
+            None => Err(std::io::Error::other("the run parked no documents")),
+        };
+        Ok(fetched.map_err(|e| store::StoreError::parked(&t.tenant_id, e))?)
+    }
+
     /// Every document still parked, fetched back: a drift report after the apply reads the
-    /// created tenants' documents.
-    pub(super) fn unpark_all(&self, tenants: &mut [DesiredTenant]) -> Result<(), SyncError> {
-        let parked = (0..tenants.len()).filter(|&i| tenants[i].parked().is_some()).collect();
-        self.unpark(tenants, parked)
+    /// created tenants' documents. `tenants` stays in tenant order.
+    pub(super) fn unpark_all(&self, tenants: &mut Vec<DesiredTenant>, parked: Vec<ParkedTenant>) -> Result<(), SyncError> {
+        let fetched = crate::blocking(|| parked.par_iter().map(|t| self.fetch(t)).collect::<Result<Vec<_>, _>>())?;
+        tenants.extend(parked.into_iter().zip(fetched).map(|(t, doc)| t.unpark(doc)));
+        tenants.sort_unstable_by(|a, b| a.tenant_id.cmp(&b.tenant_id));
+        Ok(())
     }
 }
 
 /// The positions in `tenants` (sorted by id) of the tenants `ids` name.
-fn positions_of(tenants: &[DesiredTenant], ids: &[String]) -> Vec<usize> {
+fn positions_of(tenants: &[Held], ids: &[String]) -> Vec<usize> {
     ids.iter()
         .filter_map(|id| tenants.binary_search_by(|t| t.tenant_id.as_str().cmp(id)).ok())
         .collect()
@@ -452,12 +468,12 @@ const ROWS_CHUNK: usize = 1_000;
 
 /// `rows` split into those in step with their files (with the position of the file in `tenants`,
 /// sorted by tenant), as [`Unchanged`], and the rest.
-fn fold(tenants: &[DesiredTenant], rows: Vec<ActualTenant>, key: &[u8]) -> (Vec<(usize, Unchanged)>, Vec<ActualTenant>) {
+fn fold(tenants: &[Held], rows: Vec<ActualTenant>, key: &[u8]) -> (Vec<(usize, Unchanged)>, Vec<ActualTenant>) {
     rows.into_par_iter().partition_map(|a| {
         let file = tenants
             .binary_search_by(|d| d.tenant_id.as_str().cmp(&a.tenant_id))
             .ok()
-            .filter(|&i| in_step(&tenants[i], &a, key));
+            .filter(|&i| matches!(&tenants[i], Held::Here(d) if in_step(d, &a, key)));
         match (file, a) {
             (
                 Some(i),

@@ -36,7 +36,6 @@ pub fn decode(data: &[u8]) {
         require_tenant_recipient: selector & 0x40 != 0,
         progress: false,
         keep_documents: true,
-        park: None,
     };
     if let Err(issues) = decode_file(&file, &opts) {
         assert!(!issues.is_empty());
