@@ -2,7 +2,8 @@
 //! trip, not one per statement), and the next chunk's rows are built on this side while the
 //! server writes the chunk before: the client's work and the server's overlap.
 
-use super::{ApplyContext, Change, CreatedSink, EMIT_AUDIT_EVENTS, StoreError, q};
+use super::audit::EMIT_AUDIT_EVENTS;
+use super::{ApplyContext, Change, CreatedSink, StoreError, q};
 use crate::domain::audit::events_for;
 use crate::domain::plan::{self, Action, Packed, seal};
 use crate::domain::tenant::TenantMeta;
