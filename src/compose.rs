@@ -4,11 +4,13 @@
 
 use crate::config::{Config, Mode, SourceConfig};
 use crate::domain::drift::TenantDrift;
+use crate::domain::plan::Entries;
 use crate::domain::render::Header;
 use crate::localpg;
 use crate::source::Source;
+use crate::store::runs::{RunOutcome, RunRecord, RunTrigger};
 use crate::store::{self, Db, StoreError};
-use crate::sync::{self, Ctx, Outcome, Run, RunOptions, SyncError};
+use crate::sync::{self, Ctx, Outcome, Retry, Run, RunOptions, SyncError};
 use deadpool_postgres::Pool;
 
 /// The configured database: a pool, and the connection string for the agent's leader lease.
@@ -103,4 +105,100 @@ pub async fn drift(ctx: &Ctx, db: &Database, src: &SourceConfig, full: bool) -> 
     let source = open_source(ctx, src)?;
     let mut store = Db::new(store::client(&db.pool).await?);
     sync::drift_report(ctx, &source, &mut store, src, full).await
+}
+
+/// A sync of `src`, recorded in the run history however it ends; a record that cannot be written
+/// is logged, and the run's result stands.
+pub async fn sync_recorded(ctx: &Ctx, db: &Database, src: &SourceConfig, how: Run, opts: RunOptions, trigger: RunTrigger) -> Result<Outcome, SyncError> {
+    let (started, clock) = (chrono::Utc::now(), std::time::Instant::now());
+    let result = run(ctx, db, src, how, opts).await;
+    let record = RunRecord {
+        started_at: started.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
+        ..run_record(&src.name, &result, trigger)
+    };
+    let written = async { store::runs::record_run(&**store::client(&db.pool).await?, &record, ctx.cfg.run_history).await };
+    if let Err(e) = written.await {
+        tracing::warn!(source = %src.name, error = %first_line(&e), "the run could not be recorded in the run history");
+    }
+    result
+}
+
+/// What a run's result says for the run history (its times are the caller's).
+pub fn run_record(name: &str, result: &Result<Outcome, SyncError>, trigger: RunTrigger) -> RunRecord {
+    let mut record = RunRecord {
+        source_name: name.to_string(),
+        source: None,
+        started_at: String::new(),
+        duration_ms: 0,
+        trigger,
+        commit_fetched: None,
+        commit_applied: None,
+        outcome: RunOutcome::Failed,
+        error: None,
+        signature: None,
+        created: 0,
+        updated: 0,
+        decommissioned: 0,
+        conflicts: 0,
+        drift: None,
+        replica: replica(),
+    };
+    match result {
+        Ok(o) => {
+            let summary = o.entries().summary();
+            let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+            record.source = Some(o.source.clone());
+            record.commit_fetched = o.header.commit.clone();
+            record.commit_applied = o.header.commit.clone();
+            record.outcome = if o.applied > 0 { RunOutcome::Applied } else { RunOutcome::InSync };
+            record.signature = o.header.signature.clone();
+            (record.created, record.updated) = (count(summary.create), count(summary.update));
+            (record.decommissioned, record.conflicts) = (count(summary.decommission), count(summary.conflict));
+            record.drift = o.drift.as_deref().map(|d| {
+                crate::domain::drift::counts(d)
+                    .into_iter()
+                    .map(|(class, n)| (class.as_str().to_string(), n as u64))
+                    .collect()
+            });
+        }
+        Err(e) => {
+            record.outcome = match e.retry() {
+                Retry::Backoff => RunOutcome::Failed,
+                Retry::AwaitChange => RunOutcome::Refused,
+            };
+            record.error = Some(first_line(e));
+        }
+    }
+    record
+}
+
+/// An error and its causes on one line, as long as a status line can show.
+pub fn first_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text = format!("{text}: {c}");
+        cause = c.source();
+    }
+    // A list follows a line ending in ':' (the problems of invalid files): its first item too.
+    let mut lines = text.lines();
+    let mut line = lines.next().unwrap_or_default().to_string();
+    if let (true, Some(next)) = (line.ends_with(':'), lines.next()) {
+        line = format!("{line} {}", next.trim());
+    }
+    match line.char_indices().nth(400) {
+        Some((at, _)) => format!("{}...", &line[..at]),
+        None => line,
+    }
+}
+
+/// This process as run records and lease sessions name it: its host and process id.
+pub fn replica() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown-host".into());
+    format!("{host} (pid {})", std::process::id())
 }

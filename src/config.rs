@@ -82,6 +82,8 @@ pub struct Config {
     /// Seconds a command waits for the database to connect, shake hands, hand out a connection
     /// and answer its first query.
     pub db_timeout_secs: u64,
+    /// Runs kept per source in the database's run history; older ones are deleted as new ones come.
+    pub run_history: u64,
     pub listen: String,
     /// Bearer token for `POST /sync`. Secret.
     pub webhook_token: Option<String>,
@@ -186,6 +188,7 @@ pub enum Setting {
     Interval,
     FullResyncInterval,
     DbTimeout,
+    RunHistory,
     DebounceMs,
     Listen,
     WebhookToken,
@@ -444,6 +447,15 @@ const DEFS: &[Def] = &[
         flag: None,
         env: &["FROSTBYTE_DB_TIMEOUT"],
         default: Some("30"),
+        secret: false,
+        kind: Kind::Number,
+    },
+    Def {
+        key: Setting::RunHistory,
+        name: "run_history",
+        flag: None,
+        env: &["FROSTBYTE_RUN_HISTORY"],
+        default: Some("1000"),
         secret: false,
         kind: Kind::Number,
     },
@@ -959,8 +971,9 @@ impl Config {
             (Setting::FullResyncInterval, 1),
             (Setting::DebounceMs, 0),
             (Setting::DbTimeout, 1),
+            (Setting::RunHistory, 1),
         ];
-        let [interval_secs, full_resync_secs, debounce_ms, db_timeout_secs] = timing.map(|(n, min)| r.number(n, min));
+        let [interval_secs, full_resync_secs, debounce_ms, db_timeout_secs, run_history] = timing.map(|(n, min)| r.number(n, min));
         let fraction = |v: Option<String>| parse_fraction(&v.unwrap_or_default());
         let prune_max_fraction = r.checked(Setting::PruneMaxFraction, DEFAULT_PRUNE_MAX_FRACTION, fraction);
         let repo = RepoLocation::parse(&defaulted(Setting::Repo));
@@ -1011,6 +1024,7 @@ impl Config {
             full_resync_secs,
             debounce_ms,
             db_timeout_secs,
+            run_history,
             listen: get(Setting::Listen).unwrap_or_default(),
             webhook_token,
             embedding_endpoint,

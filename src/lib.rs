@@ -17,6 +17,7 @@ pub mod parse;
 pub mod ports;
 pub mod sops;
 pub mod source;
+pub mod status;
 pub mod store;
 pub mod sync;
 pub mod verify;

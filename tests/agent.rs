@@ -151,6 +151,16 @@ fn a_commit_reaches_the_database_and_the_agent_reports_it() {
     assert_eq!(agent.metric("frostbyte_leader"), Some(1.0));
     assert!(agent.metric("frostbyte_last_applied_commit_timestamp_seconds").unwrap() > 1.7e9);
 
+    // `status` reads the same from the database: who holds the lease, what started the last run.
+    let status = run(&repo, Some(&db), &["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_else(|e| panic!("{e}: {}", status.all()));
+    let source = &v["sources"][0];
+    let holder = source["lease_holder"].as_str().unwrap_or_else(|| panic!("no lease holder: {v}"));
+    assert!(holder.ends_with(&format!("(pid {})", agent.child.id())), "{holder}");
+    assert!(["interval", "watch"].contains(&source["last_run"]["trigger"].as_str().unwrap()), "{v}");
+    assert_eq!(source["drift"]["in-sync"], json!(2), "{v}");
+    assert_eq!(status.code, 0, "{}", status.all());
+
     // The webhook wants its token.
     assert_eq!(http(agent.port, "POST", "/sync", None).0, 401);
     assert_eq!(http(agent.port, "POST", "/sync", Some("wrong")).0, 401);

@@ -12,10 +12,11 @@ use crate::domain::drift::{DriftClass, counts};
 use crate::domain::plan::Entries;
 use crate::notify::Notification;
 use crate::source::Source;
+use crate::store::runs::RunTrigger;
 use crate::sync::{self, Ctx, Run, SyncError};
 use metrics::{Metrics, NotificationOutcome, RunOutcome};
 use notify::Watcher;
-use schedule::{Failed, Timing, Trigger, reconcile_loop};
+use schedule::{Cause, Failed, Timing, Trigger, reconcile_loop};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
@@ -65,15 +66,22 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
     let _watcher = watch_source(&ctx, trigger_tx.clone())?;
     tokio::spawn(signals(stop_tx));
 
-    let lease = Arc::new(tokio::sync::Mutex::new(lease::Leases::new(
-        crate::store::session_config(&db.url, db.tls_policy).map_err(SyncError::from)?,
-    )));
+    // The session holding the leases names this replica: `status` reads who holds a source.
+    let mut lease_session = crate::store::session_config(&db.url, db.tls_policy).map_err(SyncError::from)?;
+    lease_session.application_name(format!("{}{}", crate::store::runs::REPLICA_PREFIX, compose::replica()));
+    let lease = Arc::new(tokio::sync::Mutex::new(lease::Leases::new(lease_session)));
     let prepared = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reconcile = || {
+    let reconcile = |cause: Cause| {
         let (ctx, db, metrics, lease, prepared) = (ctx.clone(), db.clone(), metrics.clone(), lease.clone(), prepared.clone());
         let span = tracing::info_span!("sync", commit = tracing::field::Empty);
+        let trigger = match cause {
+            Cause::Interval => RunTrigger::Interval,
+            Cause::Retry => RunTrigger::Retry,
+            Cause::Trigger(Trigger::Watch) => RunTrigger::Watch,
+            Cause::Trigger(Trigger::Webhook) => RunTrigger::Webhook,
+        };
         async move {
-            let outcome = reconcile_once(&ctx, &db, &metrics, &lease, &prepared).await;
+            let outcome = reconcile_once(&ctx, &db, &metrics, &lease, &prepared, trigger).await;
             release_freed_memory();
             outcome
         }
@@ -101,6 +109,7 @@ async fn reconcile_once(
     metrics: &Arc<Mutex<Metrics>>,
     lease: &tokio::sync::Mutex<lease::Leases>,
     prepared: &std::sync::atomic::AtomicBool,
+    trigger: RunTrigger,
 ) -> Result<(), Failed> {
     let started = Instant::now();
     let held = take_leases(ctx, metrics, lease, started).await.map_err(Failed::transient)?;
@@ -135,7 +144,7 @@ async fn reconcile_once(
             ..Default::default()
         };
         let span = tracing::info_span!("source", source = %src.name);
-        match compose::run(ctx, db, src, Run::Apply { allow_non_fast_forward: false }, opts)
+        match compose::sync_recorded(ctx, db, src, Run::Apply { allow_non_fast_forward: false }, opts, trigger)
             .instrument(span)
             .await
         {

@@ -16,6 +16,16 @@ pub enum Trigger {
     Webhook,
 }
 
+/// Why a run started: what the run history records as its trigger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The interval passed.
+    Interval,
+    /// A failed run's backoff passed.
+    Retry,
+    Trigger(Trigger),
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Timing {
     pub interval: Duration,
@@ -76,29 +86,33 @@ impl Failed {
 /// until `shutdown` turns true. A run in progress is finished before returning.
 pub async fn reconcile_loop<F, Fut>(timing: Timing, mut triggers: mpsc::Receiver<Trigger>, mut shutdown: watch::Receiver<bool>, mut reconcile: F)
 where
-    F: FnMut() -> Fut,
+    F: FnMut(Cause) -> Fut,
     Fut: Future<Output = Result<(), Failed>>,
 {
     let mut failures = 0u32;
     let mut next_tick = Instant::now();
     let mut retry_at: Option<Instant> = None;
-    let mut triggered = false;
+    let mut triggered: Option<Trigger> = None;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        if !triggered {
+        let mut cause = Cause::Interval;
+        if triggered.is_none() {
             let wake = retry_at.map_or(next_tick, |r| r.min(next_tick));
             tokio::select! {
                 _ = shutdown.changed() => return,
                 t = triggers.recv() => match t {
-                    Some(_) => triggered = true,
+                    Some(t) => triggered = Some(t),
                     None => return,
                 },
-                _ = sleep_until(wake) => {}
+                _ = sleep_until(wake) => if retry_at.is_some_and(|r| r <= Instant::now()) {
+                    cause = Cause::Retry;
+                },
             }
         }
-        if triggered {
+        if let Some(t) = triggered.take() {
+            cause = Cause::Trigger(t);
             // Debounce: wait for quiet, but not forever.
             let deadline = Instant::now() + timing.max_debounce;
             loop {
@@ -109,9 +123,8 @@ where
                     _ = sleep_until(quiet) => break,
                 }
             }
-            triggered = false;
         }
-        match reconcile().await {
+        match reconcile(cause).await {
             Ok(()) => {
                 failures = 0;
                 retry_at = None;
@@ -131,8 +144,8 @@ where
         }
         next_tick = timing.next_tick(Instant::now());
         // Triggers that came during the run collapse into one follow-up run.
-        while triggers.try_recv().is_ok() {
-            triggered = true;
+        while let Ok(t) = triggers.try_recv() {
+            triggered = Some(t);
         }
     }
 }
@@ -172,7 +185,7 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let runs: Runs = Arc::default();
         let r = runs.clone();
-        let handle = tokio::spawn(reconcile_loop(timing, rx, stop_rx, move || {
+        let handle = tokio::spawn(reconcile_loop(timing, rx, stop_rx, move |_| {
             let r = r.clone();
             let fail = fail.clone();
             async move {
@@ -282,5 +295,36 @@ mod tests {
         let t = timing();
         let secs: Vec<u64> = (1..=6).map(|n| t.backoff(n).as_secs()).collect();
         assert_eq!(secs, [1, 2, 4, 8, 8, 8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_run_says_what_started_it() {
+        let (tx, rx) = mpsc::channel(8);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let causes: Arc<Mutex<Vec<Cause>>> = Arc::default();
+        let seen = causes.clone();
+        let handle = tokio::spawn(reconcile_loop(timing(), rx, stop_rx, move |cause| {
+            let mut seen = seen.lock().unwrap();
+            seen.push(cause);
+            // The second run fails, so the third is its retry.
+            let result = match seen.len() {
+                2 => Err(Failed::transient("database down".into())),
+                _ => Ok(()),
+            };
+            async move { result }
+        }));
+        settle().await;
+        tx.send(Trigger::Webhook).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        stop_tx.send(true).unwrap();
+        handle.await.unwrap();
+        let causes = causes.lock().unwrap().clone();
+        assert_eq!(
+            causes[..4],
+            [Cause::Interval, Cause::Trigger(Trigger::Webhook), Cause::Retry, Cause::Interval],
+            "{causes:?}"
+        );
     }
 }

@@ -57,7 +57,15 @@ pub(crate) async fn audit_verify(ctx: &Ctx, format: OutFormat, anchor: Option<&s
     };
     let db = compose::connect(&ctx.cfg).await?;
     compose::prepare(&ctx.cfg, &db).await?;
-    let report = store::verify_audit(&**store::client(&db.pool).await?, anchored).await?;
+    let client = store::client(&db.pool).await?;
+    let report = store::verify_audit(&client, anchored).await?;
+    let problem = match (&report.broken, report.version_mismatches.len()) {
+        (Some(b), _) => Some(b.to_string()),
+        (None, 0) => None,
+        (None, n) => Some(format!("{n} tenant(s) whose config_version differs from their TENANT_CONFIG_UPDATED events")),
+    };
+    let events = i64::try_from(report.events).unwrap_or(i64::MAX);
+    store::runs::record_audit_check(&**client, events, report.head_seq, &report.head_hash, problem.as_deref()).await?;
     match format {
         OutFormat::Json => print_json(&serde_json::to_value(&report)?),
         _ => {

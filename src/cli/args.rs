@@ -169,6 +169,12 @@ pub(crate) enum Cmd {
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
     },
+    /// Each source's last applied commit, lease holder, last run and drift, and the audit
+    /// trail's head, from the database alone. Exit 0 healthy, 2 drift or a failing source, 1 error.
+    Status {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
     /// Report how the database differs from git. Exit 0 in sync, 2 drift, 1 error.
     Drift {
         #[arg(long, value_enum, default_value = "text")]

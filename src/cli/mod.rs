@@ -10,6 +10,7 @@ use clap::Parser;
 use frostbyte_gitops::compose;
 use frostbyte_gitops::sync::{Ctx, Run};
 use output::*;
+use status_cmds::*;
 use std::process::ExitCode;
 use sync_cmds::*;
 use tenant_cmds::*;
@@ -18,6 +19,7 @@ mod admin_cmds;
 pub(crate) mod args;
 mod boot;
 mod output;
+mod status_cmds;
 mod sync_cmds;
 mod tenant_cmds;
 
@@ -113,5 +115,6 @@ pub(crate) async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<
             prune,
         } => apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, full, prune).await,
         Cmd::Drift { format, fail_on, full } => drift(ctx, only, format, &fail_on, full).await,
+        Cmd::Status { format } => status(ctx, only, format).await,
     }
 }

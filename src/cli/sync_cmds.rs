@@ -11,6 +11,7 @@ use frostbyte_gitops::domain::drift::DriftClass;
 use frostbyte_gitops::domain::plan::Entries;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::notify::Notification;
+use frostbyte_gitops::store::runs::RunTrigger;
 use frostbyte_gitops::sync::{self, Ctx, Run, SavedPlan};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -228,7 +229,7 @@ pub(crate) async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn
         if src.repo.is_remote() {
             tracing::info!(source = %src.name, repo = %src.repo, "fetching");
         }
-        let o = match compose::run(ctx, &db, src, run(), opts).await {
+        let o = match compose::sync_recorded(ctx, &db, src, run(), opts, RunTrigger::Command).await {
             Ok(o) => o,
             Err(e) => {
                 let text = error_text(&e);

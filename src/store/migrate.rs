@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (8, "008_audit_head.sql", include_str!("../../migrations/008_audit_head.sql")),
     (9, "009_cheaper_checks.sql", include_str!("../../migrations/009_cheaper_checks.sql")),
     (10, "010_covering_keys.sql", include_str!("../../migrations/010_covering_keys.sql")),
+    (11, "011_runs.sql", include_str!("../../migrations/011_runs.sql")),
 ];
 
 pub fn checksum(sql: &str) -> String {

@@ -19,6 +19,7 @@ pub mod port;
 mod read;
 pub mod respell;
 mod roles;
+pub mod runs;
 mod write;
 
 pub use audit::{AuditReport, ChainRow, VersionMismatch, audit_head_and_versions, emit_audit_event, emit_audit_events, for_each_audit_event, verify_audit};
