@@ -426,6 +426,41 @@ impl Source {
         crate::verify::verify_range(&self.repo, mode, last, new, signers)
     }
 
+    /// The bytes of `file` (relative to the source root, as runs record it) at `commit`, as git
+    /// has them (a tenant file still encrypted); None when the repository does not have that
+    /// commit. A file missing at the commit, or too large to be a tenant file, is an error.
+    pub fn file_at(&self, commit: &str, file: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let Some(c) = Oid::from_str(commit).ok().and_then(|oid| self.repo.find_commit(oid).ok()) else {
+            return Ok(None);
+        };
+        let tree = c.tree().map_err(self.git_err("reading the commit's tree"))?;
+        let path = format!("{}{file}", self.root);
+        let missing = || SourceError::NoTenantDir {
+            path: path.clone(),
+            at: format!("commit {}", &commit[..12.min(commit.len())]),
+        };
+        let entry = tree.get_path(Path::new(&path)).map_err(|_| missing())?;
+        let mut f = SourceFile::new(file.to_string(), Body::Unread(entry.id()));
+        read_body(&self.repo, &self.label, &mut f)?;
+        match f.body {
+            Body::Bytes(bytes) => Ok(Some(bytes)),
+            Body::TooLarge(size) => Err(SourceError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(format!("{size} bytes, over the {MAX_FILE_BYTES}-byte limit of a tenant file")),
+            }),
+            _ => Err(missing()),
+        }
+    }
+
+    /// Where `file` (relative to the source root) is in the work tree; None for a bare or remote
+    /// repository.
+    pub fn worktree_path(&self, file: &str) -> Option<PathBuf> {
+        match self.remote {
+            true => None,
+            false => self.repo.workdir().map(|w| w.join(format!("{}{file}", self.root))),
+        }
+    }
+
     /// The directory notify should watch for new commits (the git dir) and tenant edits.
     pub fn watch_paths(&self) -> (PathBuf, Option<PathBuf>) {
         (self.repo.path().to_path_buf(), self.repo.workdir().map(|w| w.join(self.tenant_dir())))

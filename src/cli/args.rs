@@ -265,6 +265,32 @@ pub(crate) enum TenantCmd {
         #[arg(long)]
         to: String,
     },
+    /// A tenant's versions from the audit trail: when, by whom, from which commit, and each
+    /// change old -> new, secrets redacted.
+    History {
+        tenant_id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
+    /// The tenant's document at a version (default: the current one), secrets redacted, replayed
+    /// from the audit trail; the current version is checked against the row. Exit 2 when the row
+    /// was changed outside git since.
+    Show {
+        tenant_id: String,
+        #[arg(long)]
+        version: Option<i64>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutFormat,
+    },
+    /// Write the tenant's file as it was in the commit that produced a version (still encrypted,
+    /// from git) to its path in the work tree, or to --out: commit it to revert the tenant.
+    Restore {
+        tenant_id: String,
+        #[arg(long)]
+        version: i64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Write a valid, encrypted skeleton for a new tenant.
     New {
         tenant_id: String,

@@ -89,6 +89,15 @@ pub(crate) async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<
         Cmd::Tenant {
             cmd: TenantCmd::State { tenant_id, state, reason },
         } => tenant_state(ctx, &tenant_id, &state, reason).await,
+        Cmd::Tenant {
+            cmd: TenantCmd::History { tenant_id, format },
+        } => tenant_history(ctx, &tenant_id, format).await,
+        Cmd::Tenant {
+            cmd: TenantCmd::Show { tenant_id, version, format },
+        } => tenant_show(ctx, &tenant_id, version, format).await,
+        Cmd::Tenant {
+            cmd: TenantCmd::Restore { tenant_id, version, out },
+        } => tenant_restore(ctx, only, &tenant_id, version, out.as_deref()).await,
         Cmd::Config | Cmd::Db { .. } | Cmd::Secrets { .. } | Cmd::Tenant { .. } | Cmd::Run => unreachable!("handled before dispatch"),
         Cmd::Migrate { app_role } => migrate(ctx, app_role).await,
         Cmd::Audit {

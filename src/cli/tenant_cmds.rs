@@ -1,10 +1,13 @@
 //! Commands on one tenant or its file: tenant new, move and state, and secrets.
 
-use super::EXIT_OK;
 use super::args::*;
+use super::output::print_json;
+use super::{EXIT_CHANGES, EXIT_OK};
 use anyhow::{Context, Result, anyhow};
 use frostbyte_gitops::compose;
 use frostbyte_gitops::config::Config;
+use frostbyte_gitops::domain::escape::text;
+use frostbyte_gitops::domain::history::{self, Version};
 use frostbyte_gitops::location::RepoLocation;
 use frostbyte_gitops::sops::AgeKeys;
 use frostbyte_gitops::sync::{self, Ctx};
@@ -45,6 +48,124 @@ pub(crate) async fn tenant_state(ctx: &Ctx, tenant_id: &str, state: &str, reason
     let details = serde_json::json!({ "reason": reason });
     let event = store::transition_tenant_state(&mut client, tenant_id, state, sync::ACTOR, &details).await?;
     println!("Tenant {tenant_id} is now {state} (audit event {event}).");
+    Ok(EXIT_OK)
+}
+
+/// A tenant's versions, replayed from its audit events.
+async fn versions(ctx: &Ctx, tenant_id: &str) -> Result<(store::Db, Vec<Version>)> {
+    let db = compose::connect(&ctx.cfg).await?;
+    compose::prepare(&ctx.cfg, &db).await?;
+    let client = store::Db::new(store::client(&db.pool).await?);
+    let events = store::history::tenant_events(client.client(), tenant_id).await?;
+    let versions = history::replay(&events).map_err(|e| anyhow!("the audit trail of tenant {} cannot be replayed: {e}", text(tenant_id)))?;
+    if versions.is_empty() {
+        return Err(anyhow!("tenant {} has no config version in the audit trail", text(tenant_id)));
+    }
+    Ok((client, versions))
+}
+
+pub(crate) async fn tenant_history(ctx: &Ctx, tenant_id: &str, format: OutFormat) -> Result<u8> {
+    let (_, versions) = versions(ctx, tenant_id).await?;
+    match format {
+        OutFormat::Text => print!("{}", history::history_text(tenant_id, &versions)),
+        OutFormat::Markdown => print!("{}", history::history_markdown(tenant_id, &versions)),
+        OutFormat::Json => print_json(&serde_json::json!({"tenant_id": tenant_id, "versions": versions})),
+    }
+    Ok(EXIT_OK)
+}
+
+pub(crate) async fn tenant_show(ctx: &Ctx, tenant_id: &str, version: Option<i64>, format: OutFormat) -> Result<u8> {
+    let (client, versions) = versions(ctx, tenant_id).await?;
+    let v = pick(tenant_id, &versions, version)?;
+    let current = versions.last().map(|l| l.version) == Some(v.version);
+    // The current version is what the row should hold: a difference is an edit outside git.
+    let differs = match current {
+        false => None,
+        true => {
+            let row = store::load_actual_for(client.client(), &[tenant_id.to_string()]).await?.pop();
+            row.filter(|r| r.config_version == v.version)
+                .map(|r| history::differences(&v.document, &r.document.value(), &r.known_secrets))
+        }
+    };
+    match format {
+        OutFormat::Json => print_json(&serde_json::json!({
+            "tenant_id": tenant_id, "version": v.version, "current": current, "document": v.document,
+            "row_differs_at": differs,
+        })),
+        _ => {
+            println!("{}", history::version_line(v, &|s| text(s).into_owned()));
+            println!("{}", text(&serde_json::to_string_pretty(&v.document)?));
+            match &differs {
+                Some(paths) if !paths.is_empty() => println!("The row differs at {} (changed outside git since).", text(&paths.join(", "))),
+                Some(_) => println!("The row holds this version."),
+                None => {}
+            }
+        }
+    }
+    Ok(if differs.is_some_and(|d| !d.is_empty()) { EXIT_CHANGES } else { EXIT_OK })
+}
+
+fn pick<'v>(tenant_id: &str, versions: &'v [Version], version: Option<i64>) -> Result<&'v Version> {
+    let last = versions.last().expect("checked not empty");
+    let wanted = version.unwrap_or(last.version);
+    versions.iter().find(|v| v.version == wanted).ok_or_else(|| {
+        anyhow!(
+            "tenant {} has no version {wanted} (its versions: {}..{})",
+            text(tenant_id),
+            versions[0].version,
+            last.version
+        )
+    })
+}
+
+pub(crate) async fn tenant_restore(ctx: &Ctx, only: Option<&str>, tenant_id: &str, version: i64, out: Option<&std::path::Path>) -> Result<u8> {
+    let (_, versions) = versions(ctx, tenant_id).await?;
+    let v = pick(tenant_id, &versions, Some(version))?;
+    let (Some(commit), Some(file)) = (&v.commit, &v.file) else {
+        return Err(anyhow!(
+            "version {version} of tenant {} records no commit and file to restore from",
+            text(tenant_id)
+        ));
+    };
+    let sources = ctx.sources(only)?;
+    let mut opened = Vec::new();
+    for src in &sources {
+        opened.push(compose::open_source(ctx, src)?);
+    }
+    // The source that wrote the version; with one source configured, that one.
+    let source = match opened.iter().position(|s| Some(&s.id) == v.source.as_ref()) {
+        Some(i) => opened.swap_remove(i),
+        None if opened.len() == 1 => opened.remove(0),
+        None => {
+            return Err(anyhow!(
+                "version {version} came from source {}, which is not configured here; pass --source NAME",
+                text(v.source.as_deref().unwrap_or("?"))
+            ));
+        }
+    };
+    let Some(bytes) = source.file_at(commit, file)? else {
+        return Err(anyhow!(
+            "commit {commit}, which produced version {version} of tenant {}, is not in the repository of source {}: fetch it (or restore in a clone that has it); nothing was written",
+            text(tenant_id),
+            text(&source.id)
+        ));
+    };
+    let path = match out {
+        Some(p) => p.to_path_buf(),
+        None => source
+            .worktree_path(file)
+            .ok_or_else(|| anyhow!("the repository has no work tree to write {} into; pass --out FILE", text(file)))?,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    println!(
+        "Wrote {}: tenant {} as of version {version} (commit {}). Commit it to revert the tenant; the sync after the merge writes it as a new version.",
+        path.display(),
+        text(tenant_id),
+        &commit[..12.min(commit.len())]
+    );
     Ok(EXIT_OK)
 }
 

@@ -5,6 +5,7 @@ pub mod commit;
 pub mod document;
 pub mod drift;
 pub mod escape;
+pub mod history;
 pub mod issue;
 pub mod json;
 pub mod plan;

@@ -180,7 +180,7 @@ fn op_line(op: &PatchOp) -> (char, String) {
 pub const SHOWN_VALUE_CHARS: usize = 80;
 
 /// A value as a plan shows it: its JSON, shortened with an ellipsis past [`SHOWN_VALUE_CHARS`].
-fn shown(s: &str) -> String {
+pub(crate) fn shown(s: &str) -> String {
     if s.chars().count() <= SHOWN_VALUE_CHARS {
         return s.to_string();
     }

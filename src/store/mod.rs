@@ -11,6 +11,7 @@ use tokio_postgres::Transaction;
 mod audit;
 mod connect;
 pub mod conninfo;
+pub mod history;
 pub mod lease;
 mod lifecycle;
 pub mod locks;
