@@ -38,3 +38,15 @@ CREATE TABLE gitops_audit_checks (
     intact     boolean     NOT NULL,
     problem    text
 );
+
+-- Each drifted tenant as the newest drift report of its source found it (the agent reports
+-- drift after every run): its classes and the report's redacted detail, for the status page.
+-- A tenant missing here was in sync at that report.
+CREATE TABLE gitops_tenant_drift (
+    tenant_id   text        PRIMARY KEY,
+    source_name text        NOT NULL,
+    classes     text[]      NOT NULL,
+    detail      jsonb       NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX gitops_tenant_drift_source_idx ON gitops_tenant_drift (source_name);

@@ -117,7 +117,15 @@ pub async fn sync_recorded(ctx: &Ctx, db: &Database, src: &SourceConfig, how: Ru
         duration_ms: u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX),
         ..run_record(&src.name, &result, trigger)
     };
-    let written = async { store::runs::record_run(&**store::client(&db.pool).await?, &record, ctx.cfg.run_history).await };
+    let written = async {
+        let mut client = store::client(&db.pool).await?;
+        store::runs::record_run(&**client, &record, ctx.cfg.run_history).await?;
+        // The drifted tenants as this run found them, for the status page.
+        if let Ok(Outcome { drift: Some(report), .. }) = &result {
+            store::pages::record_drift(&mut client, &src.name, report).await?;
+        }
+        Ok::<_, StoreError>(())
+    };
     if let Err(e) = written.await {
         tracing::warn!(source = %src.name, error = %first_line(&e), "the run could not be recorded in the run history");
     }

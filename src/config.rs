@@ -87,6 +87,10 @@ pub struct Config {
     pub listen: String,
     /// Bearer token for `POST /sync`. Secret.
     pub webhook_token: Option<String>,
+    /// Serve the status page on the agent's listener.
+    pub status_page: bool,
+    /// What the status page asks of a reader on a listener that is not loopback. Secret.
+    pub status_token: Option<String>,
     /// Credentials for a remote repository.
     pub git_auth: crate::location::GitAuth,
     pub verify_commits: VerifyMode,
@@ -192,6 +196,8 @@ pub enum Setting {
     DebounceMs,
     Listen,
     WebhookToken,
+    StatusPage,
+    StatusToken,
     EmbeddingEndpoint,
     VerifyCommits,
     AllowedSigners,
@@ -473,6 +479,24 @@ const DEFS: &[Def] = &[
         name: "webhook_token",
         flag: None,
         env: &["FROSTBYTE_WEBHOOK_TOKEN"],
+        default: None,
+        secret: true,
+        kind: Kind::Text,
+    },
+    Def {
+        key: Setting::StatusPage,
+        name: "status_page",
+        flag: None,
+        env: &["FROSTBYTE_STATUS_PAGE"],
+        default: Some("true"),
+        secret: false,
+        kind: Kind::Bool,
+    },
+    Def {
+        key: Setting::StatusToken,
+        name: "status_token",
+        flag: None,
+        env: &["FROSTBYTE_STATUS_TOKEN"],
         default: None,
         secret: true,
         kind: Kind::Text,
@@ -863,6 +887,30 @@ impl Reader<'_> {
         )
     }
 
+    /// allow_plaintext, prune, require_tenant_recipient, worktree, status_page.
+    fn switches(&mut self) -> [bool; 5] {
+        let keys = [
+            Setting::AllowPlaintext,
+            Setting::Prune,
+            Setting::RequireTenantRecipient,
+            Setting::Worktree,
+            Setting::StatusPage,
+        ];
+        keys.map(|n| self.flag(n))
+    }
+
+    /// interval, full_resync_interval, debounce_ms, db_timeout, run_history, each at its least.
+    fn numbers(&mut self) -> [u64; 5] {
+        let keys = [
+            (Setting::Interval, 1),
+            (Setting::FullResyncInterval, 1),
+            (Setting::DebounceMs, 0),
+            (Setting::DbTimeout, 1),
+            (Setting::RunHistory, 1),
+        ];
+        keys.map(|(n, min)| self.number(n, min))
+    }
+
     fn number(&mut self, key: Setting, min: u64) -> u64 {
         self.checked(key, min, |v| {
             let v = v.unwrap_or_default();
@@ -903,20 +951,22 @@ fn raw_settings(flags: &Flags, env: &dyn Fn(&str) -> Option<String>, table: &tom
     raw
 }
 
-/// The webhook token, refused when too short to guard `POST /sync`.
-fn webhook_token(raw: &Raw, env: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
-    let (given, origin) = raw[&Setting::WebhookToken].clone();
+/// A bearer token (`webhook_token`, `status_token`), refused when too short to guard `what`.
+fn token(raw: &Raw, env: &dyn Fn(&str) -> Option<String>, key: Setting, what: &str) -> Result<Option<String>, String> {
+    let (given, origin) = raw[&key].clone();
+    let var = key.def().env[0];
     // An empty value in the environment counts as given here: it opens the door, not closes it.
     let (token, from) = match given {
         Some(t) => (t, origin),
-        None => match env("FROSTBYTE_WEBHOOK_TOKEN").filter(|v| v.is_empty()) {
-            Some(t) => (t, Origin::Env("FROSTBYTE_WEBHOOK_TOKEN".into())),
+        None => match env(var).filter(|v| v.is_empty()) {
+            Some(t) => (t, Origin::Env(var.into())),
             None => return Ok(None),
         },
     };
     if token.len() < MIN_WEBHOOK_TOKEN_BYTES {
         return Err(format!(
-            "webhook_token (from {from}): {} bytes is too short to guard POST /sync; use at least {MIN_WEBHOOK_TOKEN_BYTES} random bytes, or unset it",
+            "{} (from {from}): {} bytes is too short to guard {what}; use at least {MIN_WEBHOOK_TOKEN_BYTES} random bytes, or unset it",
+            key.name(),
             token.len()
         ));
     }
@@ -964,16 +1014,8 @@ impl Config {
         let defaulted = |key: Setting| get(key).or_else(|| key.def().default.map(str::to_string)).unwrap_or_default();
         let path = |key: Setting| get(key).map(PathBuf::from);
         let (mode, log_format, drift_policy) = r.policies();
-        let [allow_plaintext, prune, require_tenant_recipient, worktree] =
-            [Setting::AllowPlaintext, Setting::Prune, Setting::RequireTenantRecipient, Setting::Worktree].map(|n| r.flag(n));
-        let timing = [
-            (Setting::Interval, 1),
-            (Setting::FullResyncInterval, 1),
-            (Setting::DebounceMs, 0),
-            (Setting::DbTimeout, 1),
-            (Setting::RunHistory, 1),
-        ];
-        let [interval_secs, full_resync_secs, debounce_ms, db_timeout_secs, run_history] = timing.map(|(n, min)| r.number(n, min));
+        let [allow_plaintext, prune, require_tenant_recipient, worktree, status_page] = r.switches();
+        let [interval_secs, full_resync_secs, debounce_ms, db_timeout_secs, run_history] = r.numbers();
         let fraction = |v: Option<String>| parse_fraction(&v.unwrap_or_default());
         let prune_max_fraction = r.checked(Setting::PruneMaxFraction, DEFAULT_PRUNE_MAX_FRACTION, fraction);
         let repo = RepoLocation::parse(&defaulted(Setting::Repo));
@@ -996,7 +1038,8 @@ impl Config {
         if let Some(url) = &embedding_endpoint {
             r.checked(Setting::EmbeddingEndpoint, (), |_| check_endpoint(url, mode));
         }
-        let webhook_token = webhook_token(&raw, env).map_err(|e| r.errors.push(e)).unwrap_or_default();
+        let tokens = [(Setting::WebhookToken, "POST /sync"), (Setting::StatusToken, "the status page")];
+        let [webhook_token, status_token] = tokens.map(|(key, what)| token(&raw, env, key, what).map_err(|e| r.errors.push(e)).unwrap_or_default());
         let (age_key_file, key_file_origin) = age_key_file(&raw, home);
         let notifications = r.table_list(&table, "notifications", Vec::new, |v| parse_notifications(file_name, v, mode));
         if !r.errors.is_empty() {
@@ -1027,6 +1070,8 @@ impl Config {
             run_history,
             listen: get(Setting::Listen).unwrap_or_default(),
             webhook_token,
+            status_page,
+            status_token,
             embedding_endpoint,
             verify_commits,
             allowed_signers: path(Setting::AllowedSigners),

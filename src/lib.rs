@@ -21,6 +21,7 @@ pub mod status;
 pub mod store;
 pub mod sync;
 pub mod verify;
+pub mod web;
 
 /// Runs CPU-bound or blocking work from async code: on the multi-threaded runtime the worker hands
 /// its other tasks (the database connections among them) to another thread meanwhile.

@@ -30,6 +30,10 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the status page would be open to anyone who reaches {addr}, which is not a loopback address: set status_token (16 bytes or more), listen on 127.0.0.1, or set status_page = false"
+    )]
+    StatusPageExposed { addr: String },
     #[error("cannot watch {path}")]
     Watch {
         path: String,
@@ -54,13 +58,20 @@ pub async fn run(ctx: Arc<Ctx>, db: Database) -> Result<(), AgentError> {
         addr: ctx.cfg.listen.clone(),
         source,
     })?;
+    if ctx.cfg.status_page && ctx.cfg.status_token.is_none() && !addr.ip().is_loopback() {
+        return Err(AgentError::StatusPageExposed { addr: addr.to_string() });
+    }
     tracing::info!(%addr, "listening");
-    let app = http::router(http::AppState {
+    let mut app = http::router(http::AppState {
         metrics: metrics.clone(),
         pool: db.pool.clone(),
         triggers: trigger_tx.clone(),
         token: ctx.cfg.webhook_token.clone(),
     });
+    if ctx.cfg.status_page {
+        let pages = crate::web::PageState::new(db.pool.clone(), ctx.cfg.sources.clone(), ctx.cfg.status_token.clone());
+        app = app.merge(crate::web::routes(pages));
+    }
     let server = tokio::spawn(http::serve(listener, app, stop_rx.clone()));
 
     let _watcher = watch_source(&ctx, trigger_tx.clone())?;

@@ -16,6 +16,7 @@ pub mod lease;
 mod lifecycle;
 pub mod locks;
 mod migrate;
+pub mod pages;
 pub mod port;
 mod read;
 pub mod respell;

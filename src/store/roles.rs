@@ -42,7 +42,7 @@ pub async fn grant_app_role(client: &impl GenericClient, role: &str) -> Result<(
          GRANT SELECT, INSERT, UPDATE ON tenants TO {r};
          GRANT SELECT, INSERT, UPDATE, DELETE ON gitops_sources, gitops_applied, gitops_owners TO {r};
          GRANT SELECT, INSERT ON gitops_settings TO {r};
-         GRANT SELECT, INSERT, DELETE ON gitops_runs, gitops_audit_checks TO {r};
+         GRANT SELECT, INSERT, DELETE ON gitops_runs, gitops_audit_checks, gitops_tenant_drift TO {r};
          GRANT SELECT ON schema_migrations, audit_events, audit_chain_head TO {r};
          GRANT EXECUTE ON FUNCTION emit_audit_event(text, text, text, jsonb) TO {r};
          GRANT EXECUTE ON FUNCTION emit_audit_events(text[], text[], text[], jsonb[]) TO {r};

@@ -2,6 +2,8 @@
 //! repository of encrypted tenant files, and the built binary.
 #![allow(dead_code)]
 
+pub mod agent;
+
 use frostbyte_gitops::sops::{self, AgeKeys, Format, Rules};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
