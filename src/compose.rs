@@ -181,14 +181,21 @@ pub fn run_record(name: &str, result: &Result<Outcome, SyncError>, trigger: RunT
     record
 }
 
-/// An error and its causes on one line, as long as a status line can show.
-pub fn first_line(e: &(dyn std::error::Error + 'static)) -> String {
+/// An error and its causes, joined with ": ", as `{:#}` prints them.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
-        text = format!("{text}: {c}");
+        text.push_str(": ");
+        text.push_str(&c.to_string());
         cause = c.source();
     }
+    text
+}
+
+/// An error and its causes on one line, as long as a status line can show.
+pub fn first_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let text = chain(e);
     // A list follows a line ending in ':' (the problems of invalid files): its first item too.
     let mut lines = text.lines();
     let mut line = lines.next().unwrap_or_default().to_string();
@@ -209,4 +216,30 @@ pub fn replica() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "unknown-host".into());
     format!("{host} (pid {})", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::issue::Issue;
+
+    #[test]
+    fn a_failure_on_one_line_carries_the_first_problem_and_its_commit() {
+        let mut first = Issue::new("tenants/acme.toml", "\"platinum\" is not one of the plans").at("/config/plan");
+        first.line = Some(7);
+        let e = SyncError::Invalid {
+            at: "commit 377f5f3efb24".into(),
+            issues: vec![first, Issue::new("tenants/globex.json", "duplicate tenant_id")],
+        };
+        let line = first_line(&e);
+        assert!(line.starts_with("2 problem(s) in 2 file(s) at commit 377f5f3efb24"), "{line}");
+        assert!(
+            line.ends_with(": tenants/acme.toml:7: /config/plan: \"platinum\" is not one of the plans"),
+            "{line}"
+        );
+        assert!(!line.contains('\n') && !line.contains("globex"), "{line}");
+        assert_eq!(e.commit().as_deref(), Some("377f5f3efb24"));
+        let long = SyncError::Usage("x".repeat(1000));
+        assert_eq!(first_line(&long).chars().count(), 403, "400 characters and an ellipsis of three dots");
+    }
 }

@@ -169,7 +169,8 @@ pub enum Edited {
 /// Opens `editor` on the plaintext in a private temporary file, then re-encrypts under the same
 /// data key. The file is left as it was when nothing changed or when the result is not a valid
 /// tenant file.
-pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, FileError> {
+/// `from`: an edit an earlier call kept, to start from instead of the file's plaintext.
+pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str, from: Option<&Path>) -> Result<Edited, FileError> {
     let format = format_of(path)?;
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
@@ -179,44 +180,117 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str) -> Result<Edited, Fi
     let before = sops::serialize(format, &d.value).map_err(|e| ferr(path, e.to_string()))?;
 
     // A 0700 directory and a 0600 file: only we can read the plaintext.
-    let dir = tempfile::tempdir().map_err(io(path))?;
+    let dir = tempfile::Builder::new().prefix("frostbyte-edit-").tempdir().map_err(io(path))?;
     let tmp = dir.path().join(path.file_name().unwrap_or("tenant".as_ref()));
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        std::io::Write::write_all(&mut f, before.as_bytes()).map_err(io(&tmp))?;
+    // What the editor was last given: saved unchanged after a problem, it means "give up".
+    let mut shown = match from {
+        Some(kept) => std::fs::read_to_string(kept).map_err(io(kept))?,
+        None => before.clone(),
+    };
+    write_private(&tmp, &shown)?;
+    loop {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{editor} \"$1\""))
+            .arg("sh")
+            .arg(&tmp)
+            .status()
+            .map_err(io(path))?;
+        let raw = std::fs::read_to_string(&tmp).map_err(io(&tmp))?;
+        let after = without_problems(&raw);
+        if !status.success() {
+            return Err(kept(path, dir, &tmp, after != before, format!("the editor exited with {status}")));
+        }
+        if after == before {
+            return Ok(Edited::Unchanged);
+        }
+        let problems = match checked_edit(path, format, &after, &d.encrypted) {
+            Ok(edited) => {
+                let rule = creation_rule(path).unwrap_or_else(|_| rule_from_metadata(&d.recipients, &rules));
+                write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key))?)?;
+                return Ok(Edited::Saved);
+            }
+            Err(problems) => problems,
+        };
+        // As `kubectl edit`: back into the editor with the problems on top, while someone is
+        // there to fix them and the format has comments to carry them.
+        let again = std::io::IsTerminal::is_terminal(&std::io::stdin()) && format != Format::Json && raw != shown;
+        if !again {
+            return Err(kept(
+                path,
+                dir,
+                &tmp,
+                true,
+                format!("the edit is not a valid tenant file:\n{}", problems.join("\n")),
+            ));
+        }
+        eprintln!("The edit has problems; they are at the top of the file, which opens again. Save it unchanged to give up.");
+        shown = format!("{}{after}", problems_header(&problems));
+        write_private(&tmp, &shown)?;
     }
-    let status = std::process::Command::new("sh")
-        .arg("-c")
-        .arg(format!("{editor} \"$1\""))
-        .arg("sh")
-        .arg(&tmp)
-        .status()
-        .map_err(io(path))?;
-    if !status.success() {
-        return Err(ferr(path, format!("the editor exited with {status}; the file is unchanged")));
-    }
-    let after = std::fs::read_to_string(&tmp).map_err(io(&tmp))?;
-    if after == before {
-        return Ok(Edited::Unchanged);
-    }
-    let edited = sops::parse(format, &after).map_err(|e| ferr(path, format!("the edited text does not parse ({e}); the file is unchanged")))?;
+}
+
+/// The plaintext to the editor, readable by us alone.
+fn write_private(tmp: &Path, text: &str) -> Result<(), FileError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(tmp)
+        .map_err(io(tmp))?;
+    std::io::Write::write_all(&mut f, text.as_bytes()).map_err(io(tmp))
+}
+
+/// The edited text parsed and checked, or every problem with it, one a line.
+fn checked_edit(path: &Path, format: Format, after: &str, encrypted: &crate::domain::json::SecretPaths) -> Result<Value, Vec<String>> {
+    let edited = sops::parse(format, after).map_err(|e| vec![format!("  the edited text does not parse: {e}")])?;
     let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
-    if let Err(issues) = check_document(&path.display().to_string(), &stem, &after, edited.clone(), d.encrypted.clone()) {
-        let list: Vec<String> = issues.iter().map(|i| format!("  {i}")).collect();
-        return Err(ferr(
-            path,
-            format!("the edit is not a valid tenant file; the file is unchanged:\n{}", list.join("\n")),
-        ));
+    check_document(&path.display().to_string(), &stem, after, edited.clone(), encrypted.clone())
+        .map(|_| edited)
+        .map_err(|issues| issues.iter().map(|i| format!("  {i}")).collect())
+}
+
+/// Lines the editor shows above the text, each marked so that they come off again.
+const PROBLEM_MARK: &str = "#~ ";
+
+fn problems_header(problems: &[String]) -> String {
+    let mut out = format!(
+        "{PROBLEM_MARK}frostbyte-gitops: fix these and save (lines starting \"{}\" are removed):\n",
+        PROBLEM_MARK.trim_end()
+    );
+    for p in problems {
+        for line in p.lines() {
+            out.push_str(&format!("{PROBLEM_MARK}{}\n", line.trim()));
+        }
     }
-    let rule = creation_rule(path).unwrap_or_else(|_| rule_from_metadata(&d.recipients, &rules));
-    write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key))?)?;
-    Ok(Edited::Saved)
+    out
+}
+
+fn without_problems(text: &str) -> String {
+    let mut rest = text;
+    while let Some(line_end) = rest.starts_with(PROBLEM_MARK.trim_end()).then(|| rest.find('\n')).flatten() {
+        rest = &rest[line_end + 1..];
+    }
+    rest.to_string()
+}
+
+/// The file is left as it was; an edit that changed anything is kept, readable by its owner
+/// alone, and the error says where.
+fn kept(path: &Path, dir: tempfile::TempDir, tmp: &Path, changed: bool, why: String) -> FileError {
+    if !changed {
+        return ferr(path, format!("{why}; the file is unchanged"));
+    }
+    let at = tmp.display().to_string();
+    let _ = dir.keep();
+    ferr(
+        path,
+        format!(
+            "{why}\nThe file is unchanged. Your edit is kept in {at} (mode 0600, only you can read it): go on from it with `frostbyte-gitops secrets edit {} --from {at}`, and delete it once done.",
+            path.display()
+        ),
+    )
 }
 
 /// The encryption a file already has, as a creation rule: its recipients and its rules.
@@ -323,4 +397,19 @@ pub fn new_tenant(path: &Path, tenant_id: &str, age_public_key: &str) -> Result<
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
     write_atomic(path, &encrypt_value(path, &plain, &rule, None)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_problems_shown_above_an_edit_come_off_it_and_nothing_else_does() {
+        let edit = "# a comment of the file's own\nplan = \"pro\"\n";
+        let shown = format!("{}{edit}", problems_header(&["  tenants/a.toml:2: /plan: bad\n  second line".into()]));
+        assert!(shown.starts_with("#~ frostbyte-gitops: fix these"), "{shown}");
+        assert_eq!(shown.lines().filter(|l| l.starts_with("#~ ")).count(), 3);
+        assert_eq!(without_problems(&shown), edit);
+        assert_eq!(without_problems(edit), edit);
+    }
 }

@@ -52,6 +52,11 @@ fn an_intact_trail_verifies_and_its_text_says_so() {
     let text = run(&repo, Some(&db), &["audit", "verify"]);
     assert_eq!(text.code, 0);
     assert!(text.stdout.starts_with("Audit trail intact: 7 event(s)"), "{}", text.stdout);
+    assert_eq!(report["format_version"], json!(2), "every JSON document says its layout");
+    // A report with no Markdown form does not pretend to have one.
+    let markdown = run(&repo, Some(&db), &["audit", "verify", "--format", "markdown"]);
+    assert_eq!(markdown.code, 2, "clap's usage error: {}", markdown.all());
+    assert!(markdown.stderr.contains("possible values: text, json"), "{}", markdown.stderr);
 }
 
 #[test]

@@ -101,6 +101,22 @@ fn edit_reencrypts_changes_and_leaves_the_file_alone_otherwise() {
     );
     assert!(!out.stderr.contains("rotated-by-editor"), "{}", out.stderr);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), before);
+    // ... and the edit is not lost: it is kept where only its owner can read it, and the next
+    // edit goes on from it.
+    let kept = out
+        .stderr
+        .split("Your edit is kept in ")
+        .nth(1)
+        .and_then(|rest| rest.split(" (mode 0600").next())
+        .unwrap_or_else(|| panic!("no kept edit named: {}", out.stderr))
+        .to_string();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&kept).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::read_to_string(&kept).unwrap().contains("plan = \"platinum\""));
+    let fixed = secrets(&repo, &["edit", rel, "--from", &kept], Some("sed -i -e 's/platinum/starter/'"));
+    assert_eq!(fixed.code, 0, "{}", fixed.all());
+    assert!(secrets(&repo, &["decrypt", rel], None).stdout.contains("plan = \"starter\""));
+    std::fs::remove_dir_all(Path::new(&kept).parent().unwrap()).unwrap();
 }
 
 #[test]

@@ -123,6 +123,19 @@ fn an_unknown_tenant_is_named() {
     assert!(out.stderr.contains("tenant nobody does not exist"), "{}", out.stderr);
 }
 
+#[test]
+fn an_unknown_state_is_named_with_the_states_there_are() {
+    let (repo, db) = synced();
+    let out = run(&repo, Some(&db), &["tenant", "state", "alpha", "bogus"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stderr
+            .contains("unknown state \"bogus\" (one of: pending, provisioning, active, suspended, decommissioning, decommissioned)"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// A sync plans the tenants it creates as it writes them, the rest before: what it reports having
 /// applied is, tenant by tenant, what `plan` said it would do.
 #[test]

@@ -18,6 +18,7 @@ pub(crate) struct Cli {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "Global options")]
 pub(crate) struct Global {
     /// TOML configuration file (env FROSTBYTE_CONFIG).
     #[arg(long, global = true)]
@@ -99,6 +100,22 @@ pub(crate) enum OutFormat {
     Markdown,
 }
 
+/// For the reports that have no Markdown form.
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+pub(crate) enum TextOrJson {
+    Text,
+    Json,
+}
+
+impl From<TextOrJson> for OutFormat {
+    fn from(f: TextOrJson) -> OutFormat {
+        match f {
+            TextOrJson::Text => OutFormat::Text,
+            TextOrJson::Json => OutFormat::Json,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 pub(crate) enum Color {
     Auto,
@@ -150,15 +167,17 @@ pub(crate) enum Cmd {
     Apply {
         /// A plan saved with `plan --out`.
         plan_file: Option<PathBuf>,
+        /// Apply a commit that does not descend from the last applied one (a force-push, a reset).
         #[arg(long)]
         allow_non_fast_forward: bool,
         #[arg(long, value_enum, default_value = "text")]
-        format: OutFormat,
+        format: TextOrJson,
         #[command(flatten)]
         prune: PruneArgs,
     },
     /// Fetch, plan and apply in one go (for cron).
     Sync {
+        /// Apply a commit that does not descend from the last applied one (a force-push, a reset).
         #[arg(long)]
         allow_non_fast_forward: bool,
         /// Read every file and row, whatever the incremental state says.
@@ -167,7 +186,7 @@ pub(crate) enum Cmd {
         #[command(flatten)]
         prune: PruneArgs,
         #[arg(long, value_enum, default_value = "text")]
-        format: OutFormat,
+        format: TextOrJson,
     },
     /// Each source's last applied commit, lease holder, last run and drift, and the audit
     /// trail's head, from the database alone. Exit 0 healthy, 2 drift or a failing source, 1 error.
@@ -215,11 +234,19 @@ pub(crate) enum SecretsCmd {
     /// Print the decrypted file.
     Decrypt { file: PathBuf },
     /// Edit the plaintext in $EDITOR; re-encrypt if it changed and is still a valid tenant file.
-    Edit { file: PathBuf },
+    /// An edit that is not is never lost: the editor opens again with its problems on top, or the
+    /// edit is kept in a private file whose name the error gives.
+    Edit {
+        file: PathBuf,
+        /// Start from an edit kept by an earlier `secrets edit` instead of the file's plaintext.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Re-encrypt the data key of tenant files to the recipients the creation rules name now.
     Updatekeys {
         /// Files to update (default: every tenant file under the configured path).
         files: Vec<PathBuf>,
+        /// Say which files would change and write none.
         #[arg(long)]
         dry_run: bool,
     },
@@ -237,7 +264,7 @@ pub(crate) enum AuditCmd {
     /// events. Exit 0 intact, 1 naming the first event edited, deleted, inserted or reordered.
     Verify {
         #[arg(long, value_enum, default_value = "text")]
-        format: OutFormat,
+        format: TextOrJson,
         /// A file recording the head of the last good verification: the event it names must still
         /// be there unchanged (this catches a rewrite of the whole chain); updated when intact.
         #[arg(long)]
@@ -280,7 +307,7 @@ pub(crate) enum TenantCmd {
         #[arg(long)]
         version: Option<i64>,
         #[arg(long, value_enum, default_value = "text")]
-        format: OutFormat,
+        format: TextOrJson,
     },
     /// Write the tenant's file as it was in the commit that produced a version (still encrypted,
     /// from git) to its path in the work tree, or to --out: commit it to revert the tenant.

@@ -87,6 +87,19 @@ pub(crate) fn load_keys(cfg: &Config) -> Result<AgeKeys> {
 pub(crate) fn load_signers(cfg: &Config) -> Result<frostbyte_gitops::verify::TrustedSigners> {
     let signers = frostbyte_gitops::verify::TrustedSigners::load(cfg.allowed_signers.as_deref(), cfg.trusted_pgp_keys.as_deref())?;
     if cfg.verify_commits != frostbyte_gitops::domain::commit::VerifyMode::Off && signers.is_empty() {
+        // Files given but holding no signer (only comments, say) are named: the setting is there.
+        let given: Vec<String> = [&cfg.allowed_signers, &cfg.trusted_pgp_keys]
+            .into_iter()
+            .flatten()
+            .map(|p| p.display().to_string())
+            .collect();
+        if !given.is_empty() {
+            return Err(anyhow!(
+                "verify_commits is {} but {} names no trusted signer (it is empty, or only comments)",
+                cfg.verify_commits,
+                given.join(" and ")
+            ));
+        }
         return Err(anyhow!(
             "verify_commits is {} but no trusted signer is configured: set allowed_signers (FROSTBYTE_ALLOWED_SIGNERS) or trusted_pgp_keys (FROSTBYTE_TRUSTED_PGP_KEYS)",
             cfg.verify_commits
@@ -118,7 +131,7 @@ pub(crate) fn init_logging(cfg: &Config) {
 pub(crate) fn context(cfg: Config, keys: AgeKeys, cmd: &Cmd) -> Result<Ctx> {
     let progress = matches!(
         cmd,
-        Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: OutFormat::Text, .. }
+        Cmd::Validate { format: OutFormat::Text, .. } | Cmd::Plan { format: OutFormat::Text, .. } | Cmd::Sync { format: TextOrJson::Text, .. }
     );
     let signers = load_signers(&cfg)?;
     let notifier = std::sync::Arc::new(frostbyte_gitops::notify::Notifier::new(&notify_targets(&cfg.notifications))?);

@@ -94,7 +94,7 @@ pub(crate) async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<
         } => tenant_history(ctx, &tenant_id, format).await,
         Cmd::Tenant {
             cmd: TenantCmd::Show { tenant_id, version, format },
-        } => tenant_show(ctx, &tenant_id, version, format).await,
+        } => tenant_show(ctx, &tenant_id, version, format.into()).await,
         Cmd::Tenant {
             cmd: TenantCmd::Restore { tenant_id, version, out },
         } => tenant_restore(ctx, only, &tenant_id, version, out.as_deref()).await,
@@ -102,7 +102,7 @@ pub(crate) async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<
         Cmd::Migrate { app_role } => migrate(ctx, app_role).await,
         Cmd::Audit {
             cmd: AuditCmd::Verify { format, anchor },
-        } => audit_verify(ctx, format, anchor.as_deref()).await,
+        } => audit_verify(ctx, format.into(), anchor.as_deref()).await,
         Cmd::Validate { format, no_decrypt } => validate(ctx, only, format, no_decrypt).await,
         Cmd::Plan {
             format,
@@ -116,13 +116,13 @@ pub(crate) async fn dispatch(ctx: &Ctx, cmd: Cmd, only: Option<&str>) -> Result<
             allow_non_fast_forward,
             format,
             prune,
-        } => apply(ctx, only, plan_file, allow_non_fast_forward, format, prune).await,
+        } => apply(ctx, only, plan_file, allow_non_fast_forward, format.into(), prune).await,
         Cmd::Sync {
             allow_non_fast_forward,
             format,
             full,
             prune,
-        } => apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format, full, prune).await,
+        } => apply_and_report(ctx, only, || Run::Apply { allow_non_fast_forward }, format.into(), full, prune).await,
         Cmd::Drift { format, fail_on, full } => drift(ctx, only, format, &fail_on, full).await,
         Cmd::Status { format } => status(ctx, only, format).await,
     }

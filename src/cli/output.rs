@@ -14,7 +14,12 @@ pub(crate) static JSON_VERSION: std::sync::OnceLock<u32> = std::sync::OnceLock::
 
 pub(crate) fn print_json(v: &serde_json::Value) {
     let version = JSON_VERSION.get().copied().unwrap_or(render::JSON_FORMAT_VERSION);
-    let v = render::json_format_version(v.clone(), version);
+    let mut v = v.clone();
+    // Every document says its layout's version, first.
+    if let Some(map) = v.as_object_mut().filter(|m| !m.contains_key("format_version")) {
+        map.shift_insert(0, "format_version".into(), serde_json::json!(render::JSON_FORMAT_VERSION));
+    }
+    let v = render::json_format_version(v, version);
     println!("{}", serde_json::to_string_pretty(&v).expect("serialisable"));
 }
 
@@ -40,6 +45,7 @@ pub(crate) fn worst(a: u8, b: u8) -> u8 {
 pub(crate) async fn per_source<T>(
     sources: &[&SourceConfig],
     format: OutFormat,
+    command: Command,
     mut each: impl AsyncFnMut(&SourceConfig) -> anyhow::Result<Result<T, sync::SyncError>>,
     mut show: impl FnMut(&SourceConfig, T) -> u8,
 ) -> anyhow::Result<u8> {
@@ -50,27 +56,33 @@ pub(crate) async fn per_source<T>(
                 print!("{}", group_header(sources, src, format));
                 code = worst(code, show(src, result));
             }
-            Err(e) => code = worst(code, failed(sources, src, e)),
+            Err(e) => code = worst(code, failed(sources, src, e, command)),
         }
     }
     Ok(code)
 }
 
+/// Whether a command writes: its errors say what it left (nothing), a reader's need not.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Command {
+    Applies,
+    Reads,
+}
+
 /// Reports a source that failed (naming it when there are several); the others go on.
-pub(crate) fn failed(sources: &[&SourceConfig], src: &SourceConfig, e: sync::SyncError) -> u8 {
-    failed_text(sources, src, &error_text(&e))
+pub(crate) fn failed(sources: &[&SourceConfig], src: &SourceConfig, e: sync::SyncError, command: Command) -> u8 {
+    let text = error_text(&e);
+    // The errors say what an apply leaves; a plan or a report applies nothing to begin with.
+    let text = match command {
+        Command::Applies => text,
+        Command::Reads => text.replace("; nothing was applied", ""),
+    };
+    failed_text(sources, src, &text)
 }
 
 /// An error and its causes on one line, as `{:#}` prints them at the top.
 pub(crate) fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
+    frostbyte_gitops::compose::chain(e)
 }
 
 pub(crate) fn failed_text(sources: &[&SourceConfig], src: &SourceConfig, e: &str) -> u8 {

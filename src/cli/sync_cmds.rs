@@ -8,6 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use frostbyte_gitops::compose;
 use frostbyte_gitops::config::SourceConfig;
 use frostbyte_gitops::domain::drift::DriftClass;
+use frostbyte_gitops::domain::escape::text;
 use frostbyte_gitops::domain::plan::Entries;
 use frostbyte_gitops::domain::render;
 use frostbyte_gitops::notify::Notification;
@@ -21,17 +22,42 @@ pub(crate) async fn validate(ctx: &Ctx, only: Option<&str>, format: OutFormat, n
     let read = async |src: &SourceConfig| {
         Ok(frostbyte_gitops::source::Source::open(&ctx.source_spec(src))
             .map_err(sync::SyncError::from)
-            .and_then(|source| sync::validate(&source, src, ctx, ctx.cfg.worktree, !no_decrypt)))
+            .and_then(|source| {
+                let desired = sync::validate(&source, src, ctx, ctx.cfg.worktree, !no_decrypt)?;
+                // Files edited but not committed are not what was checked: say so.
+                let uncommitted = match ctx.cfg.worktree {
+                    true => vec![],
+                    false => source.uncommitted().unwrap_or_default(),
+                };
+                Ok((desired, uncommitted))
+            }))
     };
-    let show = |_: &SourceConfig, d: sync::Desired| {
+    let show = |_: &SourceConfig, (d, uncommitted): (sync::Desired, Vec<String>)| {
         match format {
-            OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues)),
+            OutFormat::Text => print!("{}", render::issues_text(d.files, &d.issues, &d.at())),
             OutFormat::Markdown => print!("{}", render::issues_markdown(d.files, &d.issues)),
-            OutFormat::Json => print_json(&render::issues_value(d.files, &d.issues)),
+            OutFormat::Json => {
+                let mut v = render::issues_value(d.files, &d.issues);
+                v["commit"] = serde_json::json!(d.commit.as_ref().map(|c| &c.id));
+                print_json(&v);
+            }
+        }
+        if !uncommitted.is_empty() {
+            let shown: Vec<String> = uncommitted.iter().take(5).map(|p| text(p).into_owned()).collect();
+            let more = if uncommitted.len() > 5 {
+                format!(" and {} more", uncommitted.len() - 5)
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "note: {} tenant file(s) in the work tree differ from the commit checked ({}{more}): `validate --worktree` checks them as they are on disk",
+                uncommitted.len(),
+                shown.join(", ")
+            );
         }
         if d.issues.is_empty() { EXIT_OK } else { EXIT_ERROR }
     };
-    per_source(&sources, format, read, show).await
+    per_source(&sources, format, Command::Reads, read, show).await
 }
 
 /// `plan`: against the database (saved with --out) or against another revision's files.
@@ -77,7 +103,7 @@ pub(crate) async fn plan(
             EXIT_OK
         }
     };
-    per_source(&sources, format, each, show).await
+    per_source(&sources, format, Command::Reads, each, show).await
 }
 
 /// What `plan` compares the files with.
@@ -187,7 +213,7 @@ pub(crate) async fn drift(ctx: &Ctx, only: Option<&str>, format: OutFormat, fail
         let drifted = report.iter().any(|t| t.classes.iter().any(|c| fail.contains(c)));
         if drifted { EXIT_CHANGES } else { EXIT_OK }
     };
-    let code = per_source(&sources, format, each, show).await?;
+    let code = per_source(&sources, format, Command::Reads, each, show).await?;
     notify(ctx, notes).await;
     Ok(code)
 }
@@ -232,8 +258,8 @@ pub(crate) async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn
         let o = match compose::sync_recorded(ctx, &db, src, run(), opts, RunTrigger::Command).await {
             Ok(o) => o,
             Err(e) => {
-                let text = error_text(&e);
-                notes.push(Notification::failed(e.notify_event(), &src.name, &text));
+                let line = compose::first_line(&e);
+                notes.push(Notification::failed(e.notify_event(), &src.name, e.commit().as_deref(), &line));
                 return Ok(Err(e));
             }
         };
@@ -255,7 +281,7 @@ pub(crate) async fn apply_and_report(ctx: &Ctx, only: Option<&str>, run: impl Fn
         }
         EXIT_OK
     };
-    let code = per_source(&sources, format, each, show).await?;
+    let code = per_source(&sources, format, Command::Applies, each, show).await?;
     notify(ctx, notes).await;
     Ok(code)
 }

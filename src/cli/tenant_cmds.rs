@@ -42,6 +42,10 @@ pub(crate) async fn tenant_move(ctx: &Ctx, tenant_id: &str, to: &str) -> Result<
 }
 
 pub(crate) async fn tenant_state(ctx: &Ctx, tenant_id: &str, state: &str, reason: Option<String>) -> Result<u8> {
+    use frostbyte_gitops::domain::tenant::STATES;
+    if !STATES.contains(&state) {
+        return Err(anyhow!("unknown state {:?} (one of: {})", text(state), STATES.join(", ")));
+    }
     let db = compose::connect(&ctx.cfg).await?;
     compose::prepare(&ctx.cfg, &db).await?;
     let mut client = store::client(&db.pool).await?;
@@ -217,9 +221,9 @@ pub(crate) fn secrets(cfg: &Config, keys: &AgeKeys, cmd: &SecretsCmd) -> Result<
             eprintln!("Encrypted {}", file.display());
         }
         SecretsCmd::Decrypt { file } => print!("{}", files::decrypt_file(file, keys)?),
-        SecretsCmd::Edit { file } => {
+        SecretsCmd::Edit { file, from } => {
             let editor = std::env::var("EDITOR").or_else(|_| std::env::var("VISUAL")).unwrap_or_else(|_| "vi".into());
-            match files::edit_file(file, keys, &editor)? {
+            match files::edit_file(file, keys, &editor, from.as_deref())? {
                 files::Edited::Unchanged => eprintln!("{}: no changes", file.display()),
                 files::Edited::Saved => eprintln!("{}: saved", file.display()),
             }
