@@ -135,8 +135,10 @@ impl Notification {
         Ok(n)
     }
 
-    pub fn failed(event: Event, source: &str, error: &str) -> Notification {
-        let mut n = Notification::new(event, source, None, &[], vec![]);
+    /// A run that failed or was refused, at `commit` when it got that far; `error` is said on one
+    /// line (the caller puts the first problem of a list on it).
+    pub fn failed(event: Event, source: &str, commit: Option<&str>, error: &str) -> Notification {
+        let mut n = Notification::new(event, source, commit, &[], vec![]);
         n.error = Some(error.lines().next().unwrap_or_default().chars().take(500).collect());
         n
     }
@@ -310,11 +312,34 @@ impl Notifier {
                 }
                 Ok(resp) => tracing::warn!(receiver = %r.shown, status = resp.status().as_u16(), attempt = attempt + 1, "notification refused"),
                 // Without the URL: a Slack webhook's path is its credential.
-                Err(e) => tracing::warn!(receiver = %r.shown, error = %e.without_url(), attempt = attempt + 1, "notification not delivered"),
+                Err(e) => tracing::warn!(receiver = %r.shown, cause = %cause(&e), attempt = attempt + 1, "notification not delivered"),
             }
         }
         tracing::warn!(receiver = %r.shown, event = n.event.as_str(), "notification given up after {ATTEMPTS} attempts");
         Delivery::Failed
+    }
+}
+
+/// Why a delivery failed, in words: timed out, the connection refused or reset, TLS, with the
+/// innermost cause's text. Never the URL: a Slack webhook's path is its credential, and only
+/// reqwest's outermost error names the URL.
+fn cause(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else {
+        "failed"
+    };
+    let mut inner: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    let mut last = None;
+    while let Some(c) = inner {
+        last = Some(c.to_string());
+        inner = c.source();
+    }
+    match last {
+        Some(why) => format!("{kind}: {why}"),
+        None => kind.to_string(),
     }
 }
 

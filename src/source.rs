@@ -24,19 +24,11 @@ pub const TENANT_EXTENSIONS: [&str; 4] = ["toml", "json", "yaml", "yml"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{path} is not inside a git repository")]
-    NotARepo {
-        path: String,
-        #[source]
-        source: git2::Error,
-    },
-    #[error("{what} ({repo})")]
-    Git {
-        what: String,
-        repo: String,
-        #[source]
-        source: git2::Error,
-    },
+    // libgit2's own text ends in "; class=...; code=...": people get its message alone.
+    #[error("{path} is not inside a git repository ({})", cause.message())]
+    NotARepo { path: String, cause: git2::Error },
+    #[error("{what} ({repo}): {}", cause.message())]
+    Git { what: String, repo: String, cause: git2::Error },
     #[error("reading {path}")]
     Io {
         path: String,
@@ -152,7 +144,7 @@ impl Source {
             }
         };
         let shown = given.display().to_string();
-        let repo = Repository::discover(given).map_err(|source| SourceError::NotARepo { path: shown.clone(), source })?;
+        let repo = Repository::discover(given).map_err(|cause| SourceError::NotARepo { path: shown.clone(), cause })?;
         let workdir = repo.workdir().unwrap_or_else(|| repo.path()).to_path_buf();
         let workdir = workdir.canonicalize().unwrap_or(workdir);
         let given = given.canonicalize().map_err(|source| SourceError::Io { path: shown.clone(), source })?;
@@ -178,10 +170,10 @@ impl Source {
 
     fn git_err(&self, what: impl Into<String>) -> impl FnOnce(git2::Error) -> SourceError + '_ {
         let what = what.into();
-        move |source| SourceError::Git {
+        move |cause| SourceError::Git {
             what,
             repo: self.label.clone(),
-            source,
+            cause,
         }
     }
 
@@ -207,7 +199,7 @@ impl Source {
         Err(SourceError::Git {
             what: format!("cannot resolve revision {:?}", rev.unwrap_or("HEAD")),
             repo: self.label.clone(),
-            source: last.expect("at least one candidate"),
+            cause: last.expect("at least one candidate"),
         })
     }
 
@@ -452,6 +444,22 @@ impl Source {
         }
     }
 
+    /// The tenant files the work tree holds differently from the checked-out commit (edited,
+    /// added, deleted), as paths in the repository; none for a remote or bare repository.
+    pub fn uncommitted(&self) -> Result<Vec<String>, SourceError> {
+        if self.remote || self.repo.is_bare() {
+            return Ok(vec![]);
+        }
+        let mut opts = git2::StatusOptions::new();
+        opts.include_untracked(true).recurse_untracked_dirs(true).pathspec(self.tenant_dir());
+        let statuses = self.repo.statuses(Some(&mut opts)).map_err(self.git_err("reading the work tree's status"))?;
+        Ok(statuses
+            .iter()
+            .filter_map(|e| e.path().ok().map(str::to_string))
+            .filter(|p| crate::sops::Format::from_path(p).is_some())
+            .collect())
+    }
+
     /// Where `file` (relative to the source root) is in the work tree; None for a bare or remote
     /// repository.
     pub fn worktree_path(&self, file: &str) -> Option<PathBuf> {
@@ -628,10 +636,10 @@ fn clone_or_fetch(url: &RemoteUrl, auth: &GitAuth, cache: &Path) -> Result<Repos
     let dir = cache.join(hex::encode(&Sha256::digest(url.public.as_bytes())[..8]));
     let err = |what: &str| {
         let what = what.to_string();
-        move |source| SourceError::Git {
+        move |cause| SourceError::Git {
             what,
             repo: url.public.clone(),
-            source,
+            cause,
         }
     };
     let repo = match Repository::open_bare(&dir) {
@@ -729,10 +737,10 @@ fn check_host_key(known_hosts: &Path, cert: &git2::cert::Cert<'_>, host: &str) -
 fn fetch(repo: &Repository, url: &RemoteUrl, auth: &GitAuth) -> Result<(), SourceError> {
     let err = |what: &str| {
         let what = what.to_string();
-        move |source| SourceError::Git {
+        move |cause| SourceError::Git {
             what,
             repo: url.public.clone(),
-            source,
+            cause,
         }
     };
     set_git_timeouts();
@@ -787,10 +795,10 @@ impl BodyReader {
         let spare = self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
         let repo = match spare {
             Some(r) => r,
-            None => Repository::open(&self.git_dir).map_err(|source| SourceError::Git {
+            None => Repository::open(&self.git_dir).map_err(|cause| SourceError::Git {
                 what: "opening the repository for a reader thread".into(),
                 repo: self.label.clone(),
-                source,
+                cause,
             })?,
         };
         let read = read_body(&repo, &self.label, f);
@@ -802,10 +810,10 @@ impl BodyReader {
 /// Reads an unread file's blob, refusing it unread when its header says it is over the limit.
 fn read_body(repo: &Repository, label: &str, f: &mut SourceFile) -> Result<(), SourceError> {
     let Body::Unread(oid) = f.body else { return Ok(()) };
-    let git_err = |source| SourceError::Git {
+    let git_err = |cause| SourceError::Git {
         what: format!("reading {}", f.path),
         repo: label.to_string(),
-        source,
+        cause,
     };
     let (size, _) = repo.odb().and_then(|odb| odb.read_header(oid)).map_err(git_err)?;
     f.body = if size as u64 > MAX_FILE_BYTES {

@@ -116,8 +116,8 @@ fn applied_refused_and_drift_are_posted_signed_and_without_secrets() {
     assert_eq!(run_with(&repo, &db, &config, &["sync"]).code, 0);
     assert_eq!(got.lock().unwrap().len(), 1);
 
-    // A force-push is refused; the receiver hears why.
-    repo.rewrite_history("rewritten");
+    // A force-push is refused; the receiver hears why, and at which commit.
+    let rewritten = repo.rewrite_history("rewritten");
     let out = run_with(&repo, &db, &config, &["sync"]);
     assert_eq!(out.code, 1, "{}", out.all());
     let refused = got.lock().unwrap().last().cloned().unwrap();
@@ -131,6 +131,7 @@ fn applied_refused_and_drift_are_posted_signed_and_without_secrets() {
         "{:?}",
         refused.json()
     );
+    assert_eq!(refused.json()["commit"], json!(rewritten));
 
     // A hand edit, secret included, and a drift report.
     db.exec("UPDATE tenants SET config = jsonb_set(config, '{secrets,db_password}', '\"typed-by-hand\"') WHERE tenant_id = 'bravo'");
@@ -170,6 +171,11 @@ fn a_receiver_that_is_down_or_failing_never_fails_or_holds_a_sync() {
     assert_eq!(out.code, 0, "{}", out.all());
     assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
     assert!(out.stderr.contains("1 of 1 notification(s) could not be delivered"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("could not connect") && out.stderr.contains("Connection refused"),
+        "the cause is named: {}",
+        out.stderr
+    );
     assert_eq!(db.count("SELECT 1 FROM tenants"), 1);
 
     // A receiver answering 500 is tried three times, then given up.

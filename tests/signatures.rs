@@ -194,3 +194,26 @@ fn production_without_a_trusted_signer_does_not_start() {
         out.stderr
     );
 }
+
+#[test]
+fn an_allowed_signers_file_with_no_signer_is_named() {
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.commit("alpha");
+    let signers = repo.path().join("allowed_signers");
+    std::fs::write(&signers, "# nobody yet\n\n").unwrap();
+    let mut c = command(repo.path(), None);
+    c.env("FROSTBYTE_VERIFY_COMMITS", "head")
+        .env("FROSTBYTE_ALLOWED_SIGNERS", &signers)
+        .arg("validate");
+    let out = output(c);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(
+        out.stderr.contains(&format!(
+            "verify_commits is head but {} names no trusted signer (it is empty, or only comments)",
+            signers.display()
+        )),
+        "{}",
+        out.stderr
+    );
+}

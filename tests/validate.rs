@@ -316,3 +316,58 @@ fn an_empty_secret_which_sops_leaves_unencrypted_is_not_a_plaintext_secret() {
         assert_eq!(out.code, 0, "{args:?}: {}", out.all());
     }
 }
+
+#[test]
+fn validate_names_the_commit_it_checked_and_the_edits_it_did_not() {
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    let commit = repo.commit("alpha");
+    let out = validate(&repo, &[]);
+    assert_eq!(out.code, 0, "{}", out.all());
+    assert!(out.stdout.contains(&format!("at commit {}", &commit[..12])), "{}", out.stdout);
+    assert!(!out.stderr.contains("note:"), "a clean work tree: {}", out.stderr);
+
+    let mut edited = tenant_doc("alpha");
+    edited["config"]["plan"] = json!("platinum");
+    repo.put_tenant(&edited, Format::Toml);
+    repo.put_tenant(&tenant_doc("bravo"), Format::Json);
+    let out = validate(&repo, &[]);
+    assert_eq!(out.code, 0, "the commit is valid: {}", out.all());
+    assert!(
+        out.stderr
+            .contains("note: 2 tenant file(s) in the work tree differ from the commit checked (tenants/alpha.toml, tenants/bravo.json): `validate --worktree`"),
+        "{}",
+        out.stderr
+    );
+    let json: Value = serde_json::from_str(&validate(&repo, &["--format", "json"]).stdout).unwrap();
+    assert_eq!(json["commit"], json!(commit));
+    let disk = validate(&repo, &["--worktree"]);
+    assert_eq!(disk.code, 1, "the edit on disk is invalid: {}", disk.all());
+    assert!(disk.stdout.contains("at the work tree") && !disk.stderr.contains("note:"), "{}", disk.all());
+}
+
+#[test]
+fn a_git_error_reads_as_a_sentence_without_libgit2s_codes() {
+    let repo = TestRepo::new();
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.commit("alpha");
+    let out = validate(&repo, &["--ref", "no-such-branch"]);
+    assert_eq!(out.code, 1, "{}", out.all());
+    assert!(out.stderr.contains("cannot resolve revision \"no-such-branch\""), "{}", out.stderr);
+    assert!(!out.stderr.contains("class=") && !out.stderr.contains("code="), "{}", out.stderr);
+}
+
+#[test]
+fn a_plan_that_fails_does_not_say_it_applied_nothing_and_a_sync_does() {
+    let (repo, db) = (TestRepo::new(), TestDb::new());
+    repo.put_tenant(&tenant_doc("alpha"), Format::Toml);
+    repo.write("tenants/broken.json", "{");
+    repo.commit("a broken file");
+    let plan = run(&repo, Some(&db), &["plan"]);
+    assert_eq!(plan.code, 1, "{}", plan.all());
+    assert!(plan.stderr.contains("1 problem(s) in 1 file(s) at commit"), "{}", plan.stderr);
+    assert!(!plan.stderr.contains("nothing was applied"), "a plan applies nothing anyway: {}", plan.stderr);
+    let sync = run(&repo, Some(&db), &["sync"]);
+    assert_eq!(sync.code, 1, "{}", sync.all());
+    assert!(sync.stderr.contains("nothing was applied"), "{}", sync.stderr);
+}

@@ -239,6 +239,7 @@ impl Tally {
     fn failure(&mut self, ctx: &Ctx, metrics: &Arc<Mutex<Metrics>>, source: &str, e: SyncError, started: Instant) {
         let event = e.notify_event();
         let transient = e.retry() == sync::Retry::Backoff;
+        let (commit, line) = (e.commit(), compose::first_line(&e));
         let text = record_failure(metrics, Some(source), started, e);
         // Once per distinct error, not at every retry.
         let repeated = {
@@ -247,7 +248,7 @@ impl Tally {
             sm.last_error.replace(text.clone()).as_ref() == Some(&text)
         };
         if !repeated {
-            announce(ctx, metrics, Notification::failed(event, source, &text));
+            announce(ctx, metrics, Notification::failed(event, source, commit.as_deref(), &line));
         }
         self.first_error.get_or_insert(Failed {
             message: format!("source {source}: {text}"),

@@ -61,13 +61,14 @@ fn code_or_worktree(commit: &Option<String>) -> String {
 
 // ---------- validation ----------
 
-pub fn issues_text(files: usize, issues: &[Issue]) -> String {
+/// `at`: what was checked, "commit <id>" or "the work tree".
+pub fn issues_text(files: usize, issues: &[Issue], at: &str) -> String {
     let mut out = String::new();
     for i in issues {
         let _ = writeln!(out, "error: {i}");
     }
     let bad: std::collections::BTreeSet<&str> = issues.iter().filter(|i| !i.is_configuration()).map(|i| i.file.as_str()).collect();
-    let _ = writeln!(out, "{} file(s) checked, {} invalid, {} problem(s)", files, bad.len(), issues.len());
+    let _ = writeln!(out, "{} file(s) checked, {} invalid, {} problem(s), at {at}", files, bad.len(), issues.len());
     out
 }
 

@@ -162,6 +162,13 @@ impl AgeKeys {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            // A recipient pasted where its identity belongs is a common slip: say which it is.
+            if line.starts_with("age1") {
+                return Err(format!(
+                    "{origin}, line {}: an age public key (a recipient, age1...), not an identity: give the AGE-SECRET-KEY-1... line it was made from",
+                    n + 1
+                ));
+            }
             let id = age::x25519::Identity::from_str(line).map_err(|e| format!("{origin}, line {}: not an age X25519 identity ({e})", n + 1))?;
             self.identities.push(AgeKey::new(id));
         }
@@ -885,6 +892,17 @@ mod tests {
         let err = k.add_text("# comment\n\nAGE-SECRET-KEY-1NOTAKEY\n", "SOPS_AGE_KEY").unwrap_err();
         assert!(err.starts_with("SOPS_AGE_KEY, line 3"), "{err}");
         assert!(!err.contains("NOTAKEY"), "{err}");
+    }
+
+    #[test]
+    fn a_public_key_given_as_an_identity_is_called_one() {
+        let (_, public) = AgeKeys::generate();
+        let err = AgeKeys::default().add_text(&format!("{public}\n"), "keys.txt").unwrap_err();
+        assert!(
+            err.starts_with("keys.txt, line 1: an age public key (a recipient, age1...), not an identity"),
+            "{err}"
+        );
+        assert!(!err.contains("HRP"), "{err}");
     }
 
     #[test]

@@ -69,6 +69,17 @@ impl SyncError {
         }
     }
 
+    /// The commit the run was at when it stopped, where the error knows it (an invalid file's
+    /// commit is the short form its message gives).
+    pub fn commit(&self) -> Option<String> {
+        match self {
+            SyncError::NonFastForward { new, .. } | SyncError::ShallowClone { new, .. } => Some(new.clone()),
+            SyncError::Refused(r) => Some(r.commit.clone()),
+            SyncError::Invalid { at, .. } => at.strip_prefix("commit ").map(str::to_string),
+            _ => None,
+        }
+    }
+
     /// A run declined on policy (an untrusted commit, a rewritten history, a mass prune) is
     /// `refused`; anything else that stopped it is `failed`.
     pub fn notify_event(&self) -> crate::notify::Event {

@@ -304,7 +304,8 @@ impl<S: TenantSource> Attempts<'_, S> {
         };
         tx.commit().await?;
         if applied > 0 {
-            tracing::info!(source = %src.name, commit = ?state.desired.commit.as_ref().map(|c| &c.id), applied, "applied");
+            let commit = state.desired.commit.as_ref().map_or("the work tree", |c| c.id.as_str());
+            tracing::info!(source = %src.name, commit, applied, "applied");
         }
         Ok(Outcome {
             header: Header {
