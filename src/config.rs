@@ -227,7 +227,7 @@ impl Setting {
         self.def().kind == Kind::Bool
     }
 
-    /// Every setting, in the order of the README's table.
+    /// Every setting, in the order of docs/configuration.md's table.
     pub fn all() -> impl Iterator<Item = Setting> {
         DEFS.iter().map(|d| d.key)
     }
@@ -1278,11 +1278,11 @@ mod tests {
         assert!(err.contains("allow_plaintext cannot be used"), "{err}");
     }
 
-    /// The README's table of settings is the definitions', row for row: key, flag, environment
-    /// variables and default.
+    /// docs/configuration.md's table of settings is the definitions', row for row: key, flag,
+    /// environment variables and default.
     #[test]
-    fn the_readme_table_lists_every_setting_as_defined() {
-        let readme = include_str!("../README.md");
+    fn the_documented_table_lists_every_setting_as_defined() {
+        let readme = include_str!("../docs/configuration.md");
         let rows: Vec<Vec<&str>> = readme
             .lines()
             .skip_while(|l| !l.starts_with("| key | flag | environment | default |"))
@@ -1292,12 +1292,12 @@ mod tests {
             .collect();
         let named: Vec<&str> = rows.iter().map(|r| r[0].trim_matches('`')).filter(|n| *n != "sources").collect();
         let defined: Vec<&str> = DEFS.iter().map(|d| d.name).collect();
-        assert_eq!(named, defined, "the README lists the settings in their definitions' order");
+        assert_eq!(named, defined, "docs/configuration.md lists the settings in their definitions' order");
         for d in DEFS {
             let row = rows.iter().find(|r| r[0] == format!("`{}`", d.name)).unwrap();
             match d.flag {
                 Some(flag) => assert!(row[1].starts_with(&format!("`{flag}`")), "{}: flag {flag} not in {:?}", d.name, row[1]),
-                None => assert!(row[1].is_empty(), "{}: no flag is defined, the README names {:?}", d.name, row[1]),
+                None => assert!(row[1].is_empty(), "{}: no flag is defined, the docs name {:?}", d.name, row[1]),
             }
             let envs: Vec<&str> = row[2].split(", ").map(|e| e.trim_matches('`')).filter(|e| !e.is_empty()).collect();
             assert_eq!(envs, d.env, "{}", d.name);

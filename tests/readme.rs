@@ -13,23 +13,38 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// The lines of the README's ```sh blocks, without comments.
-fn readme_commands() -> Vec<String> {
-    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
-    let mut out = Vec::new();
-    let mut inside = false;
-    for line in readme.lines() {
-        match (inside, line.trim_start().starts_with("```")) {
-            (false, true) => inside = line.trim() == "```sh",
-            (true, true) => inside = false,
+/// The ```sh blocks of `doc`, each a list of its commands without their comments.
+fn shell_blocks(doc: &str) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(root().join(doc)).unwrap();
+    let (mut out, mut block): (Vec<Vec<String>>, Option<Vec<String>>) = (Vec::new(), None);
+    for line in text.lines() {
+        match (block.is_some(), line.trim_start().starts_with("```")) {
+            (false, true) if line.trim() == "```sh" => block = Some(Vec::new()),
+            (true, true) => out.extend(block.take()),
             (true, false) => {
                 let command = line.split(" #").next().unwrap_or("").trim();
                 if !command.is_empty() && !command.starts_with('#') {
-                    out.push(command.to_string());
+                    block.as_mut().expect("inside a block").push(command.to_string());
                 }
             }
-            (false, false) => {}
+            _ => {}
         }
+    }
+    out
+}
+
+/// A block as one script, so that what a line exports the next one sees: each line must end in 0
+/// or 2 (changes or drift), or the script stops and says which line it was.
+fn script(block: &[String]) -> String {
+    let mut out = String::new();
+    for (n, line) in block.iter().enumerate() {
+        // A local cluster of its own, and the test suite: not for a test to start.
+        if line.contains("db start") || line.contains("db stop") || line == "cargo test" {
+            continue;
+        }
+        out.push_str(&format!(
+            "{line}\nrc=$?; if [ $rc -ne 0 ] && [ $rc -ne 2 ]; then echo \"line {n} exited $rc\" >&2; exit 1; fi\n"
+        ));
     }
     out
 }
@@ -48,7 +63,7 @@ fn shim(dir: &Path) {
 fn shell(line: &str, bin_dir: &Path, db: &TestDb, data: &Path) -> Out {
     let mut c = Command::new("sh");
     for (k, _) in std::env::vars() {
-        if k.starts_with("FROSTBYTE_") || k.starts_with("SOPS_") {
+        if k.starts_with("FROSTBYTE_") || k.starts_with("SOPS_") || k == "TOUR" {
             c.env_remove(k);
         }
     }
@@ -59,33 +74,36 @@ fn shell(line: &str, bin_dir: &Path, db: &TestDb, data: &Path) -> Out {
         .env("FROSTBYTE_BIN", env!("CARGO_BIN_EXE_frostbyte-gitops"))
         .env("FROSTBYTE_CONTROL_DB_URL", &db.url)
         .env("FROSTBYTE_DATA_DIR", data)
-        // "Against the example (with SOPS_AGE_KEY_FILE=example-repo/keys/demo.agekey exported)".
+        .env("TOUR", bin_dir.join("tour"))
+        // docs/commands.md: "Against the example (with SOPS_AGE_KEY_FILE=example-repo/keys/demo.agekey exported)".
         .env("SOPS_AGE_KEY_FILE", "example-repo/keys/demo.agekey");
     output(c)
 }
 
 #[test]
-fn every_command_the_readme_shows_runs_as_written() {
-    let commands = readme_commands();
-    assert!(commands.len() >= 8, "{commands:?}");
-    let (db, tmp) = (TestDb::new(), tempfile::tempdir().unwrap());
+fn every_command_the_readme_and_the_command_reference_show_runs_as_written() {
+    let tmp = tempfile::tempdir().unwrap();
     shim(tmp.path());
     let data = tmp.path().join("data");
-    let mut ran = 0;
-    for line in &commands {
-        // A local cluster of its own, and the test suite: not for a test to start.
-        if line.contains("db start") || line == "cargo test" {
-            continue;
+    // A database for the example, which the README's first block syncs and the command
+    // reference reads, and one for the tour, which brings its own.
+    let (example, tour) = (TestDb::new(), TestDb::new());
+    let mut lines = 0;
+    for doc in ["README.md", "docs/commands.md"] {
+        for block in shell_blocks(doc) {
+            let db = if block.iter().any(|l| l.contains("$TOUR")) { &tour } else { &example };
+            let out = shell(&script(&block), tmp.path(), db, &data);
+            assert_eq!(out.code, 0, "{doc}, the block {block:#?}:\n{}", out.all());
+            lines += block.len();
         }
-        let out = shell(line, tmp.path(), &db, &data);
-        assert!(out.code == 0 || out.code == 2, "README: `{line}` exited {}:\n{}", out.code, out.all());
-        ran += 1;
     }
-    assert!(ran >= 8, "{ran} of {commands:?}");
-    // The first block says a second sync prints "No changes".
-    let sync = commands.iter().find(|c| c.contains(" sync ")).expect("the README syncs the example");
-    let again = shell(sync, tmp.path(), &db, &data);
+    assert!(lines >= 20, "{lines} lines");
+    // The README says a second sync of the example prints "No changes".
+    let again = shell("cargo run -- sync --repo example-repo", tmp.path(), &example, &data);
     assert!(again.stdout.starts_with("No changes"), "{}", again.all());
+    // The tour left acme-corp at version 2, on the pro plan.
+    let moved = "SELECT 1 FROM tenants WHERE tenant_id = 'acme-corp' AND config_version = 2 AND config->>'plan' = 'pro'";
+    assert_eq!(tour.count(moved), 1);
 }
 
 /// The JSON blocks of docs/json-output.md, by the heading above them.
