@@ -117,15 +117,26 @@ fn wanted_recipients(rule: &CreationRule, plain: &Value) -> Vec<String> {
     r
 }
 
-fn encrypt_value(path: &Path, plain: &Value, rule: &CreationRule, data_key: Option<&[u8]>) -> Result<String, FileError> {
+/// The file an edit started from: its encrypted document, whose unchanged values and stanzas are
+/// kept (under its own data key), and its text, whose layout is kept.
+struct Previous<'a> {
+    doc: &'a Value,
+    text: &'a str,
+}
+
+fn encrypt_value(path: &Path, plain: &Value, rule: &CreationRule, data_key: Option<&[u8]>, previous: Option<Previous<'_>>) -> Result<String, FileError> {
     let format = format_of(path)?;
     let recipients = wanted_recipients(rule, plain);
     if recipients.is_empty() {
         return Err(ferr(path, "no age recipients: the creation rule names none and the file has no age_public_key"));
     }
     let plain = sops::normalize(format, plain).map_err(|e| ferr(path, e.to_string()))?;
-    let enc = sops::encrypt(&plain, &recipients, &rule.rules(), data_key).map_err(|e| ferr(path, e.to_string()))?;
-    sops::serialize(format, &enc).map_err(|e| ferr(path, e.to_string()))
+    let enc = sops::encrypt_keeping(&plain, &recipients, &rule.rules(), data_key, previous.as_ref().map(|p| p.doc)).map_err(|e| ferr(path, e.to_string()))?;
+    match previous {
+        Some(p) => sops::serialize_like(format, &enc, p.text),
+        None => sops::serialize(format, &enc),
+    }
+    .map_err(|e| ferr(path, e.to_string()))
 }
 
 fn write_atomic(path: &Path, text: &str) -> Result<(), FileError> {
@@ -147,7 +158,7 @@ pub fn encrypt_file(path: &Path) -> Result<(), FileError> {
         return Err(ferr(path, "is already encrypted"));
     }
     let rule = creation_rule(path)?;
-    write_atomic(path, &encrypt_value(path, &plain, &rule, None)?)
+    write_atomic(path, &encrypt_value(path, &plain, &rule, None, None)?)
 }
 
 /// The plaintext of an encrypted file, in its own format.
@@ -156,7 +167,7 @@ pub fn decrypt_file(path: &Path, keys: &AgeKeys) -> Result<String, FileError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
     let doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
     let d = sops::decrypt(doc, keys).map_err(|e| ferr(path, e.to_string()))?;
-    sops::serialize(format, &d.value).map_err(|e| ferr(path, e.to_string()))
+    sops::serialize_like(format, &d.value, &text).map_err(|e| ferr(path, e.to_string()))
 }
 
 /// What `edit_file` did.
@@ -176,8 +187,9 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str, from: Option<&Path>)
     let doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
     let data_key = sops::data_key(&doc, keys).map_err(|e| ferr(path, e.to_string()))?;
     let (_, rules) = sops::recipients_and_rules(&doc).map_err(|e| ferr(path, e.to_string()))?;
+    let previous = doc.clone();
     let d = sops::decrypt(doc, keys).map_err(|e| ferr(path, e.to_string()))?;
-    let before = sops::serialize(format, &d.value).map_err(|e| ferr(path, e.to_string()))?;
+    let before = sops::serialize_like(format, &d.value, &text).map_err(|e| ferr(path, e.to_string()))?;
 
     // A 0700 directory and a 0600 file: only we can read the plaintext.
     let dir = tempfile::Builder::new().prefix("frostbyte-edit-").tempdir().map_err(io(path))?;
@@ -207,7 +219,8 @@ pub fn edit_file(path: &Path, keys: &AgeKeys, editor: &str, from: Option<&Path>)
         let problems = match checked_edit(path, format, &after, &d.encrypted) {
             Ok(edited) => {
                 let rule = creation_rule(path).unwrap_or_else(|_| rule_from_metadata(&d.recipients, &rules));
-                write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key))?)?;
+                let previous = Previous { doc: &previous, text: &text };
+                write_atomic(path, &encrypt_value(path, &edited, &rule, Some(&data_key), Some(previous))?)?;
                 return Ok(Edited::Saved);
             }
             Err(problems) => problems,
@@ -335,7 +348,7 @@ pub fn update_keys(path: &Path, keys: &AgeKeys, dry_run: bool) -> Result<Option<
     let rotated = !removed.is_empty();
     if !dry_run {
         let out = if rotated {
-            encrypt_value(path, &plain.value, &rule_from_metadata(&wanted, &rules), None)?
+            encrypt_value(path, &plain.value, &rule_from_metadata(&wanted, &rules), None, None)?
         } else {
             sops::rewrap(&mut doc, keys, &wanted).map_err(|e| ferr(path, e.to_string()))?;
             sops::serialize(format, &doc).map_err(|e| ferr(path, e.to_string()))?
@@ -358,7 +371,7 @@ pub fn rotate_file(path: &Path, keys: &AgeKeys) -> Result<(), FileError> {
     let doc = sops::parse(format, &text).map_err(|e| ferr(path, e.to_string()))?;
     let (recipients, rules) = sops::recipients_and_rules(&doc).map_err(|e| ferr(path, e.to_string()))?;
     let plain = sops::decrypt(doc, keys).map_err(|e| ferr(path, e.to_string()))?;
-    write_atomic(path, &encrypt_value(path, &plain.value, &rule_from_metadata(&recipients, &rules), None)?)
+    write_atomic(path, &encrypt_value(path, &plain.value, &rule_from_metadata(&recipients, &rules), None, None)?)
 }
 
 /// A valid, encrypted skeleton for a new tenant.
@@ -396,7 +409,7 @@ pub fn new_tenant(path: &Path, tenant_id: &str, age_public_key: &str) -> Result<
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
     }
-    write_atomic(path, &encrypt_value(path, &plain, &rule, None)?)
+    write_atomic(path, &encrypt_value(path, &plain, &rule, None, None)?)
 }
 
 #[cfg(test)]

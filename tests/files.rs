@@ -218,3 +218,57 @@ fn files_the_helpers_write_are_read_by_the_sops_cli() {
         assert_eq!(v, tenant_doc(&format!("s-{ext}")));
     }
 }
+
+/// One value changed in each example file is a diff of that value, the MAC and `lastmodified`:
+/// the file keeps its layout, the unchanged values their ciphertext, the age stanzas their bytes.
+#[test]
+fn an_edit_of_one_value_changes_that_line_the_mac_and_lastmodified_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("example-repo");
+    assert!(
+        std::process::Command::new("cp")
+            .arg("-r")
+            .arg(&example)
+            .arg(tmp.path().join("ex"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let repo = tmp.path().join("ex");
+    let key = example.join("keys/demo.agekey");
+    for file in ["acme-corp.toml", "globex.toml", "initech.json", "stark-labs.yaml"] {
+        let path = repo.join("tenants").join(file);
+        let before = std::fs::read_to_string(&path).unwrap();
+        let mut c = command(&repo, None);
+        c.current_dir(&repo)
+            .env("SOPS_AGE_KEY_FILE", &key)
+            .env("EDITOR", "sed -i -e 's/display_name\\(.\\{1,4\\}\\)\\([A-Z]\\)/display_name\\1Renamed \\2/'")
+            .args(["secrets", "edit", path.to_str().unwrap()]);
+        let out = output(c);
+        assert_eq!(out.code, 0, "{file}: {}", out.all());
+        let after = std::fs::read_to_string(&path).unwrap();
+        let (old, new): (Vec<&str>, Vec<&str>) = (before.lines().collect(), after.lines().collect());
+        assert_eq!(old.len(), new.len(), "{file}: lines came or went:\n{after}");
+        let changed: Vec<&str> = new.iter().zip(&old).filter(|(n, o)| n != o).map(|(n, _)| n.trim_start()).collect();
+        assert_eq!(changed.len(), 3, "{file}: {changed:#?}");
+        assert!(changed[0].contains("display_name") && changed[0].contains("Renamed "), "{file}: {changed:?}");
+        assert!(
+            changed.iter().any(|l| l.contains("lastmodified")) && changed.iter().any(|l| l.contains("mac")),
+            "{file}: {changed:?}"
+        );
+    }
+    // What was written still decrypts and validates.
+    let mut c = command(&repo, None);
+    c.env("SOPS_AGE_KEY_FILE", &key)
+        .args(["validate", "--worktree", "--repo", repo.to_str().unwrap()]);
+    assert!(
+        std::process::Command::new("git")
+            .args(["init", "-q"])
+            .current_dir(&repo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let out = output(c);
+    assert_eq!(out.code, 0, "{}", out.all());
+}

@@ -20,7 +20,7 @@ mod yaml_writer;
 pub use json::json;
 pub use toml::{toml, toml_full};
 pub use yaml::{yaml, yaml_full};
-pub use yaml_writer::to_yaml;
+pub use yaml_writer::{YamlStyle, to_yaml, to_yaml_styled};
 
 /// Why a text is not a legal document. Messages never quote the text (it may hold a secret).
 #[derive(Debug, Clone, PartialEq)]

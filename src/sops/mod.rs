@@ -113,6 +113,15 @@ pub fn normalize(format: Format, value: &Value) -> Result<Value, SopsError> {
     }
 }
 
+/// As [`serialize`], laid out as `like` is where the format's writer can follow it (YAML's
+/// indentation): an edited file stays in its own layout.
+pub fn serialize_like(format: Format, value: &Value, like: &str) -> Result<String, SopsError> {
+    match format {
+        Format::Yaml => Ok(crate::parse::to_yaml_styled(value, crate::parse::YamlStyle::of(like))),
+        _ => serialize(format, value),
+    }
+}
+
 /// Writes a tree in a format. TOML has no null: a null is refused.
 pub fn serialize(format: Format, value: &Value) -> Result<String, SopsError> {
     match format {
@@ -461,6 +470,7 @@ pub fn decrypt(doc: Value, keys: &AgeKeys) -> Result<Decrypted, SopsError> {
         rules: &rules,
         hash: Sha512::new(),
         encrypted: BTreeSet::new(),
+        previous: None,
     };
     if meta.rules.mac_only_encrypted {
         w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
@@ -488,6 +498,8 @@ struct Walker<'a> {
     rules: &'a CompiledRules,
     hash: Sha512,
     encrypted: BTreeSet<String>,
+    /// The encrypted document an edit started from, whose unchanged values keep their ciphertext.
+    previous: Option<&'a Value>,
 }
 
 impl Walker<'_> {
@@ -537,18 +549,18 @@ impl Walker<'_> {
         Ok(())
     }
 
-    fn encrypt(&mut self, v: &mut Value, path: &mut Vec<String>) -> Result<(), SopsError> {
+    fn encrypt(&mut self, v: &mut Value, path: &mut Vec<String>, ptr: &str) -> Result<(), SopsError> {
         match v {
             Value::Object(m) => {
                 for (k, child_v) in m.iter_mut() {
                     path.push(k.clone());
-                    self.encrypt(child_v, path)?;
+                    self.encrypt(child_v, path, &child(ptr, k))?;
                     path.pop();
                 }
             }
             Value::Array(items) => {
-                for item in items.iter_mut() {
-                    self.encrypt(item, path)?;
+                for (i, item) in items.iter_mut().enumerate() {
+                    self.encrypt(item, path, &child(ptr, &i.to_string()))?;
                 }
             }
             Value::Null => {}
@@ -558,7 +570,17 @@ impl Walker<'_> {
                     self.hash.update(mac_bytes(leaf));
                 }
                 if enc && leaf.as_str() != Some("") {
-                    *leaf = Value::String(encrypt_value(leaf, self.key, &(path.join(":") + ":"))?);
+                    let aad = path.join(":") + ":";
+                    // The same value at the same place under the same key: its old ciphertext.
+                    let kept = self
+                        .previous
+                        .and_then(|p| p.pointer(ptr))
+                        .and_then(Value::as_str)
+                        .filter(|old| decrypt_value(old, self.key, &aad).is_ok_and(|was| was == *leaf));
+                    *leaf = Value::String(match kept {
+                        Some(old) => old.to_string(),
+                        None => encrypt_value(leaf, self.key, &aad)?,
+                    });
                 }
             }
         }
@@ -678,6 +700,13 @@ fn encrypt_value(v: &Value, key: &[u8], aad: &str) -> Result<String, SopsError> 
 /// Encrypts a plaintext document to the given age recipients under `rules`, as `sops encrypt`
 /// would. `data_key` reuses a file's existing key (sops keeps it on edit); `None` makes a new one.
 pub fn encrypt(plain: &Value, recipients: &[String], rules: &Rules, data_key: Option<&[u8]>) -> Result<Value, SopsError> {
+    encrypt_keeping(plain, recipients, rules, data_key, None)
+}
+
+/// As [`encrypt`], for an edit of `previous` under its own data key: a value whose plaintext did
+/// not change keeps its ciphertext, and the age stanzas stay while the recipients are the same,
+/// so that the file's diff is the values that changed, the MAC and `lastmodified`.
+pub fn encrypt_keeping(plain: &Value, recipients: &[String], rules: &Rules, data_key: Option<&[u8]>, previous: Option<&Value>) -> Result<Value, SopsError> {
     let Value::Object(map) = plain else {
         return Err(SopsError::Encrypt("the document must be a mapping at the top level".into()));
     };
@@ -696,25 +725,37 @@ pub fn encrypt(plain: &Value, recipients: &[String], rules: &Rules, data_key: Op
         }
     };
     let compiled = CompiledRules::new(rules.clone())?;
+    // Kept only under the key they were made with.
+    let previous = previous.filter(|_| data_key.is_some());
     let mut w = Walker {
         key: &key,
         rules: &compiled,
         hash: Sha512::new(),
         encrypted: BTreeSet::new(),
+        previous,
     };
     if rules.mac_only_encrypted {
         w.hash.update(MAC_ONLY_ENCRYPTED_INIT);
     }
     let mut value = plain.clone();
-    w.encrypt(&mut value, &mut Vec::new())?;
+    w.encrypt(&mut value, &mut Vec::new(), "")?;
     let last_modified = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ").to_string();
     let mac = encrypt_value(&Value::String(hex::encode_upper(w.hash.finalize())), &key, &last_modified)?;
     let mut sops = Map::new();
-    let age: Vec<Value> = recipients
-        .iter()
-        .map(|r| Ok(serde_json::json!({"recipient": r, "enc": encrypt_age(&key, r)?})))
-        .collect::<Result<_, SopsError>>()?;
-    sops.insert("age".into(), Value::Array(age));
+    let kept_stanzas = previous.and_then(|p| p.pointer("/sops/age")).filter(|age| {
+        age.as_array()
+            .is_some_and(|a| a.iter().map(|s| s["recipient"].as_str()).eq(recipients.iter().map(|r| Some(r.as_str()))))
+    });
+    let age = match kept_stanzas {
+        Some(age) => age.clone(),
+        None => Value::Array(
+            recipients
+                .iter()
+                .map(|r| Ok(serde_json::json!({"recipient": r, "enc": encrypt_age(&key, r)?})))
+                .collect::<Result<_, SopsError>>()?,
+        ),
+    };
+    sops.insert("age".into(), age);
     sops.insert("lastmodified".into(), Value::String(last_modified));
     sops.insert("mac".into(), Value::String(mac));
     for (name, v) in [
