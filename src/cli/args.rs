@@ -141,6 +141,7 @@ pub(crate) enum Cmd {
     Config,
     /// Decrypt and validate every tenant file. Exit 0 when all are valid, 1 otherwise.
     Validate {
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
         /// Check everything that needs no key (names, structure, sops metadata, the schema of the
@@ -150,6 +151,7 @@ pub(crate) enum Cmd {
     },
     /// Show what a sync would change. Exit 0 no changes, 2 changes, 1 error.
     Plan {
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
         /// Save the plan for `apply FILE`.
@@ -158,6 +160,7 @@ pub(crate) enum Cmd {
         /// Compare with the tenant files at this revision instead of the database.
         #[arg(long)]
         against_ref: Option<String>,
+        /// Colour the text plan: auto (on a terminal), always or never.
         #[arg(long, value_enum, default_value = "auto")]
         color: Color,
         #[command(flatten)]
@@ -170,6 +173,7 @@ pub(crate) enum Cmd {
         /// Apply a commit that does not descend from the last applied one (a force-push, a reset).
         #[arg(long)]
         allow_non_fast_forward: bool,
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: TextOrJson,
         #[command(flatten)]
@@ -185,17 +189,20 @@ pub(crate) enum Cmd {
         full: bool,
         #[command(flatten)]
         prune: PruneArgs,
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: TextOrJson,
     },
     /// Each source's last applied commit, lease holder, last run and drift, and the audit
     /// trail's head, from the database alone. Exit 0 healthy, 2 drift or a failing source, 1 error.
     Status {
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
     },
     /// Report how the database differs from git. Exit 0 in sync, 2 drift, 1 error.
     Drift {
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
         /// Classes that make the exit code 2 (default: all): pending,modified,missing,orphaned.
@@ -263,6 +270,7 @@ pub(crate) enum AuditCmd {
     /// Recompute the audit chain and check every tenant's config_version against its config
     /// events. Exit 0 intact, 1 naming the first event edited, deleted, inserted or reordered.
     Verify {
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: TextOrJson,
         /// A file recording the head of the last good verification: the event it names must still
@@ -296,6 +304,7 @@ pub(crate) enum TenantCmd {
     /// change old -> new, secrets redacted.
     History {
         tenant_id: String,
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: OutFormat,
     },
@@ -304,8 +313,10 @@ pub(crate) enum TenantCmd {
     /// was changed outside git since.
     Show {
         tenant_id: String,
+        /// The version to show (default: the current one).
         #[arg(long)]
         version: Option<i64>,
+        /// How to print the result.
         #[arg(long, value_enum, default_value = "text")]
         format: TextOrJson,
     },
@@ -313,8 +324,10 @@ pub(crate) enum TenantCmd {
     /// from git) to its path in the work tree, or to --out: commit it to revert the tenant.
     Restore {
         tenant_id: String,
+        /// The version whose file to write.
         #[arg(long)]
         version: i64,
+        /// Where to write it (default: its path in the work tree).
         #[arg(long)]
         out: Option<PathBuf>,
     },

@@ -191,4 +191,25 @@ mod tests {
             assert_eq!(f.0.keys().collect::<Vec<_>>(), [&key], "{flag}");
         }
     }
+
+    /// Every option of every command says what it does in `--help`.
+    #[test]
+    fn every_flag_has_help_text() {
+        fn walk(cmd: &clap::Command, at: &str, missing: &mut Vec<String>) {
+            for arg in cmd
+                .get_arguments()
+                .filter(|a| a.get_long().is_some() && a.get_id() != "help" && a.get_id() != "version")
+            {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{at} --{}", arg.get_long().unwrap_or_default()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{at} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&<Cli as clap::CommandFactory>::command(), "frostbyte-gitops", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
 }
